@@ -1,0 +1,21 @@
+"""Errors a user can cause (bad files, bad options). The CLI prints them as one line."""
+
+
+class ChronosError(Exception):
+    """Base class for user-facing errors: the message says what is wrong and where."""
+
+
+class ShardError(ChronosError):
+    """A safetensors shard is missing, truncated, changed or inconsistent with config.json."""
+
+
+class ModelError(ChronosError):
+    """The model cannot be resolved, or is not a model chronos can stream."""
+
+
+class BudgetError(ChronosError):
+    """The expert budget cannot be parsed or is too small to run one token."""
+
+
+class ProfileError(ChronosError):
+    """A profile file is corrupt, truncated or belongs to another model."""

@@ -1,0 +1,191 @@
+"""Runtime: the state that ties a model's StreamingSwitch modules to its ExpertCache.
+
+Two ways to route a MoE layer:
+- "sync" (per layer): read the router's indices to the host, load what is missing, then
+  compute. Exact under any caller, including plain `mlx_lm.generate`; costs one host
+  round trip per MoE layer whose experts are not all resident.
+- "optimistic": remap the indices through the device-side expert->slot table and record
+  them; the decode loop in `generate.py` reads all layers' indices back once per token
+  and recomputes the token if any expert was absent. Layers whose experts are all resident
+  never need either.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+import numpy as np
+
+from .cache import ExpertCache
+
+
+@dataclass
+class StepRecord:
+    """The router indices of one forward pass, by MoE layer, for one host read."""
+
+    layers: list = field(default_factory=list)
+    indices: list = field(default_factory=list)
+
+    def flat(self):
+        if not self.indices:
+            return None
+        return mx.concatenate([i.reshape(-1) for i in self.indices])
+
+    def split(self, host: np.ndarray):
+        out, pos = [], 0
+        for layer, inds in zip(self.layers, self.indices):
+            out.append((layer, host[pos : pos + inds.size]))
+            pos += inds.size
+        return out
+
+
+@dataclass
+class DecodeCounters:
+    """What the decode loop measured (zero when the model is driven by plain mlx_lm)."""
+
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    prefill_s: float = 0.0
+    ttft_s: float = 0.0
+    decode_s: float = 0.0
+    decode_stall_s: float = 0.0
+    host_syncs: int = 0
+    recomputes: int = 0
+    recomputed_layers: int = 0
+
+
+class Runtime:
+    """Expert cache, routing mode and counters of one streamed model."""
+
+    def __init__(self, cache: ExpertCache | None, info: dict, reader=None):
+        self.cache = cache
+        self.info = info  # model facts (path, architecture, experts, budget ...)
+        self.reader = reader
+        self.mode = "sync"
+        self.notice = None
+        self.counters = DecodeCounters()
+        self.layer_syncs = 0
+        self._record: StepRecord | None = None
+
+    # --- routing (called by StreamingSwitch) -------------------------------------------
+    def route(self, layer: int, indices: mx.array):
+        """Slot indices for the router's expert `indices`, or None when waves are needed."""
+        L = self.cache.layers[layer]
+        if L.identity:
+            L.counters.hits += indices.size
+            return indices
+        if L.full:
+            L.counters.hits += indices.size
+            return L.table[indices]
+        if self.mode == "optimistic":
+            self._record.layers.append(layer)
+            self._record.indices.append(indices)
+            return L.table[indices]
+        host = np.array(indices).reshape(-1)
+        self.layer_syncs += 1
+        uniq = np.unique(host)
+        # Repeated uses of an expert within the batch are hits; load_for counts the rest.
+        L.counters.hits += host.size - len(uniq)
+        if len(uniq) > L.num_slots:
+            return None  # the module streams the batch through in waves
+        self.load_for(layer, uniq)
+        return L.table[indices]
+
+    def load_for(self, layer: int, experts, protect=None) -> int:
+        """Load the missing ones of `experts` now (the caller waits): an I/O stall."""
+        t0 = time.perf_counter()
+        loaded = self.cache.ensure(layer, experts, protect)
+        L = self.cache.layers[layer]
+        uniq = np.unique(experts)
+        L.counters.misses += loaded
+        L.counters.hits += len(uniq) - loaded
+        L.policy.touch(uniq.tolist())
+        self.counters.decode_stall_s += time.perf_counter() - t0 if loaded else 0.0
+        return loaded
+
+    # --- optimistic execution (called by the decode loop) ------------------------------
+    @contextmanager
+    def recording(self):
+        """Route optimistically and collect every layer's indices for one later host read."""
+        prev_mode, prev_rec = self.mode, self._record
+        self.mode, self._record = "optimistic", StepRecord()
+        try:
+            yield self._record
+        finally:
+            self.mode, self._record = prev_mode, prev_rec
+
+    def missing(self, record: StepRecord, host: np.ndarray) -> dict:
+        """Experts each recorded layer used that were not resident: {layer: experts}."""
+        out = {}
+        for layer, inds in record.split(host):
+            uniq = np.unique(inds)
+            absent = uniq[~self.cache.layers[layer].resident(uniq)]
+            if len(absent):
+                out[layer] = (uniq, absent)
+        return out
+
+    def account_hits(self, record: StepRecord, host: np.ndarray):
+        """A verified step: every recorded use was a hit; tell the policies."""
+        for layer, inds in record.split(host):
+            L = self.cache.layers[layer]
+            L.counters.hits += inds.size
+            L.policy.touch(np.unique(inds).tolist())
+
+    # --- reporting ---------------------------------------------------------------------
+    def stats(self) -> dict:
+        c = self.counters
+        layers = self.cache.layers if self.cache else []
+        hits = sum(L.counters.hits for L in layers)
+        misses = sum(L.counters.misses for L in layers)
+        decode_steps = max(c.generated_tokens - 1, 0)
+        return {
+            "prompt_tokens": c.prompt_tokens,
+            "generated_tokens": c.generated_tokens,
+            "prefill_tokens_per_s": c.prompt_tokens / c.prefill_s if c.prefill_s else 0.0,
+            "ttft_s": c.ttft_s,
+            "decode_tokens_per_s": decode_steps / c.decode_s if c.decode_s else 0.0,
+            "hits": hits,
+            "misses": misses,
+            "hit_rate": hits / (hits + misses) if hits + misses else 1.0,
+            "evictions": sum(L.counters.evictions for L in layers),
+            "bytes_read": sum(L.counters.bytes_read for L in layers),
+            "stall_s": c.decode_stall_s,
+            "host_syncs_per_token": c.host_syncs / c.generated_tokens if c.generated_tokens else 0.0,
+            "recomputed_layers": c.recomputed_layers,
+            "recomputes": c.recomputes,
+            "peak_memory_bytes": peak_rss_bytes(),
+            "mlx_peak_memory_bytes": mx.get_peak_memory(),
+            "expert_budget_bytes": self.cache.resident_bytes if self.cache else 0,
+            "slots_per_layer": self.cache.num_slots if self.cache else 0,
+            "direct_io": bool(self.reader and self.reader.direct_io_active),
+            "per_layer": [
+                {
+                    "hits": L.counters.hits,
+                    "misses": L.counters.misses,
+                    "evictions": L.counters.evictions,
+                    "bytes_read": L.counters.bytes_read,
+                    "load_s": L.counters.load_s,
+                }
+                for L in layers
+            ],
+        }
+
+    def reset_counters(self):
+        self.counters = DecodeCounters()
+        self.layer_syncs = 0
+        if self.cache:
+            from .cache import LayerCounters
+
+            for L in self.cache.layers:
+                L.counters = LayerCounters()
+
+
+def peak_rss_bytes() -> int:
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)

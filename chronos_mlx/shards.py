@@ -1,0 +1,304 @@
+"""Where every tensor lives in a model's safetensors shards, validated, and how to read it.
+
+`ShardIndex` parses and checks the shard headers (without touching tensor data) and
+`ShardReader` reads byte ranges with `os.pread` into caller-owned buffers, optionally
+bypassing the page cache (O_DIRECT on Linux, F_NOCACHE on macOS).
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ShardError
+
+# safetensors dtype name -> (numpy dtype, item size)
+DTYPES = {
+    "BOOL": (np.bool_, 1),
+    "U8": (np.uint8, 1),
+    "I8": (np.int8, 1),
+    "U16": (np.uint16, 2),
+    "I16": (np.int16, 2),
+    "F16": (np.float16, 2),
+    "BF16": (np.uint16, 2),  # numpy has no bfloat16: carried as raw 16-bit words
+    "U32": (np.uint32, 4),
+    "I32": (np.int32, 4),
+    "F32": (np.float32, 4),
+    "U64": (np.uint64, 8),
+    "I64": (np.int64, 8),
+    "F64": (np.float64, 8),
+    "F8_E4M3": (np.uint8, 1),
+    "F8_E5M2": (np.uint8, 1),
+}
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor of one shard: absolute byte range in the file, dtype and shape."""
+
+    name: str
+    path: Path
+    offset: int  # absolute, from the start of the file
+    nbytes: int
+    dtype: str  # safetensors name, e.g. "U32", "BF16"
+    shape: tuple
+
+
+@dataclass
+class ShardIndex:
+    """Every tensor of a checkpoint, from validated shard headers."""
+
+    root: Path
+    tensors: dict[str, TensorInfo] = field(default_factory=dict)
+    file_sizes: dict[Path, int] = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, model_dir) -> "ShardIndex":
+        root = Path(model_dir)
+        files = _shard_files(root)
+        index = cls(root)
+        for path in files:
+            for info in _read_header(path):
+                if info.name in index.tensors:
+                    raise ShardError(
+                        f"{path.name}: tensor '{info.name}' also appears in "
+                        f"{index.tensors[info.name].path.name}"
+                    )
+                index.tensors[info.name] = info
+            index.file_sizes[path] = path.stat().st_size
+        _check_weight_map(root, index)
+        return index
+
+    def __contains__(self, name) -> bool:
+        return name in self.tensors
+
+    def __getitem__(self, name) -> TensorInfo:
+        return self.tensors[name]
+
+    def check_unchanged(self, path: Path):
+        """A shard replaced or truncated since it was indexed must not be read as zeros."""
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise ShardError(f"{path}: shard file disappeared while the model was in use")
+        if size != self.file_sizes[path]:
+            raise ShardError(
+                f"{path}: shard changed size while in use ({self.file_sizes[path]} -> {size} bytes)"
+            )
+
+
+def _shard_files(root: Path) -> list[Path]:
+    index_file = root / "model.safetensors.index.json"
+    if index_file.exists():
+        try:
+            weight_map = json.loads(index_file.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ShardError(f"{index_file}: not a valid safetensors index ({e})")
+        names = sorted(set(weight_map.values()))
+        missing = [n for n in names if not (root / n).exists()]
+        if missing:
+            raise ShardError(
+                f"{root}: shard file(s) named in model.safetensors.index.json are missing: "
+                + ", ".join(missing)
+            )
+        return [root / n for n in names]
+    files = sorted(root.glob("model*.safetensors"))
+    if not files:
+        raise ShardError(f"{root}: no model*.safetensors shards found")
+    return files
+
+
+def _check_weight_map(root: Path, index: ShardIndex):
+    index_file = root / "model.safetensors.index.json"
+    if not index_file.exists():
+        return
+    weight_map = json.loads(index_file.read_text())["weight_map"]
+    for name, fname in weight_map.items():
+        info = index.tensors.get(name)
+        if info is None:
+            raise ShardError(f"{root / fname}: tensor '{name}' named in the index is not in the shard")
+        if info.path.name != fname:
+            raise ShardError(
+                f"{root}: index puts '{name}' in {fname} but it is in {info.path.name}"
+            )
+
+
+def _read_header(path: Path) -> list[TensorInfo]:
+    """Parse and validate one shard's header the way the safetensors reader does."""
+    size = path.stat().st_size
+    if size < 8:
+        raise ShardError(f"{path}: file is truncated ({size} bytes, no safetensors header)")
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if n > MAX_HEADER_BYTES or 8 + n > size:
+            raise ShardError(f"{path}: header length {n} is out of range (file is {size} bytes)")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ShardError(f"{path}: header is not UTF-8 JSON ({e})")
+    if not isinstance(header, dict):
+        raise ShardError(f"{path}: header is not a JSON object")
+    header.pop("__metadata__", None)
+    entries = []
+    for name, meta in header.items():
+        try:
+            dtype, shape, (begin, end) = meta["dtype"], tuple(meta["shape"]), meta["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise ShardError(f"{path}: tensor '{name}' has a malformed header entry")
+        if dtype not in DTYPES:
+            raise ShardError(f"{path}: tensor '{name}' has unknown dtype {dtype}")
+        expected = int(np.prod(shape, dtype=np.int64)) * DTYPES[dtype][1]
+        if end - begin != expected:
+            raise ShardError(
+                f"{path}: tensor '{name}' holds {end - begin} bytes but {dtype}{list(shape)} needs {expected}"
+            )
+        entries.append((begin, end, name, dtype, shape))
+    entries.sort()
+    pos = 0
+    for begin, end, name, _, _ in entries:
+        if begin != pos:
+            raise ShardError(f"{path}: tensor '{name}' starts at {begin}, expected {pos} (offsets not contiguous)")
+        pos = end
+    if 8 + n + pos != size:
+        raise ShardError(
+            f"{path}: file is {size} bytes but its header describes {8 + n + pos} (truncated or padded shard)"
+        )
+    return [
+        TensorInfo(name, path, 8 + n + begin, end - begin, dtype, shape)
+        for begin, end, name, dtype, shape in entries
+    ]
+
+
+# --- reading ---------------------------------------------------------------------------
+
+_ALIGN = 4096
+
+
+def open_for_reading(path: Path, direct: bool) -> tuple[int, bool]:
+    """Open a shard for pread; with `direct`, try to bypass the page cache.
+
+    Returns (fd, direct_active). O_DIRECT (Linux) needs aligned reads and is refused by
+    some file systems (tmpfs); F_NOCACHE (macOS) is a hint. Either way we fall back to a
+    plain descriptor and say so, rather than report direct I/O that is not happening.
+    """
+    if direct and sys.platform.startswith("linux") and hasattr(os, "O_DIRECT"):
+        try:
+            return os.open(path, os.O_RDONLY | os.O_DIRECT), True
+        except OSError:
+            pass
+    fd = os.open(path, os.O_RDONLY)
+    if direct and sys.platform == "darwin":
+        try:
+            import fcntl
+
+            fcntl.fcntl(fd, getattr(fcntl, "F_NOCACHE", 48), 1)
+            return fd, True
+        except OSError:
+            pass
+    return fd, False
+
+
+class ShardReader:
+    """Reads byte ranges of shards into caller buffers. Thread-safe: pread has no file position."""
+
+    def __init__(self, index: ShardIndex, direct: bool = False):
+        self.index = index
+        self._fds: dict[Path, int] = {}
+        self._direct: dict[Path, bool] = {}
+        self._want_direct = direct
+        self._mmaps: dict[Path, mmap.mmap] = {}
+        self._lock = threading.Lock()
+        self._bounce = threading.local()
+        self.bytes_read = 0
+        self.read_calls = 0
+
+    @property
+    def direct_io_active(self) -> bool:
+        return bool(self._direct) and all(self._direct.values())
+
+    def _fd(self, path: Path) -> int:
+        fd = self._fds.get(path)
+        if fd is None:
+            with self._lock:
+                fd = self._fds.get(path)
+                if fd is None:
+                    fd, active = open_for_reading(path, self._want_direct)
+                    self._direct[path] = active
+                    self._fds[path] = fd
+        return fd
+
+    def read_into(self, path: Path, offset: int, out) -> None:
+        """Fill the writable buffer `out` (numpy array or memoryview) from `path` at `offset`."""
+        self.index.check_unchanged(path)
+        view = memoryview(out).cast("B")
+        fd = self._fd(path)
+        if self._direct[path] and sys.platform.startswith("linux"):
+            self._read_direct(fd, offset, view)
+        elif hasattr(os, "preadv"):
+            _pread_full(fd, offset, view, path)
+        else:  # no preadv (e.g. Windows): slice an mmap of the shard
+            mm = self._mmap(path)
+            view[:] = mm[offset : offset + len(view)]
+        with self._lock:
+            self.bytes_read += len(view)
+            self.read_calls += 1
+
+    def _read_direct(self, fd: int, offset: int, view: memoryview):
+        # O_DIRECT wants offset, length and buffer aligned: read the aligned superset.
+        start = offset - offset % _ALIGN
+        end = -(-(offset + len(view)) // _ALIGN) * _ALIGN
+        buf = getattr(self._bounce, "buf", None)
+        if buf is None or len(buf) < end - start:
+            buf = mmap.mmap(-1, max(end - start, 1 << 20))  # page aligned
+            self._bounce.buf = buf
+        mv = memoryview(buf)[: end - start]
+        got = 0
+        while got < len(mv):
+            n = os.preadv(fd, [mv[got:]], start + got)
+            if n <= 0:
+                break
+            got += n
+        if got < offset - start + len(view):
+            raise ShardError(f"read past end of shard at offset {offset}")
+        view[:] = mv[offset - start : offset - start + len(view)]
+
+    def _mmap(self, path: Path) -> mmap.mmap:
+        with self._lock:
+            if path not in self._mmaps:
+                with open(path, "rb") as f:
+                    self._mmaps[path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            return self._mmaps[path]
+
+    def close(self):
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+            for mm in self._mmaps.values():
+                mm.close()
+            self._mmaps.clear()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def _pread_full(fd: int, offset: int, view: memoryview, path: Path):
+    got = 0
+    while got < len(view):
+        n = os.preadv(fd, [view[got:]], offset + got)
+        if n <= 0:
+            raise ShardError(f"{path}: read past end of file at offset {offset + got}")
+        got += n

@@ -1,0 +1,149 @@
+"""StreamingSwitch: drop-in replacement for mlx_lm's SwitchGLU / SwitchMLP.
+
+Same call signature, output shape and math as `mlx_lm.models.switch_layers`; the expert
+weights come from an ExpertCache's slot arrays instead of [E, ...] parameters, and the
+router's expert ids are remapped to slot ids by the Runtime (on the device when it can).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx_lm.models.switch_layers import SwitchGLU, SwitchMLP
+
+SWITCH_TYPES = (SwitchGLU, SwitchMLP)
+
+
+@dataclass
+class ProjectionSpec:
+    """How one projection multiplies: quantized (group_size, bits, mode) or plain, with bias or not."""
+
+    name: str
+    quantized: bool
+    group_size: int = 0
+    bits: int = 0
+    mode: str = "affine"
+    has_bias: bool = False
+    has_biases: bool = False  # affine quantization offsets
+
+
+def projection_specs(module) -> list[ProjectionSpec]:
+    names = ("gate_proj", "up_proj", "down_proj") if isinstance(module, SwitchGLU) else ("fc1", "fc2")
+    specs = []
+    for n in names:
+        proj = getattr(module, n)
+        quantized = "scales" in proj
+        specs.append(
+            ProjectionSpec(
+                n,
+                quantized,
+                getattr(proj, "group_size", 0),
+                getattr(proj, "bits", 0),
+                getattr(proj, "mode", "affine"),
+                "bias" in proj,
+                quantized and proj.get("biases") is not None,
+            )
+        )
+    return specs
+
+
+class StreamingSwitch(nn.Module):
+    """Computes a MoE layer's experts from cache slots. Holds no parameters of its own."""
+
+    def __init__(self, original, layer: int, runtime):
+        super().__init__()
+        self.activation = original.activation
+        object.__setattr__(self, "_glu", isinstance(original, SwitchGLU))
+        object.__setattr__(self, "_specs", {s.name: s for s in projection_specs(original)})
+        object.__setattr__(self, "_layer", layer)
+        object.__setattr__(self, "_runtime", runtime)
+
+    def _project(self, name: str, x, idx, sorted_indices: bool):
+        spec = self._specs[name]
+        params = self._runtime.cache.layers[self._layer].params
+        w = params[f"{name}.weight"].slots
+        if spec.quantized:
+            x = mx.gather_qmm(
+                x,
+                w,
+                params[f"{name}.scales"].slots,
+                params[f"{name}.biases"].slots if spec.has_biases else None,
+                rhs_indices=idx,
+                transpose=True,
+                group_size=spec.group_size,
+                bits=spec.bits,
+                mode=spec.mode,
+                sorted_indices=sorted_indices,
+            )
+        else:
+            x = mx.gather_mm(x, w.swapaxes(-1, -2), rhs_indices=idx, sorted_indices=sorted_indices)
+        if spec.has_bias:
+            x = x + mx.expand_dims(params[f"{name}.bias"].slots[idx], -2)
+        return x
+
+    def _experts(self, x, idx, sorted_indices: bool):
+        if self._glu:
+            x_up = self._project("up_proj", x, idx, sorted_indices)
+            x_gate = self._project("gate_proj", x, idx, sorted_indices)
+            return self._project("down_proj", self.activation(x_up, x_gate), idx, sorted_indices)
+        x = self.activation(self._project("fc1", x, idx, sorted_indices))
+        return self._project("fc2", x, idx, sorted_indices)
+
+    def __call__(self, x, indices) -> mx.array:
+        x = mx.expand_dims(x, (-2, -3))
+        indices = mx.stop_gradient(indices)
+        slots = self._runtime.route(self._layer, indices)
+        if slots is None:  # more experts than slots: stream them through in waves
+            return self._waves(x, indices)
+        # Same sort-for-locality rule as SwitchGLU; rows are independent, so sorting by
+        # slot id instead of expert id changes nothing in the result.
+        if indices.size >= 64:
+            *_, M = indices.shape
+            flat = slots.flatten()
+            order = mx.argsort(flat)
+            inv_order = mx.argsort(order)
+            y = self._experts(x.flatten(0, -3)[order // M], flat[order], True)
+            y = mx.unflatten(y[inv_order], 0, indices.shape)
+        else:
+            y = self._experts(x, slots, False)
+        return y.squeeze(-2)
+
+    def _waves(self, x, indices):
+        """Compute a batch that needs more experts than the layer has slots.
+
+        Pairs (token, k) are sorted by expert and cut into waves of at most `slots`
+        distinct experts; each wave's experts are loaded, its rows computed and evaluated
+        before the next wave overwrites the slots. Each output row depends on exactly one
+        expert, so the result equals the one-shot computation.
+        """
+        *_, M = indices.shape
+        flat = np.array(indices).reshape(-1).astype(np.int64)
+        order = np.argsort(flat, kind="stable")
+        experts = flat[order]
+        uniq, starts = np.unique(experts, return_index=True)
+        cap = self._runtime.cache.layers[self._layer].num_slots
+        x_rows = x.flatten(0, -3)
+        outs, perm = [], []
+        for w0 in range(0, len(uniq), cap):
+            wave = uniq[w0 : w0 + cap]
+            a = starts[w0]
+            b = starts[w0 + cap] if w0 + cap < len(uniq) else len(flat)
+            self._runtime.load_for(self._layer, wave)
+            rows = order[a:b]
+            slot_ids = self._runtime.cache.slots_for(self._layer, flat[rows])
+            by_slot = np.argsort(slot_ids, kind="stable")
+            rows, slot_ids = rows[by_slot], slot_ids[by_slot]
+            y = self._experts(
+                x_rows[mx.array(rows // M)], mx.array(slot_ids.astype(np.uint32)), True
+            )
+            mx.eval(y)  # the next wave reuses these slots
+            outs.append(y)
+            perm.append(rows)
+        perm = np.concatenate(perm)
+        inv = np.empty_like(perm)
+        inv[perm] = np.arange(len(perm))
+        y = mx.concatenate(outs, axis=0)[mx.array(inv)]
+        return mx.unflatten(y, 0, indices.shape).squeeze(-2)
