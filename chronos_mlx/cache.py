@@ -32,6 +32,17 @@ MX_DTYPES = {
 _FLOAT = {mx.float16, mx.bfloat16, mx.float32}
 
 
+def _bf16_to_f32(raw: np.ndarray, out: np.ndarray):
+    out.view(np.uint32).reshape(-1)[:] = raw.view(np.uint16).astype(np.uint32) << 16
+
+
+def _f16_to_f32(raw: np.ndarray, out: np.ndarray):
+    out.reshape(-1)[:] = raw.view(np.float16)
+
+
+_WIDENING = {("BF16", mx.float32): _bf16_to_f32, ("F16", mx.float32): _f16_to_f32}
+
+
 def _numpy_view(arr: mx.array) -> np.ndarray:
     """A writable numpy view sharing `arr`'s buffer (bfloat16 is viewed as uint16)."""
     if arr.dtype == mx.bfloat16:
@@ -142,8 +153,8 @@ class ExpertCache:
         return self.layers[layer].slot_of[experts]
 
     # --- loading -------------------------------------------------------------------------
-    def ensure(self, layer: int, experts, protect=None) -> int:
-        """Make `experts` of `layer` resident; returns how many had to be loaded.
+    def ensure(self, layer: int, experts, protect=None) -> list:
+        """Make `experts` of `layer` resident; returns the experts that had to be loaded.
 
         Victims are chosen by the layer's policy among experts not in `protect` (by default
         `experts` itself: what the current computation needs is never evicted for itself).
@@ -153,7 +164,7 @@ class ExpertCache:
         experts = np.unique(np.asarray(experts, dtype=np.int64))
         missing = experts[L.slot_of[experts] < 0]
         if len(missing) == 0:
-            return 0
+            return []
         protect = set(experts.tolist()) if protect is None else set(protect) | set(experts.tolist())
         if len(protect) > L.num_slots:
             protect = set(experts.tolist())
@@ -177,7 +188,7 @@ class ExpertCache:
                 L.policy.added(e)
             L.counters.load_s += time.perf_counter() - t0
             self._sync_table(L)
-        return len(missing)
+        return missing.tolist()
 
     def _read_expert(self, L: LayerSlots, expert: int, slot: int):
         for p in L.params.values():
@@ -185,8 +196,13 @@ class ExpertCache:
             target = p.view[slot]
             if MX_DTYPES.get(p.source.dtype) == p.dtype:
                 self.reader.read_into(src.path, src.offset, target)
+            elif (p.source.dtype, p.dtype) in _WIDENING:
+                # Exact widening conversions are done in numpy, straight into the slot.
+                raw = np.empty(src.nbytes, dtype=np.uint8)
+                self.reader.read_into(src.path, src.offset, raw)
+                _WIDENING[(p.source.dtype, p.dtype)](raw, target)
             else:
-                # Convert with MLX itself so the values match what stock mlx_lm computes with.
+                # Narrowing: convert with MLX itself so rounding matches stock mlx_lm's.
                 raw = np.empty(src.nbytes, dtype=np.uint8)
                 self.reader.read_into(src.path, src.offset, raw)
                 disk = MX_DTYPES[p.source.dtype]
@@ -215,12 +231,3 @@ class ExpertCache:
                 L.policy.added(e)
             L.counters.load_s += time.perf_counter() - t0
             self._sync_table(L)
-
-    # --- accounting ----------------------------------------------------------------------
-    def record_use(self, layer: int, experts: np.ndarray, loaded: int):
-        """Count hits/misses for the unique experts a computation used, and inform the policy."""
-        L = self.layers[layer]
-        experts = np.unique(experts)
-        L.counters.misses += loaded
-        L.counters.hits += len(experts) - loaded
-        L.policy.touch(experts.tolist())

@@ -51,7 +51,9 @@ class DecodeCounters:
     prefill_s: float = 0.0
     ttft_s: float = 0.0
     decode_s: float = 0.0
-    decode_stall_s: float = 0.0
+    decode_steps: int = 0
+    io_wait_s: float = 0.0  # all time blocked on expert loads (prefill included)
+    stall_s: float = 0.0  # the part of it spent while decoding
     host_syncs: int = 0
     recomputes: int = 0
     recomputed_layers: int = 0
@@ -97,13 +99,13 @@ class Runtime:
     def load_for(self, layer: int, experts, protect=None) -> int:
         """Load the missing ones of `experts` now (the caller waits): an I/O stall."""
         t0 = time.perf_counter()
-        loaded = self.cache.ensure(layer, experts, protect)
+        loaded = len(self.cache.ensure(layer, experts, protect))
         L = self.cache.layers[layer]
         uniq = np.unique(experts)
         L.counters.misses += loaded
         L.counters.hits += len(uniq) - loaded
         L.policy.touch(uniq.tolist())
-        self.counters.decode_stall_s += time.perf_counter() - t0 if loaded else 0.0
+        self.counters.io_wait_s += time.perf_counter() - t0 if loaded else 0.0
         return loaded
 
     # --- optimistic execution (called by the decode loop) ------------------------------
@@ -117,22 +119,21 @@ class Runtime:
         finally:
             self.mode, self._record = prev_mode, prev_rec
 
-    def missing(self, record: StepRecord, host: np.ndarray) -> dict:
-        """Experts each recorded layer used that were not resident: {layer: experts}."""
-        out = {}
-        for layer, inds in record.split(host):
-            uniq = np.unique(inds)
-            absent = uniq[~self.cache.layers[layer].resident(uniq)]
-            if len(absent):
-                out[layer] = (uniq, absent)
-        return out
+    def has_missing(self, record: StepRecord, host: np.ndarray) -> bool:
+        """Whether any recorded layer used an expert that was not resident."""
+        return any(
+            not self.cache.layers[layer].resident(inds).all() for layer, inds in record.split(host)
+        )
 
-    def account_hits(self, record: StepRecord, host: np.ndarray):
-        """A verified step: every recorded use was a hit; tell the policies."""
+    def account_step(self, record: StepRecord, host: np.ndarray):
+        """A verified optimistic step: every recorded use was a hit; tell the policies."""
         for layer, inds in record.split(host):
             L = self.cache.layers[layer]
             L.counters.hits += inds.size
             L.policy.touch(np.unique(inds).tolist())
+
+    def total_misses(self) -> int:
+        return sum(L.counters.misses for L in self.cache.layers) if self.cache else 0
 
     # --- reporting ---------------------------------------------------------------------
     def stats(self) -> dict:
@@ -140,19 +141,19 @@ class Runtime:
         layers = self.cache.layers if self.cache else []
         hits = sum(L.counters.hits for L in layers)
         misses = sum(L.counters.misses for L in layers)
-        decode_steps = max(c.generated_tokens - 1, 0)
         return {
             "prompt_tokens": c.prompt_tokens,
             "generated_tokens": c.generated_tokens,
             "prefill_tokens_per_s": c.prompt_tokens / c.prefill_s if c.prefill_s else 0.0,
             "ttft_s": c.ttft_s,
-            "decode_tokens_per_s": decode_steps / c.decode_s if c.decode_s else 0.0,
+            "decode_tokens_per_s": c.decode_steps / c.decode_s if c.decode_s else 0.0,
             "hits": hits,
             "misses": misses,
             "hit_rate": hits / (hits + misses) if hits + misses else 1.0,
             "evictions": sum(L.counters.evictions for L in layers),
             "bytes_read": sum(L.counters.bytes_read for L in layers),
-            "stall_s": c.decode_stall_s,
+            "stall_s": c.stall_s,
+            "io_wait_s": c.io_wait_s,
             "host_syncs_per_token": c.host_syncs / c.generated_tokens if c.generated_tokens else 0.0,
             "recomputed_layers": c.recomputed_layers,
             "recomputes": c.recomputes,

@@ -1,0 +1,187 @@
+"""chronos's decode loop: mlx_lm's generate_step with optimistic routing and exact recovery.
+
+Each decode step is built with every MoE layer routed through the device-side
+expert->slot tables (no host read inside the layer stack); the indices of all layers are
+read back once, while the next step already runs. If some expert was absent, the step
+and the speculative next one are rolled back (KV caches trimmed), the missing experts are
+loaded and the step is recomputed until every layer ran on the right experts, so the
+tokens are exactly stock mlx_lm's. Prefill uses per-layer routing (one host read per
+layer per chunk, amortised over the chunk) because it touches most experts anyway.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Generator, Optional
+
+import mlx.core as mx
+import numpy as np
+from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
+
+from .runtime import Runtime, StepRecord
+
+SYNC_MODES = ("optimistic", "per-layer")
+generation_stream = mx.new_stream(mx.default_device())
+
+
+def greedy(logprobs: mx.array) -> mx.array:
+    return mx.argmax(logprobs, axis=-1)
+
+
+@dataclass
+class _Step:
+    """One launched forward pass: its input, lazy outputs and recorded routing."""
+
+    tokens: mx.array
+    y: mx.array
+    logprobs: mx.array
+    record: Optional[StepRecord]
+    flat: Optional[mx.array]
+
+
+def generate_step(
+    prompt: mx.array,
+    model,
+    runtime: Runtime,
+    *,
+    max_tokens: int = 256,
+    sampler: Optional[Callable] = None,
+    prompt_cache=None,
+    prefill_step_size: int = 2048,
+    sync: str = "optimistic",
+) -> Generator[tuple[int, mx.array], None, None]:
+    """Yield (token id, logprobs) like `mlx_lm.generate.generate_step`, with chronos's counters."""
+    if sync not in SYNC_MODES:
+        raise ValueError(f"sync must be one of {SYNC_MODES}, got '{sync}'")
+    sampler = sampler or greedy
+    if prompt_cache is None:
+        prompt_cache = make_prompt_cache(model)
+    streaming = runtime.cache is not None
+    optimistic = streaming and sync == "optimistic" and can_trim_prompt_cache(prompt_cache)
+    c = runtime.counters
+    n_moe = len(runtime.cache.layers) if streaming else 0
+
+    def forward(tokens):
+        logits = model(tokens[None], cache=prompt_cache)[:, -1, :]
+        logprobs = logits - mx.logsumexp(logits, keepdims=True)
+        return sampler(logprobs), logprobs.squeeze(0)
+
+    def launch(tokens, speculate: bool) -> _Step:
+        """Build and start one forward pass; `speculate` routes it optimistically."""
+        with mx.stream(generation_stream):
+            if not (optimistic and speculate):
+                misses = runtime.total_misses()
+                y, lp = forward(tokens)  # per-layer routing loads what it needs as it goes
+                mx.async_eval(y, lp)
+                state["clean"] = runtime.total_misses() == misses
+                return _Step(tokens, y, lp, None, None)
+            with runtime.recording() as record:
+                y, lp = forward(tokens)
+            flat = record.flat()
+            mx.async_eval(y, lp, *([flat] if flat is not None else []))
+            return _Step(tokens, y, lp, record, flat)
+
+    def settle(step: _Step, speculative: Optional[_Step]):
+        """Verify an optimistic step; on a miss roll back and recompute it per layer.
+
+        Returns (verified step, whether `speculative` had to be discarded)."""
+        if step.flat is None:
+            return step, False
+        host = np.array(step.flat)
+        c.host_syncs += 1
+        if not runtime.has_missing(step.record, host):
+            runtime.account_step(step.record, host)
+            state["clean"] = True
+            return step, False
+        t0 = time.perf_counter()
+        # Nothing queued may still read a slot about to be overwritten, and the KV
+        # entries of the wrong step (and of the one launched on its token) must go.
+        rollback = step.tokens.size
+        if speculative is not None:
+            mx.eval(speculative.y, speculative.logprobs)
+            rollback += speculative.tokens.size
+        mx.eval(step.y, step.logprobs)
+        trim_prompt_cache(prompt_cache, rollback)
+        c.io_wait_s += time.perf_counter() - t0
+        c.recomputes += 1
+        c.recomputed_layers += n_moe
+        # One exact pass: per-layer routing loads each layer's experts before using them.
+        return launch(step.tokens, speculate=False), speculative is not None
+
+    tic = time.perf_counter()
+    c.prompt_tokens += prompt.size
+    with mx.stream(generation_stream):
+        while prompt.size > 1:
+            n = min(prefill_step_size, prompt.size - 1)
+            model(prompt[:n][None], cache=prompt_cache)
+            mx.eval([cache.state for cache in prompt_cache])
+            prompt = prompt[n:]
+            mx.clear_cache()
+
+    # Speculate while steps come out clean; after a miss, route per layer until one is clean.
+    state = {"clean": True}
+    step = launch(prompt, speculate=True)
+    n, t_first, syncs_at_first, io_at_first = 0, None, runtime.layer_syncs, 0.0
+    try:
+        while True:
+            nxt = launch(step.y, state["clean"]) if n + 1 < max_tokens else None
+            step, discarded = settle(step, nxt)
+            if discarded and nxt is not None:
+                nxt = launch(step.y, state["clean"])
+            token = step.y.item()
+            c.host_syncs += 1
+            if t_first is None:
+                t_first = time.perf_counter()
+                c.ttft_s = t_first - tic
+                c.prefill_s += t_first - tic
+                syncs_at_first = runtime.layer_syncs
+                io_at_first = c.io_wait_s
+            c.generated_tokens += 1
+            yield token, step.logprobs
+            n += 1
+            if n % 256 == 0:
+                mx.clear_cache()
+            if nxt is None:
+                break
+            step = nxt
+    finally:
+        if t_first is not None:
+            c.decode_s += time.perf_counter() - t_first
+            c.decode_steps += n - 1
+            c.stall_s += c.io_wait_s - io_at_first
+        c.host_syncs += runtime.layer_syncs - syncs_at_first
+
+
+@dataclass
+class Response:
+    """One streamed piece of text, like mlx_lm's GenerationResponse."""
+
+    text: str
+    token: int
+    finish_reason: Optional[str] = None
+
+
+def stream_generate(
+    model, tokenizer, prompt, runtime: Runtime, *, max_tokens: int = 256, **kwargs
+) -> Generator[Response, None, None]:
+    """Detokenised streaming on top of `generate_step`; stops at an end-of-sequence token."""
+    if not isinstance(prompt, mx.array):
+        if isinstance(prompt, str):
+            bos = tokenizer.bos_token
+            add_special = bos is None or not prompt.startswith(bos)
+            prompt = tokenizer.encode(prompt, add_special_tokens=add_special)
+        prompt = mx.array(prompt)
+    detok = tokenizer.detokenizer
+    detok.reset()
+    n = 0
+    for n, (token, _) in enumerate(generate_step(prompt, model, runtime, max_tokens=max_tokens, **kwargs), 1):
+        if token in tokenizer.eos_token_ids:
+            detok.finalize()
+            yield Response(detok.last_segment, token, "stop")
+            return
+        detok.add_token(token)
+        yield Response(detok.last_segment, token, "length" if n == max_tokens else None)
+    detok.finalize()
+    if detok.last_segment:
+        yield Response(detok.last_segment, -1, "length")
