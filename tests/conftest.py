@@ -1,0 +1,32 @@
+"""Shared fixtures: stock mlx_lm references and small synthetic checkpoints."""
+
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+
+from chronos_mlx import DEFAULT_MODEL
+
+DEMO = Path(DEFAULT_MODEL)
+PROMPT = "The history of the Roman Empire begins"
+
+
+def stock_greedy(path, prompt_ids, max_tokens, dtype=mx.float32):
+    """Token ids and logprobs that stock mlx_lm produces (greedy), the reference for every test."""
+    from mlx_lm import load
+    from mlx_lm.generate import generate_step
+
+    model, _ = load(str(path))
+    model.set_dtype(dtype)
+    ids, logprobs = [], []
+    for tok, lp in generate_step(mx.array(prompt_ids), model, max_tokens=max_tokens):
+        ids.append(int(tok))
+        logprobs.append(lp)
+    return ids, logprobs
+
+
+@pytest.fixture(scope="session")
+def demo_prompt_ids():
+    from mlx_lm.utils import load_tokenizer
+
+    return load_tokenizer(DEMO).encode(PROMPT)
