@@ -122,10 +122,12 @@ def generate_step(
     # Speculate while steps come out clean; after a miss, route per layer until one is clean.
     state = {"clean": True}
     step = launch(prompt, speculate=True)
+    # Per-layer reads of the decode steps (the first one is launched right below) count too.
     n, t_first, syncs_at_first, io_at_first = 0, None, runtime.layer_syncs, 0.0
     try:
         while True:
-            nxt = launch(step.y, state["clean"]) if n + 1 < max_tokens else None
+            # Like mlx_lm, the step after the last yielded token runs too (its KV entries stay).
+            nxt = launch(step.y, state["clean"]) if n != max_tokens else None
             step, discarded = settle(step, nxt)
             if discarded and nxt is not None:
                 nxt = launch(step.y, state["clean"])
@@ -135,14 +137,14 @@ def generate_step(
                 t_first = time.perf_counter()
                 c.ttft_s = t_first - tic
                 c.prefill_s += t_first - tic
-                syncs_at_first = runtime.layer_syncs
                 io_at_first = c.io_wait_s
             c.generated_tokens += 1
             yield token, step.logprobs
             n += 1
             if n % 256 == 0:
                 mx.clear_cache()
-            if nxt is None:
+            if n == max_tokens:
+                settle(nxt, None)  # the KV cache must hold exactly stock's entries
                 break
             step = nxt
     finally:

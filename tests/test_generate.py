@@ -1,0 +1,107 @@
+"""The decode loop: optimistic routing recovers exactly from misses, KV caches included."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx_lm.models.cache import make_prompt_cache
+
+import chronos_mlx
+from chronos_mlx.generate import generate_step, stream_generate
+from chronos_mlx.synthetic import write_synthetic_moe
+
+from conftest import DEMO
+
+
+def _stock(path, prompt, n):
+    from mlx_lm import load
+    from mlx_lm.generate import generate_step as stock_step
+
+    model, _ = load(str(path))
+    model.set_dtype(mx.float32)
+    cache = make_prompt_cache(model)
+    ids = [int(t) for t, _ in stock_step(mx.array(prompt), model, max_tokens=n, prompt_cache=cache)]
+    return ids, cache
+
+
+def _kv(cache):
+    out = []
+    for c in cache:
+        k, v = c.state[0], c.state[1]
+        out.append((c.offset, np.array(k[..., : c.offset, :]), np.array(v[..., : c.offset, :])))
+    return out
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gen")
+    return {
+        "demo": DEMO,
+        "mixtral": write_synthetic_moe(root / "mixtral", "mixtral", bits=4, seed=5),
+        "qwen2_moe": write_synthetic_moe(root / "qwen2", "qwen2_moe", bits=4, seed=6),
+    }
+
+
+@pytest.mark.parametrize("name", ["demo", "mixtral", "qwen2_moe"])
+def test_forced_misses_recover_to_stock_tokens_and_kv_cache(models, name):
+    path = models[name]
+    prompt = np.random.default_rng(2).integers(1, 8000, size=30).tolist()
+    ref_ids, ref_cache = _stock(path, prompt, 16)
+    info = chronos_mlx.loader.plan_model(path).info
+    # The smallest legal budget: one token's experts per layer, so nearly every step misses.
+    model, _, runtime = chronos_mlx.load(path, expert_budget=info["top_k"] / info["num_experts"])
+    cache = make_prompt_cache(model)
+    ids = [t for t, _ in generate_step(mx.array(prompt), model, runtime, max_tokens=16, prompt_cache=cache)]
+    assert ids == ref_ids
+    stats = runtime.stats()
+    assert stats["recomputes"] > 0 and stats["recomputed_layers"] >= stats["recomputes"]
+    for (o1, k1, v1), (o2, k2, v2) in zip(_kv(ref_cache), _kv(cache)):
+        assert o1 == o2
+        np.testing.assert_allclose(k1, k2, atol=1e-5)
+        np.testing.assert_allclose(v1, v2, atol=1e-5)
+
+
+def test_a_miss_in_the_middle_of_a_token_is_recomputed(demo_prompt_ids):
+    """Evict, between two steps, an expert the next token needs in its last layer only."""
+    ref_ids, _ = _stock(DEMO, demo_prompt_ids, 12)
+    model, _, runtime = chronos_mlx.load(None, expert_budget=1.0)  # all resident: steps speculate
+    gen = generate_step(mx.array(demo_prompt_ids), model, runtime, max_tokens=12)
+    ids = [next(gen)[0]]
+    last = runtime.cache.layers[-1]
+    resident = np.flatnonzero(last.slot_of >= 0)
+    for e in resident.tolist():  # empty the last layer: every expert it needs must be reloaded
+        slot = last.slot_of[e]
+        last.slot_of[e], last.expert_in[slot] = -1, -1
+        last.policy.removed(e)
+    runtime.cache._sync_table(last)
+    before = runtime.stats()["recomputes"]
+    ids += [t for t, _ in gen]
+    assert ids == ref_ids
+    assert runtime.stats()["recomputes"] > before
+
+
+def test_everything_resident_costs_one_host_read_per_token(demo_prompt_ids):
+    model, _, runtime = chronos_mlx.load(None, expert_budget=1.0)
+    list(generate_step(mx.array(demo_prompt_ids), model, runtime, max_tokens=16))
+    stats = runtime.stats()
+    assert stats["recomputes"] == 0 and stats["misses"] == 0
+    assert stats["host_syncs_per_token"] <= 2
+
+
+def test_per_layer_routing_reads_indices_once_per_moe_layer(demo_prompt_ids):
+    model, _, runtime = chronos_mlx.load(None, expert_budget=0.5)
+    list(generate_step(mx.array(demo_prompt_ids), model, runtime, max_tokens=8, sync="per-layer"))
+    assert runtime.stats()["host_syncs_per_token"] > 8  # 8 MoE layers, plus the token itself
+
+
+def test_stream_generate_yields_text_and_stops_at_max_tokens(demo_prompt_ids):
+    model, tokenizer, runtime = chronos_mlx.load(None, expert_budget=0.25)
+    pieces = list(stream_generate(model, tokenizer, "The Roman Empire", runtime, max_tokens=10))
+    assert len([p for p in pieces if p.token >= 0]) <= 10
+    assert "".join(p.text for p in pieces)
+    assert pieces[-1].finish_reason in ("length", "stop")
+
+
+def test_unknown_sync_mode_is_rejected(demo_prompt_ids):
+    model, _, runtime = chronos_mlx.load(None, expert_budget=1.0)
+    with pytest.raises(ValueError, match="sync must be one of"):
+        next(generate_step(mx.array(demo_prompt_ids), model, runtime, sync="sometimes"))
