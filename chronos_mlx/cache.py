@@ -100,11 +100,19 @@ class LayerSlots:
     table: mx.array = None  # device copy of slot_of, absent mapped to 0
     identity: bool = False  # slot e holds expert e for every e: indices need no remap
     counters: LayerCounters = field(default_factory=LayerCounters)
+    dirty: bool = True  # slot_of changed since `table` was built
+    full: bool = False  # every expert of the layer is resident: no routing can miss
 
-    @property
-    def full(self) -> bool:
-        """Every expert of the layer is resident: no routing can miss."""
-        return self.num_slots == self.num_experts and bool((self.slot_of >= 0).all())
+    def refresh(self):
+        """Rebuild the device table after loads (on the thread that builds the graph)."""
+        if self.dirty:
+            self.dirty = False
+            self.table = mx.array(np.maximum(self.slot_of, 0).astype(np.uint32))
+            self.identity = self.num_slots == self.num_experts and bool(
+                (self.slot_of == np.arange(self.num_experts)).all()
+            )
+            self.full = bool((self.slot_of >= 0).all())
+
 
     def resident(self, experts) -> np.ndarray:
         return self.slot_of[experts] >= 0
@@ -173,7 +181,7 @@ class ExpertCache:
         with self._lock:
             t0 = time.perf_counter()
             for e in missing.tolist():
-                free = np.flatnonzero(L.expert_in < 0)
+                free = np.flatnonzero(L.expert_in == -1)
                 if len(free):
                     slot = int(free[0])
                 else:
@@ -211,10 +219,38 @@ class ExpertCache:
             L.counters.bytes_read += src.nbytes
 
     def _sync_table(self, L: LayerSlots):
-        L.table = mx.array(np.maximum(L.slot_of, 0).astype(np.uint32))
-        L.identity = L.num_slots == L.num_experts and bool(
-            (L.slot_of == np.arange(L.num_experts)).all()
-        )
+        L.dirty = True
+        if threading.current_thread() is threading.main_thread():
+            L.refresh()
+
+    def prewarm(self, plan: dict, stop: threading.Event | None = None) -> int:
+        """Load `plan[layer]` (experts, most wanted first) into free slots only, never evicting.
+
+        Safe to run in a background thread while the model computes: a slot is reserved
+        before it is written and mapped only once complete, so a computation either sees
+        the expert fully loaded or not at all. Returns how many experts were loaded.
+        """
+        loaded = 0
+        for layer, experts in plan.items():
+            L = self.layers[layer]
+            for e in experts:
+                if stop is not None and stop.is_set():
+                    return loaded
+                with self._lock:
+                    if L.slot_of[e] >= 0:
+                        continue
+                    free = np.flatnonzero(L.expert_in == -1)
+                    if not len(free):
+                        break
+                    slot = int(free[0])
+                    L.expert_in[slot] = -2  # reserved: ensure() will not pick it
+                    self._read_expert(L, int(e), slot)
+                    L.slot_of[e] = slot
+                    L.expert_in[slot] = e
+                    L.policy.added(int(e))
+                    self._sync_table(L)
+                    loaded += 1
+        return loaded
 
     def fill_identity(self, layer: int):
         """Load every expert into the slot of the same number (budget covers all experts)."""

@@ -241,6 +241,8 @@ def _fmt_stat(key: str, value) -> str:
         return human_bytes(value)
     if key == "hit_rate":
         return f"{value:.1%}"
+    if key.endswith("_per_s"):
+        return f"{value:.1f}/s"
     if key.endswith("_s"):
         return f"{value:.3f} s"
     if isinstance(value, float):
@@ -515,13 +517,23 @@ def generate(
 # chronos chat
 # --------------------------------------------------------------------------------------
 
-CHAT_HELP = """\
-[bold]/stats[/bold]   runtime counters since the start (or the last /reset)
-[bold]/reset[/bold]   forget the conversation and its KV cache (the expert cache stays warm)
-[bold]/help[/bold]    this help
-[bold]/quit[/bold]    leave (also Ctrl-D, or Ctrl-C at the prompt)
-Ctrl-C while the model writes stops that reply after the current token and keeps what was
-written in the conversation; press it twice to leave at once."""
+CHAT_COMMANDS = (
+    ("/stats", "runtime counters since the start (or the last /reset)"),
+    ("/reset", "forget the conversation and its KV cache (the expert cache stays warm)"),
+    ("/help", "this help"),
+    ("/quit", "leave (also Ctrl-D, or Ctrl-C at the prompt)"),
+    ("Ctrl-C", "while the model writes: stop that reply after the current token; what it wrote "
+     "stays in the conversation. Twice: leave at once."),
+)
+
+
+def chat_help() -> Table:
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column()
+    for command, what in CHAT_COMMANDS:
+        table.add_row(command, what)
+    return table
 
 
 class ChatSession:
@@ -679,13 +691,13 @@ def chat(
             if command in ("/quit", "/exit", "/q"):
                 return
             if command == "/stats":
-                out.print(stats_table(runtime.stats(), title="runtime stats (since start or /reset)"))
+                out.print(stats_table(runtime.stats(), title="runtime stats"))
             elif command == "/reset":
                 session.reset()
                 runtime.reset_counters()
                 err.print("[dim]conversation and KV cache cleared[/dim]")
             elif command in ("/help", "/?"):
-                out.print(CHAT_HELP)
+                out.print(chat_help())
             else:
                 error_line(f"unknown command {command} (try /help)")
             continue

@@ -67,6 +67,10 @@ class Runtime:
         self.info = info  # model facts (path, architecture, experts, budget ...)
         self.reader = reader
         self.mode = "sync"
+        # Objects with observe(layer, expert_ids) that see every routing decision once it is
+        # known on the host (activation statistics, profile recording, Markov predictors).
+        # While any is attached, fully resident layers are read back too.
+        self.observers: list = []
         self.notice = None
         self.counters = DecodeCounters()
         self.layer_syncs = 0
@@ -76,24 +80,28 @@ class Runtime:
     def route(self, layer: int, indices: mx.array):
         """Slot indices for the router's expert `indices`, or None when waves are needed."""
         L = self.cache.layers[layer]
-        if L.identity:
+        L.refresh()
+        mapped = indices if L.identity else L.table[indices]
+        if L.full and not self.observers:  # nothing can miss and nobody watches: no host read
             L.counters.hits += indices.size
-            return indices
-        if L.full:
-            L.counters.hits += indices.size
-            return L.table[indices]
+            return mapped
         if self.mode == "optimistic":
             self._record.layers.append(layer)
             self._record.indices.append(indices)
-            return L.table[indices]
+            return mapped
         host = np.array(indices).reshape(-1)
         self.layer_syncs += 1
+        self._observe(layer, host)
+        if L.full:
+            L.counters.hits += host.size
+            return mapped
         uniq = np.unique(host)
         # Repeated uses of an expert within the batch are hits; load_for counts the rest.
         L.counters.hits += host.size - len(uniq)
         if len(uniq) > L.num_slots:
             return None  # the module streams the batch through in waves
         self.load_for(layer, uniq)
+        L.refresh()
         return L.table[indices]
 
     def load_for(self, layer: int, experts, protect=None) -> int:
@@ -131,6 +139,11 @@ class Runtime:
             L = self.cache.layers[layer]
             L.counters.hits += inds.size
             L.policy.touch(np.unique(inds).tolist())
+            self._observe(layer, inds)
+
+    def _observe(self, layer: int, indices: np.ndarray):
+        for observer in self.observers:
+            observer.observe(layer, indices)
 
     def total_misses(self) -> int:
         return sum(L.counters.misses for L in self.cache.layers) if self.cache else 0
