@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import mlx.core as mx
@@ -32,15 +33,36 @@ MX_DTYPES = {
 _FLOAT = {mx.float16, mx.bfloat16, mx.float32}
 
 
-def _bf16_to_f32(raw: np.ndarray, out: np.ndarray):
-    out.view(np.uint32).reshape(-1)[:] = raw.view(np.uint16).astype(np.uint32) << 16
+def _to_float32(raw: np.ndarray, disk: str) -> np.ndarray:
+    if disk == "BF16":
+        return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    if disk == "F16":
+        return raw.view(np.float16).astype(np.float32)
+    return raw.view(np.float32)
 
 
-def _f16_to_f32(raw: np.ndarray, out: np.ndarray):
-    out.reshape(-1)[:] = raw.view(np.float16)
+def _round_to_bf16(f: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bits, round to nearest even (what MLX's astype does)."""
+    u = f.view(np.uint32)
+    rounded = (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+    return np.where(np.isnan(f), np.uint32(0x7FC0), rounded).astype(np.uint16)
 
 
-_WIDENING = {("BF16", mx.float32): _bf16_to_f32, ("F16", mx.float32): _f16_to_f32}
+def convert_into(raw: np.ndarray, disk: str, dtype: mx.Dtype, out: np.ndarray):
+    """Convert an expert's float bytes on disk to the resident dtype, in numpy (thread-safe).
+
+    bf16/f16 -> f32 is exact; narrowing rounds to nearest even like MLX's astype, so the
+    values match what stock mlx_lm computes with after `model.set_dtype`."""
+    f = _to_float32(raw, disk)
+    flat = out.reshape(-1)
+    if dtype == mx.float32:
+        flat[:] = f
+    elif dtype == mx.bfloat16:
+        flat[:] = _round_to_bf16(f)
+    elif dtype == mx.float16:
+        flat[:] = f.astype(np.float16)
+    else:
+        raise ValueError(f"cannot convert {disk} experts to {dtype}")
 
 
 def _numpy_view(arr: mx.array) -> np.ndarray:
@@ -52,12 +74,6 @@ def _numpy_view(arr: mx.array) -> np.ndarray:
     if not view.flags.writeable:  # pragma: no cover - MLX always exposes writable buffers today
         raise RuntimeError("MLX did not expose a writable buffer for the expert slots")
     return view
-
-
-def _numpy_of(arr: mx.array) -> np.ndarray:
-    if arr.dtype == mx.bfloat16:
-        arr = mx.view(arr, mx.uint16)
-    return np.array(arr)
 
 
 @dataclass
@@ -84,7 +100,9 @@ class LayerCounters:
     evictions: int = 0
     bytes_read: int = 0
     load_s: float = 0.0
-    speculative_loads: int = 0
+    prefetch_hits: int = 0
+    prefetch_wasted_bytes: int = 0
+    prefetch_cancelled: int = 0
 
 
 @dataclass
@@ -102,6 +120,9 @@ class LayerSlots:
     counters: LayerCounters = field(default_factory=LayerCounters)
     dirty: bool = True  # slot_of changed since `table` was built
     full: bool = False  # every expert of the layer is resident: no routing can miss
+    pending: dict = field(default_factory=dict)  # expert -> (slot, Future, is_prefetch)
+    prefetched: set = field(default_factory=set)  # loaded by a prediction, not used yet
+    last_used: set = field(default_factory=set)
 
     def refresh(self):
         """Rebuild the device table after loads (on the thread that builds the graph)."""
@@ -121,9 +142,12 @@ class LayerSlots:
 class ExpertCache:
     """The budgeted expert slots of every MoE layer of a model."""
 
-    def __init__(self, layers: list[dict], num_slots: int, reader: ShardReader, policy: str = "lru"):
-        """`layers[l]` maps parameter names ("gate_proj.weight") to (ExpertTensor, resident dtype)."""
+    def __init__(self, layers: list[dict], num_slots: int, reader: ShardReader, policy: str = "lru", pool=None):
+        """`layers[l]` maps parameter names ("gate_proj.weight") to (ExpertTensor, resident dtype).
+
+        `pool` (io.IOPool) runs reads on background threads; without one reads are inline."""
         self.reader = reader
+        self.pool = pool
         self.layers: list[LayerSlots] = []
         self._lock = threading.RLock()
         for spec in layers:
@@ -161,61 +185,160 @@ class ExpertCache:
         return self.layers[layer].slot_of[experts]
 
     # --- loading -------------------------------------------------------------------------
-    def ensure(self, layer: int, experts, protect=None) -> list:
-        """Make `experts` of `layer` resident; returns the experts that had to be loaded.
+    # Slot states: expert_in[slot] = expert id (resident), -1 (free) or -2 (being written).
+    # An expert is mapped (slot_of >= 0) only once its bytes are complete, so a computation
+    # built from the table can never read a half-written slot.
 
-        Victims are chosen by the layer's policy among experts not in `protect` (by default
-        `experts` itself: what the current computation needs is never evicted for itself).
-        The caller guarantees no queued computation still reads a slot being overwritten.
+    def _take_slot(self, L: LayerSlots, protect: set):
+        """A free slot, or the slot of the policy's victim (evicted now). Lock held."""
+        free = np.flatnonzero(L.expert_in == -1)
+        if len(free):
+            return int(free[0])
+        try:
+            victim = L.policy.victim(protect)
+        except RuntimeError:
+            return None
+        slot = int(L.slot_of[victim])
+        L.slot_of[victim] = -1
+        L.policy.removed(victim)
+        L.counters.evictions += 1
+        if victim in L.prefetched:  # brought in by a prediction that never came true
+            L.prefetched.discard(victim)
+            L.counters.prefetch_wasted_bytes += self.bytes_per_expert
+        L.dirty = True
+        return slot
+
+    def _start_load(self, L: LayerSlots, expert: int, slot: int, prefetch: bool):
+        """Reserve `slot` and read `expert` into it on the I/O pool (inline without one)."""
+        L.expert_in[slot] = -2
+
+        def work():
+            try:
+                self._read_expert(L, expert, slot)
+            except BaseException:
+                with self._lock:
+                    L.expert_in[slot] = -1
+                    L.pending.pop(expert, None)
+                raise
+            with self._lock:
+                L.slot_of[expert] = slot
+                L.expert_in[slot] = expert
+                L.policy.added(expert)
+                L.pending.pop(expert, None)
+                if prefetch:
+                    L.prefetched.add(expert)
+                L.dirty = True
+
+        if self.pool is None:
+            fut = Future()
+            L.pending[expert] = (slot, fut, prefetch)
+            try:
+                work()
+                fut.set_result(None)
+            except BaseException as e:  # surfaces through fut.result() like a pooled read
+                fut.set_exception(e)
+            return fut
+        fut = self.pool.submit(work)
+        L.pending[expert] = (slot, fut, prefetch)
+        return fut
+
+    def ensure(self, layer: int, experts, protect=None) -> list:
+        """Make `experts` of `layer` resident and wait for them; returns those it loaded.
+
+        Experts already being prefetched are waited for, not read twice. Victims are chosen
+        by the layer's policy, never among `experts` (nor `protect`). The caller guarantees
+        no queued computation still reads the slot of an expert that may be evicted.
         """
         L = self.layers[layer]
         experts = np.unique(np.asarray(experts, dtype=np.int64))
-        missing = experts[L.slot_of[experts] < 0]
-        if len(missing) == 0:
-            return []
-        protect = set(experts.tolist()) if protect is None else set(protect) | set(experts.tolist())
-        if len(protect) > L.num_slots:
-            protect = set(experts.tolist())
         if len(experts) > L.num_slots:
             raise ValueError(f"layer {layer}: {len(experts)} experts requested, {L.num_slots} slots")
+        if (L.slot_of[experts] >= 0).all():
+            return []
+        keep = set(experts.tolist()) | (set(protect) if protect is not None else set())
+        if len(keep) > L.num_slots:
+            keep = set(experts.tolist())
+        futures, loaded = [], []
+        t0 = time.perf_counter()
         with self._lock:
-            t0 = time.perf_counter()
-            for e in missing.tolist():
-                free = np.flatnonzero(L.expert_in == -1)
-                if len(free):
-                    slot = int(free[0])
-                else:
-                    victim = L.policy.victim(protect)
-                    slot = int(L.slot_of[victim])
-                    L.slot_of[victim] = -1
-                    L.policy.removed(victim)
-                    L.counters.evictions += 1
-                self._read_expert(L, e, slot)
-                L.slot_of[e] = slot
-                L.expert_in[slot] = e
-                L.policy.added(e)
-            L.counters.load_s += time.perf_counter() - t0
-            self._sync_table(L)
-        return missing.tolist()
+            self._check_files(L)
+            for e in experts.tolist():
+                if L.slot_of[e] >= 0:
+                    continue
+                if e in L.pending:
+                    slot, fut, _ = L.pending[e]
+                    if not fut.cancel():
+                        futures.append(fut)  # in flight: wait for it
+                        continue
+                    L.pending.pop(e)
+                    L.expert_in[slot] = -1
+                slot = self._take_slot(L, keep)
+                if slot is None:
+                    raise RuntimeError(f"layer {layer}: no slot can be freed for expert {e}")
+                loaded.append(e)
+                futures.append(self._start_load(L, e, slot, prefetch=False))
+        for fut in futures:
+            fut.result()
+        L.counters.load_s += time.perf_counter() - t0
+        if threading.current_thread() is threading.main_thread():
+            L.refresh()
+        return loaded
+
+    def prefetch(self, layer: int, experts, limit: int, protect=()) -> int:
+        """Start background loads of up to `limit` of `experts` (most wanted first).
+
+        Earlier prefetches of this layer not yet started and no longer wanted are
+        cancelled. Victims never include `experts` themselves nor `protect` (say, what the
+        layer used last). Only call it for layers no queued computation is reading.
+        """
+        L = self.layers[layer]
+        wanted = [int(e) for e in experts]
+        keep = set(wanted) | set(protect)
+        started = 0
+        with self._lock:
+            for e, (slot, fut, is_prefetch) in list(L.pending.items()):
+                if is_prefetch and e not in keep and fut.cancel():
+                    L.pending.pop(e)
+                    L.expert_in[slot] = -1
+                    L.counters.prefetch_cancelled += 1
+            for e in wanted:
+                if started >= limit:
+                    break
+                if L.slot_of[e] >= 0 or e in L.pending:
+                    continue
+                slot = self._take_slot(L, keep)
+                if slot is None:
+                    break
+                self._start_load(L, e, slot, prefetch=True)
+                started += 1
+        return started
+
+    def mark_used(self, layer: int, experts):
+        """Experts a computation used: prefetch hits are counted, the policy informed."""
+        L = self.layers[layer]
+        used = set(int(e) for e in experts)
+        with self._lock:
+            hit = used & L.prefetched
+            L.counters.prefetch_hits += len(hit)
+            L.prefetched -= hit
+            L.last_used = used
+            L.policy.touch(used)
+
+    def _check_files(self, L: LayerSlots):
+        for path in {p.source.slices[0].path for p in L.params.values()}:
+            self.reader.check(path)
 
     def _read_expert(self, L: LayerSlots, expert: int, slot: int):
+        """Read one expert's parameters into `slot` (any thread: numpy and pread only)."""
         for p in L.params.values():
             src = p.source.slices[expert]
             target = p.view[slot]
             if MX_DTYPES.get(p.source.dtype) == p.dtype:
-                self.reader.read_into(src.path, src.offset, target)
-            elif (p.source.dtype, p.dtype) in _WIDENING:
-                # Exact widening conversions are done in numpy, straight into the slot.
-                raw = np.empty(src.nbytes, dtype=np.uint8)
-                self.reader.read_into(src.path, src.offset, raw)
-                _WIDENING[(p.source.dtype, p.dtype)](raw, target)
+                self.reader.read_into(src.path, src.offset, target, checked=True)
             else:
-                # Narrowing: convert with MLX itself so rounding matches stock mlx_lm's.
                 raw = np.empty(src.nbytes, dtype=np.uint8)
-                self.reader.read_into(src.path, src.offset, raw)
-                disk = MX_DTYPES[p.source.dtype]
-                arr = mx.view(mx.array(raw), disk).reshape(p.source.shape).astype(p.dtype)
-                target[...] = _numpy_of(arr)
+                self.reader.read_into(src.path, src.offset, raw, checked=True)
+                convert_into(raw, p.source.dtype, p.dtype, target)
             L.counters.bytes_read += src.nbytes
 
     def _sync_table(self, L: LayerSlots):
@@ -226,31 +349,34 @@ class ExpertCache:
     def prewarm(self, plan: dict, stop: threading.Event | None = None) -> int:
         """Load `plan[layer]` (experts, most wanted first) into free slots only, never evicting.
 
-        Safe to run in a background thread while the model computes: a slot is reserved
-        before it is written and mapped only once complete, so a computation either sees
-        the expert fully loaded or not at all. Returns how many experts were loaded.
+        Safe from a background thread while the model computes: a slot is reserved before
+        it is written and the expert mapped only once complete. Returns how many loaded.
         """
         loaded = 0
         for layer, experts in plan.items():
             L = self.layers[layer]
             for e in experts:
+                e = int(e)
                 if stop is not None and stop.is_set():
                     return loaded
                 with self._lock:
-                    if L.slot_of[e] >= 0:
+                    if L.slot_of[e] >= 0 or e in L.pending:
                         continue
                     free = np.flatnonzero(L.expert_in == -1)
                     if not len(free):
                         break
-                    slot = int(free[0])
-                    L.expert_in[slot] = -2  # reserved: ensure() will not pick it
-                    self._read_expert(L, int(e), slot)
-                    L.slot_of[e] = slot
-                    L.expert_in[slot] = e
-                    L.policy.added(int(e))
-                    self._sync_table(L)
-                    loaded += 1
+                    fut = self._start_load_reserved(L, e, int(free[0]))
+                fut.result()
+                loaded += 1
         return loaded
+
+    def _start_load_reserved(self, L, e, slot):
+        # Prewarm reads on its own thread, not the pool: demand loads keep the pool.
+        pool, self.pool = self.pool, None
+        try:
+            return self._start_load(L, e, slot, prefetch=False)
+        finally:
+            self.pool = pool
 
     def fill_identity(self, layer: int):
         """Load every expert into the slot of the same number (budget covers all experts)."""

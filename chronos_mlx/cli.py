@@ -251,11 +251,15 @@ def _fmt_stat(key: str, value) -> str:
 
 
 def summary_line(stats: dict) -> str:
-    return (
-        f"{stats['generated_tokens']} tokens · {stats['decode_tokens_per_s']:.1f} tok/s · "
-        f"TTFT {stats['ttft_s']:.2f} s · hit rate {stats['hit_rate']:.1%} · "
-        f"read {human_bytes(stats['bytes_read'])} · peak {human_bytes(stats['peak_memory_bytes'])}"
-    )
+    parts = [
+        f"{stats['generated_tokens']} tokens",
+        f"{stats['decode_tokens_per_s']:.1f} tok/s",
+        f"TTFT {stats['ttft_s']:.2f} s",
+    ]
+    if stats.get("slots_per_layer"):  # a model with experts
+        parts += [f"hit rate {stats['hit_rate']:.1%}", f"read {human_bytes(stats['bytes_read'])}"]
+    parts.append(f"peak {human_bytes(stats['peak_memory_bytes'])}")
+    return " · ".join(parts)
 
 
 def stats_table(stats: dict, title: str = "runtime stats") -> Table:
@@ -587,11 +591,13 @@ class ChatSession:
         return ids[keep:]
 
     def record(self, fed_prompt: list, done: Completion):
-        """After a turn: what the cache now holds that we can vouch for.
+        """After a turn: keep only cache entries we can vouch for.
 
-        The decode loop runs one step ahead, and that step may not have been verified (with
-        optimistic routing it can have used a stand-in expert), so the cache keeps the prompt
-        and every generated token but the last one yielded."""
+        When a reply stops early (end of sequence, Ctrl-C) the decode loop has already
+        launched the step that feeds the last yielded token, and nobody verified it: with
+        optimistic routing it may have run on a stand-in expert, leaving wrong keys/values
+        for that position. So the cache keeps the prompt and every generated token but the
+        last one; the next turn feeds that token again (one token of extra work)."""
         if not self.reusable:
             return
         import mlx.core as mx
@@ -835,7 +841,7 @@ def info(
             f"{human_bytes(facts['bytes_per_expert_on_disk'])} on disk",
         )
         grid.add_row("all experts", f"{human_bytes(facts['expert_bytes_total'])} resident")
-    grid.add_row("dense weights", f"{human_bytes(facts.get('dense_bytes', 0))} (always resident)" if moe else "-")
+        grid.add_row("dense weights", f"{human_bytes(facts['dense_bytes'])} (always resident)")
     out.print(grid)
     if not moe:
         out.print(

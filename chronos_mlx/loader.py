@@ -18,6 +18,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from .cache import MX_DTYPES, ExpertCache
 from .budget import slots_for_budget
 from .errors import ModelError, ShardError
+from .io import IOPool, parse_io_sim
 from .layout import locate_expert_tensor, per_expert_sources
 from .runtime import Runtime
 from .shards import ShardIndex, ShardReader
@@ -170,6 +171,8 @@ def load(
     policy: str = "lru",
     direct_io: bool = False,
     prewarm: bool = True,
+    io_sim=None,
+    io_threads: int = 4,
 ):
     """Load `model` with its experts streamed under `expert_budget`.
 
@@ -177,6 +180,8 @@ def load(
     SwitchGLU/SwitchMLP modules replaced: it works unchanged with `mlx_lm.generate` /
     `stream_generate` (per-layer synchronous routing, exact) and with
     `chronos_mlx.generate.stream_generate` (optimistic routing, the fast path).
+    `io_sim` ("bandwidth=5GB/s,latency=80us") delays reads like an SSD of that speed;
+    `io_threads` reader threads load experts in the background (0: inline reads).
     """
     from mlx_lm.utils import load_tokenizer
 
@@ -200,6 +205,7 @@ def load(
         bytes_per_expert=info["bytes_per_expert"],
     )
     reader = ShardReader(ShardIndex.open(plan.path), direct=direct_io)
+    reader.simulator = parse_io_sim(io_sim) if isinstance(io_sim, (str, type(None))) else io_sim
     runtime = Runtime(None, info, reader)
     replacements = [
         (name, StreamingSwitch(module, i, runtime)) for i, (name, module) in enumerate(plan.switches)
@@ -209,7 +215,7 @@ def load(
     if target is not None:
         plan.model.set_dtype(target)
     mx.eval(plan.model.parameters())
-    runtime.cache = ExpertCache(plan.layers, slots, reader, policy)
+    runtime.cache = ExpertCache(plan.layers, slots, reader, policy, pool=IOPool(io_threads) if io_threads else None)
     info.update(
         slots_per_layer=slots,
         expert_budget=str(expert_budget),

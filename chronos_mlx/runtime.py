@@ -71,14 +71,24 @@ class Runtime:
         # known on the host (activation statistics, profile recording, Markov predictors).
         # While any is attached, fully resident layers are read back too.
         self.observers: list = []
+        # A predictor with `targets` [(layer offset, token offset)] and `scores(layer, x)`
+        # [n_targets, num_experts]; its guesses are prefetched in per-layer routing.
+        self.predictor = None
+        self.guesses = 16
+        self.predict_stream = mx.new_stream(mx.default_device())
+        self._predicted: dict = {}
+        self.recall_hits = 0
+        self.recall_total = 0
         self.notice = None
         self.counters = DecodeCounters()
         self.layer_syncs = 0
         self._record: StepRecord | None = None
 
     # --- routing (called by StreamingSwitch) -------------------------------------------
-    def route(self, layer: int, indices: mx.array):
-        """Slot indices for the router's expert `indices`, or None when waves are needed."""
+    def route(self, layer: int, indices: mx.array, x: mx.array | None = None):
+        """Slot indices for the router's expert `indices`, or None when waves are needed.
+
+        `x` is the layer's input hidden state, which a predictor may use to prefetch."""
         L = self.cache.layers[layer]
         L.refresh()
         mapped = indices if L.identity else L.table[indices]
@@ -89,20 +99,67 @@ class Runtime:
             self._record.layers.append(layer)
             self._record.indices.append(indices)
             return mapped
+        guesses = self._predict(layer, x) if self.predictor is not None and x is not None else None
+        if guesses is not None:
+            mx.eval(indices, guesses)  # one host round trip for both
         host = np.array(indices).reshape(-1)
         self.layer_syncs += 1
         self._observe(layer, host)
+        uniq = np.unique(host)
+        self._score_prediction(layer, uniq)
         if L.full:
             L.counters.hits += host.size
+            self.cache.mark_used(layer, uniq)
+            self._prefetch(layer, guesses)
             return mapped
-        uniq = np.unique(host)
         # Repeated uses of an expert within the batch are hits; load_for counts the rest.
         L.counters.hits += host.size - len(uniq)
         if len(uniq) > L.num_slots:
             return None  # the module streams the batch through in waves
         self.load_for(layer, uniq)
+        self.cache.mark_used(layer, uniq)
+        self._prefetch(layer, guesses)
         L.refresh()
         return L.table[indices]
+
+    # --- prediction and prefetch ---------------------------------------------------------
+    def _predict(self, layer: int, x: mx.array):
+        """Ranked expert guesses [n_targets, m] for the predictor's targets, on its own stream."""
+        with mx.stream(self.predict_stream):  # from the last position (prefill: the last prompt token)
+            scores = self.predictor.scores(layer, x.reshape(-1, x.shape[-1])[-1])
+            m = min(self.guesses, scores.shape[-1])
+            return mx.argsort(-scores, axis=-1)[..., :m]
+
+    def _prefetch(self, layer: int, guesses):
+        """Start loads of predicted experts for layers nothing queued is reading now.
+
+        At layer l's host read every earlier layer of this token has run and no later
+        layer has started, so later layers of this token and earlier-or-equal layers of
+        the next token are safe targets (their slots are not being read)."""
+        if guesses is None:
+            return
+        n_layers = len(self.cache.layers)
+        for (dl, dt), ranked in zip(self.predictor.targets, np.array(guesses)):
+            target = layer + dl
+            safe = layer < target < n_layers if dt == 0 else 0 <= target <= layer
+            if not safe:  # a later layer of the next token would compete with this token's use
+                continue
+            T = self.cache.layers[target]
+            limit = T.num_slots - len(T.last_used)
+            if limit > 0:
+                self.cache.prefetch(target, ranked, limit, protect=T.last_used)
+                self._predicted[(target, dt)] = set(int(e) for e in ranked)
+
+    def _score_prediction(self, layer: int, used: np.ndarray):
+        """prediction_recall: how many used experts the last prediction for this layer named."""
+        guess = self._predicted.pop((layer, 0), None)
+        if guess is None:
+            guess = self._predicted.pop((layer, 1), None)
+        else:
+            self._predicted.pop((layer, 1), None)
+        if guess is not None:
+            self.recall_hits += sum(1 for e in used.tolist() if e in guess)
+            self.recall_total += len(used)
 
     def load_for(self, layer: int, experts, protect=None) -> int:
         """Load the missing ones of `experts` now (the caller waits): an I/O stall."""
@@ -112,7 +169,6 @@ class Runtime:
         uniq = np.unique(experts)
         L.counters.misses += loaded
         L.counters.hits += len(uniq) - loaded
-        L.policy.touch(uniq.tolist())
         self.counters.io_wait_s += time.perf_counter() - t0 if loaded else 0.0
         return loaded
 
@@ -138,7 +194,7 @@ class Runtime:
         for layer, inds in record.split(host):
             L = self.cache.layers[layer]
             L.counters.hits += inds.size
-            L.policy.touch(np.unique(inds).tolist())
+            self.cache.mark_used(layer, np.unique(inds))
             self._observe(layer, inds)
 
     def _observe(self, layer: int, indices: np.ndarray):
@@ -164,6 +220,9 @@ class Runtime:
             "misses": misses,
             "hit_rate": hits / (hits + misses) if hits + misses else 1.0,
             "evictions": sum(L.counters.evictions for L in layers),
+            "prefetch_hits": sum(L.counters.prefetch_hits for L in layers),
+            "prefetch_wasted_bytes": sum(L.counters.prefetch_wasted_bytes for L in layers),
+            "prediction_recall": self.recall_hits / self.recall_total if self.recall_total else 0.0,
             "bytes_read": sum(L.counters.bytes_read for L in layers),
             "stall_s": c.stall_s,
             "io_wait_s": c.io_wait_s,
@@ -190,6 +249,7 @@ class Runtime:
     def reset_counters(self):
         self.counters = DecodeCounters()
         self.layer_syncs = 0
+        self.recall_hits = self.recall_total = 0
         if self.cache:
             from .cache import LayerCounters
 

@@ -12,6 +12,7 @@ import mmap
 import os
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -221,6 +222,7 @@ class ShardReader:
         self._bounce = threading.local()
         self.bytes_read = 0
         self.read_calls = 0
+        self.simulator = None  # a SimulatedSSD (io.py) that delays each read, or None
 
     @property
     def direct_io_active(self) -> bool:
@@ -237,9 +239,15 @@ class ShardReader:
                     self._fds[path] = fd
         return fd
 
-    def read_into(self, path: Path, offset: int, out) -> None:
-        """Fill the writable buffer `out` (numpy array or memoryview) from `path` at `offset`."""
+    def check(self, path: Path):
+        """Re-check a shard's size before a batch of reads from it."""
         self.index.check_unchanged(path)
+
+    def read_into(self, path: Path, offset: int, out, checked: bool = False) -> None:
+        """Fill the writable buffer `out` (numpy array or memoryview) from `path` at `offset`."""
+        if not checked:
+            self.index.check_unchanged(path)
+        started = time.perf_counter()
         view = memoryview(out).cast("B")
         fd = self._fd(path)
         if self._direct[path] and sys.platform.startswith("linux"):
@@ -249,6 +257,8 @@ class ShardReader:
         else:  # no preadv (e.g. Windows): slice an mmap of the shard
             mm = self._mmap(path)
             view[:] = mm[offset : offset + len(view)]
+        if self.simulator is not None:
+            self.simulator.delay(len(view), started)
         with self._lock:
             self.bytes_read += len(view)
             self.read_calls += 1

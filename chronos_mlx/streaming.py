@@ -93,9 +93,9 @@ class StreamingSwitch(nn.Module):
         return self._project("fc2", x, idx, sorted_indices)
 
     def __call__(self, x, indices) -> mx.array:
-        x = mx.expand_dims(x, (-2, -3))
         indices = mx.stop_gradient(indices)
-        slots = self._runtime.route(self._layer, indices)
+        slots = self._runtime.route(self._layer, indices, x)
+        x = mx.expand_dims(x, (-2, -3))
         if slots is None:  # more experts than slots: stream them through in waves
             return self._waves(x, indices)
         # Same sort-for-locality rule as SwitchGLU; rows are independent, so sorting by
@@ -132,6 +132,7 @@ class StreamingSwitch(nn.Module):
             a = starts[w0]
             b = starts[w0 + cap] if w0 + cap < len(uniq) else len(flat)
             self._runtime.load_for(self._layer, wave)
+            self._runtime.cache.mark_used(self._layer, wave)
             rows = order[a:b]
             slot_ids = self._runtime.cache.slots_for(self._layer, flat[rows])
             by_slot = np.argsort(slot_ids, kind="stable")

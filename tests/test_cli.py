@@ -1,0 +1,309 @@
+"""The `chronos` command line, driven the way a user drives it, on the embedded demo model.
+
+Exactness is always checked against stock mlx_lm (never against chronos itself): the
+reference tokens come from `mlx_lm.load` + float32 + `mlx_lm.generate.generate_step`.
+"""
+
+import json
+import os
+import signal
+
+import mlx.core as mx
+import pytest
+from typer.testing import CliRunner
+
+import chronos_mlx
+from chronos_mlx import cli
+from chronos_mlx.cli import app
+
+PROMPT = "The Roman Empire"
+REQUIRED_STATS = (
+    "decode_tokens_per_s",
+    "ttft_s",
+    "hits",
+    "misses",
+    "hit_rate",
+    "bytes_read",
+    "stall_s",
+    "peak_memory_bytes",
+    "host_syncs_per_token",
+    "recomputed_layers",
+)
+
+
+@pytest.fixture
+def runner():
+    return CliRunner()
+
+
+@pytest.fixture(scope="module")
+def stock():
+    """Stock mlx_lm on the demo model, in float32 like chronos on the CPU backend."""
+    import mlx_lm
+
+    model, tokenizer = mlx_lm.load(str(chronos_mlx.DEFAULT_MODEL))
+    model.set_dtype(mx.float32)
+    return model, tokenizer
+
+
+def stock_greedy(stock, text: str, max_tokens: int) -> list:
+    """mlx_lm's greedy tokens for `text`, up to (not including) end of sequence."""
+    from mlx_lm.generate import generate_step
+
+    model, tokenizer = stock
+    ids = tokenizer.encode(text, add_special_tokens=tokenizer.bos_token is None or not text.startswith(tokenizer.bos_token))
+    tokens = []
+    for (token, _), _ in zip(generate_step(mx.array(ids), model, max_tokens=max_tokens), range(max_tokens)):
+        token = int(token)
+        if token in tokenizer.eos_token_ids:
+            break
+        tokens.append(token)
+    return tokens
+
+
+def stock_text(stock, tokens: list) -> str:
+    detok = stock[1].detokenizer
+    detok.reset()
+    for t in tokens:
+        detok.add_token(t)
+    detok.finalize()
+    return detok.text
+
+
+def run_json(runner, *args):
+    result = runner.invoke(app, ["generate", *args, "--json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+# --- generate ------------------------------------------------------------------------
+
+
+def test_generate_json_prints_one_object_with_text_tokens_stats_and_model(runner):
+    data = run_json(runner, "-p", PROMPT, "--max-tokens", "8", "--expert-budget", "0.25")
+
+    assert isinstance(data["text"], str) and data["text"]
+    assert len(data["token_ids"]) == 8 and all(isinstance(t, int) for t in data["token_ids"])
+    for key in REQUIRED_STATS:
+        assert key in data["stats"], key
+    assert "per_layer" not in data["stats"]  # only with --verbose
+    assert data["stats"]["generated_tokens"] == 8
+    assert data["stats"]["slots_per_layer"] == 16
+    assert data["model"]["num_experts"] == 64
+
+
+def test_generate_json_verbose_adds_per_layer_counters(runner):
+    data = run_json(runner, "-p", PROMPT, "--max-tokens", "2", "--verbose")
+    assert len(data["stats"]["per_layer"]) == 8
+
+
+def test_generate_json_tokens_at_smallest_budget_are_stock_mlx_lms(runner, stock):
+    """8 of 64 experts per layer: almost every token misses and is recomputed, yet the
+    tokens are exactly mlx_lm's greedy tokens."""
+    data = run_json(runner, "-p", PROMPT, "--max-tokens", "8", "--expert-budget", "0.125")
+
+    assert data["token_ids"] == stock_greedy(stock, PROMPT, 8)
+    assert data["stats"]["misses"] > 0
+
+
+def test_generate_per_layer_sync_gives_the_same_tokens(runner, stock):
+    data = run_json(runner, "-p", PROMPT, "--max-tokens", "6", "-b", "0.125", "--sync", "per-layer")
+    assert data["token_ids"] == stock_greedy(stock, PROMPT, 6)
+
+
+def test_generate_streams_text_to_stdout_and_a_summary_to_stderr(runner, stock):
+    result = runner.invoke(app, ["generate", "-p", PROMPT, "--max-tokens", "8", "-b", "0.25"])
+
+    assert result.exit_code == 0, result.output
+    assert result.stdout == stock_text(stock, stock_greedy(stock, PROMPT, 8)).rstrip("\n") + "\n"
+    summary = result.stderr.strip().splitlines()[-1]
+    for part in ("tok/s", "TTFT", "hit rate", "read", "peak"):
+        assert part in summary
+
+
+def test_generate_reads_the_prompt_from_a_file(runner, tmp_path, stock):
+    prompt_file = tmp_path / "prompt.txt"
+    prompt_file.write_text(PROMPT)
+    data = run_json(runner, "--prompt-file", str(prompt_file), "--max-tokens", "4")
+    assert data["token_ids"] == stock_greedy(stock, PROMPT, 4)
+
+
+def test_ctrl_c_stops_generate_after_the_current_token(runner, monkeypatch):
+    pieces = []
+
+    def write_then_interrupt(text):
+        pieces.append(text)
+        if len(pieces) == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # as if the user pressed Ctrl-C
+
+    monkeypatch.setattr(cli, "_write", write_then_interrupt)
+    result = runner.invoke(app, ["generate", "-p", PROMPT, "--max-tokens", "50"])
+
+    assert result.exit_code == 130
+    assert "[interrupted]" in result.stderr
+    assert len(pieces) <= 3  # two tokens and the closing newline
+    assert "Traceback" not in result.output
+
+
+# --- info ----------------------------------------------------------------------------
+
+
+def test_info_json_describes_the_demo_model(runner):
+    result = runner.invoke(app, ["info", "--json"])
+
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)
+    assert info["moe"] is True
+    assert (info["num_experts"], info["top_k"], info["moe_layers"], info["num_hidden_layers"]) == (64, 8, 8, 8)
+    assert info["expert_bytes_total"] == info["bytes_per_expert"] * 64 * 8
+    assert info["bytes_per_expert_on_disk"] > 0 and info["dense_bytes"] > 0
+    budgets = {row["budget"]: row for row in info["budgets"]}
+    assert [budgets[b]["experts_per_layer"] for b in ("1.0", "0.5", "0.25", "0.125")] == [64, 32, 16, 8]
+    assert budgets["0.125"]["minimum"]  # top_k / num_experts = 8 / 64
+    assert budgets["0.25"]["expert_bytes"] == 16 * 8 * info["bytes_per_expert"]
+
+
+def test_info_prints_a_readable_summary_and_budget_table(runner):
+    result = runner.invoke(app, ["info"])
+
+    assert result.exit_code == 0, result.output
+    for text in ("qwen3_moe", "8 (8 MoE)", "64, top-8", "on disk", "dense weights", "0.125 (minimum)", "MB"):
+        assert text in result.stdout, text
+
+
+def test_info_accepts_the_model_as_argument(runner):
+    result = runner.invoke(app, ["info", str(chronos_mlx.DEFAULT_MODEL), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["num_experts"] == 64
+
+
+@pytest.fixture(scope="module")
+def dense_model(tmp_path_factory):
+    """A tiny random-weight llama: a model without MoE layers."""
+    from chronos_mlx.synthetic import write_synthetic_moe
+
+    return write_synthetic_moe(tmp_path_factory.mktemp("dense") / "llama", "llama", bits=4)
+
+
+def test_info_says_when_a_model_has_no_moe_layers(runner, dense_model):
+    result = runner.invoke(app, ["info", str(dense_model)])
+    assert result.exit_code == 0, result.output
+    assert "no MoE layers" in result.stdout
+
+    info = json.loads(runner.invoke(app, ["info", str(dense_model), "--json"]).stdout)
+    assert info["moe"] is False and info["moe_layers"] == 0 and "budgets" not in info
+
+
+def test_generate_runs_a_dense_model_unchanged_with_a_notice_on_stderr(runner, dense_model):
+    result = runner.invoke(app, ["generate", "-m", str(dense_model), "-p", PROMPT, "--max-tokens", "3", "--json"])
+
+    assert result.exit_code == 0, result.output
+    assert len(json.loads(result.stdout)["token_ids"]) == 3
+    assert "no MoE layers" in result.stderr
+
+
+# --- chat ----------------------------------------------------------------------------
+
+
+def test_chat_with_piped_input_runs_a_turn_and_the_commands(runner):
+    result = runner.invoke(
+        app, ["chat", "--max-tokens", "8", "-b", "0.25"], input="hello\n/stats\n/reset\n/help\n/quit\nnever read\n"
+    )
+
+    assert result.exit_code == 0, result.output
+    assert "demo-moe-4bit" in result.stderr and "16 experts/layer" in result.stderr  # banner
+    assert "runtime stats" in result.stdout and "hit_rate" in result.stdout  # /stats
+    assert "cleared" in result.stderr  # /reset
+    assert "/quit" in result.stdout  # /help
+    assert result.stderr.count("8 tokens") == 1  # one turn ran; "never read" was not
+
+
+def test_chat_ends_cleanly_at_end_of_input(runner):
+    result = runner.invoke(app, ["chat", "--max-tokens", "2"], input="hello\n")
+    assert result.exit_code == 0, result.output
+
+
+def test_chat_turns_equal_stock_mlx_lm_on_the_whole_conversation(runner, stock):
+    """Without a chat template the turns are joined as plain text (a newline between a reply
+    and the next message); each reply, computed from the reused KV cache, is mlx_lm's greedy
+    continuation of the whole conversation so far."""
+    turns = [PROMPT, "was a", "def main():"]
+    expected, conversation = "", ""
+    for message in turns:
+        if conversation and not conversation.endswith("\n"):
+            conversation += "\n"
+        conversation += message
+        reply = stock_text(stock, stock_greedy(stock, conversation, 6))
+        conversation += reply
+        expected += reply if reply.endswith("\n") else reply + "\n"
+
+    result = runner.invoke(app, ["chat", "--max-tokens", "6", "-b", "0.25"], input="\n".join(turns) + "\n")
+
+    assert result.exit_code == 0, result.output
+    assert result.stdout == expected
+
+
+def test_ctrl_c_during_a_chat_reply_stops_it_and_the_chat_goes_on(runner, monkeypatch):
+    pieces = []
+    real_write = cli._write
+
+    def write_then_interrupt(text):
+        pieces.append(text)
+        real_write(text)
+        if len(pieces) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(cli, "_write", write_then_interrupt)
+    result = runner.invoke(app, ["chat", "--max-tokens", "20"], input=f"{PROMPT}\nand\n/quit\n")
+
+    assert result.exit_code == 0, result.output
+    assert result.stderr.count("[interrupted]") == 1
+    assert "2 tokens" in result.stderr and "20 tokens" in result.stderr  # second turn ran in full
+
+
+# --- user errors ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["generate", "-p", PROMPT, "-m", "{missing}"], "no such model directory"),
+        (["info", "{missing}"], "no such model directory"),
+        (["chat", "-m", "{missing}"], "no such model directory"),
+        (["generate", "-p", PROMPT, "--expert-budget", "0.01"], "one token uses 8 per layer"),
+        (["generate", "-p", PROMPT, "--expert-budget", "lots"], "cannot parse expert budget 'lots'"),
+        (["generate", "-p", PROMPT, "--prompt-file", "{prompt_file}"], "exactly one of"),
+        (["generate"], "exactly one of"),
+        (["generate", "--prompt-file", "{missing}"], "no such prompt file"),
+        (["generate", "-p", PROMPT, "--chat-template"], "no chat template"),
+    ],
+)
+def test_user_errors_are_one_error_line_and_exit_code_2(runner, tmp_path, args, message):
+    prompt_file = tmp_path / "prompt.txt"
+    prompt_file.write_text(PROMPT)
+    args = [a.format(missing=tmp_path / "missing", prompt_file=prompt_file) for a in args]
+
+    result = runner.invoke(app, args)
+
+    assert result.exit_code == 2
+    assert "Traceback" not in result.output
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert message in lines[0]
+
+
+# --- help ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["generate", "chat", "info"])
+def test_every_command_explains_itself_with_an_example(runner, command):
+    result = runner.invoke(app, [command, "--help"])
+    assert result.exit_code == 0
+    assert "Examples" in result.stdout and f"chronos {command}" in result.stdout
+
+
+def test_sizes_are_human_readable():
+    assert cli.human_bytes(42_500_000) == "42.5 MB"
+    assert cli.human_bytes(512) == "512 B"
+    assert cli.human_bytes(6 * 10**9) == "6.0 GB"
