@@ -53,8 +53,11 @@ def convert_into(raw: np.ndarray, disk: str, dtype: mx.Dtype, out: np.ndarray):
 
     bf16/f16 -> f32 is exact; narrowing rounds to nearest even like MLX's astype, so the
     values match what stock mlx_lm computes with after `model.set_dtype`."""
-    f = _to_float32(raw, disk)
     flat = out.reshape(-1)
+    if dtype == mx.float32 and disk == "BF16":  # the common CPU case: one ufunc, no temporaries
+        np.left_shift(raw.view(np.uint16), 16, out=flat.view(np.uint32), dtype=np.uint32)
+        return
+    f = _to_float32(raw, disk)
     if dtype == mx.float32:
         flat[:] = f
     elif dtype == mx.bfloat16:
@@ -177,6 +180,10 @@ class ExpertCache:
         return sum(p.nbytes_per_expert for p in self.layers[0].params.values())
 
     @property
+    def bytes_on_disk_per_expert(self) -> int:
+        return sum(p.source.nbytes for p in self.layers[0].params.values())
+
+    @property
     def resident_bytes(self) -> int:
         return self.bytes_per_expert * self.num_slots * len(self.layers)
 
@@ -221,6 +228,7 @@ class ExpertCache:
                     L.pending.pop(expert, None)
                 raise
             with self._lock:
+                L.counters.bytes_read += self.bytes_on_disk_per_expert
                 L.slot_of[expert] = slot
                 L.expert_in[slot] = expert
                 L.policy.added(expert)
@@ -339,7 +347,6 @@ class ExpertCache:
                 raw = np.empty(src.nbytes, dtype=np.uint8)
                 self.reader.read_into(src.path, src.offset, raw, checked=True)
                 convert_into(raw, p.source.dtype, p.dtype, target)
-            L.counters.bytes_read += src.nbytes
 
     def _sync_table(self, L: LayerSlots):
         L.dirty = True
@@ -388,6 +395,7 @@ class ExpertCache:
                 if L.slot_of[e] == e:
                     continue
                 self._read_expert(L, e, e)
+                L.counters.bytes_read += self.bytes_on_disk_per_expert
                 L.slot_of[e] = e
                 L.expert_in[e] = e
                 L.policy.added(e)

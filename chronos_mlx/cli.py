@@ -20,7 +20,6 @@ import json
 import math
 import signal
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Callable, Literal, Optional
@@ -390,7 +389,7 @@ def run_completion(model, tokenizer, runtime, prompt_ids, *, opts, max_tokens, s
                         on_text(r.text)
                 if r.finish_reason:
                     result.finish_reason = r.finish_reason
-                if ctrl_c.requested:
+                if ctrl_c.requested and result.finish_reason is None:  # not if it just finished
                     result.interrupted = True
                     result.finish_reason = "interrupted"
                     break

@@ -2,11 +2,24 @@
 
 Interface: `touch(experts)` on every use, `added(e)` / `removed(e)` as slots change, and
 `victim(protected)` names the resident expert to evict, never one in `protected`.
+
+Policies choose *which* resident expert to evict and nothing else, so every policy gives
+exactly the same tokens; only hit rates differ.
+
+- `lru`: least recently used.
+- `lfu`: LFU with dynamic aging (LFUDA): key = age + uses since loaded; evicting sets the
+  age to the victim's key, so experts hot long ago eventually lose to ones hot now.
+- `usage`: decayed frequency. Each expert's uses decay with a half-life (in uses of the
+  layer, i.e. decode tokens); the history survives eviction. A profile can seed it (a prior
+  that decays like any history) and pin the profile's hottest experts; a pin is dropped
+  once live use shows the expert is not hot after all, so a wrong profile costs little.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+
+import numpy as np
 
 
 class LRUPolicy:
@@ -36,7 +49,144 @@ class LRUPolicy:
         raise RuntimeError("every resident expert is protected: no victim")
 
 
-POLICIES = {"lru": LRUPolicy}
+def _ids(experts) -> np.ndarray:
+    return np.fromiter(experts, dtype=np.int64)
+
+
+class _ScoredPolicy:
+    """Shared bookkeeping: a per-expert score, a use clock for tie-breaks, the resident set.
+
+    State is a few numpy arrays indexed by expert id; `victim` is one masked argmin. The
+    cache calls `added` from a pre-warm thread too, under its lock; each update here is a
+    single array write, so a concurrent `touch` can at worst miscount one use.
+    """
+
+    def __init__(self, num_experts: int):
+        self.num_experts = num_experts
+        self.resident = np.zeros(num_experts, dtype=bool)
+        self.last_use = np.zeros(num_experts, dtype=np.int64)
+        self.clock = 0
+
+    def _candidates(self, protected) -> np.ndarray:
+        mask = self.resident.copy()
+        if protected:
+            mask[_ids(protected)] = False
+        return mask
+
+    def _pick(self, mask: np.ndarray, key: np.ndarray) -> int:
+        cand = np.flatnonzero(mask)
+        if not len(cand):
+            raise RuntimeError("every resident expert is protected: no victim")
+        # Lowest key; among equal keys the least recently used.
+        order = np.lexsort((self.last_use[cand], key[cand]))
+        return int(cand[order[0]])
+
+
+class LFUDAPolicy(_ScoredPolicy):
+    """LFU with dynamic aging: evict the smallest age + uses-while-resident."""
+
+    name = "lfu"
+
+    def __init__(self, num_experts: int):
+        super().__init__(num_experts)
+        self.uses = np.zeros(num_experts, dtype=np.float64)
+        self.key = np.zeros(num_experts, dtype=np.float64)
+        self.age = 0.0
+
+    def touch(self, experts):
+        idx = _ids(experts)
+        self.clock += 1
+        self.uses[idx] += 1
+        self.key[idx] = self.age + self.uses[idx]
+        self.last_use[idx] = self.clock
+
+    def added(self, e: int):
+        self.resident[e] = True
+        self.uses[e] = 0
+        self.key[e] = self.age  # the use that loaded it is counted by the touch that follows
+
+    def removed(self, e: int):
+        if self.resident[e]:
+            self.resident[e] = False
+            self.age = max(self.age, self.key[e])
+
+    def victim(self, protected) -> int:
+        return self._pick(self._candidates(protected), self.key)
+
+
+DEFAULT_HALF_LIFE = 64.0
+PIN_SHARE = 2.0  # pin experts a profile uses at least this many times the average rate
+PIN_FRACTION = 0.25  # ... but never more than this share of the layer's slots
+PRIOR_HALF_LIVES = 1.0  # a seeded profile weighs like this many half-lives of live use
+
+
+class UsagePolicy(_ScoredPolicy):
+    """Evict the resident expert with the least decayed use (live history plus profile prior).
+
+    Scores are kept multiplied by 2**(clock / half_life) so a use adds one growing number
+    instead of decaying every expert on every touch; they are rescaled now and then.
+    """
+
+    name = "usage"
+
+    def __init__(self, num_experts: int, half_life: float = DEFAULT_HALF_LIFE):
+        super().__init__(num_experts)
+        self.half_life = float(half_life)
+        self.live = np.zeros(num_experts, dtype=np.float64)  # decayed live uses (scaled)
+        self.prior = np.zeros(num_experts, dtype=np.float64)  # decayed profile prior (scaled)
+        self.pinned = np.zeros(num_experts, dtype=bool)
+        self._base = 0  # clock value at which the scale factor is 1
+        self._pin_check = 0  # clock value after which pins must be earned by live use
+
+    def _scale(self) -> float:
+        exponent = (self.clock - self._base) / self.half_life
+        if exponent > 512:  # keep the scaled numbers far from overflow
+            f = 0.5**exponent
+            self.live *= f
+            self.prior *= f
+            self._base, exponent = self.clock, 0.0
+        return 2.0**exponent
+
+    def seed(self, frequencies, num_slots: int, pin: bool = True):
+        """Start from a profile: `frequencies[e]` = uses per token in the profile's workload.
+
+        The prior decays like live history (gone after a few half-lives); with `pin`, the
+        profile's clearly hot experts (>= PIN_SHARE x average, at most PIN_FRACTION of the
+        slots) are never evicted while live use keeps them at least averagely used.
+        """
+        f = np.asarray(frequencies, dtype=np.float64)
+        self.prior = f * (PRIOR_HALF_LIVES * self.half_life) * self._scale()
+        self.pinned[:] = False
+        if pin and f.sum() > 0:
+            average = f.sum() / self.num_experts
+            hot = np.argsort(-f, kind="stable")[: int(num_slots * PIN_FRACTION)]
+            self.pinned[hot[f[hot] >= PIN_SHARE * average]] = True
+        self._pin_check = self.clock + int(2 * self.half_life)
+
+    def touch(self, experts):
+        idx = _ids(experts)
+        self.clock += 1
+        weight = self._scale()  # may rescale `live` in place: read it before indexing
+        self.live[idx] += weight
+        self.last_use[idx] = self.clock
+        if self.clock >= self._pin_check and self.pinned.any():
+            # Live use must keep a pin: below the average live use, the pin goes.
+            self.pinned &= self.live >= self.live.mean()
+            self._pin_check = self.clock + max(1, int(self.half_life // 4))
+
+    def added(self, e: int):
+        self.resident[e] = True
+
+    def removed(self, e: int):
+        self.resident[e] = False
+
+    def victim(self, protected) -> int:
+        mask = self._candidates(protected)
+        unpinned = mask & ~self.pinned
+        return self._pick(unpinned if unpinned.any() else mask, self.live + self.prior)
+
+
+POLICIES = {"lru": LRUPolicy, "lfu": LFUDAPolicy, "usage": UsagePolicy}
 
 
 def make_policy(name: str, num_experts: int):

@@ -1,0 +1,1125 @@
+"""Expert predictors: which experts a MoE layer will need, before its router has run.
+
+Every predictor has the same small interface (see `Predictor`):
+
+- `targets`: the (layer_offset, token_offset) pairs it predicts. (1, 0) and (2, 0) are the
+  next MoE layers of the same token, (0, 1) and (0, 2) the same layer of the next tokens.
+- `scores(layer, x=None) -> mx.array [n_targets, E]`: higher = more likely, one row per
+  target, for the latest token. `x` is layer `layer`'s MoE input (what the expert module
+  receives; [D] or [..., D], the last row is used); predictors that work from routing
+  history (`needs_hidden = False`) ignore it. Rows whose target layer is past the last MoE
+  layer are meaningless: `valid(layer)` says which rows count.
+- `ranked(layer, x=None, k=None) -> {(target_layer, token_offset): np.ndarray of expert ids}`,
+  best first; `row(layer_offset, token_offset)` is the row of a target in `scores`.
+- `observe(layer, expert_ids)` / `reset()`: the Runtime observer protocol (routing decisions
+  known on the host; ids of one or more tokens, flattened). History-based predictors
+  (previous token, Markov) learn the context from it; the others ignore it.
+- `score_trace(seq) -> np.ndarray [L, T, n_targets, E]`: offline scores of a recorded
+  sequence, row t using only what is known at token t (for evaluation and training).
+
+Predictors:
+- `PreviousTokenPredictor`: the experts of the latest tokens (no training).
+- `CrossLayerGatePredictor`: layer l+j's router applied to layer l's MoE input (no training).
+- `MarkovPredictor`: 2nd-order Markov chain over expert ids, fit from traces.
+- `LookaheadRouter`: a small trained network per MoE layer (nn.Module), all four targets.
+- `IntentClassifier`: at prefill, the experts the whole generation will use, per layer.
+
+Library code: nothing here prints; long work reports through `progress` callbacks.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten
+
+from .errors import ProfileError
+from .traces import RoutingTrace, SequenceTrace, check_fingerprint, find_routers, model_fingerprint
+
+Target = tuple[int, int]
+LOOKAHEAD_TARGETS: tuple[Target, ...] = ((1, 0), (2, 0), (0, 1), (0, 2))
+TOKEN_TARGETS: tuple[Target, ...] = ((0, 1), (0, 2))
+TARGET_NAMES = {(1, 0): "next layer", (2, 0): "2 layers ahead", (0, 1): "next token", (0, 2): "2 tokens ahead"}
+FORMAT_VERSION = 1
+
+
+def target_name(t: Target) -> str:
+    return TARGET_NAMES.get(tuple(t), f"layer+{t[0]}, token+{t[1]}")
+
+
+# --------------------------------------------------------------------------------------
+# Common interface
+# --------------------------------------------------------------------------------------
+
+
+class Predictor:
+    """Interface shared by all predictors (see the module docstring)."""
+
+    name = "predictor"
+    needs_hidden = False
+    targets: tuple[Target, ...] = ()
+    num_layers = 0
+    num_experts = 0
+    top_k = 0
+
+    def reset(self) -> None:
+        """Forget the routing history (a new, unrelated sequence starts)."""
+
+    def observe(self, layer: int, expert_ids) -> None:
+        """Routing of `layer` for one or more tokens (flattened top-k ids, in token order)."""
+
+    def scores(self, layer: int, x: Optional[mx.array] = None) -> mx.array:
+        raise NotImplementedError
+
+    def score_trace(self, seq: SequenceTrace) -> np.ndarray:
+        raise NotImplementedError
+
+    def row(self, layer_offset: int, token_offset: int) -> int:
+        return list(self.targets).index((layer_offset, token_offset))
+
+    def valid(self, layer: int) -> list[bool]:
+        return [layer + dl < self.num_layers for dl, _ in self.targets]
+
+    def ranked(self, layer: int, x: Optional[mx.array] = None, k: Optional[int] = None) -> dict:
+        """{(target_layer, token_offset): expert ids, best first} for the valid targets."""
+        s = np.array(self.scores(layer, x).astype(mx.float32))
+        k = k or self.num_experts
+        out = {}
+        for j, ((dl, dt), ok) in enumerate(zip(self.targets, self.valid(layer))):
+            if ok:
+                out[(layer + dl, dt)] = top_ids(s[j], k)
+        return out
+
+
+def top_ids(scores: np.ndarray, k: int) -> np.ndarray:
+    """The k best ids along the last axis, best first (ties: lower id first)."""
+    k = min(k, scores.shape[-1])
+    order = np.argsort(-scores, axis=-1, kind="stable")
+    return order[..., :k]
+
+
+def _as_ids(expert_ids, top_k: int) -> np.ndarray:
+    a = np.asarray(expert_ids).reshape(-1)
+    if top_k and a.size % top_k == 0:
+        return a.reshape(-1, top_k).astype(np.int64)
+    return a.reshape(1, -1).astype(np.int64)
+
+
+def _multi_hot(ids: np.ndarray, E: int) -> np.ndarray:
+    """[..., k] ids -> [..., E] float32 0/1."""
+    out = np.zeros(ids.shape[:-1] + (E,), dtype=np.float32)
+    np.put_along_axis(out, ids.astype(np.int64), 1.0, axis=-1)
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Baselines without training
+# --------------------------------------------------------------------------------------
+
+
+class PreviousTokenPredictor(Predictor):
+    """"Same experts as the previous token": the latest token's experts, then older ones.
+
+    Score = sum over the last `window` tokens of decay**age for each expert they used, so
+    the latest token's experts always rank first and older ones fill larger guess sets.
+    """
+
+    name = "previous-token"
+
+    def __init__(self, num_layers: int, num_experts: int, top_k: int, window: int = 4, decay: float = 0.4):
+        self.num_layers, self.num_experts, self.top_k = num_layers, num_experts, top_k
+        self.window, self.decay = window, decay
+        self.targets = TOKEN_TARGETS
+        self.reset()
+
+    @classmethod
+    def for_trace(cls, trace: RoutingTrace, **kw) -> "PreviousTokenPredictor":
+        return cls(trace.num_layers, trace.num_experts, trace.top_k, **kw)
+
+    def reset(self):
+        self._hist = [np.zeros((0, self.top_k), dtype=np.int64) for _ in range(self.num_layers)]
+
+    def observe(self, layer, expert_ids):
+        ids = _as_ids(expert_ids, self.top_k)
+        self._hist[layer] = np.concatenate([self._hist[layer], ids])[-self.window :]
+
+    def _score_rows(self, hist: np.ndarray) -> np.ndarray:
+        s = np.zeros(self.num_experts, dtype=np.float32)
+        for age, ids in enumerate(hist[::-1]):
+            s[ids] += self.decay**age
+        return s
+
+    def scores(self, layer, x=None):
+        s = self._score_rows(self._hist[layer])
+        return mx.array(np.stack([s] * len(self.targets)))
+
+    def score_trace(self, seq):
+        L, T, _ = seq.experts.shape
+        hot = _multi_hot(seq.experts, self.num_experts)  # [L, T, E]
+        s = np.zeros_like(hot)
+        for age in range(self.window):
+            s[:, age:] += (self.decay**age) * hot[:, : T - age]
+        return np.repeat(s[:, :, None, :], len(self.targets), axis=2)
+
+
+class CrossLayerGatePredictor(Predictor):
+    """Routers reused across layers: row (j, 0) = layer l+j's router on layer l's MoE input.
+
+    Token targets (0, 1), (0, 2) use layer l's own router on the current token (the soft
+    form of "same experts as the previous token"). Holds references to the model's router
+    modules (nothing copied); find them with `traces.find_routers`.
+    """
+
+    name = "cross-layer-gate"
+    needs_hidden = True
+
+    def __init__(self, routers, top_k: int, targets: Sequence[Target] = LOOKAHEAD_TARGETS):
+        self.routers = list(routers)
+        self.num_layers = len(self.routers)
+        self.num_experts = self.routers[0].num_experts
+        self.top_k = top_k
+        self.targets = tuple(tuple(t) for t in targets)
+
+    @classmethod
+    def from_model(cls, model, top_k: Optional[int] = None, **kw) -> "CrossLayerGatePredictor":
+        if top_k is None:
+            args = getattr(model, "args", None)
+            top_k = next(
+                (getattr(args, k) for k in ("num_experts_per_tok", "top_k", "moe_top_k") if getattr(args, k, None)),
+                8,
+            )
+        return cls(find_routers(model), int(top_k), **kw)
+
+    def _logits(self, layer: int, x: mx.array) -> mx.array:
+        rows = []
+        E = self.num_experts
+        for dl, _ in self.targets:
+            if layer + dl < self.num_layers:
+                rows.append(self.routers[layer + dl].logits(x).astype(mx.float32))
+            else:
+                rows.append(mx.zeros(x.shape[:-1] + (E,), dtype=mx.float32))
+        return mx.stack(rows, axis=-2)
+
+    def scores(self, layer, x=None):
+        if x is None:
+            raise ValueError("CrossLayerGatePredictor.scores needs the layer's MoE input x")
+        x = x.reshape(-1, x.shape[-1])[-1]
+        return self._logits(layer, x.astype(mx.float32))
+
+    def score_trace(self, seq):
+        out = []
+        for layer in range(self.num_layers):
+            x = mx.array(seq.hidden[layer]).astype(mx.float32)
+            out.append(np.array(self._logits(layer, x)))
+        return np.stack(out)
+
+
+# --------------------------------------------------------------------------------------
+# Markov chain over expert ids
+# --------------------------------------------------------------------------------------
+
+
+class MarkovPredictor(Predictor):
+    """2nd-order Markov chain over expert ids, per MoE layer, fit from traces.
+
+    For a token target (0, dt): the state is the experts of the last two tokens at this
+    layer (A = token t, B = token t-1) and score(e') = sum over a in A, b in B of
+    P(e' used at t+dt | a at t, b at t-1), estimated from counts with back-off to
+    P(e' | a) and to the layer's expert frequencies. For a layer target (dl, 0) the state
+    is the current token's experts at this layer and at the layer before (usable only
+    when the runtime reads each layer's routing as it happens).
+    """
+
+    name = "markov"
+
+    def __init__(self, num_layers, num_experts, top_k, targets=LOOKAHEAD_TARGETS, smoothing=(4.0, 4.0)):
+        self.num_layers, self.num_experts, self.top_k = num_layers, num_experts, top_k
+        self.targets = tuple(tuple(t) for t in targets)
+        for dl, dt in self.targets:
+            if (dl == 0) == (dt == 0) or dl < 0 or dt < 0:
+                raise ValueError(f"Markov targets are (0, dt) or (dl, 0) with a positive offset, not {(dl, dt)}")
+        self.smoothing = tuple(smoothing)
+        L, E, n = num_layers, num_experts, len(self.targets)
+        self.c0 = np.zeros((L, E), dtype=np.float64)
+        self.c1 = np.zeros((L, n, E, E), dtype=np.float64)
+        self.c2 = np.zeros((L, n, E, E, E), dtype=np.float64)
+        self.meta: dict = {}
+        self._tables = None
+        self.reset()
+
+    # -- fitting ---------------------------------------------------------------------
+    def fit(self, trace: RoutingTrace, progress: Optional[Callable[[int, int], None]] = None) -> "MarkovPredictor":
+        E = self.num_experts
+        n = len(trace.sequences)
+        for i, seq in enumerate(trace.sequences):
+            ex = seq.experts.astype(np.int64)  # [L, T, k]
+            L, T, k = ex.shape
+            for layer in range(L):
+                self.c0[layer] += np.bincount(ex[layer].reshape(-1), minlength=E)
+                for j, (dl, dt) in enumerate(self.targets):
+                    A, B, C = self._states(ex, layer, dl, dt)
+                    if A is None:
+                        continue
+                    # first order: a -> c
+                    idx1 = (A[:, :, None] * E + C[:, None, :]).reshape(-1)
+                    self.c1[layer, j] += np.bincount(idx1, minlength=E * E).reshape(E, E)
+                    if B is None:
+                        continue
+                    m = min(len(B), len(A))
+                    A2, C2, B2 = A[-m:], C[-m:], B[-m:]
+                    idx2 = (
+                        (A2[:, :, None, None] * E + B2[:, None, :, None]) * E + C2[:, None, None, :]
+                    ).reshape(-1)
+                    self.c2[layer, j] += np.bincount(idx2, minlength=E**3).reshape(E, E, E)
+            if progress is not None:
+                progress(i + 1, n)
+        self._tables = None
+        self.meta["fit_tokens"] = self.meta.get("fit_tokens", 0) + trace.num_tokens
+        return self
+
+    @staticmethod
+    def _states(ex, layer, dl, dt):
+        """Aligned (A, B, C): conditioning sets (latest, older) and target sets, over t."""
+        L, T, _ = ex.shape
+        if dt:
+            if T <= dt:
+                return None, None, None
+            A = ex[layer, : T - dt]  # token t
+            C = ex[layer, dt:]  # token t+dt
+            B = ex[layer, : T - dt - 1] if T - dt - 1 > 0 else None  # token t-1, aligned to t>=1
+            return A, B, C
+        if layer + dl >= L:
+            return None, None, None
+        A, C = ex[layer], ex[layer + dl]
+        B = ex[layer - 1] if layer > 0 else None
+        return A, B, C
+
+    # -- probabilities ---------------------------------------------------------------
+    def tables(self):
+        """Smoothed P2 [L, n, E, E, E] and P1 [L, n, E, E] (float32), computed once."""
+        if self._tables is None:
+            lam, mu = self.smoothing
+            E = self.num_experts
+            p0 = (self.c0 + 1.0) / (self.c0.sum(-1, keepdims=True) + E)  # [L, E]
+            n1 = self.c1.sum(-1, keepdims=True)
+            p1 = (self.c1 + mu * p0[:, None, None, :]) / (n1 + mu)
+            n2 = self.c2.sum(-1, keepdims=True)
+            p2 = (self.c2 + lam * p1[:, :, :, None, :]) / (n2 + lam)
+            self._tables = (p2.astype(np.float32), p1.astype(np.float32))
+        return self._tables
+
+    def _score(self, layer, j, A, B) -> np.ndarray:
+        p2, p1 = self.tables()
+        if A is None or len(A) == 0:
+            return np.zeros(self.num_experts, dtype=np.float32)
+        if B is None or len(B) == 0:
+            return p1[layer, j][A].sum(0)
+        return p2[layer, j][A][:, B].sum((0, 1))
+
+    # -- runtime ---------------------------------------------------------------------
+    def reset(self):
+        self._hist = [np.zeros((0, self.top_k), dtype=np.int64) for _ in range(self.num_layers)]
+
+    def observe(self, layer, expert_ids):
+        ids = _as_ids(expert_ids, self.top_k)
+        self._hist[layer] = np.concatenate([self._hist[layer], ids])[-2:]
+
+    def scores(self, layer, x=None):
+        h = self._hist[layer]
+        rows = []
+        for j, (dl, dt) in enumerate(self.targets):
+            if dt:
+                A = h[-1] if len(h) else None
+                B = h[-2] if len(h) > 1 else None
+            else:
+                if layer + dl >= self.num_layers:
+                    rows.append(np.zeros(self.num_experts, dtype=np.float32))
+                    continue
+                A = h[-1] if len(h) else None
+                prev = self._hist[layer - 1] if layer > 0 else []
+                B = prev[-1] if len(prev) else None
+            rows.append(self._score(layer, j, A, B))
+        return mx.array(np.stack(rows))
+
+    def score_trace(self, seq):
+        ex = seq.experts.astype(np.int64)
+        L, T, _ = ex.shape
+        p2, p1 = self.tables()
+        out = np.zeros((L, T, len(self.targets), self.num_experts), dtype=np.float32)
+        for layer in range(L):
+            for j, (dl, dt) in enumerate(self.targets):
+                if layer + dl >= L:
+                    continue
+                A = ex[layer]
+                if dt:
+                    out[layer, 0, j] = p1[layer, j][A[0]].sum(0)
+                    if T > 1:
+                        out[layer, 1:, j] = p2[layer, j][A[1:, :, None], ex[layer, :-1, None, :]].sum((1, 2))
+                elif layer == 0:
+                    out[layer, :, j] = p1[layer, j][A].sum(1)
+                else:
+                    out[layer, :, j] = p2[layer, j][A[:, :, None], ex[layer - 1, :, None, :]].sum((1, 2))
+        return out
+
+    # -- files -----------------------------------------------------------------------
+    def save(self, path, fingerprint: Optional[dict] = None) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        header = {
+            "kind": "markov",
+            "version": FORMAT_VERSION,
+            "num_layers": self.num_layers,
+            "num_experts": self.num_experts,
+            "top_k": self.top_k,
+            "targets": [list(t) for t in self.targets],
+            "smoothing": list(self.smoothing),
+            "fingerprint": fingerprint or self.meta.get("fingerprint", {}),
+            "meta": self.meta,
+        }
+        big = max(self.c2.max(initial=0), self.c1.max(initial=0), self.c0.max(initial=0))
+        cdt = np.uint16 if big < 2**16 else np.uint32
+        tmp = path.with_name(path.name + ".tmp.npz")
+        np.savez_compressed(
+            tmp,
+            header=np.frombuffer(json.dumps(header).encode(), dtype=np.uint8),
+            c0=self.c0.astype(np.uint32),
+            c1=self.c1.astype(np.uint32),
+            c2=self.c2.astype(cdt),
+        )
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path, model=None, fingerprint: Optional[dict] = None) -> "MarkovPredictor":
+        path = Path(path)
+        header, arrays = _read_npz(path, "markov", ("c0", "c1", "c2"))
+        p = cls(header["num_layers"], header["num_experts"], header["top_k"], [tuple(t) for t in header["targets"]],
+                tuple(header["smoothing"]))
+        _check_model(header, model, fingerprint, path)
+        p.c0, p.c1, p.c2 = (arrays[k].astype(np.float64) for k in ("c0", "c1", "c2"))
+        if p.c2.shape != (p.num_layers, len(p.targets)) + (p.num_experts,) * 3:
+            raise ProfileError(f"{path}: Markov tables have the wrong shape")
+        p.meta = dict(header.get("meta", {}), fingerprint=header.get("fingerprint", {}))
+        return p
+
+
+def _read_npz(path: Path, kind: str, keys) -> tuple[dict, dict]:
+    if not path.exists():
+        raise ProfileError(f"{path}: no such predictor file")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            header = json.loads(bytes(z["header"]).decode())
+            arrays = {k: z[k] for k in keys}
+    except Exception as e:
+        raise ProfileError(f"{path}: corrupt or truncated predictor file ({type(e).__name__})") from None
+    if header.get("kind") != kind or header.get("version") != FORMAT_VERSION:
+        raise ProfileError(f"{path}: not a {kind} predictor (version {FORMAT_VERSION})")
+    return header, arrays
+
+
+def _check_model(header: dict, model, fingerprint: Optional[dict], path) -> None:
+    if fingerprint is None and model is not None:
+        fingerprint = model_fingerprint(model)
+    if fingerprint is not None:
+        check_fingerprint(header.get("fingerprint", {}), fingerprint, f"{Path(path).name}")
+
+
+# --------------------------------------------------------------------------------------
+# Lookahead router
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class LookaheadConfig:
+    num_layers: int
+    num_experts: int
+    hidden_size: int
+    top_k: int
+    targets: list = field(default_factory=lambda: [list(t) for t in LOOKAHEAD_TARGETS])
+    rank: int = 0  # bottleneck width; 0 = default_rank(hidden_size, ...)
+    fingerprint: dict = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.targets = [list(t) for t in self.targets]
+        if not self.rank:
+            self.rank = default_rank(self.hidden_size, self.num_experts, len(self.targets))
+
+
+def default_rank(hidden_size: int, num_experts: int, n_targets: int) -> int:
+    """Bottleneck width: about half the hidden size, at most 256.
+
+    Parameters per layer ~ rank * (hidden + 2 * n_targets * E): 1.4 M in all for the demo
+    model (8 layers, D 384, 64 experts), 38 M for Qwen3-30B-A3B's geometry (48 layers,
+    D 2048, 128 experts: 0.1 % of its weights).
+    """
+    return int(min(256, max(32, hidden_size // 2)))
+
+
+class LookaheadRouter(nn.Module, Predictor):
+    """Per MoE layer l: predicts the experts of layers l+1..l+d (same token) and of layer l
+    for the next tokens, from layer l's MoE input x.
+
+        z = (x - mu_l) / sigma_l          (standardisation measured on the traces)
+        h = z @ A_l + a_l                 (D -> rank)
+        s = h @ P_l + gelu(h) @ Q_l + b_l (rank -> n_targets * E: a linear and a nonlinear path)
+
+    `A, P` start from the truncated SVD of the routers it imitates (layer l+j's router for
+    target (j, 0), layer l's own for token targets) when the model's routers are given, so
+    training starts at the cross-layer-gate baseline and learns corrections.
+    """
+
+    name = "lookahead"
+    needs_hidden = True
+
+    def __init__(self, config: LookaheadConfig):
+        nn.Module.__init__(self)
+        c = config
+        object.__setattr__(self, "config", c)
+        L, D, E, r = c.num_layers, c.hidden_size, c.num_experts, c.rank
+        nT = len(c.targets)
+        self.mu = mx.zeros((L, D))
+        self.inv_sigma = mx.ones((L, D))
+        self.A = mx.random.normal((L, D, r)) * (1.0 / np.sqrt(D))
+        self.a = mx.zeros((L, r))
+        self.P = mx.zeros((L, r, nT * E))
+        self.Q = mx.zeros((L, r, nT * E))
+        self.b = mx.zeros((L, nT * E))
+        self.freeze(keys=["mu", "inv_sigma"], recurse=False)
+
+    # -- interface -------------------------------------------------------------------
+    @property
+    def targets(self):
+        return tuple(tuple(t) for t in self.config.targets)
+
+    @property
+    def num_layers(self):
+        return self.config.num_layers
+
+    @property
+    def num_experts(self):
+        return self.config.num_experts
+
+    @property
+    def top_k(self):
+        return self.config.top_k
+
+    def num_parameters(self) -> int:
+        return sum(v.size for _, v in tree_flatten(self.trainable_parameters()))
+
+    def _forward(self, layer, x):
+        """x [..., D] -> [..., n_targets * E] for one layer (any float dtype)."""
+        z = (x.astype(mx.float32) - self.mu[layer]) * self.inv_sigma[layer]
+        h = z @ self.A[layer] + self.a[layer]
+        return h @ self.P[layer] + nn.gelu(h) @ self.Q[layer] + self.b[layer]
+
+    def scores(self, layer: int, x: Optional[mx.array] = None) -> mx.array:
+        """[n_targets, E] for the last token of x ([D], [T, D] or [B, T, D]).
+
+        Pure MLX, no host read: safe under `with mx.stream(s):` on a stream of its own.
+        """
+        if x is None:
+            raise ValueError("LookaheadRouter.scores needs the layer's MoE input x")
+        x = x.reshape(-1, x.shape[-1])[-1]
+        return self._forward(layer, x).reshape(len(self.config.targets), self.config.num_experts)
+
+    def scores_batch(self, layer: int, x: mx.array) -> mx.array:
+        """[..., n_targets, E] for every row of x [..., D]."""
+        s = self._forward(layer, x)
+        return s.reshape(*x.shape[:-1], len(self.config.targets), self.config.num_experts)
+
+    def top(self, layer: int, x: mx.array, k: int) -> mx.array:
+        """[n_targets, k] expert ids, best first, computed on the device (one small read)."""
+        s = self.scores(layer, x)
+        return mx.argsort(-s, axis=-1)[:, :k]
+
+    def __call__(self, x):
+        """Training: x [L, N, D] -> [L, N, n_targets * E] (all layers at once)."""
+        z = (x - self.mu[:, None, :]) * self.inv_sigma[:, None, :]
+        h = z @ self.A + self.a[:, None, :]
+        return h @ self.P + nn.gelu(h) @ self.Q + self.b[:, None, :]
+
+    def score_trace(self, seq):
+        x = mx.array(seq.hidden).astype(mx.float32)  # [L, T, D]
+        s = self(x)
+        L, T = seq.hidden.shape[:2]
+        return np.array(s).reshape(L, T, len(self.config.targets), self.config.num_experts)
+
+    # -- initialisation --------------------------------------------------------------
+    def init_from_routers(self, routers) -> None:
+        """Start from the cross-layer gates: truncated SVD of the routers in z coordinates."""
+        c = self.config
+        L, D, E, r = c.num_layers, c.hidden_size, c.num_experts, c.rank
+        G = [np.array(_dense_router(rt)) for rt in routers]  # [E, D] each
+        sigma = 1.0 / np.array(self.inv_sigma)
+        mu = np.array(self.mu)
+        A = np.array(self.A)
+        P = np.zeros((L, r, len(c.targets) * E), dtype=np.float32)
+        b = np.zeros((L, len(c.targets) * E), dtype=np.float32)
+        for layer in range(L):
+            M = np.zeros((D, len(c.targets) * E), dtype=np.float64)
+            for j, (dl, dt) in enumerate(c.targets):
+                src = layer + dl
+                if src < L:
+                    W = G[src].T * sigma[layer][:, None]  # logits = z @ W + mu @ G^T
+                    M[:, j * E : (j + 1) * E] = W
+                    b[layer, j * E : (j + 1) * E] = mu[layer] @ G[src].T
+            U, S, Vt = np.linalg.svd(M, full_matrices=False)
+            n = min(r, S.size)
+            root = np.sqrt(S[:n])
+            A[layer, :, :n] = U[:, :n] * root
+            P[layer, :n] = root[:, None] * Vt[:n]
+        self.A, self.P, self.b = mx.array(A), mx.array(P), mx.array(b)
+
+    def set_standardisation(self, mu: np.ndarray, sigma: np.ndarray) -> None:
+        self.mu = mx.array(mu.astype(np.float32))
+        self.inv_sigma = mx.array((1.0 / np.maximum(sigma, 1e-6)).astype(np.float32))
+        self.freeze(keys=["mu", "inv_sigma"], recurse=False)
+
+    # -- files -----------------------------------------------------------------------
+    def save(self, path) -> Path:
+        """`path` (.safetensors) plus its config next to it (same name, .json)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        weights = dict(tree_flatten(self.parameters()))
+        tmp = path.with_name(path.stem + ".tmp.safetensors")
+        mx.save_safetensors(str(tmp), weights, metadata={"kind": "lookahead"})
+        tmp.replace(path)
+        cfg = dict(asdict(self.config), kind="lookahead", version=FORMAT_VERSION)
+        _write_json(path.with_suffix(".json"), cfg)
+        return path
+
+    @classmethod
+    def load(cls, path, model=None, fingerprint: Optional[dict] = None) -> "LookaheadRouter":
+        """Load a saved router; with `model` (or its `fingerprint`), refuse one trained for another model."""
+        path = Path(path)
+        cfg = _read_json(path.with_suffix(".json"), "lookahead")
+        _check_model(cfg, model, fingerprint, path)
+        cfg = {k: v for k, v in cfg.items() if k not in ("kind", "version")}
+        router = cls(LookaheadConfig(**cfg))
+        weights = _read_safetensors(path)
+        try:
+            router.load_weights(list(weights.items()), strict=True)
+        except ValueError as e:
+            raise ProfileError(f"{path}: weights do not match its config ({e})") from None
+        router.freeze(keys=["mu", "inv_sigma"], recurse=False)
+        mx.eval(router.parameters())
+        return router
+
+
+def _dense_router(router) -> mx.array:
+    """A router's weight as float32 [E, D] (dequantised if need be)."""
+    m = router.module
+    if router.kind == "linear" and isinstance(m, nn.QuantizedLinear):
+        w = mx.dequantize(m.weight, m.scales, m.get("biases"), m.group_size, m.bits, mode=getattr(m, "mode", "affine"))
+    else:
+        w = m.weight
+    return w.astype(mx.float32)
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
+    tmp.replace(path)
+
+
+def _read_json(path: Path, kind: str) -> dict:
+    if not path.exists():
+        raise ProfileError(f"{path}: no such predictor config")
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ProfileError(f"{path}: corrupt predictor config ({type(e).__name__})") from None
+    if not isinstance(cfg, dict) or cfg.get("kind") != kind or cfg.get("version") != FORMAT_VERSION:
+        raise ProfileError(f"{path}: not a {kind} predictor config (version {FORMAT_VERSION})")
+    return cfg
+
+
+def _read_safetensors(path: Path) -> dict:
+    if not path.exists():
+        raise ProfileError(f"{path}: no such predictor file")
+    try:
+        return mx.load(str(path))
+    except Exception as e:
+        raise ProfileError(f"{path}: corrupt or truncated predictor weights ({type(e).__name__})") from None
+
+
+# -- training data ----------------------------------------------------------------------
+
+
+def lookahead_dataset(trace: RoutingTrace, targets=LOOKAHEAD_TARGETS):
+    """X [L, N, D] float16 and labels Y [L, N, n_targets, k] int16 (-1 = no target there)."""
+    xs, ys = [], []
+    for seq in trace.sequences:
+        if seq.hidden is None:
+            raise ValueError("the trace has no hidden states (recorded with keep_hidden=False)")
+        L, T, k = seq.experts.shape
+        y = np.full((L, T, len(targets), k), -1, dtype=np.int16)
+        for j, (dl, dt) in enumerate(targets):
+            if dl < L and dt < T:
+                y[: L - dl, : T - dt, j] = seq.experts[dl:, dt:]
+        xs.append(seq.hidden)
+        ys.append(y)
+    return np.concatenate(xs, axis=1), np.concatenate(ys, axis=1)
+
+
+def _labels_to_dense(y: mx.array, E: int):
+    """[L, B, nT, k] ids (-1 = none) -> multi-hot [L, B, nT, E] and mask [L, B, nT]."""
+    valid = y[..., 0] >= 0
+    hot = (y[..., None] == mx.arange(E)).any(axis=-2).astype(mx.float32)
+    return hot, valid.astype(mx.float32)
+
+
+def lookahead_loss(router: LookaheadRouter, x, y, loss: str = "softmax"):
+    c = router.config
+    L, B = x.shape[:2]
+    s = router(x).reshape(L, B, len(c.targets), c.num_experts)
+    hot, mask = _labels_to_dense(y, c.num_experts)
+    if loss == "bce":
+        per = nn.losses.binary_cross_entropy(s, hot, with_logits=True, reduction="none").mean(-1)
+    else:  # listwise: cross-entropy against the uniform distribution over the true top-k
+        target = hot / mx.maximum(hot.sum(-1, keepdims=True), 1.0)
+        per = -(target * nn.log_softmax(s, axis=-1)).sum(-1)
+    return (per * mask).sum() / mx.maximum(mask.sum(), 1.0)
+
+
+def train_lookahead(
+    trace: RoutingTrace,
+    *,
+    routers=None,
+    targets: Sequence[Target] = LOOKAHEAD_TARGETS,
+    rank: int = 0,
+    epochs: int = 6,
+    batch_size: int = 256,
+    lr: float = 1e-3,
+    weight_decay: float = 0.01,
+    loss: str = "softmax",
+    seed: int = 0,
+    progress: Optional[Callable[[int, int, float], None]] = None,
+) -> tuple[LookaheadRouter, dict]:
+    """Train a LookaheadRouter on `trace` (all positions, prompt and generated).
+
+    routers: the model's routers (`traces.find_routers(model)`): start from the
+        cross-layer gates; None: random start.
+    progress: called as progress(step, total_steps, running_loss).
+    Returns (router, history) with history = {"loss": [per-epoch mean], "initial_loss": ...}.
+    Same seed, same trace: same weights (single-threaded CPU math aside).
+    """
+    targets = [tuple(t) for t in targets]
+    X, Y = lookahead_dataset(trace, targets)
+    L, N, D = X.shape
+    cfg = LookaheadConfig(trace.num_layers, trace.num_experts, D, trace.top_k, targets, rank, dict(trace.fingerprint))
+    mx.random.seed(seed)
+    router = LookaheadRouter(cfg)
+    xf = X.astype(np.float32)
+    router.set_standardisation(xf.mean(1), xf.std(1))
+    del xf
+    if routers is not None:
+        router.init_from_routers(routers)
+    mx.eval(router.parameters())
+    rng = np.random.default_rng(seed)
+    steps_per_epoch = max(1, N // batch_size)
+    total = steps_per_epoch * epochs
+    schedule = optim.cosine_decay(lr, total, lr * 0.05)
+    opt = optim.AdamW(learning_rate=schedule, weight_decay=weight_decay)
+    loss_and_grad = nn.value_and_grad(router, lambda m, x, y: lookahead_loss(m, x, y, loss))
+
+    Xm, Ym = mx.array(X), mx.array(Y.astype(np.int32))
+    probe = rng.permutation(N)[: min(N, 2048)]
+    initial = lookahead_loss(router, Xm[:, mx.array(probe)].astype(mx.float32), Ym[:, mx.array(probe)], loss).item()
+    history = {"initial_loss": initial, "loss": []}
+    step = 0
+    for _ in range(epochs):
+        perm = rng.permutation(N)
+        tot, cnt = 0.0, 0
+        for s in range(steps_per_epoch):
+            idx = mx.array(perm[s * batch_size : (s + 1) * batch_size])
+            x = Xm[:, idx].astype(mx.float32)
+            value, grads = loss_and_grad(router, x, Ym[:, idx])
+            opt.update(router, grads)
+            mx.eval(router.parameters(), opt.state, value)
+            tot += value.item()
+            cnt += 1
+            step += 1
+            if progress is not None:
+                progress(step, total, tot / cnt)
+        history["loss"].append(tot / cnt)
+    history["final_loss"] = lookahead_loss(
+        router, Xm[:, mx.array(probe)].astype(mx.float32), Ym[:, mx.array(probe)], loss
+    ).item()
+    router.config.meta.update(
+        epochs=epochs, seed=seed, loss=loss, lr=lr, batch_size=batch_size, weight_decay=weight_decay,
+        train_tokens=int(N), train_sequences=len(trace), init="routers" if routers is not None else "random",
+    )
+    return router, history
+
+
+# --------------------------------------------------------------------------------------
+# Intent classifier
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class IntentConfig:
+    num_layers: int
+    num_experts: int
+    hidden_size: int
+    top_k: int
+    rank: int = 8
+    recent: int = 16  # the prompt's last N tokens make the "recent" histogram
+    fingerprint: dict = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass
+class PromptSummary:
+    """What the intent classifier reads from a prompt: per-layer expert histograms and mean MoE input."""
+
+    hist: np.ndarray  # [L, E] fraction of the prompt's tokens that used each expert
+    recent: np.ndarray  # [L, E] the same over the last `recent` tokens
+    pooled: Optional[np.ndarray]  # [L, D] mean MoE input over the prompt, or None
+
+    @classmethod
+    def from_routing(cls, experts: np.ndarray, num_experts: int, recent: int, hidden=None) -> "PromptSummary":
+        """experts [L, T, k]; hidden [L, T, D] or None."""
+        ex = np.asarray(experts).astype(np.int64)
+        T = max(ex.shape[1], 1)
+        hot = _multi_hot(ex, num_experts)  # [L, T, E]
+        hist = hot.sum(1) / T
+        r = hot[:, -recent:]
+        rec = r.sum(1) / max(r.shape[1], 1)
+        pooled = None if hidden is None else np.asarray(hidden, dtype=np.float32).mean(1)
+        return cls(hist.astype(np.float32), rec.astype(np.float32), pooled)
+
+
+class IntentClassifier(nn.Module):
+    """At prefill: for every MoE layer, the experts the whole generation will use, ranked.
+
+    logit[l, e] = alpha[l, e] * hist[l, e] + beta[l, e] * recent[l, e]
+                  + ((z_l @ U_l) @ V_l)[e] + bias[l, e]
+    with hist / recent the prompt's per-layer expert frequencies (whole prompt / its last
+    `recent` tokens) and z_l the standardised mean MoE input of layer l over the prompt.
+    Trained with BCE against "expert e was used by some generated token at layer l".
+
+    Runtime use: `reset()`, then `observe(layer, ids)` (Runtime observer protocol) and
+    optionally `observe_hidden(layer, x)` during prefill; `ranked(m)` -> [L, m] expert ids.
+    """
+
+    def __init__(self, config: IntentConfig):
+        super().__init__()
+        c = config
+        object.__setattr__(self, "config", c)
+        L, D, E, r = c.num_layers, c.hidden_size, c.num_experts, c.rank
+        self.mu = mx.zeros((L, D))
+        self.inv_sigma = mx.ones((L, D))
+        self.alpha = mx.full((L, E), 4.0)
+        self.beta = mx.full((L, E), 2.0)
+        self.U = mx.random.normal((L, D, r)) * (0.1 / np.sqrt(D))
+        self.V = mx.zeros((L, r, E))
+        self.bias = mx.full((L, E), -1.0)
+        self.freeze(keys=["mu", "inv_sigma"], recurse=False)
+        object.__setattr__(self, "_acc", None)
+
+    name = "intent"
+
+    def num_parameters(self) -> int:
+        return sum(v.size for _, v in tree_flatten(self.trainable_parameters()))
+
+    def __call__(self, hist, recent, pooled, has_pooled):
+        """Batched: hist, recent [B, L, E]; pooled [B, L, D]; has_pooled [B] -> logits [B, L, E]."""
+        z = (pooled - self.mu) * self.inv_sigma * has_pooled[:, None, None]
+        u = mx.einsum("bld,ldr->blr", z, self.U)
+        h = mx.einsum("blr,lre->ble", u, self.V)
+        return self.alpha * hist + self.beta * recent + h + self.bias
+
+    def predict(self, summary: PromptSummary) -> np.ndarray:
+        """[L, E] logits for one prompt."""
+        c = self.config
+        pooled = summary.pooled
+        has = 1.0 if pooled is not None else 0.0
+        if pooled is None:
+            pooled = np.zeros((c.num_layers, c.hidden_size), dtype=np.float32)
+        s = self(mx.array(summary.hist)[None], mx.array(summary.recent)[None], mx.array(pooled)[None], mx.array([has]))
+        return np.array(s[0])
+
+    # -- runtime accumulation --------------------------------------------------------
+    def reset(self):
+        L = self.config.num_layers
+        object.__setattr__(self, "_acc", {"ids": [[] for _ in range(L)], "xsum": [None] * L, "xn": [0] * L})
+
+    def observe(self, layer: int, expert_ids):
+        if self._acc is None:
+            self.reset()
+        self._acc["ids"][layer].append(_as_ids(expert_ids, self.config.top_k))
+
+    def observe_hidden(self, layer: int, x: mx.array):
+        """Add a prefill chunk's MoE input [..., D] to the layer's running sum (stays lazy)."""
+        if self._acc is None:
+            self.reset()
+        x = x.reshape(-1, x.shape[-1]).astype(mx.float32)
+        s = x.sum(0)
+        acc = self._acc
+        acc["xsum"][layer] = s if acc["xsum"][layer] is None else acc["xsum"][layer] + s
+        acc["xn"][layer] += x.shape[0]
+
+    def summary(self) -> PromptSummary:
+        c = self.config
+        acc = self._acc or {"ids": [[] for _ in range(c.num_layers)], "xsum": [None] * c.num_layers, "xn": [0] * c.num_layers}
+        hist = np.zeros((c.num_layers, c.num_experts), dtype=np.float32)
+        rec = np.zeros_like(hist)
+        for layer, parts in enumerate(acc["ids"]):
+            if parts:
+                ids = np.concatenate(parts)
+                s = PromptSummary.from_routing(ids[None], c.num_experts, c.recent)
+                hist[layer], rec[layer] = s.hist[0], s.recent[0]
+        pooled = None
+        if all(v is not None for v in acc["xsum"]):
+            pooled = np.stack([np.array(v) / max(n, 1) for v, n in zip(acc["xsum"], acc["xn"])])
+        return PromptSummary(hist, rec, pooled)
+
+    def ranked(self, m: Optional[int] = None, summary: Optional[PromptSummary] = None) -> np.ndarray:
+        """[L, m] expert ids per layer, most likely first (default: all experts)."""
+        s = self.predict(summary or self.summary())
+        return top_ids(s, m or self.config.num_experts)
+
+    # -- files -----------------------------------------------------------------------
+    def save(self, path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.stem + ".tmp.safetensors")
+        mx.save_safetensors(str(tmp), dict(tree_flatten(self.parameters())), metadata={"kind": "intent"})
+        tmp.replace(path)
+        _write_json(path.with_suffix(".json"), dict(asdict(self.config), kind="intent", version=FORMAT_VERSION))
+        return path
+
+    @classmethod
+    def load(cls, path, model=None, fingerprint: Optional[dict] = None) -> "IntentClassifier":
+        path = Path(path)
+        cfg = _read_json(path.with_suffix(".json"), "intent")
+        _check_model(cfg, model, fingerprint, path)
+        ic = cls(IntentConfig(**{k: v for k, v in cfg.items() if k not in ("kind", "version")}))
+        try:
+            ic.load_weights(list(_read_safetensors(path).items()), strict=True)
+        except ValueError as e:
+            raise ProfileError(f"{path}: weights do not match its config ({e})") from None
+        ic.freeze(keys=["mu", "inv_sigma"], recurse=False)
+        mx.eval(ic.parameters())
+        return ic
+
+
+def intent_samples(trace: RoutingTrace, recent: int = 16, augment: int = 0, horizon: Optional[int] = None, seed: int = 0):
+    """Training samples: (PromptSummary, used [L, E] 0/1, weight) per sequence.
+
+    The real sample: the prompt -> experts used by the generated tokens. With `augment` > 0,
+    also `augment` cut points inside each prompt: the prefix -> experts used by the next
+    `horizon` tokens (default: the generation length) of the recorded sequence.
+    """
+    rng = np.random.default_rng(seed)
+    E = trace.num_experts
+    out = []
+    for seq in trace.sequences:
+        ex = seq.experts
+        P, T = seq.n_prompt, seq.length
+        if T <= P:
+            continue
+        hz = horizon or (T - P)
+        cuts = [(P, T, 1.0)]
+        lo = max(8, P // 4)
+        if augment and P - 1 > lo:
+            for c in rng.integers(lo, P, size=augment):
+                cuts.append((int(c), min(T, int(c) + hz), 0.5))
+        for c, end, w in cuts:
+            hid = seq.hidden[:, :c] if seq.hidden is not None else None
+            s = PromptSummary.from_routing(ex[:, :c], E, recent, hid)
+            used = (_multi_hot(ex[:, c:end], E).sum(1) > 0).astype(np.float32)
+            out.append((s, used, w))
+    return out
+
+
+def train_intent(
+    trace: RoutingTrace,
+    *,
+    rank: int = 8,
+    recent: int = 16,
+    augment: int = 4,
+    epochs: int = 300,
+    lr: float = 1e-2,
+    weight_decay: float = 0.01,
+    use_hidden: bool = True,
+    seed: int = 0,
+    progress: Optional[Callable[[int, int, float], None]] = None,
+) -> tuple[IntentClassifier, dict]:
+    """Fit an IntentClassifier on `trace` (full-batch AdamW, BCE). Returns (model, history)."""
+    samples = intent_samples(trace, recent, augment, seed=seed)
+    if not samples:
+        raise ValueError("no sequence with generated tokens in the trace")
+    L, E = trace.num_layers, trace.num_experts
+    D = trace.hidden_size
+    cfg = IntentConfig(L, E, D, trace.top_k, rank, recent, dict(trace.fingerprint))
+    mx.random.seed(seed)
+    ic = IntentClassifier(cfg)
+    H = mx.array(np.stack([s.hist for s, _, _ in samples]))
+    R = mx.array(np.stack([s.recent for s, _, _ in samples]))
+    have = use_hidden and all(s.pooled is not None for s, _, _ in samples)
+    if have:
+        pooled = np.stack([s.pooled for s, _, _ in samples])
+        mu, sd = pooled.mean(0), pooled.std(0)
+        ic.mu = mx.array(mu.astype(np.float32))
+        ic.inv_sigma = mx.array((1.0 / np.maximum(sd, 1e-6)).astype(np.float32))
+        ic.freeze(keys=["mu", "inv_sigma"], recurse=False)
+        Pm = mx.array(pooled.astype(np.float32))
+        has = mx.ones((len(samples),))
+    else:
+        Pm = mx.zeros((len(samples), L, D))
+        has = mx.zeros((len(samples),))
+    Yu = mx.array(np.stack([u for _, u, _ in samples]))
+    W = mx.array(np.array([w for _, _, w in samples], dtype=np.float32))
+
+    def loss_fn(m):
+        s = m(H, R, Pm, has)
+        per = nn.losses.binary_cross_entropy(s, Yu, with_logits=True, reduction="none").mean((1, 2))
+        return (per * W).sum() / W.sum()
+
+    opt = optim.AdamW(learning_rate=lr, weight_decay=weight_decay)
+    lg = nn.value_and_grad(ic, loss_fn)
+    mx.eval(ic.parameters())
+    history = {"initial_loss": loss_fn(ic).item(), "loss": []}
+    for step in range(epochs):
+        v, g = lg(ic)
+        opt.update(ic, g)
+        mx.eval(ic.parameters(), opt.state, v)
+        history["loss"].append(v.item())
+        if progress is not None:
+            progress(step + 1, epochs, v.item())
+    history["final_loss"] = loss_fn(ic).item()
+    ic.config.meta.update(epochs=epochs, seed=seed, augment=augment, lr=lr, samples=len(samples), use_hidden=bool(have))
+    return ic, history
+
+
+# --------------------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------------------
+
+
+def evaluate_predictors(
+    predictors: dict,
+    trace: RoutingTrace,
+    ks: Sequence[int] = (8, 16),
+    positions: str = "generated",
+) -> dict:
+    """Recall and precision of each predictor's top-k guesses against the true top-k sets.
+
+    positions: "generated" counts predictions whose target token was generated (decode),
+    "all" counts every position. Returns {name: {target: {k: {"recall", "precision", "n"}}}}.
+    """
+    res = {}
+    for name, p in predictors.items():
+        acc = {t: {k: [0.0, 0] for k in ks} for t in p.targets}
+        for seq in trace.sequences:
+            s = p.score_trace(seq)  # [L, T, nT, E]
+            L, T, topk = seq.experts.shape
+            truth = _multi_hot(seq.experts.astype(np.int64), trace.num_experts)  # [L, T, E]
+            gen = seq.generated if positions == "generated" else np.ones(T, bool)
+            for j, (dl, dt) in enumerate(p.targets):
+                if dl >= L or dt >= T:
+                    continue
+                sc = s[: L - dl, : T - dt, j]  # predictions made at (l, t)
+                tr = truth[dl:, dt:]  # the truth at (l + dl, t + dt)
+                keep = gen[dt:]
+                if not keep.any():
+                    continue
+                sc, tr = sc[:, keep], tr[:, keep]
+                order = np.argsort(-sc, axis=-1, kind="stable")
+                for k in ks:
+                    hits = np.take_along_axis(tr, order[..., :k], axis=-1).sum()
+                    acc[(dl, dt)][k][0] += hits
+                    acc[(dl, dt)][k][1] += tr.shape[0] * tr.shape[1]
+        out = {}
+        for t, per_k in acc.items():
+            out[t] = {}
+            for k, (hits, n) in per_k.items():
+                out[t][k] = {
+                    "recall": hits / (n * trace.top_k) if n else float("nan"),
+                    "precision": hits / (n * k) if n else float("nan"),
+                    "n": n,
+                }
+        res[name] = out
+    return res
+
+
+def prompt_baseline_scores(summary: PromptSummary) -> np.ndarray:
+    """The trivial intent baseline: the prompt's own most-used experts (recent use breaks ties)."""
+    return summary.hist + 1e-3 * summary.recent
+
+
+def evaluate_intent(
+    scorers: dict,
+    trace: RoutingTrace,
+    sizes: Sequence[int] = (8, 16, 24, 32),
+    recent: int = 16,
+) -> dict:
+    """Per scorer (name -> fn(PromptSummary) -> [L, E] scores), per set size m:
+    recall of the generation's expert set per layer, precision, and coverage (fraction of the
+    generated tokens' expert activations that fall in the predicted set)."""
+    E = trace.num_experts
+    res = {n: {m: {"recall": 0.0, "precision": 0.0, "coverage": 0.0} for m in sizes} for n in scorers}
+    count = 0
+    for seq in trace.sequences:
+        P = seq.n_prompt
+        if seq.length <= P:
+            continue
+        hid = seq.hidden[:, :P] if seq.hidden is not None else None
+        summ = PromptSummary.from_routing(seq.experts[:, :P], E, recent, hid)
+        counts = _multi_hot(seq.experts[:, P:].astype(np.int64), E).sum(1)  # [L, E] uses per expert
+        used = counts > 0
+        count += 1
+        for name, fn in scorers.items():
+            order = np.argsort(-fn(summ), axis=-1, kind="stable")
+            for m in sizes:
+                sel = order[:, :m]
+                hit_set = np.take_along_axis(used, sel, -1).sum(-1)
+                hit_act = np.take_along_axis(counts, sel, -1).sum(-1)
+                r = res[name][m]
+                r["recall"] += float(np.mean(hit_set / np.maximum(used.sum(-1), 1)))
+                r["precision"] += float(np.mean(hit_set / m))
+                r["coverage"] += float(np.mean(hit_act / np.maximum(counts.sum(-1), 1)))
+    for name in res:
+        for m in sizes:
+            for key in res[name][m]:
+                res[name][m][key] /= max(count, 1)
+    res["_sequences"] = count
+    return res
+
+
+# --------------------------------------------------------------------------------------
+# Files of a model's predictors
+# --------------------------------------------------------------------------------------
+
+LOOKAHEAD_FILE = "lookahead.safetensors"
+MARKOV_FILE = "markov.npz"
+INTENT_FILE = "intent.safetensors"
+
+
+def load_predictors(directory, model=None, fingerprint: Optional[dict] = None) -> dict:
+    """The trained predictors found in `directory`: {"lookahead"?, "markov"?, "intent"?}.
+
+    With `model` (or its fingerprint), each is checked against it (ProfileError on mismatch).
+    """
+    d = Path(directory)
+    if fingerprint is None and model is not None:
+        fingerprint = model_fingerprint(model)
+    out = {}
+    if (d / LOOKAHEAD_FILE).exists():
+        out["lookahead"] = LookaheadRouter.load(d / LOOKAHEAD_FILE, fingerprint=fingerprint)
+    if (d / MARKOV_FILE).exists():
+        out["markov"] = MarkovPredictor.load(d / MARKOV_FILE, fingerprint=fingerprint)
+    if (d / INTENT_FILE).exists():
+        out["intent"] = IntentClassifier.load(d / INTENT_FILE, fingerprint=fingerprint)
+    return out

@@ -1,0 +1,520 @@
+"""Workload profiles: which experts a workload uses, saved per model, applied at start-up.
+
+A profile holds, per MoE layer, raw expert use counts, co-activation counts and the number
+of tokens observed, plus the fingerprint of the model it was recorded on (architecture,
+expert tensor shapes, sha256 of the router weights). It is one JSON file (format version
+`PROFILE_VERSION`), written atomically; reading one checks its structure and its counting
+invariants, so a corrupt or truncated file is a `ProfileError` and nothing else is lost.
+
+`apply_profile(runtime, model, profile)` checks the fingerprint, seeds the layers' cache
+policies (those that take a seed, i.e. `usage`) and starts a background thread that loads
+the profile's hottest experts into free slots.
+
+Profiles are looked up by name in the user directory (`$CHRONOS_PROFILE_DIR`, default
+`~/.cache/chronos-mlx/profiles`) and then in the repository's `profiles/` (shipped ones).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten
+
+from .errors import ChronosError, ProfileError
+from .usage import ActivationStats
+
+PROFILE_FORMAT = "chronos-mlx-profile"
+PROFILE_VERSION = 1
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+# --------------------------------------------------------------------------------------
+# The profile
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Profile:
+    """Expert use of one workload on one model. Arrays are per MoE layer."""
+
+    name: str
+    fingerprint: dict
+    tokens: np.ndarray  # (layers,) tokens observed
+    counts: np.ndarray  # (layers, experts) uses
+    coactivation: np.ndarray  # (layers, experts, experts) uses by the same token; diagonal = counts
+    meta: dict = field(default_factory=dict)  # created, prompts file, max_tokens ...
+
+    @property
+    def num_layers(self) -> int:
+        return self.counts.shape[0]
+
+    @property
+    def num_experts(self) -> int:
+        return self.counts.shape[1]
+
+    @property
+    def top_k(self) -> int:
+        return int(self.fingerprint["top_k"])
+
+    def frequencies(self) -> np.ndarray:
+        """Uses per token (each layer's row sums to top_k)."""
+        return self.counts / np.maximum(self.tokens, 1)[:, None]
+
+    def ranking(self, layer: int) -> np.ndarray:
+        """Experts of `layer`, most used first (ties by id)."""
+        return np.argsort(-self.counts[layer], kind="stable")
+
+    def hot(self, layer: int, n: int) -> np.ndarray:
+        return self.ranking(layer)[:n]
+
+    def permuted(self, perms: list, fingerprint: dict) -> "Profile":
+        """The same profile for a model whose layer l's expert i is this model's perms[l][i]."""
+        counts = np.stack([self.counts[l][p] for l, p in enumerate(perms)])
+        co = np.stack([self.coactivation[l][np.ix_(p, p)] for l, p in enumerate(perms)])
+        return Profile(self.name, fingerprint, self.tokens.copy(), counts, co, dict(self.meta))
+
+
+# --------------------------------------------------------------------------------------
+# Model fingerprint
+# --------------------------------------------------------------------------------------
+
+
+def _layer_key(name: str):
+    return [int(t) if t.isdigit() else t for t in name.split(".")]
+
+
+def router_params(block, switch_name: str, num_experts: int) -> dict:
+    """The router arrays of one MoE block: its parameters outside the experts and any shared
+    expert whose first dimension is the expert count (gate/router weight, its quantization
+    scales and biases, a router bias, DeepSeek's e_score_correction_bias)."""
+    found = {}
+    for name, arr in tree_flatten(block.parameters()):
+        first = name.split(".")[0]
+        if first == switch_name or "shared" in first:
+            continue
+        if arr.ndim >= 1 and arr.shape[0] == num_experts:
+            found[name] = arr
+    return found
+
+
+def moe_blocks(model) -> list:
+    """(block path, block module, switch child name) per MoE layer, in layer order.
+
+    Works on a model loaded by chronos (StreamingSwitch) and on a plain mlx_lm model."""
+    from mlx_lm.models.switch_layers import SwitchGLU, SwitchMLP
+
+    from .streaming import StreamingSwitch
+
+    modules = dict(model.named_modules())
+    switches = sorted(
+        (n for n, m in modules.items() if isinstance(m, (StreamingSwitch, SwitchGLU, SwitchMLP))), key=_layer_key
+    )
+    out = []
+    for name in switches:
+        parent, _, child = name.rpartition(".")
+        out.append((parent, modules[parent], child))
+    return out
+
+
+def _array_digest(h, name: str, arr: mx.array):
+    # Floats are hashed at bfloat16 precision so the fingerprint does not depend on the
+    # compute dtype (float32 on CPU, the file's bfloat16 elsewhere); packed ints as stored.
+    if arr.dtype in (mx.float16, mx.bfloat16, mx.float32):
+        raw = np.array(mx.view(arr.astype(mx.float32).astype(mx.bfloat16), mx.uint16))
+        kind = "f"
+    else:
+        raw = np.array(arr)
+        kind = str(arr.dtype).replace("mlx.core.", "")
+    h.update(f"{name}|{kind}|{list(arr.shape)}|".encode())
+    h.update(np.ascontiguousarray(raw).tobytes())
+
+
+def fingerprint_of(info: dict, expert_params: dict, model) -> dict:
+    """Identity of a model for profiles: architecture, expert shapes, router weights hash.
+
+    `expert_params` maps a projection parameter ("gate_proj.weight") to its ExpertTensor."""
+    num_experts = info["num_experts"]
+    h = hashlib.sha256()
+    blocks = moe_blocks(model)
+    for path, block, child in blocks:
+        params = router_params(block, child, num_experts)
+        if not params:
+            raise ProfileError(f"cannot find the router of MoE block '{path}' to fingerprint the model")
+        for name in sorted(params):
+            _array_digest(h, f"{path}.{name}", params[name])
+    return {
+        "model_type": info.get("model_type"),
+        "moe_layers": len(blocks),
+        "num_experts": num_experts,
+        "top_k": info["top_k"],
+        "expert_params": {
+            name: {"shape": list(t.shape), "dtype": t.dtype} for name, t in sorted(expert_params.items())
+        },
+        "router_sha256": h.hexdigest(),
+    }
+
+
+def model_fingerprint(runtime, model) -> dict:
+    """The fingerprint of a model loaded by `chronos_mlx.load`."""
+    if runtime.cache is None:
+        raise ProfileError("this model has no MoE layers: profiles do not apply to it")
+    params = {name: p.source for name, p in runtime.cache.layers[0].params.items()}
+    return fingerprint_of(runtime.info, params, model)
+
+
+def _describe(fp: dict) -> str:
+    return f"{fp.get('model_type')}, {fp.get('moe_layers')} MoE layers x {fp.get('num_experts')} experts, top-{fp.get('top_k')}"
+
+
+def check_fingerprint(profile: Profile, fingerprint: dict):
+    """Refuse a profile recorded on another model, saying how they differ."""
+    p = profile.fingerprint
+    where = f"profile '{profile.name}'" + (f" ({profile.meta['path']})" if profile.meta.get("path") else "")
+    hint = "record one for this model with `chronos profile record`"
+    structural = ("model_type", "moe_layers", "num_experts", "top_k", "expert_params")
+    if any(p.get(k) != fingerprint.get(k) for k in structural):
+        differ = ", ".join(k for k in structural if p.get(k) != fingerprint.get(k))
+        raise ProfileError(
+            f"{where} was recorded for another model ({_describe(p)}); this model is {_describe(fingerprint)} "
+            f"(differs in {differ}): {hint}"
+        )
+    if p.get("router_sha256") != fingerprint.get("router_sha256"):
+        raise ProfileError(
+            f"{where} was recorded for another model of the same shape ({_describe(p)}): its router weights "
+            f"differ (sha256 {str(p.get('router_sha256'))[:12]}... vs {fingerprint['router_sha256'][:12]}...); {hint}"
+        )
+
+
+# --------------------------------------------------------------------------------------
+# Files
+# --------------------------------------------------------------------------------------
+
+
+def shipped_profile_dir() -> Path:
+    import chronos_mlx
+
+    return Path(chronos_mlx.__file__).resolve().parent.parent / "profiles"
+
+
+def user_profile_dir() -> Path:
+    env = os.environ.get("CHRONOS_PROFILE_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "chronos-mlx" / "profiles"
+
+
+def profile_dirs() -> list[Path]:
+    """Where names are looked up, first match wins: the user's recordings, then shipped ones."""
+    return [user_profile_dir(), shipped_profile_dir()]
+
+
+def check_name(name: str) -> str:
+    if not _NAME.fullmatch(name or ""):
+        raise ProfileError(f"invalid profile name '{name}': use letters, digits, '.', '_' and '-'")
+    return name
+
+
+def resolve_profile(spec) -> Path:
+    """A profile file from a path (anything with a '/' or ending in .json) or a name."""
+    spec = str(spec)
+    if "/" in spec or os.sep in spec or spec.endswith(".json"):
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise ProfileError(f"{path}: no such profile file")
+        return path
+    check_name(spec)
+    for d in profile_dirs():
+        path = d / f"{spec}.json"
+        if path.is_file():
+            return path
+    raise ProfileError(
+        f"no profile named '{spec}' in {' or '.join(str(d) for d in profile_dirs())} (see `chronos profile list`)"
+    )
+
+
+def _to_json(profile: Profile) -> dict:
+    iu = np.triu_indices(profile.num_experts, k=1)
+    return {
+        "format": PROFILE_FORMAT,
+        "version": PROFILE_VERSION,
+        "name": profile.name,
+        "meta": {k: v for k, v in profile.meta.items() if k != "path"},
+        "fingerprint": profile.fingerprint,
+        "tokens": profile.tokens.tolist(),
+        "counts": profile.counts.tolist(),
+        # Symmetric with counts on the diagonal: the strict upper triangle, row-major.
+        "coactivation_upper": [c[iu].tolist() for c in profile.coactivation],
+    }
+
+
+def _from_json(data, where: str) -> Profile:
+    def bad(what):
+        return ProfileError(f"{where}: not a valid chronos profile ({what})")
+
+    if not isinstance(data, dict) or data.get("format") != PROFILE_FORMAT:
+        raise bad("missing format marker")
+    version = data.get("version")
+    if not isinstance(version, int):
+        raise bad("missing version")
+    if version > PROFILE_VERSION:
+        raise ProfileError(
+            f"{where}: profile format version {version} is newer than this chronos-mlx reads ({PROFILE_VERSION}); upgrade"
+        )
+    try:
+        fp = data["fingerprint"]
+        k = int(fp["top_k"])
+        tokens = np.asarray(data["tokens"], dtype=np.int64)
+        counts = np.asarray(data["counts"], dtype=np.int64)
+        upper = np.asarray(data["coactivation_upper"], dtype=np.int64)
+        name = str(data["name"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise bad(f"{type(e).__name__}: {e}")
+    if counts.ndim != 2 or tokens.shape != (counts.shape[0],):
+        raise bad("counts and tokens disagree in shape")
+    n_layers, n_experts = counts.shape
+    if (n_layers, n_experts) != (fp.get("moe_layers"), fp.get("num_experts")):
+        raise bad("counts do not match the fingerprint's layers x experts")
+    if upper.shape != (n_layers, n_experts * (n_experts - 1) // 2):
+        raise bad("co-activation has the wrong shape")
+    if (counts < 0).any() or (upper < 0).any() or (tokens < 0).any():
+        raise bad("negative counts")
+    co = np.zeros((n_layers, n_experts, n_experts), dtype=np.int64)
+    iu = np.triu_indices(n_experts, k=1)
+    for layer in range(n_layers):
+        co[layer][iu] = upper[layer]
+        co[layer] += co[layer].T
+        co[layer][np.diag_indices(n_experts)] = counts[layer]
+    # Every token uses exactly top_k distinct experts: both sums are fixed by the counts.
+    if not (counts.sum(axis=1) == tokens * k).all():
+        raise bad("expert counts do not add up to tokens x top_k")
+    if not (co.sum(axis=2) - counts == counts * (k - 1)).all():
+        raise bad("co-activation does not add up to the counts")
+    meta = dict(data.get("meta") or {})
+    meta["path"] = where
+    return Profile(name, fp, tokens, counts, co, meta)
+
+
+def load_profile(spec) -> Profile:
+    """Read and validate a profile (a Profile passes through)."""
+    if isinstance(spec, Profile):
+        return spec
+    path = resolve_profile(spec)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ProfileError(f"{path}: corrupt or truncated profile ({type(e).__name__}: {e})")
+    except OSError as e:
+        raise ProfileError(f"{path}: cannot read profile ({e.strerror or e})")
+    return _from_json(data, str(path))
+
+
+def atomic_write_text(path: Path, text: str):
+    """Write via a temporary file in the same directory and os.replace: readers see the old
+    file or the new one, never a part; an interruption leaves no temporary behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def save_profile(profile: Profile, path=None) -> Path:
+    """Write `profile` (default: `<user profile dir>/<name>.json`); returns the path."""
+    check_name(profile.name)
+    path = Path(path).expanduser() if path else user_profile_dir() / f"{profile.name}.json"
+    atomic_write_text(path, json.dumps(_to_json(profile), separators=(",", ":")) + "\n")
+    profile.meta["path"] = str(path)
+    return path
+
+
+def list_profiles() -> list:
+    """(path, Profile or ProfileError) for every profile file found, names shadowed by an
+    earlier directory skipped. A broken file is listed with its error, not raised."""
+    seen, found = set(), []
+    for d in profile_dirs():
+        if not d.is_dir():
+            continue
+        for path in sorted(d.glob("*.json")):
+            if path.stem in seen:
+                continue
+            seen.add(path.stem)
+            try:
+                found.append((path, load_profile(path)))
+            except ProfileError as e:
+                found.append((path, e))
+    return found
+
+
+# --------------------------------------------------------------------------------------
+# Recording
+# --------------------------------------------------------------------------------------
+
+
+def read_prompts(path, limit: int | None = None) -> list[str]:
+    """Prompts of a .jsonl file (one {"prompt": ...} per line) or, otherwise, one per line."""
+    path = Path(path)
+    try:
+        lines = [l for l in path.read_text(encoding="utf-8").splitlines() if l.strip()]
+    except OSError as e:
+        raise ChronosError(f"{path}: cannot read prompts ({e.strerror or e})")
+    except UnicodeDecodeError:
+        raise ChronosError(f"{path}: prompts file is not UTF-8 text")
+    prompts = []
+    if path.suffix == ".jsonl":
+        for i, line in enumerate(lines, 1):
+            try:
+                row = json.loads(line)
+                prompts.append(str(row["prompt"] if "prompt" in row else row["text"]))
+            except (ValueError, KeyError, TypeError):
+                raise ChronosError(f'{path}:{i}: expected a JSON object with a "prompt" field')
+    else:
+        prompts = lines
+    if not prompts:
+        raise ChronosError(f"{path}: no prompts")
+    return prompts[:limit] if limit else prompts
+
+
+def encode_prompt(tokenizer, text: str) -> list:
+    """Token ids of raw text, with mlx_lm stream_generate's special-token rule."""
+    bos = getattr(tokenizer, "bos_token", None)
+    return list(tokenizer.encode(text, add_special_tokens=bos is None or not text.startswith(bos)))
+
+
+def profile_from_stats(stats: ActivationStats, name: str, runtime, model, meta: dict | None = None) -> Profile:
+    """A profile of what `stats` observed (e.g. a chat session's ActivationStats)."""
+    meta = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **(meta or {})}
+    return Profile(
+        check_name(name),
+        model_fingerprint(runtime, model),
+        stats.tokens.copy(),
+        stats.totals.copy(),
+        stats.coactivation.copy(),
+        meta,
+    )
+
+
+def record_profile(
+    model, tokenizer, runtime, prompts: list, *, name: str, max_tokens: int = 32, on_prompt=None, meta=None
+) -> Profile:
+    """Run each prompt (greedy, up to `max_tokens` new tokens, stopping at end of sequence)
+    and profile the routing. `on_prompt(done, total)` is called after each prompt."""
+    from .generate import generate_step
+
+    check_name(name)
+    stats = ActivationStats.for_runtime(runtime)
+    eos = set(getattr(tokenizer, "eos_token_ids", []) or [])
+    try:
+        for i, text in enumerate(prompts, 1):
+            steps = generate_step(mx.array(encode_prompt(tokenizer, text)), model, runtime, max_tokens=max_tokens)
+            try:
+                for token, _ in steps:
+                    if token in eos:
+                        break
+            finally:
+                steps.close()
+            if on_prompt:
+                on_prompt(i, len(prompts))
+    finally:
+        stats.detach(runtime)
+    info = {"prompts": len(prompts), "max_tokens": max_tokens, **(meta or {})}
+    return profile_from_stats(stats, name, runtime, model, info)
+
+
+# --------------------------------------------------------------------------------------
+# Applying
+# --------------------------------------------------------------------------------------
+
+
+class Prewarm(threading.Thread):
+    """Loads a profile's hottest experts into free slots in the background.
+
+    `stop()` asks it to finish after the expert it is loading; `loaded` counts experts.
+    A failure is kept in `error`: the session goes on, misses load on demand."""
+
+    def __init__(self, cache, plan: dict):
+        super().__init__(name="chronos-prewarm", daemon=True)
+        self.cache, self.plan = cache, plan
+        self.stop_event = threading.Event()
+        self.loaded = 0
+        self.error = None
+
+    def run(self):
+        try:
+            self.loaded = self.cache.prewarm(self.plan, self.stop_event)
+        except Exception as e:  # noqa: BLE001 - a pre-warm is an optimisation, never fatal
+            self.error = e
+
+    def stop(self):
+        self.stop_event.set()
+
+
+def prewarm_plan(profile: Profile, cache) -> dict:
+    """Per layer, the profile's used experts, most used first, as many as the layer has slots."""
+    plan = {}
+    for layer, L in enumerate(cache.layers):
+        ranked = [int(e) for e in profile.ranking(layer) if profile.counts[layer][e] > 0]
+        plan[layer] = ranked[: L.num_slots]
+    return plan
+
+
+def apply_profile(runtime, model, profile, *, prewarm: bool = True, pin: bool = True, start: bool = True) -> Prewarm:
+    """Check `profile` (a Profile, name or path) against the model, seed the cache policies
+    and start pre-warming its hottest experts in the background. Returns the thread
+    (already started unless `start=False`; `join()` it to wait, `stop()` to cut it short)."""
+    profile = load_profile(profile)
+    check_fingerprint(profile, model_fingerprint(runtime, model))
+    freqs = profile.frequencies()
+    for layer, L in enumerate(runtime.cache.layers):
+        seed = getattr(L.policy, "seed", None)
+        if seed is not None:
+            seed(freqs[layer], L.num_slots, pin=pin)
+    runtime.info["profile"] = profile.name
+    thread = Prewarm(runtime.cache, prewarm_plan(profile, runtime.cache) if prewarm else {})
+    if start:
+        thread.start()
+    return thread
+
+
+# --------------------------------------------------------------------------------------
+# Comparing
+# --------------------------------------------------------------------------------------
+
+
+def compare_profiles(a: Profile, b: Profile, top: int = 16) -> list[dict]:
+    """Per layer: the overlap of the two hot sets (top `top` experts; shared count and
+    Jaccard index) and the share of use they have in common (sum of min frequencies / top_k)."""
+    if (a.num_layers, a.num_experts) != (b.num_layers, b.num_experts):
+        raise ProfileError(
+            f"profiles '{a.name}' and '{b.name}' are for models of different shapes "
+            f"({a.num_layers}x{a.num_experts} vs {b.num_layers}x{b.num_experts})"
+        )
+    fa, fb = a.frequencies(), b.frequencies()
+    rows = []
+    for layer in range(a.num_layers):
+        ha, hb = set(a.hot(layer, top).tolist()), set(b.hot(layer, top).tolist())
+        shared = len(ha & hb)
+        rows.append(
+            {
+                "layer": layer,
+                "shared": shared,
+                "jaccard": shared / len(ha | hb) if ha | hb else 1.0,
+                "use_overlap": float(np.minimum(fa[layer], fb[layer]).sum() / max(a.top_k, 1)),
+            }
+        )
+    return rows
