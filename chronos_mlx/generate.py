@@ -124,6 +124,7 @@ def generate_step(
     step = launch(prompt, speculate=True)
     # Per-layer reads of the decode steps (the first one is launched right below) count too.
     n, t_first, syncs_at_first, io_at_first = 0, None, runtime.layer_syncs, 0.0
+    nxt = None
     try:
         while True:
             # Like mlx_lm, the step after the last yielded token runs too (its KV entries stay).
@@ -144,10 +145,13 @@ def generate_step(
             if n % 256 == 0:
                 mx.clear_cache()
             if n == max_tokens:
-                settle(nxt, None)  # the KV cache must hold exactly stock's entries
                 break
-            step = nxt
+            step, nxt = nxt, None
     finally:
+        # Like mlx_lm, the step fed with the last yielded token has run (its KV entries
+        # stay, also when the caller stops early): verify it so the cache is exactly stock's.
+        if nxt is not None:
+            settle(nxt, None)
         if t_first is not None:
             c.decode_s += time.perf_counter() - t_first
             c.decode_steps += n - 1

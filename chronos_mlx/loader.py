@@ -140,10 +140,12 @@ def _describe(path, config, model, switches, layers, target) -> dict:
         _nbytes(t.shape, d) for t, d in layers[0].values()
     )
     per_expert_disk = sum(t.nbytes for t, _ in layers[0].values())
+    # Resident size: floating weights take the compute dtype (set_dtype happens at load).
+    prefixes = tuple(n + "." for n, _ in switches)
     dense = sum(
-        v.nbytes
+        v.size * (target.size if target is not None and v.dtype in _FLOATS else v.dtype.size)
         for k, v in tree_flatten(model.parameters())
-        if not any(k.startswith(n + ".") for n, _ in switches)
+        if not k.startswith(prefixes)
     )
     info.update(
         num_experts=num_experts,

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+from .errors import ChronosError
+
 import numpy as np
 
 
@@ -193,4 +195,4 @@ def make_policy(name: str, num_experts: int):
     try:
         return POLICIES[name](num_experts)
     except KeyError:
-        raise ValueError(f"unknown cache policy '{name}' (choose from {', '.join(POLICIES)})")
+        raise ChronosError(f"unknown cache policy '{name}' (choose from {', '.join(POLICIES)})")

@@ -727,7 +727,7 @@ def train_lookahead(
     rng = np.random.default_rng(seed)
     steps_per_epoch = max(1, N // batch_size)
     total = steps_per_epoch * epochs
-    schedule = optim.cosine_decay(lr, total, lr * 0.05)
+    schedule = optim.cosine_decay(lr, max(total, 1), lr * 0.05)
     opt = optim.AdamW(learning_rate=schedule, weight_decay=weight_decay)
     loss_and_grad = nn.value_and_grad(router, lambda m, x, y: lookahead_loss(m, x, y, loss))
 

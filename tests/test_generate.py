@@ -105,3 +105,32 @@ def test_unknown_sync_mode_is_rejected(demo_prompt_ids):
     model, _, runtime = chronos_mlx.load(None, expert_budget=1.0)
     with pytest.raises(ValueError, match="sync must be one of"):
         next(generate_step(mx.array(demo_prompt_ids), model, runtime, sync="sometimes"))
+
+
+def test_stopping_early_leaves_the_kv_cache_exactly_as_stock(demo_prompt_ids):
+    from mlx_lm import load
+    from mlx_lm.generate import generate_step as stock_step
+
+    stock, _ = load(str(DEMO))
+    stock.set_dtype(mx.float32)
+    ref_cache = make_prompt_cache(stock)
+    gen = stock_step(mx.array(demo_prompt_ids), stock, max_tokens=50, prompt_cache=ref_cache)
+    ref = [int(next(gen)[0]) for _ in range(6)]
+    gen.close()
+
+    model, _, runtime = chronos_mlx.load(None, expert_budget=1.0)
+    last = runtime.cache.layers[3]  # force misses: layer 3 loses half its experts
+    for e in range(0, 64, 2):
+        slot = last.slot_of[e]
+        last.slot_of[e], last.expert_in[slot] = -1, -1
+        last.policy.removed(e)
+    runtime.cache._sync_table(last)
+    cache = make_prompt_cache(model)
+    gen = generate_step(mx.array(demo_prompt_ids), model, runtime, max_tokens=50, prompt_cache=cache)
+    ids = [next(gen)[0] for _ in range(6)]
+    gen.close()
+    assert ids == ref
+    for (o1, k1, v1), (o2, k2, v2) in zip(_kv(ref_cache), _kv(cache)):
+        assert o1 == o2
+        np.testing.assert_allclose(k1, k2, atol=1e-5)
+        np.testing.assert_allclose(v1, v2, atol=1e-5)
