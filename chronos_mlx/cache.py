@@ -126,17 +126,24 @@ class LayerSlots:
     pending: dict = field(default_factory=dict)  # expert -> (slot, Future, is_prefetch)
     prefetched: set = field(default_factory=set)  # loaded by a prediction, not used yet
     last_used: set = field(default_factory=set)
+    table_map: np.ndarray = None
+    lock: object = None  # the cache's lock
 
     def refresh(self):
-        """Rebuild the device table after loads (on the thread that builds the graph)."""
-        if self.dirty:
-            self.dirty = False
-            self.table = mx.array(np.maximum(self.slot_of, 0).astype(np.uint32))
-            self.identity = self.num_slots == self.num_experts and bool(
-                (self.slot_of == np.arange(self.num_experts)).all()
-            )
-            self.full = bool((self.slot_of >= 0).all())
+        """Rebuild the device table after loads (on the thread that builds the graph).
 
+        `table_map` is the host copy the table was built from, taken under the cache lock:
+        background loads may change `slot_of` at any time, the table only changes here."""
+        if self.dirty:
+            with self.lock:
+                self.dirty = False
+                snap = self.slot_of.copy()
+            self.table_map = snap
+            self.table = mx.array(np.maximum(snap, 0).astype(np.uint32))
+            self.identity = self.num_slots == self.num_experts and bool(
+                (snap == np.arange(self.num_experts)).all()
+            )
+            self.full = bool((snap >= 0).all())
 
     def resident(self, experts) -> np.ndarray:
         return self.slot_of[experts] >= 0
@@ -164,6 +171,7 @@ class ExpertCache:
                 p.view = _numpy_view(p.slots)
                 params[pname] = p
             layer = LayerSlots(num_experts, num_slots, params, make_policy(policy, num_experts))
+            layer.lock = self._lock
             layer.slot_of = np.full(num_experts, -1, dtype=np.int64)
             layer.expert_in = np.full(num_slots, -1, dtype=np.int64)
             self._sync_table(layer)

@@ -12,7 +12,8 @@ layer per chunk, amortised over the chunk) because it touches most experts anywa
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 from typing import Callable, Generator, Optional
 
 import mlx.core as mx
@@ -27,6 +28,45 @@ generation_stream = mx.new_stream(mx.default_device())
 
 def greedy(logprobs: mx.array) -> mx.array:
     return mx.argmax(logprobs, axis=-1)
+
+
+MAX_OPTIMISTIC_RETRIES = 2
+
+
+@dataclass
+class RoutingChooser:
+    """Picks optimistic or per-layer routing for each decode step from measured cost.
+
+    An optimistic step costs one host read but a recompute when an expert was absent; a
+    per-layer step never recomputes but pays a host round trip per MoE layer. Which wins
+    depends on the miss rate and on what a round trip costs (on a GPU far more than on a
+    CPU), so both are timed per token and the cheaper is used, re-probing the other now
+    and then. While nothing missed lately, optimistic always wins.
+    """
+
+    cost: dict = field(default_factory=lambda: {True: None, False: None})  # speculate -> s/token
+    recent: deque = field(default_factory=lambda: deque(maxlen=8))  # optimistic steps that missed
+    decisions: int = 0
+    probe_every: int = 16
+
+    def observe_optimistic(self, missed: bool):
+        self.recent.append(missed)
+
+    def record(self, speculated: bool, seconds: float):
+        old = self.cost[speculated]
+        self.cost[speculated] = seconds if old is None else 0.7 * old + 0.3 * seconds
+
+    def choose(self) -> bool:
+        self.decisions += 1
+        if not any(self.recent):
+            return True
+        opt, per_layer = self.cost[True], self.cost[False]
+        if per_layer is None:
+            return False
+        if opt is None:
+            return True
+        best = opt <= per_layer
+        return (not best) if self.decisions % self.probe_every == 0 else best
 
 
 @dataclass
@@ -71,10 +111,8 @@ def generate_step(
         """Build and start one forward pass; `speculate` routes it optimistically."""
         with mx.stream(generation_stream):
             if not (optimistic and speculate):
-                misses = runtime.total_misses()
                 y, lp = forward(tokens)  # per-layer routing loads what it needs as it goes
                 mx.async_eval(y, lp)
-                state["clean"] = runtime.total_misses() == misses
                 return _Step(tokens, y, lp, None, None)
             with runtime.recording() as record:
                 y, lp = forward(tokens)
@@ -83,31 +121,43 @@ def generate_step(
             return _Step(tokens, y, lp, record, flat)
 
     def settle(step: _Step, speculative: Optional[_Step]):
-        """Verify an optimistic step; on a miss roll back and recompute it per layer.
+        """Verify an optimistic step; on a miss roll back, load and recompute until exact.
 
         Returns (verified step, whether `speculative` had to be discarded)."""
-        if step.flat is None:
-            return step, False
-        host = np.array(step.flat)
-        c.host_syncs += 1
-        if not runtime.has_missing(step.record, host):
-            runtime.account_step(step.record, host)
-            state["clean"] = True
-            return step, False
-        t0 = time.perf_counter()
-        # Nothing queued may still read a slot about to be overwritten, and the KV
-        # entries of the wrong step (and of the one launched on its token) must go.
-        rollback = step.tokens.size
-        if speculative is not None:
-            mx.eval(speculative.y, speculative.logprobs)
-            rollback += speculative.tokens.size
-        mx.eval(step.y, step.logprobs)
-        trim_prompt_cache(prompt_cache, rollback)
-        c.io_wait_s += time.perf_counter() - t0
-        c.recomputes += 1
-        c.recomputed_layers += n_moe
-        # One exact pass: per-layer routing loads each layer's experts before using them.
-        return launch(step.tokens, speculate=False), speculative is not None
+        loaded: dict = {}
+        discarded = False
+        for attempt in range(MAX_OPTIMISTIC_RETRIES + 1):
+            if step.flat is None:
+                return step, discarded
+            host = np.array(step.flat)
+            c.host_syncs += 1
+            needed = step.record.absent(host)
+            chooser.observe_optimistic(missed=bool(needed))
+            if not needed:
+                runtime.account_step(step.record, host, loaded)
+                return step, discarded
+            t0 = time.perf_counter()
+            # Nothing queued may still read a slot about to be overwritten, and the KV
+            # entries of the wrong step (and of any launched on its token) must go.
+            rollback = step.tokens.size
+            if speculative is not None and not discarded:
+                mx.eval(speculative.y, speculative.logprobs)
+                rollback += speculative.tokens.size
+                discarded = True
+            mx.eval(step.y, step.logprobs)
+            trim_prompt_cache(prompt_cache, rollback)
+            c.io_wait_s += time.perf_counter() - t0  # waiting out the wrong steps
+            # Layers up to the first miss routed exactly; later ones may have routed on
+            # wrong inputs, so their loads are guesses (the recompute checks them).
+            for layer, experts in needed.items():
+                got = runtime.load_for(layer, experts, count_hits=False)
+                loaded.setdefault(layer, set()).update(got)
+            c.recomputes += 1
+            c.recomputed_layers += n_moe
+            # Retry optimistically (cheap where a host round trip is dear); the last
+            # attempt routes per layer, which is exact in one pass.
+            step = launch(step.tokens, speculate=attempt < MAX_OPTIMISTIC_RETRIES - 1)
+        return step, discarded
 
     tic = time.perf_counter()
     c.prompt_tokens += prompt.size
@@ -119,21 +169,25 @@ def generate_step(
             prompt = prompt[n:]
             mx.clear_cache()
 
-    # Speculate while steps come out clean; after a miss, route per layer until one is clean.
-    state = {"clean": True}
+    chooser = RoutingChooser()
     step = launch(prompt, speculate=True)
     # Per-layer reads of the decode steps (the first one is launched right below) count too.
-    n, t_first, syncs_at_first, io_at_first = 0, None, runtime.layer_syncs, 0.0
+    n, t_first, t_last, syncs_at_first, io_at_first = 0, None, 0.0, runtime.layer_syncs, 0.0
     nxt = None
     try:
         while True:
             # Like mlx_lm, the step after the last yielded token runs too (its KV entries stay).
-            nxt = launch(step.y, state["clean"]) if n != max_tokens else None
+            speculate = chooser.choose()
+            nxt = launch(step.y, speculate) if n != max_tokens else None
             step, discarded = settle(step, nxt)
             if discarded and nxt is not None:
-                nxt = launch(step.y, state["clean"])
+                nxt = launch(step.y, speculate)
             token = step.y.item()
             c.host_syncs += 1
+            now = time.perf_counter()
+            if t_first is not None:
+                chooser.record(step.flat is not None, now - t_last)
+            t_last = now
             if t_first is None:
                 t_first = time.perf_counter()
                 c.ttft_s = t_first - tic

@@ -22,22 +22,14 @@ import json
 import os
 import shutil
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from mlx.utils import tree_flatten
 
 from .errors import ModelError
-from .profiles import (
-    Profile,
-    atomic_write_text,
-    check_fingerprint,
-    fingerprint_of,
-    load_profile,
-    moe_blocks,
-    router_params,
-    save_profile,
-)
+from .profiles import atomic_write_text, check_fingerprint, fingerprint_of, load_profile, save_profile
 
 PACK_FILE = "chronos-pack.json"
 PACK_FORMAT = "chronos-mlx-pack"
@@ -122,7 +114,6 @@ class PackResult:
     clusters: list  # per MoE layer: [start, end) ranges of packed expert ids
     bytes_written: int = 0
     profile_path: Path | None = None  # the profile translated to the packed expert numbers
-    blocks: list = field(default_factory=list)
 
 
 def _copy_range(src_fd: int, offset: int, nbytes: int, out, buf: bytearray):
@@ -168,6 +159,7 @@ def pack(model, profile, out_dir, *, seed: int = 0, overwrite: bool = False, on_
     permutations and `out_dir/profile-<name>.json` the profile in the packed numbering."""
     from .loader import plan_model
     from .shards import ShardIndex
+    from .traces import find_routers
 
     plan = plan_model(model)
     src, out = plan.path, Path(out_dir).expanduser()
@@ -178,8 +170,7 @@ def pack(model, profile, out_dir, *, seed: int = 0, overwrite: bool = False, on_
     if not plan.switches:
         raise ModelError(f"{src}: no MoE layers, nothing to pack")
     profile = load_profile(profile)
-    expert_params = {name: t for name, (t, _) in plan.layers[0].items()}
-    check_fingerprint(profile, fingerprint_of(plan.info, expert_params, plan.model))
+    check_fingerprint(profile, _plan_fingerprint(plan))
 
     E = plan.info["num_experts"]
     groups = routing_groups(plan.config)
@@ -189,15 +180,19 @@ def pack(model, profile, out_dir, *, seed: int = 0, overwrite: bool = False, on_
 
     # Every moved byte range: target (shard, offset, nbytes) <- (shard, offset) of the source.
     rewrites = defaultdict(list)
-    blocks = moe_blocks(plan.model)
-    for layer, ((block_path, block, child), perm) in enumerate(zip(blocks, perms)):
+    routers = find_routers(plan.model)
+    for layer, (router, perm) in enumerate(zip(routers, perms)):
         for tensor, _ in plan.layers[layer].values():
             for i, j in enumerate(perm):
                 dst, frm = tensor.slices[i], tensor.slices[j]
                 if i != j:
                     rewrites[dst.path].append((dst.offset, dst.nbytes, frm.path, frm.offset))
-        for name in router_params(block, child, E):
-            full = f"{block_path}.{name}"
+        # Every router array indexed by expert: weight, quantization scales/biases, bias,
+        # DeepSeek's e_score_correction_bias.
+        for name, arr in tree_flatten(router.module.parameters()):
+            if arr.ndim == 0 or arr.shape[0] != E:
+                continue
+            full = f"{router.path}.{name}"
             if full not in index:
                 raise ModelError(f"{src}: router tensor '{full}' is not in the shards under that name; cannot pack")
             info = index[full]
@@ -236,18 +231,21 @@ def pack(model, profile, out_dir, *, seed: int = 0, overwrite: bool = False, on_
         "routing_groups": groups,
         "meaning": "packed expert i of a layer is expert permutation[i] of the source",
         "layers": [
-            {"block": b[0], "permutation": p.tolist(), "clusters": c} for b, (p, c) in zip(blocks, layouts)
+            {"router": r.path, "permutation": p.tolist(), "clusters": c} for r, (p, c) in zip(routers, layouts)
         ],
     }
     atomic_write_text(out / PACK_FILE, json.dumps(sidecar, indent=1) + "\n")
     shutil.copy2(src / "config.json", out / "config.json")  # last: its presence means complete
 
-    packed = plan_model(out)
-    packed_params = {name: t for name, (t, _) in packed.layers[0].items()}
-    translated = profile.permuted(perms, fingerprint_of(packed.info, packed_params, packed.model))
+    translated = profile.permuted(perms, _plan_fingerprint(plan_model(out)))
     translated.meta["packed_from"] = str(src)
     profile_path = save_profile(translated, out / f"profile-{profile.name}.json")
-    return PackResult(out, perms, [c for _, c in layouts], total, profile_path, [b[0] for b in blocks])
+    return PackResult(out, perms, [c for _, c in layouts], total, profile_path)
+
+
+def _plan_fingerprint(plan) -> dict:
+    """A lazily built (not loaded) model's profile fingerprint: only router weights are read."""
+    return fingerprint_of(plan.model, plan.info["top_k"], {name: t for name, (t, _) in plan.layers[0].items()})
 
 
 def read_pack_file(model_dir) -> dict | None:

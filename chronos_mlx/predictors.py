@@ -467,13 +467,14 @@ class LookaheadRouter(nn.Module, Predictor):
     """Per MoE layer l: predicts the experts of layers l+1..l+d (same token) and of layer l
     for the next tokens, from layer l's MoE input x.
 
-        z = (x - mu_l) / sigma_l          (standardisation measured on the traces)
-        h = z @ A_l + a_l                 (D -> rank)
-        s = h @ P_l + gelu(h) @ Q_l + b_l (rank -> n_targets * E: a linear and a nonlinear path)
+        h = x @ A_l + a_l                         (D -> rank)
+        s = [h, silu(h)] @ W_l + b_l              (2 rank -> n_targets * E)
 
-    `A, P` start from the truncated SVD of the routers it imitates (layer l+j's router for
-    target (j, 0), layer l's own for token targets) when the model's routers are given, so
-    training starts at the cross-layer-gate baseline and learns corrections.
+    a low-rank map with a linear and a nonlinear path. Training standardises x with the
+    traces' per-layer mean and spread and folds that into A, a when it ends, so a call is two
+    matrix products. With the model's routers given, `A` and the linear half of `W` start
+    from the truncated SVD of the routers it imitates (layer l+j's router for target (j, 0),
+    layer l's own for token targets): training starts at the cross-layer-gate baseline.
     """
 
     name = "lookahead"
@@ -485,14 +486,11 @@ class LookaheadRouter(nn.Module, Predictor):
         object.__setattr__(self, "config", c)
         L, D, E, r = c.num_layers, c.hidden_size, c.num_experts, c.rank
         nT = len(c.targets)
-        self.mu = mx.zeros((L, D))
-        self.inv_sigma = mx.ones((L, D))
         self.A = mx.random.normal((L, D, r)) * (1.0 / np.sqrt(D))
         self.a = mx.zeros((L, r))
-        self.P = mx.zeros((L, r, nT * E))
-        self.Q = mx.zeros((L, r, nT * E))
+        self.W = mx.zeros((L, 2 * r, nT * E))
         self.b = mx.zeros((L, nT * E))
-        self.freeze(keys=["mu", "inv_sigma"], recurse=False)
+        object.__setattr__(self, "_std", None)  # (mu [L, D], inv_sigma [L, D]) while training
 
     # -- interface -------------------------------------------------------------------
     @property
@@ -512,13 +510,15 @@ class LookaheadRouter(nn.Module, Predictor):
         return self.config.top_k
 
     def num_parameters(self) -> int:
-        return sum(v.size for _, v in tree_flatten(self.trainable_parameters()))
+        return sum(v.size for _, v in tree_flatten(self.parameters()))
 
     def _forward(self, layer, x):
         """x [..., D] -> [..., n_targets * E] for one layer (any float dtype)."""
-        z = (x.astype(mx.float32) - self.mu[layer]) * self.inv_sigma[layer]
-        h = z @ self.A[layer] + self.a[layer]
-        return h @ self.P[layer] + nn.gelu(h) @ self.Q[layer] + self.b[layer]
+        x = x.astype(self.A.dtype)
+        if self._std is not None:
+            x = (x - self._std[0][layer]) * self._std[1][layer]
+        h = x @ self.A[layer] + self.a[layer]
+        return mx.concatenate([h, nn.silu(h)], axis=-1) @ self.W[layer] + self.b[layer]
 
     def scores(self, layer: int, x: Optional[mx.array] = None) -> mx.array:
         """[n_targets, E] for the last token of x ([D], [T, D] or [B, T, D]).
@@ -541,51 +541,65 @@ class LookaheadRouter(nn.Module, Predictor):
         return mx.argsort(-s, axis=-1)[:, :k]
 
     def __call__(self, x):
-        """Training: x [L, N, D] -> [L, N, n_targets * E] (all layers at once)."""
-        z = (x - self.mu[:, None, :]) * self.inv_sigma[:, None, :]
-        h = z @ self.A + self.a[:, None, :]
-        return h @ self.P + nn.gelu(h) @ self.Q + self.b[:, None, :]
+        """All layers at once: x [L, N, D] -> [L, N, n_targets * E]."""
+        x = x.astype(self.A.dtype)
+        if self._std is not None:
+            x = (x - self._std[0][:, None, :]) * self._std[1][:, None, :]
+        h = x @ self.A + self.a[:, None, :]
+        return mx.concatenate([h, nn.silu(h)], axis=-1) @ self.W + self.b[:, None, :]
 
     def score_trace(self, seq):
-        x = mx.array(seq.hidden).astype(mx.float32)  # [L, T, D]
-        s = self(x)
+        s = self(mx.array(seq.hidden))
         L, T = seq.hidden.shape[:2]
         return np.array(s).reshape(L, T, len(self.config.targets), self.config.num_experts)
 
     # -- initialisation --------------------------------------------------------------
+    def set_standardisation(self, mu: np.ndarray, sigma: np.ndarray) -> None:
+        """Standardise inputs (training): x -> (x - mu) / sigma, per layer."""
+        inv = (1.0 / np.maximum(sigma, 1e-6)).astype(np.float32)
+        object.__setattr__(self, "_std", (mx.array(mu.astype(np.float32)), mx.array(inv)))
+
+    def fold_standardisation(self) -> None:
+        """Fold the standardisation into A and a (same scores, one operation less per call)."""
+        if self._std is None:
+            return
+        mu, inv = self._std
+        A = self.A * inv[:, :, None]
+        self.a = self.a - (mu[:, None, :] @ A)[:, 0, :]
+        self.A = A
+        object.__setattr__(self, "_std", None)
+        mx.eval(self.A, self.a)
+
     def init_from_routers(self, routers) -> None:
-        """Start from the cross-layer gates: truncated SVD of the routers in z coordinates."""
+        """Start from the cross-layer gates: truncated SVD of the routers in standardised coordinates."""
         c = self.config
         L, D, E, r = c.num_layers, c.hidden_size, c.num_experts, c.rank
-        G = [np.array(_dense_router(rt)) for rt in routers]  # [E, D] each
-        sigma = 1.0 / np.array(self.inv_sigma)
-        mu = np.array(self.mu)
+        G = [np.array(_dense_router(rt)).astype(np.float64) for rt in routers]  # [E, D] each
+        if self._std is None:
+            mu, sigma = np.zeros((L, D)), np.ones((L, D))
+        else:
+            mu, sigma = np.array(self._std[0]), 1.0 / np.array(self._std[1])
         A = np.array(self.A)
-        P = np.zeros((L, r, len(c.targets) * E), dtype=np.float32)
+        W = np.zeros((L, 2 * r, len(c.targets) * E), dtype=np.float32)
         b = np.zeros((L, len(c.targets) * E), dtype=np.float32)
         for layer in range(L):
             M = np.zeros((D, len(c.targets) * E), dtype=np.float64)
             for j, (dl, dt) in enumerate(c.targets):
                 src = layer + dl
-                if src < L:
-                    W = G[src].T * sigma[layer][:, None]  # logits = z @ W + mu @ G^T
-                    M[:, j * E : (j + 1) * E] = W
+                if src < L:  # logits = x @ G^T = z @ (sigma * G^T) + mu @ G^T
+                    M[:, j * E : (j + 1) * E] = G[src].T * sigma[layer][:, None]
                     b[layer, j * E : (j + 1) * E] = mu[layer] @ G[src].T
             U, S, Vt = np.linalg.svd(M, full_matrices=False)
             n = min(r, S.size)
             root = np.sqrt(S[:n])
             A[layer, :, :n] = U[:, :n] * root
-            P[layer, :n] = root[:, None] * Vt[:n]
-        self.A, self.P, self.b = mx.array(A), mx.array(P), mx.array(b)
-
-    def set_standardisation(self, mu: np.ndarray, sigma: np.ndarray) -> None:
-        self.mu = mx.array(mu.astype(np.float32))
-        self.inv_sigma = mx.array((1.0 / np.maximum(sigma, 1e-6)).astype(np.float32))
-        self.freeze(keys=["mu", "inv_sigma"], recurse=False)
+            W[layer, :n] = root[:, None] * Vt[:n]
+        self.A, self.a, self.W, self.b = mx.array(A), mx.zeros((L, r)), mx.array(W), mx.array(b)
 
     # -- files -----------------------------------------------------------------------
     def save(self, path) -> Path:
         """`path` (.safetensors) plus its config next to it (same name, .json)."""
+        self.fold_standardisation()
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         weights = dict(tree_flatten(self.parameters()))
@@ -603,13 +617,15 @@ class LookaheadRouter(nn.Module, Predictor):
         cfg = _read_json(path.with_suffix(".json"), "lookahead")
         _check_model(cfg, model, fingerprint, path)
         cfg = {k: v for k, v in cfg.items() if k not in ("kind", "version")}
-        router = cls(LookaheadConfig(**cfg))
+        try:
+            router = cls(LookaheadConfig(**cfg))
+        except TypeError as e:
+            raise ProfileError(f"{path.with_suffix('.json')}: bad lookahead config ({e})") from None
         weights = _read_safetensors(path)
         try:
             router.load_weights(list(weights.items()), strict=True)
         except ValueError as e:
             raise ProfileError(f"{path}: weights do not match its config ({e})") from None
-        router.freeze(keys=["mu", "inv_sigma"], recurse=False)
         mx.eval(router.parameters())
         return router
 
@@ -731,7 +747,7 @@ def train_lookahead(
     opt = optim.AdamW(learning_rate=schedule, weight_decay=weight_decay)
     loss_and_grad = nn.value_and_grad(router, lambda m, x, y: lookahead_loss(m, x, y, loss))
 
-    Xm, Ym = mx.array(X), mx.array(Y.astype(np.int32))
+    Xm, Ym = mx.array(X), mx.array(Y.astype(np.int32))  # X stays float16 until batched
     probe = rng.permutation(N)[: min(N, 2048)]
     initial = lookahead_loss(router, Xm[:, mx.array(probe)].astype(mx.float32), Ym[:, mx.array(probe)], loss).item()
     history = {"initial_loss": initial, "loss": []}
@@ -754,6 +770,7 @@ def train_lookahead(
     history["final_loss"] = lookahead_loss(
         router, Xm[:, mx.array(probe)].astype(mx.float32), Ym[:, mx.array(probe)], loss
     ).item()
+    router.fold_standardisation()
     router.config.meta.update(
         epochs=epochs, seed=seed, loss=loss, lr=lr, batch_size=batch_size, weight_decay=weight_decay,
         train_tokens=int(N), train_sequences=len(trace), init="routers" if routers is not None else "random",

@@ -17,7 +17,6 @@ Profiles are looked up by name in the user directory (`$CHRONOS_PROFILE_DIR`, de
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import re
@@ -29,9 +28,8 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
-from mlx.utils import tree_flatten
 
-from .errors import ChronosError, ProfileError
+from .errors import ProfileError
 from .usage import ActivationStats
 
 PROFILE_FORMAT = "chronos-mlx-profile"
@@ -90,79 +88,19 @@ class Profile:
 # --------------------------------------------------------------------------------------
 
 
-def _layer_key(name: str):
-    return [int(t) if t.isdigit() else t for t in name.split(".")]
+def fingerprint_of(model, top_k: int, expert_params: dict) -> dict:
+    """Identity of a model for profiles: the routing fingerprint predictors use (architecture,
+    MoE layers, experts, hidden size, sha256 of the router weights) plus top-k and the
+    per-expert tensor shapes and dtypes on disk. `expert_params` maps a projection parameter
+    ("gate_proj.weight") to its ExpertTensor."""
+    from .traces import model_fingerprint as routing_fingerprint
 
-
-def router_params(block, switch_name: str, num_experts: int) -> dict:
-    """The router arrays of one MoE block: its parameters outside the experts and any shared
-    expert whose first dimension is the expert count (gate/router weight, its quantization
-    scales and biases, a router bias, DeepSeek's e_score_correction_bias)."""
-    found = {}
-    for name, arr in tree_flatten(block.parameters()):
-        first = name.split(".")[0]
-        if first == switch_name or "shared" in first:
-            continue
-        if arr.ndim >= 1 and arr.shape[0] == num_experts:
-            found[name] = arr
-    return found
-
-
-def moe_blocks(model) -> list:
-    """(block path, block module, switch child name) per MoE layer, in layer order.
-
-    Works on a model loaded by chronos (StreamingSwitch) and on a plain mlx_lm model."""
-    from mlx_lm.models.switch_layers import SwitchGLU, SwitchMLP
-
-    from .streaming import StreamingSwitch
-
-    modules = dict(model.named_modules())
-    switches = sorted(
-        (n for n, m in modules.items() if isinstance(m, (StreamingSwitch, SwitchGLU, SwitchMLP))), key=_layer_key
-    )
-    out = []
-    for name in switches:
-        parent, _, child = name.rpartition(".")
-        out.append((parent, modules[parent], child))
-    return out
-
-
-def _array_digest(h, name: str, arr: mx.array):
-    # Floats are hashed at bfloat16 precision so the fingerprint does not depend on the
-    # compute dtype (float32 on CPU, the file's bfloat16 elsewhere); packed ints as stored.
-    if arr.dtype in (mx.float16, mx.bfloat16, mx.float32):
-        raw = np.array(mx.view(arr.astype(mx.float32).astype(mx.bfloat16), mx.uint16))
-        kind = "f"
-    else:
-        raw = np.array(arr)
-        kind = str(arr.dtype).replace("mlx.core.", "")
-    h.update(f"{name}|{kind}|{list(arr.shape)}|".encode())
-    h.update(np.ascontiguousarray(raw).tobytes())
-
-
-def fingerprint_of(info: dict, expert_params: dict, model) -> dict:
-    """Identity of a model for profiles: architecture, expert shapes, router weights hash.
-
-    `expert_params` maps a projection parameter ("gate_proj.weight") to its ExpertTensor."""
-    num_experts = info["num_experts"]
-    h = hashlib.sha256()
-    blocks = moe_blocks(model)
-    for path, block, child in blocks:
-        params = router_params(block, child, num_experts)
-        if not params:
-            raise ProfileError(f"cannot find the router of MoE block '{path}' to fingerprint the model")
-        for name in sorted(params):
-            _array_digest(h, f"{path}.{name}", params[name])
-    return {
-        "model_type": info.get("model_type"),
-        "moe_layers": len(blocks),
-        "num_experts": num_experts,
-        "top_k": info["top_k"],
-        "expert_params": {
-            name: {"shape": list(t.shape), "dtype": t.dtype} for name, t in sorted(expert_params.items())
-        },
-        "router_sha256": h.hexdigest(),
+    fp = routing_fingerprint(model)
+    fp["top_k"] = int(top_k)
+    fp["expert_params"] = {
+        name: {"shape": list(t.shape), "dtype": t.dtype} for name, t in sorted(expert_params.items())
     }
+    return fp
 
 
 def model_fingerprint(runtime, model) -> dict:
@@ -170,11 +108,11 @@ def model_fingerprint(runtime, model) -> dict:
     if runtime.cache is None:
         raise ProfileError("this model has no MoE layers: profiles do not apply to it")
     params = {name: p.source for name, p in runtime.cache.layers[0].params.items()}
-    return fingerprint_of(runtime.info, params, model)
+    return fingerprint_of(model, runtime.info["top_k"], params)
 
 
 def _describe(fp: dict) -> str:
-    return f"{fp.get('model_type')}, {fp.get('moe_layers')} MoE layers x {fp.get('num_experts')} experts, top-{fp.get('top_k')}"
+    return f"{fp.get('model_type')}, {fp.get('num_layers')} MoE layers x {fp.get('num_experts')} experts, top-{fp.get('top_k')}"
 
 
 def check_fingerprint(profile: Profile, fingerprint: dict):
@@ -182,7 +120,7 @@ def check_fingerprint(profile: Profile, fingerprint: dict):
     p = profile.fingerprint
     where = f"profile '{profile.name}'" + (f" ({profile.meta['path']})" if profile.meta.get("path") else "")
     hint = "record one for this model with `chronos profile record`"
-    structural = ("model_type", "moe_layers", "num_experts", "top_k", "expert_params")
+    structural = ("model_type", "num_layers", "num_experts", "hidden_size", "top_k", "expert_params")
     if any(p.get(k) != fingerprint.get(k) for k in structural):
         differ = ", ".join(k for k in structural if p.get(k) != fingerprint.get(k))
         raise ProfileError(
@@ -281,7 +219,7 @@ def _from_json(data, where: str) -> Profile:
     if counts.ndim != 2 or tokens.shape != (counts.shape[0],):
         raise bad("counts and tokens disagree in shape")
     n_layers, n_experts = counts.shape
-    if (n_layers, n_experts) != (fp.get("moe_layers"), fp.get("num_experts")):
+    if (n_layers, n_experts) != (fp.get("num_layers"), fp.get("num_experts")):
         raise bad("counts do not match the fingerprint's layers x experts")
     if upper.shape != (n_layers, n_experts * (n_experts - 1) // 2):
         raise bad("co-activation has the wrong shape")
@@ -327,6 +265,7 @@ def atomic_write_text(path: Path, text: str):
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a profile is no secret
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -366,36 +305,6 @@ def list_profiles() -> list:
 # --------------------------------------------------------------------------------------
 
 
-def read_prompts(path, limit: int | None = None) -> list[str]:
-    """Prompts of a .jsonl file (one {"prompt": ...} per line) or, otherwise, one per line."""
-    path = Path(path)
-    try:
-        lines = [l for l in path.read_text(encoding="utf-8").splitlines() if l.strip()]
-    except OSError as e:
-        raise ChronosError(f"{path}: cannot read prompts ({e.strerror or e})")
-    except UnicodeDecodeError:
-        raise ChronosError(f"{path}: prompts file is not UTF-8 text")
-    prompts = []
-    if path.suffix == ".jsonl":
-        for i, line in enumerate(lines, 1):
-            try:
-                row = json.loads(line)
-                prompts.append(str(row["prompt"] if "prompt" in row else row["text"]))
-            except (ValueError, KeyError, TypeError):
-                raise ChronosError(f'{path}:{i}: expected a JSON object with a "prompt" field')
-    else:
-        prompts = lines
-    if not prompts:
-        raise ChronosError(f"{path}: no prompts")
-    return prompts[:limit] if limit else prompts
-
-
-def encode_prompt(tokenizer, text: str) -> list:
-    """Token ids of raw text, with mlx_lm stream_generate's special-token rule."""
-    bos = getattr(tokenizer, "bos_token", None)
-    return list(tokenizer.encode(text, add_special_tokens=bos is None or not text.startswith(bos)))
-
-
 def profile_from_stats(stats: ActivationStats, name: str, runtime, model, meta: dict | None = None) -> Profile:
     """A profile of what `stats` observed (e.g. a chat session's ActivationStats)."""
     meta = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **(meta or {})}
@@ -415,13 +324,14 @@ def record_profile(
     """Run each prompt (greedy, up to `max_tokens` new tokens, stopping at end of sequence)
     and profile the routing. `on_prompt(done, total)` is called after each prompt."""
     from .generate import generate_step
+    from .traces import _encode as encode  # mlx_lm stream_generate's special-token rule
 
     check_name(name)
     stats = ActivationStats.for_runtime(runtime)
     eos = set(getattr(tokenizer, "eos_token_ids", []) or [])
     try:
         for i, text in enumerate(prompts, 1):
-            steps = generate_step(mx.array(encode_prompt(tokenizer, text)), model, runtime, max_tokens=max_tokens)
+            steps = generate_step(mx.array(encode(tokenizer, text)), model, runtime, max_tokens=max_tokens)
             try:
                 for token, _ in steps:
                     if token in eos:

@@ -28,6 +28,9 @@ class StepRecord:
 
     layers: list = field(default_factory=list)
     indices: list = field(default_factory=list)
+    # Each layer's expert->slot map as the computation saw it: loads made after the
+    # launch (by a step built meanwhile) must not make a wrong computation look right.
+    slot_maps: list = field(default_factory=list)
 
     def flat(self):
         if not self.indices:
@@ -39,6 +42,14 @@ class StepRecord:
         for layer, inds in zip(self.layers, self.indices):
             out.append((layer, host[pos : pos + inds.size]))
             pos += inds.size
+        return out
+
+    def absent(self, host: np.ndarray) -> dict:
+        """{layer: experts it used} for every layer that used an expert absent at launch."""
+        out = {}
+        for (layer, inds), slot_of in zip(self.split(host), self.slot_maps):
+            if (slot_of[inds] < 0).any():
+                out[layer] = np.unique(inds)
         return out
 
 
@@ -98,6 +109,7 @@ class Runtime:
         if self.mode == "optimistic":
             self._record.layers.append(layer)
             self._record.indices.append(indices)
+            self._record.slot_maps.append(L.table_map)
             return mapped
         guesses = self._predict(layer, x) if self.predictor is not None and x is not None else None
         if guesses is not None:
@@ -161,16 +173,20 @@ class Runtime:
             self.recall_hits += sum(1 for e in used.tolist() if e in guess)
             self.recall_total += len(used)
 
-    def load_for(self, layer: int, experts, protect=None) -> int:
-        """Load the missing ones of `experts` now (the caller waits): an I/O stall."""
+    def load_for(self, layer: int, experts, protect=None, count_hits: bool = True) -> list:
+        """Load the missing ones of `experts` now (the caller waits): an I/O stall.
+
+        Every expert loaded on demand counts as a miss; with `count_hits` the others count
+        as hits. Returns the experts loaded."""
         t0 = time.perf_counter()
-        loaded = len(self.cache.ensure(layer, experts, protect))
+        got = self.cache.ensure(layer, experts, protect)
+        loaded = len(got)
         L = self.cache.layers[layer]
-        uniq = np.unique(experts)
         L.counters.misses += loaded
-        L.counters.hits += len(uniq) - loaded
+        if count_hits:
+            L.counters.hits += len(np.unique(experts)) - loaded
         self.counters.io_wait_s += time.perf_counter() - t0 if loaded else 0.0
-        return loaded
+        return got
 
     # --- optimistic execution (called by the decode loop) ------------------------------
     @contextmanager
@@ -183,18 +199,14 @@ class Runtime:
         finally:
             self.mode, self._record = prev_mode, prev_rec
 
-    def has_missing(self, record: StepRecord, host: np.ndarray) -> bool:
-        """Whether any recorded layer used an expert that was not resident."""
-        return any(
-            not self.cache.layers[layer].resident(inds).all() for layer, inds in record.split(host)
-        )
-
-    def account_step(self, record: StepRecord, host: np.ndarray):
-        """A verified optimistic step: every recorded use was a hit; tell the policies."""
+    def account_step(self, record: StepRecord, host: np.ndarray, loaded: dict | None = None):
+        """A verified optimistic step: uses of experts not loaded for it were hits."""
         for layer, inds in record.split(host):
             L = self.cache.layers[layer]
-            L.counters.hits += inds.size
-            self.cache.mark_used(layer, np.unique(inds))
+            uniq = np.unique(inds)
+            got = (loaded or {}).get(layer, ())
+            L.counters.hits += inds.size - sum(1 for e in uniq.tolist() if e in got)
+            self.cache.mark_used(layer, uniq)
             self._observe(layer, inds)
 
     def _observe(self, layer: int, indices: np.ndarray):
