@@ -32,6 +32,7 @@ class BenchConfig:
     sync: str = "optimistic"
     options: dict = field(default_factory=dict)  # extra chronos_mlx.load keyword arguments
     setup: object = None  # callable(model, runtime) run after loading (predictors, profiles)
+    profile: object = None  # a profile name or path to apply after loading
 
 
 def machine_info() -> dict:
@@ -165,7 +166,17 @@ def _load(config: BenchConfig, model_path, dtype):
         return model, None
     from . import load
 
-    model, _, runtime = load(model_path, expert_budget=config.budget, dtype=dtype, **config.options)
+    options = dict(config.options)
+    predictor = options.pop("predictor", None)
+    model, _, runtime = load(model_path, expert_budget=config.budget, dtype=dtype, **options)
+    if predictor:
+        from .predict_runtime import attach_predictor
+
+        attach_predictor(model, runtime, predictor)
+    if config.profile:
+        from .profiles import apply_profile, load_profile
+
+        apply_profile(runtime, model, load_profile(config.profile)).join()
     if config.setup is not None:
         config.setup(model, runtime)
     return model, runtime
@@ -179,6 +190,10 @@ def measure(config: BenchConfig, model_path, prompts, *, max_tokens=64, repeats=
     t0 = time.perf_counter()
     model, runtime = _load(config, model_path, dtype)
     load_s = time.perf_counter() - t0
+    recorder = None
+    if runtime is not None and runtime.cache is not None and not all(L.full for L in runtime.cache.layers):
+        recorder = AccessRecorder()  # the routing, for Belady's bound at this budget
+        runtime.observers.append(recorder)
     results = []
     for r in range(warmup + repeats):
         runs = []
@@ -192,6 +207,16 @@ def measure(config: BenchConfig, model_path, prompts, *, max_tokens=64, repeats=
         if r >= warmup:
             results.append(_aggregate(runs))
     out = {"name": config.name, "kind": config.kind, "load_s": load_s, **_summarise(results)}
+    if recorder is not None:
+        slots = runtime.cache.num_slots
+        loads = sum(belady_loads(seq, slots) for seq in recorder.sequences.values())
+        tokens = (warmup + repeats) * len(prompts) * max_tokens
+        out["belady_bytes_read_per_token"] = loads * runtime.cache.bytes_on_disk_per_expert / tokens
+        sim = runtime.reader.simulator
+        if sim is not None:
+            # Even an oracle cache must read this much: decode can't beat bandwidth / bytes.
+            per_token = out["belady_bytes_read_per_token"]
+            out["io_bound_tokens_per_s"] = sim.bandwidth / per_token if per_token else None
     if runtime is not None:
         out.update(
             budget=config.budget,
@@ -199,9 +224,9 @@ def measure(config: BenchConfig, model_path, prompts, *, max_tokens=64, repeats=
             slots_per_layer=runtime.info["slots_per_layer"] if runtime.cache else None,
             budget_fraction=runtime.info.get("budget_fraction", 1.0),
             expert_budget_bytes=runtime.info.get("expert_budget_bytes", 0),
-            direct_io=bool(runtime.reader and runtime.reader.direct_io_active),
             **{k: v for k, v in config.options.items() if isinstance(v, (str, int, float, bool))},
         )
+        out["direct_io"] = bool(runtime.reader and runtime.reader.direct_io_active)  # what took effect
     out["mlx_peak_memory_bytes"] = mx.get_peak_memory()
     del model, runtime
     gc.collect()
@@ -221,4 +246,119 @@ def report(rows: list[dict], **extra) -> dict:
     return {"machine": machine_info(), **extra, "results": add_ratios(rows)}
 
 
-__all__ = ["BenchConfig", "measure", "report", "machine_info", "RESIDENT", "MMAP", "asdict"]
+# --- what to compare ------------------------------------------------------------------
+
+
+def fits_in_memory(info: dict, headroom: float = 0.8) -> bool:
+    """Whether stock mlx_lm can hold the whole model: weights within `headroom` of RAM."""
+    total = info.get("dense_bytes", 0) + info.get("expert_bytes_total", 0)
+    mem = _memory_bytes()
+    return not mem or total <= headroom * mem
+
+
+def plan_configs(budgets, *, info: dict, io_sim=None, direct_io=False, predictor=None, profile=None,
+                 policy="lru", only=None) -> tuple[list[BenchConfig], list[str]]:
+    """The configurations `chronos bench` compares, and notices about skipped ones."""
+    notices = []
+    configs = []
+    if fits_in_memory(info):
+        configs.append(BenchConfig(RESIDENT, kind=RESIDENT))
+    else:
+        notices.append(f"{RESIDENT} skipped: the model ({(info.get('dense_bytes', 0) + info.get('expert_bytes_total', 0)) / 1e9:.1f} GB) does not fit this machine's memory")
+    configs.append(BenchConfig(MMAP, kind=MMAP))
+    io = {"io_sim": io_sim, "direct_io": direct_io}
+    variants = [("chronos-lru", {"policy": "lru"}, None)]
+    if predictor:
+        variants.append(("chronos-predict", {"policy": "lru", "predictor": predictor}, None))
+    else:
+        notices.append("chronos-predict skipped: no --predictor given and none trained for this model")
+    if profile:
+        variants.append(("chronos-profile", {"policy": "usage"}, profile))
+        if predictor:
+            variants.append(("chronos-all", {"policy": "usage", "predictor": predictor}, profile))
+    else:
+        notices.append("chronos-profile skipped: no --profile given")
+    if policy != "lru":
+        variants.append((f"chronos-{policy}", {"policy": policy}, None))
+    for name, opts, prof in variants:
+        for b in budgets:
+            cfg = BenchConfig(f"{name}@{b}", budget=str(b), options={**io, **opts})
+            cfg.profile = prof
+            configs.append(cfg)
+    if only:
+        configs = [c for c in configs if any(c.name.startswith(o) for o in only)]
+    return configs, notices
+
+
+# --- bounds ---------------------------------------------------------------------------
+
+
+class AccessRecorder:
+    """Observer that keeps each layer's sequence of used-expert sets (for Belady's bound)."""
+
+    def __init__(self):
+        self.sequences: dict[int, list] = {}
+
+    def observe(self, layer, experts):
+        self.sequences.setdefault(layer, []).append(frozenset(int(e) for e in experts))
+
+
+def belady_loads(sequence: list, slots: int) -> int:
+    """Loads Belady's optimal eviction needs for a sequence of expert sets in `slots` slots."""
+    next_use: list[dict] = [dict() for _ in sequence]
+    upcoming: dict = {}
+    for t in range(len(sequence) - 1, -1, -1):
+        next_use[t] = dict(upcoming)
+        for e in sequence[t]:
+            upcoming[e] = t
+    resident: set = set()
+    loads = 0
+    for t, need in enumerate(sequence):
+        if len(need) > slots:  # a prefill batch streamed in waves: everything absent is read
+            loads += len(need - resident)
+            resident = set(sorted(need, key=lambda x: next_use[t].get(x, len(sequence) + 1))[:slots])
+            continue
+        for e in need:
+            if e in resident:
+                continue
+            loads += 1
+            if len(resident) >= slots:
+                evictable = resident - need
+                victim = max(evictable, key=lambda x: next_use[t].get(x, len(sequence) + 1))
+                resident.discard(victim)
+            resident.add(e)
+    return loads
+
+
+def plot(result: dict, path) -> None:
+    """Decode tokens/s against budget, one line per configuration (stock as flat lines)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    lines: dict[str, list] = {}
+    for r in result["results"]:
+        if r["kind"] == "chronos":
+            base = r["name"].rsplit("@", 1)[0]
+            lines.setdefault(base, []).append((float(r.get("budget_fraction") or r["budget"]), r["decode_tokens_per_s"]))
+        else:
+            ax.axhline(r["decode_tokens_per_s"], linestyle="--", linewidth=1, label=r["name"],
+                       color="black" if r["kind"] == RESIDENT else "gray")
+    for name, pts in lines.items():
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+    ax.set_xlabel("expert budget (fraction of all experts)")
+    ax.set_ylabel("decode tokens/s")
+    ax.set_xscale("log", base=2)
+    ax.set_title(result.get("title", "chronos bench"), fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+__all__ = ["BenchConfig", "measure", "report", "machine_info", "plan_configs", "plot", "belady_loads",
+           "RESIDENT", "MMAP", "asdict"]

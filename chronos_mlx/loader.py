@@ -174,7 +174,7 @@ def load(
     direct_io: bool = False,
     prewarm: bool = True,
     io_sim=None,
-    io_threads: int = 4,
+    io_threads: int | None = None,
 ):
     """Load `model` with its experts streamed under `expert_budget`.
 
@@ -217,6 +217,8 @@ def load(
     if target is not None:
         plan.model.set_dtype(target)
     mx.eval(plan.model.parameters())
+    if io_threads is None:  # waiting on a (simulated) drive is cheap in threads; copying is not
+        io_threads = 16 if (reader.simulator is not None or direct_io) else 4
     runtime.cache = ExpertCache(plan.layers, slots, reader, policy, pool=IOPool(io_threads) if io_threads else None)
     info.update(
         slots_per_layer=slots,

@@ -1,0 +1,77 @@
+"""`chronos bench`: one JSON report with stock and chronos configurations, clear errors for bad arguments."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from chronos_mlx import bench
+from chronos_mlx.cli import app
+from chronos_mlx.synthetic import write_synthetic_moe
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return write_synthetic_moe(tmp_path_factory.mktemp("b") / "m", "qwen3_moe", bits=4, seed=1)
+
+
+def _bench(tiny, tmp_path, *extra):
+    out = tmp_path / "r.json"
+    args = ["bench", "-m", str(tiny), "--budgets", "1,0.25", "--max-tokens", "4", "--repeats", "1",
+            "--warmup", "0", "--prompts", "1", "--json", str(out), *extra]
+    result = runner.invoke(app, args)
+    return result, out
+
+
+def test_bench_writes_one_report_with_the_generate_json_stat_names(tiny, tmp_path):
+    result, out = _bench(tiny, tmp_path, "--png", str(tmp_path / "r.png"))
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    names = [r["name"] for r in report["results"]]
+    assert names[:2] == ["mlx_lm-resident", "mlx_lm-mmap"]
+    assert "chronos-lru@1.0" in names and "chronos-lru@0.25" in names
+    for key in ("platform", "mlx", "device", "memory_bytes"):
+        assert key in report["machine"]
+    lru = next(r for r in report["results"] if r["name"] == "chronos-lru@0.25")
+    for key in ("decode_tokens_per_s", "ttft_s", "hit_rate", "stall_s_per_token", "bytes_read_per_token",
+                "ratio_to_resident", "prediction_recall", "mlx_peak_memory_bytes", "belady_bytes_read_per_token"):
+        assert key in lru
+    assert lru["belady_bytes_read_per_token"] <= lru["bytes_read_per_token"]  # nobody beats the oracle
+    assert (tmp_path / "r.png").stat().st_size > 1000
+
+
+def test_io_sim_adds_the_bound_it_implies(tiny, tmp_path):
+    result, out = _bench(tiny, tmp_path, "--io-sim", "bandwidth=1GB/s,latency=50us", "--only", "chronos")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(out.read_text())["results"]
+    assert all(r["name"].startswith("chronos") for r in rows)
+    partial = next(r for r in rows if r["name"] == "chronos-lru@0.25")
+    assert partial["io_bound_tokens_per_s"] == pytest.approx(1e9 / partial["belady_bytes_read_per_token"])
+
+
+def test_resident_is_skipped_with_a_notice_when_the_model_cannot_fit(monkeypatch):
+    monkeypatch.setattr(bench, "_memory_bytes", lambda: 1000)
+    configs, notices = bench.plan_configs([1.0], info={"dense_bytes": 10**6, "expert_bytes_total": 10**9})
+    assert bench.RESIDENT not in [c.name for c in configs]
+    assert any("does not fit" in n for n in notices)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--budgets", "0.01"], "one token uses"),
+        (["--io-sim", "speed=fast"], "unknown key"),
+        (["--budgets", "1", "--workload", "klingon"], "no workload"),
+    ],
+)
+def test_bad_arguments_are_one_clear_error(tiny, tmp_path, extra, message):
+    result = runner.invoke(app, ["bench", "-m", str(tiny), "--max-tokens", "2", *extra])
+    assert result.exit_code == 2
+    assert message in result.output and "Traceback" not in result.output
+
+
+def test_belady_is_optimal_on_a_known_sequence():
+    seq = [frozenset(s) for s in ({1}, {2}, {3}, {1}, {2}, {4}, {1})]
+    assert bench.belady_loads(seq, 2) == 5  # 1,2 cold; 3 evicts 2; 2 again; 4 evicts 2
