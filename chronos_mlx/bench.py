@@ -234,6 +234,30 @@ def measure(config: BenchConfig, model_path, prompts, *, max_tokens=64, repeats=
     return out
 
 
+def measure_interleaved(configs, model_path, prompts, *, max_tokens=64, repeats=5, warmup=1, dtype=None):
+    """All configurations loaded at once and measured round-robin, repeat by repeat.
+
+    On a machine with other load, drift then hits every configuration alike, so ratios
+    between them stay meaningful (memory figures are not separable this way)."""
+    loaded = [(cfg, *_load(cfg, model_path, dtype)) for cfg in configs]
+    per_config = {cfg.name: [] for cfg in configs}
+    for r in range(warmup + repeats):
+        for cfg, model, runtime in loaded:
+            runs = [
+                _stock_run(model, p, max_tokens) if runtime is None else _chronos_run(model, runtime, p, max_tokens, cfg.sync)
+                for p in prompts
+            ]
+            if r >= warmup:
+                per_config[cfg.name].append(_aggregate(runs))
+    rows = []
+    for cfg, model, runtime in loaded:
+        row = {"name": cfg.name, "kind": cfg.kind, **_summarise(per_config[cfg.name])}
+        if runtime is not None:
+            row.update(budget=cfg.budget, sync=cfg.sync, slots_per_layer=runtime.info.get("slots_per_layer"))
+        rows.append(row)
+    return rows
+
+
 def add_ratios(rows: list[dict]) -> list[dict]:
     """Decode speed as a ratio to stock mlx_lm with everything resident, when it was measured."""
     ceiling = next((r["decode_tokens_per_s"] for r in rows if r["name"] == RESIDENT), None)

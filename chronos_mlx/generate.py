@@ -78,6 +78,7 @@ class _Step:
     logprobs: mx.array
     record: Optional[StepRecord]
     flat: Optional[mx.array]
+    speculated: bool = False  # the routing chosen at launch (kept through a recovery)
 
 
 def generate_step(
@@ -113,12 +114,12 @@ def generate_step(
             if not (optimistic and speculate):
                 y, lp = forward(tokens)  # per-layer routing loads what it needs as it goes
                 mx.async_eval(y, lp)
-                return _Step(tokens, y, lp, None, None)
+                return _Step(tokens, y, lp, None, None, False)
             with runtime.recording() as record:
                 y, lp = forward(tokens)
             flat = record.flat()
             mx.async_eval(y, lp, *([flat] if flat is not None else []))
-            return _Step(tokens, y, lp, record, flat)
+            return _Step(tokens, y, lp, record, flat, True)
 
     def settle(step: _Step, speculative: Optional[_Step]):
         """Verify an optimistic step; on a miss roll back, load and recompute until exact.
@@ -156,7 +157,9 @@ def generate_step(
             c.recomputed_layers += n_moe
             # Retry optimistically (cheap where a host round trip is dear); the last
             # attempt routes per layer, which is exact in one pass.
+            chosen = step.speculated
             step = launch(step.tokens, speculate=attempt < MAX_OPTIMISTIC_RETRIES - 1)
+            step.speculated = chosen  # its cost, recovery included, is the chosen mode's
         return step, discarded
 
     tic = time.perf_counter()
@@ -186,7 +189,7 @@ def generate_step(
             c.host_syncs += 1
             now = time.perf_counter()
             if t_first is not None:
-                chooser.record(step.flat is not None, now - t_last)
+                chooser.record(step.speculated, now - t_last)
             t_last = now
             if t_first is None:
                 t_first = time.perf_counter()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from chronos_mlx.bench import RESIDENT, BenchConfig, measure, report  # noqa: E402
+from chronos_mlx.bench import RESIDENT, BenchConfig, measure, measure_interleaved, report  # noqa: E402
 from chronos_mlx.workloads import load_prompts  # noqa: E402
 
 
@@ -29,6 +29,7 @@ def main():
     ap.add_argument("--io-sim", default=None)
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--modes", default="per-layer,optimistic")
+    ap.add_argument("--interleave", action="store_true", help="load all, measure round-robin (noisy machines)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -39,12 +40,16 @@ def main():
             opts = {"io_sim": args.io_sim} if args.io_sim else {}
             configs.append(BenchConfig(f"chronos-{mode}@{b}", budget=b, sync=mode, options=opts))
     rows = []
-    for cfg in configs:
-        rows.append(measure(cfg, args.model, prompts, max_tokens=args.max_tokens, repeats=args.repeats, dtype=args.dtype))
-        print(f"  measured {cfg.name}: {rows[-1]['decode_tokens_per_s']:.1f} tok/s", file=sys.stderr, flush=True)
-    # The ceiling again at the end: drift between first and last shows the noise floor.
-    rows.append(measure(BenchConfig(RESIDENT + "-again", kind=RESIDENT), args.model, prompts,
-                        max_tokens=args.max_tokens, repeats=args.repeats, dtype=args.dtype))
+    if args.interleave:
+        rows = measure_interleaved(configs, args.model, prompts, max_tokens=args.max_tokens,
+                                   repeats=args.repeats, dtype=args.dtype)
+    else:
+        for cfg in configs:
+            rows.append(measure(cfg, args.model, prompts, max_tokens=args.max_tokens, repeats=args.repeats, dtype=args.dtype))
+            print(f"  measured {cfg.name}: {rows[-1]['decode_tokens_per_s']:.1f} tok/s", file=sys.stderr, flush=True)
+        # The ceiling again at the end: drift between first and last shows the noise floor.
+        rows.append(measure(BenchConfig(RESIDENT + "-again", kind=RESIDENT), args.model, prompts,
+                            max_tokens=args.max_tokens, repeats=args.repeats, dtype=args.dtype))
     out = report(rows, command=" ".join(sys.argv), io_sim=args.io_sim, max_tokens=args.max_tokens)
     cols = ["name", "decode_tokens_per_s", "ratio_to_resident", "host_syncs_per_token", "recompute_rate",
             "hit_rate", "stall_s_per_token", "bytes_read_per_token", "mlx_peak_memory_bytes"]

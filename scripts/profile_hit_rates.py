@@ -96,6 +96,52 @@ class Sim:
         return rows
 
 
+class Belady:
+    """Offline optimal eviction (the bound): evict the expert whose next use is furthest.
+
+    Knows the layer's future uses: `uses[i]` is the set the cache's i-th fill of this
+    layer protects and then touches (one per pass, or per wave); `touch` advances."""
+
+    def __init__(self, uses: list, num_experts: int):
+        self.uses, self.i = uses, 0
+        self.resident = set()
+        far = len(uses)
+        # next_at[i][e]: first j >= i with e in uses[j] (computed backwards once)
+        self.next_at, nxt = [None] * (far + 1), {}
+        self.next_at[far] = {}
+        for j in range(far - 1, -1, -1):
+            nxt = dict(nxt)
+            for e in uses[j]:
+                nxt[e] = j
+            self.next_at[j] = nxt
+
+    def touch(self, experts):
+        self.i += 1
+
+    def added(self, e):
+        self.resident.add(e)
+
+    def removed(self, e):
+        self.resident.discard(e)
+
+    def victim(self, protected):
+        upcoming = self.next_at[min(self.i, len(self.uses))]
+        cand = [e for e in self.resident if e not in protected]
+        return max(cand, key=lambda e: (upcoming.get(e, len(self.uses) + 1), e))
+
+
+def fills(seqs, num_layers: int, slots: int) -> list:
+    """Per layer, the expert sets the Sim protects-then-touches, in order (policy independent)."""
+    out = [[] for _ in range(num_layers)]
+    for seq in seqs:
+        experts = seq.experts.astype(np.int64)
+        for a, b in passes_of(seq):
+            for layer in range(num_layers):
+                uniq = np.unique(experts[layer, a:b].reshape(-1))
+                out[layer] += [set(uniq[w : w + slots].tolist()) for w in range(0, len(uniq), slots)]
+    return out
+
+
 def rate(rows, decode_only=False, first=None):
     sel = [r for r in rows if r[0] or not decode_only]
     sel = sel[:first] if first else sel
@@ -152,6 +198,16 @@ def main():
             rows += sim.run(seq)
         return rows, sim
 
+    def belady(w, budget):
+        slots = int(budget * E + 1e-9)
+        sim = Sim(plan, reader, slots, "lru")
+        for L, uses in zip(sim.cache.layers, fills(traces[w], len(sim.cache.layers), slots)):
+            L.policy = Belady(uses, E)
+        rows = []
+        for seq in traces[w]:
+            rows += sim.run(seq)
+        return rows
+
     def reads(loads, decode_only=False):
         return count_reads([(l, e) for l, e, d in loads if d or not decode_only], tensors)
 
@@ -200,6 +256,8 @@ def main():
                         "decode_before": reads(sim.loads, True),
                         "decode_after_pack": reads(packed.loads, True),
                     }
+            rows = belady(w, budget)
+            row["belady"], row["belady_decode"] = rate(rows), rate(rows, decode_only=True)
             for kind, seqs in (("full", traces[w]), ("short", shorts[w])):
                 for label, prof in (("none", None), ("profile", own), ("wrong", other)):
                     r32, loads = cold(w, budget, seqs, prof)
@@ -246,15 +304,17 @@ def print_tables(out):
     rows = out["results"]
     pct = lambda v: f"{100 * v:.1f}"  # noqa: E731
     print("\n### Session hit rate, % (decode-only in parentheses)\n")
-    print("| workload | budget | lru | lfu | usage | usage+profile | usage+wrong profile |")
-    print("|---|---|---|---|---|---|---|")
+    cols = ("lru", "lfu", "usage", "usage+profile", "usage+wrong", "belady")
+    print("| workload | budget | lru | lfu | usage | usage+profile | usage+wrong profile | optimal (Belady) |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        cells = [f"{pct(r[c])} ({pct(r[c + '_decode'])})" for c in ("lru", "lfu", "usage", "usage+profile", "usage+wrong")]
-        print(f"| {r['workload']} | {r['budget']} | " + " | ".join(cells[:4]) + f" | {cells[4]} ({r['wrong_profile']}) |")
+        cells = [f"{pct(r[c])} ({pct(r[c + '_decode'])})" for c in cols]
+        cells[4] += f" {r['wrong_profile']}"
+        print(f"| {r['workload']} | {r['budget']} | " + " | ".join(cells) + " |")
     for budget in sorted({r["budget"] for r in rows}, reverse=True):
         sel = [r for r in rows if r["budget"] == budget]
         m = lambda c: np.mean([r[c] for r in sel])  # noqa: E731
-        cells = [f"{pct(m(c))} ({pct(m(c + '_decode'))})" for c in ("lru", "lfu", "usage", "usage+profile", "usage+wrong")]
+        cells = [f"{pct(m(c))} ({pct(m(c + '_decode'))})" for c in cols]
         print(f"| **mean** | {budget} | " + " | ".join(cells) + " |")
 
     print("\n### Cold start: hit rate of the first 32 decode tokens, % (expert loads before the first token)\n")

@@ -101,7 +101,7 @@ def test_frequency_policies_follow_a_workload_switch(name):
     late = slice(len(hits) // 2, None)
     assert hits[late].mean() > 0.7  # B's hot set is resident: only the random expert misses
     assert stuck[late].mean() < 0.45  # plain LFU: B's experts evict each other
-    if name == "usage":  # exponential decay: recovered within a few half-lives (64 uses)
+    if name == "usage":  # exponential decay: recovered within a few half-lives (32 uses each)
         assert hits[4 * 400 : 4 * 800].mean() > 0.7
 
 
