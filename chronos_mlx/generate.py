@@ -79,6 +79,7 @@ class _Step:
     record: Optional[StepRecord]
     flat: Optional[mx.array]
     speculated: bool = False  # the routing chosen at launch (kept through a recovery)
+    inputs: Optional[dict] = None  # decoder layer -> its input, for resuming a recomputation
 
 
 def generate_step(
@@ -108,23 +109,38 @@ def generate_step(
         logprobs = logits - mx.logsumexp(logits, keepdims=True)
         return sampler(logprobs), logprobs.squeeze(0)
 
-    def launch(tokens, speculate: bool) -> _Step:
-        """Build and start one forward pass; `speculate` routes it optimistically."""
+    resumable = runtime.resume if optimistic else None  # (ResumeState, decoder index per MoE layer)
+
+    def launch(tokens, speculate: bool, start=None) -> _Step:
+        """Build and start one forward pass; `speculate` routes it optimistically.
+
+        `start` = (decoder layer, its input) resumes a recomputation at that layer."""
+        state = resumable[0] if resumable else None
         with mx.stream(generation_stream):
-            if not (optimistic and speculate):
-                y, lp = forward(tokens)  # per-layer routing loads what it needs as it goes
-                mx.async_eval(y, lp)
-                return _Step(tokens, y, lp, None, None, False)
-            with runtime.recording() as record:
-                y, lp = forward(tokens)
-            flat = record.flat()
-            mx.async_eval(y, lp, *([flat] if flat is not None else []))
-            return _Step(tokens, y, lp, record, flat, True)
+            if state is not None:
+                state.inputs = {}
+                state.recording = optimistic and speculate
+                state.start, state.start_input = start if start else (None, None)
+            try:
+                if not (optimistic and speculate):
+                    y, lp = forward(tokens)  # per-layer routing loads what it needs as it goes
+                    mx.async_eval(y, lp)
+                    return _Step(tokens, y, lp, None, None, False, state.inputs if state else None)
+                with runtime.recording() as record:
+                    y, lp = forward(tokens)
+                flat = record.flat()
+                mx.async_eval(y, lp, *([flat] if flat is not None else []))
+                return _Step(tokens, y, lp, record, flat, True, state.inputs if state else None)
+            finally:
+                if state is not None:
+                    state.recording, state.start, state.start_input = False, None, None
 
     def settle(step: _Step, speculative: Optional[_Step]):
         """Verify an optimistic step; on a miss roll back, load and recompute until exact.
 
-        Returns (verified step, whether `speculative` had to be discarded)."""
+        The recomputation starts at the decoder layer of the first MoE layer that missed
+        (everything before it was exact), or at the first layer when the model's layers
+        cannot be resumed. Returns (verified step, whether `speculative` was discarded)."""
         loaded: dict = {}
         discarded = False
         for attempt in range(MAX_OPTIMISTIC_RETRIES + 1):
@@ -137,16 +153,24 @@ def generate_step(
             if not needed:
                 runtime.account_step(step.record, host, loaded)
                 return step, discarded
+            first = min(needed)
+            runtime.account_step(step.record, host, loaded, before=first)  # exact, kept
             t0 = time.perf_counter()
             # Nothing queued may still read a slot about to be overwritten, and the KV
             # entries of the wrong step (and of any launched on its token) must go.
-            rollback = step.tokens.size
             if speculative is not None and not discarded:
                 mx.eval(speculative.y, speculative.logprobs)
-                rollback += speculative.tokens.size
+                trim_prompt_cache(prompt_cache, speculative.tokens.size)
                 discarded = True
             mx.eval(step.y, step.logprobs)
-            trim_prompt_cache(prompt_cache, rollback)
+            start = None
+            if resumable and step.inputs is not None and resumable[1][first] in step.inputs:
+                layer0 = resumable[1][first]
+                start = (layer0, step.inputs[layer0])
+                for cache in prompt_cache[layer0:]:
+                    cache.trim(step.tokens.size)
+            else:
+                trim_prompt_cache(prompt_cache, step.tokens.size)
             c.io_wait_s += time.perf_counter() - t0  # waiting out the wrong steps
             # Layers up to the first miss routed exactly; later ones may have routed on
             # wrong inputs, so their loads are guesses (the recompute checks them).
@@ -154,11 +178,11 @@ def generate_step(
                 got = runtime.load_for(layer, experts, count_hits=False)
                 loaded.setdefault(layer, set()).update(got)
             c.recomputes += 1
-            c.recomputed_layers += n_moe
+            c.recomputed_layers += n_moe - (first if start else 0)
             # Retry optimistically (cheap where a host round trip is dear); the last
             # attempt routes per layer, which is exact in one pass.
             chosen = step.speculated
-            step = launch(step.tokens, speculate=attempt < MAX_OPTIMISTIC_RETRIES - 1)
+            step = launch(step.tokens, speculate=attempt < MAX_OPTIMISTIC_RETRIES - 1, start=start)
             step.speculated = chosen  # its cost, recovery included, is the chosen mode's
         return step, discarded
 

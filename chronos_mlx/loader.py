@@ -20,6 +20,7 @@ from .budget import slots_for_budget
 from .errors import ModelError, ShardError
 from .io import IOPool, parse_io_sim
 from .layout import locate_expert_tensor, per_expert_sources
+from . import resume
 from .runtime import Runtime
 from .shards import ShardIndex, ShardReader
 from .streaming import SWITCH_TYPES, StreamingSwitch, projection_specs
@@ -213,6 +214,7 @@ def load(
         (name, StreamingSwitch(module, i, runtime)) for i, (name, module) in enumerate(plan.switches)
     ]
     plan.model.update_modules(tree_unflatten(replacements))
+    runtime.resume = resume.install(plan.model, [name for name, _ in replacements])
     plan.switches.clear()  # drop the last references to the lazy stacked expert arrays
     if target is not None:
         plan.model.set_dtype(target)

@@ -94,6 +94,7 @@ class Runtime:
         self.counters = DecodeCounters()
         self.layer_syncs = 0
         self._record: StepRecord | None = None
+        self.resume = None  # (resume.ResumeState, decoder index per MoE layer) when installable
 
     # --- routing (called by StreamingSwitch) -------------------------------------------
     def route(self, layer: int, indices: mx.array, x: mx.array | None = None):
@@ -199,9 +200,12 @@ class Runtime:
         finally:
             self.mode, self._record = prev_mode, prev_rec
 
-    def account_step(self, record: StepRecord, host: np.ndarray, loaded: dict | None = None):
-        """A verified optimistic step: uses of experts not loaded for it were hits."""
+    def account_step(self, record: StepRecord, host: np.ndarray, loaded: dict | None = None, before=None):
+        """A verified optimistic step (or its layers `before` a miss): uses of experts not
+        loaded for it were hits."""
         for layer, inds in record.split(host):
+            if before is not None and layer >= before:
+                continue
             L = self.cache.layers[layer]
             uniq = np.unique(inds)
             got = (loaded or {}).get(layer, ())
