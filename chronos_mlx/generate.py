@@ -188,13 +188,23 @@ def generate_step(
 
     tic = time.perf_counter()
     c.prompt_tokens += prompt.size
-    with mx.stream(generation_stream):
-        while prompt.size > 1:
-            n = min(prefill_step_size, prompt.size - 1)
-            model(prompt[:n][None], cache=prompt_cache)
-            mx.eval([cache.state for cache in prompt_cache])
-            prompt = prompt[n:]
-            mx.clear_cache()
+    intent = runtime.intent if streaming else None
+    if intent is not None:  # it reads the prompt's routing (and hidden states) during prefill
+        intent.reset()
+        runtime.observers.append(intent)
+    try:
+        with mx.stream(generation_stream):
+            while prompt.size > 1:
+                n = min(prefill_step_size, prompt.size - 1)
+                model(prompt[:n][None], cache=prompt_cache)
+                mx.eval([cache.state for cache in prompt_cache])
+                prompt = prompt[n:]
+                mx.clear_cache()
+    finally:
+        if intent is not None:
+            runtime.observers.remove(intent)
+    if intent is not None:
+        runtime.prefetch_intent(intent.ranked())
 
     chooser = RoutingChooser()
     step = launch(prompt, speculate=True)

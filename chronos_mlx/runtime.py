@@ -85,6 +85,7 @@ class Runtime:
         # A predictor with `targets` [(layer offset, token offset)] and `scores(layer, x)`
         # [n_targets, num_experts]; its guesses are prefetched in per-layer routing.
         self.predictor = None
+        self.intent = None  # IntentClassifier: prefill -> experts the generation will use
         self.guesses = 16
         self.predict_stream = mx.new_stream(mx.default_device())
         self._predicted: dict = {}
@@ -117,7 +118,7 @@ class Runtime:
             mx.eval(indices, guesses)  # one host round trip for both
         host = np.array(indices).reshape(-1)
         self.layer_syncs += 1
-        self._observe(layer, host)
+        self._observe(layer, host, x)
         uniq = np.unique(host)
         self._score_prediction(layer, uniq)
         if L.full:
@@ -213,9 +214,24 @@ class Runtime:
             self.cache.mark_used(layer, uniq)
             self._observe(layer, inds)
 
-    def _observe(self, layer: int, indices: np.ndarray):
+    def _observe(self, layer: int, indices: np.ndarray, x=None):
         for observer in self.observers:
             observer.observe(layer, indices)
+            if x is not None and hasattr(observer, "observe_hidden"):
+                observer.observe_hidden(layer, x)
+
+    def prefetch_intent(self, ranked) -> None:
+        """Before decoding: bring in what the intent predictor expects the generation to use.
+
+        Called between prefill and the first decode step, when nothing queued reads any
+        slot. Keeps room for one token's experts and what each layer used last."""
+        top_k = self.info.get("top_k", 1)
+        for layer, experts in enumerate(ranked):
+            T = self.cache.layers[layer]
+            limit = T.num_slots - max(top_k, len(T.last_used))
+            if limit > 0:
+                self.cache.prefetch(layer, experts, limit, protect=T.last_used)
+                self._predicted[(layer, 1)] = set(int(e) for e in experts[: max(limit, top_k)])
 
     def total_misses(self) -> int:
         return sum(L.counters.misses for L in self.cache.layers) if self.cache else 0

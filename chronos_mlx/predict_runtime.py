@@ -1,0 +1,67 @@
+"""Connect predictors (predictors.py) to a running model: what `--predictor` selects.
+
+- gate: layer l+1's router on layer l's MoE input (needs no training);
+- markov / lookahead: trained with `chronos predictor train`, found next to the profiles;
+- intent: at prefill, the expert set the generation will use, prefetched before decoding;
+- all: lookahead (or gate when none is trained) during decoding, plus intent at prefill.
+
+Predictions only decide what to prefetch; output never depends on them.
+"""
+
+from __future__ import annotations
+
+from .errors import ChronosError
+
+PREDICTORS = ("none", "gate", "markov", "lookahead", "intent", "all")
+
+
+def trained_predictors(model, runtime) -> dict:
+    from .predictors import find_predictor_dir, load_predictors
+
+    directory = find_predictor_dir(runtime.info["path"])
+    return load_predictors(directory, model) if directory else {}
+
+
+def default_predictor(model, runtime) -> str:
+    """`all` when something is trained for this model, else `none` (the issue's default)."""
+    if runtime.cache is None:
+        return "none"
+    try:
+        return "all" if trained_predictors(model, runtime) else "none"
+    except ChronosError:
+        return "none"
+
+
+def attach_predictor(model, runtime, name: str | None) -> None:
+    """Set `runtime.predictor` (decode-time lookahead) and `runtime.intent` (prefill)."""
+    name = name or "none"
+    if name not in PREDICTORS:
+        raise ChronosError(f"unknown predictor '{name}' (choose from {', '.join(PREDICTORS)})")
+    if name == "none" or runtime.cache is None:
+        return
+    from .predictors import CrossLayerGatePredictor
+
+    trained = trained_predictors(model, runtime) if name != "gate" else {}
+    if name in ("markov", "lookahead", "intent") and name not in trained:
+        raise ChronosError(
+            f"no trained '{name}' predictor for {runtime.info['path']}: run `chronos predictor train` first"
+        )
+    if name == "gate":
+        runtime.predictor = CrossLayerGatePredictor.from_model(model, top_k=runtime.info["top_k"])
+    elif name in ("markov", "lookahead"):
+        runtime.predictor = trained[name]
+    elif name == "all":
+        runtime.predictor = trained.get("lookahead") or CrossLayerGatePredictor.from_model(
+            model, top_k=runtime.info["top_k"]
+        )
+    if name in ("intent", "all") and "intent" in trained:
+        runtime.intent = trained["intent"]
+    history = runtime.predictor is not None and type(runtime.predictor).observe is not _base_observe()
+    if history:  # predictors that learn from the routing so far (Markov) watch it
+        runtime.observers.append(runtime.predictor)
+
+
+def _base_observe():
+    from .predictors import Predictor
+
+    return Predictor.observe
