@@ -115,6 +115,8 @@ class LoadOptions:
     policy: str = "lru"
     direct_io: bool = False
     io_sim: Optional[str] = None
+    predictor: Optional[str] = None
+    profile: Optional[str] = None
 
     def load_kwargs(self) -> dict:
         """Keyword arguments for `chronos_mlx.load`."""
@@ -198,6 +200,29 @@ LOAD_OPTIONS = [
             "holds the model, where reads cost nothing)."
         ),
     ),
+    _option(
+        "predictor",
+        None,
+        Optional[str],
+        "--predictor",
+        metavar="NAME",
+        help=(
+            "What predicts experts to prefetch: none, gate (next layer's router on this layer's "
+            "input; no training), markov, lookahead, intent (trained by `chronos predictor train`), "
+            "all. Default: all when predictors are trained for the model, else none."
+        ),
+    ),
+    _option(
+        "profile",
+        None,
+        Optional[str],
+        "--profile",
+        metavar="NAME|PATH",
+        help=(
+            "An activation profile (`chronos profile list`): pre-warms the cache with its hottest "
+            "experts in the background and seeds the usage policy (use with --policy usage)."
+        ),
+    ),
 ]
 
 
@@ -229,6 +254,14 @@ def load_model(opts: LoadOptions):
         model, tokenizer, runtime = chronos_mlx.load(**opts.load_kwargs())
     if runtime.notice:
         err.print(f"[yellow]note:[/yellow] {escape(runtime.notice)}", soft_wrap=True)
+    if runtime.cache is not None:
+        from .predict_runtime import attach_predictor, default_predictor
+
+        attach_predictor(model, runtime, opts.predictor or default_predictor(model, runtime))
+        if opts.profile:
+            from .profiles import apply_profile
+
+            apply_profile(runtime, model, opts.profile)  # pre-warms in the background
     return model, tokenizer, runtime
 
 
@@ -1002,6 +1035,18 @@ def bench(
     if png:
         B.plot(result, png)
         err.print(f"wrote {png}")
+
+
+def _mount_subcommands():
+    from .cli_predictor import predictor_app
+    from .cli_profile import pack, profile_app
+
+    app.add_typer(profile_app, name="profile")
+    app.add_typer(predictor_app, name="predictor")
+    app.command(name="pack")(pack)
+
+
+_mount_subcommands()
 
 
 @app.callback()
