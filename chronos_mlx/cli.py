@@ -112,7 +112,7 @@ class LoadOptions:
     expert_budget: str = "1.0"
     dtype: str = "auto"
     sync: str = "optimistic"
-    policy: str = "lru"
+    policy: str = "auto"
     direct_io: bool = False
     io_sim: Optional[str] = None
     predictor: Optional[str] = None
@@ -124,7 +124,7 @@ class LoadOptions:
             model=self.model,
             expert_budget=self.expert_budget,
             dtype=None if self.dtype == "auto" else self.dtype,
-            policy=self.policy,
+            policy=("usage" if self.profile else "lru") if self.policy == "auto" else self.policy,
             direct_io=self.direct_io,
             io_sim=self.io_sim,
         )
@@ -173,10 +173,13 @@ LOAD_OPTIONS = [
     ),
     _option(
         "policy",
-        "lru",
-        Literal[tuple(sorted(POLICIES))],
+        "auto",
+        Literal[("auto", *sorted(POLICIES))],
         "--policy",
-        help="Which resident expert to evict when a missing one must be loaded.",
+        help=(
+            "Which resident expert to evict when a missing one must be loaded: lru, lfu (with "
+            "aging), usage (decayed frequency, seeded by --profile). auto: usage with a profile, else lru."
+        ),
     ),
     _option(
         "direct_io",
@@ -570,6 +573,7 @@ def generate(
 CHAT_COMMANDS = (
     ("/stats", "runtime counters since the start (or the last /reset)"),
     ("/reset", "forget the conversation and its KV cache (the expert cache stays warm)"),
+    ("/profile save NAME", "save this session's expert use as a profile (then --profile NAME)"),
     ("/help", "this help"),
     ("/quit", "leave (also Ctrl-D, or Ctrl-C at the prompt)"),
     ("Ctrl-C", "while the model writes: stop that reply after the current token; what it wrote "
@@ -722,6 +726,9 @@ def chat(
     [cyan]printf 'The Roman Empire\\n/stats\\n/quit\\n' | chronos chat --max-tokens 20[/cyan]
     """
     model, tokenizer, runtime = load_model(opts)
+    from .usage import ActivationStats
+
+    usage_stats = ActivationStats.for_runtime(runtime) if runtime.cache is not None else None
     template = use_template(tokenizer, chat_template)
     sampler = make_sampler(temp, seed)
     session = ChatSession(model, tokenizer, template=template)
@@ -750,6 +757,18 @@ def chat(
                 err.print("[dim]conversation and KV cache cleared[/dim]")
             elif command in ("/help", "/?"):
                 out.print(chat_help())
+            elif command == "/profile":
+                parts = message.split()
+                if usage_stats is None or len(parts) != 3 or parts[1] != "save":
+                    error_line("usage: /profile save NAME (needs a MoE model)")
+                else:
+                    from .profiles import profile_from_stats, save_profile
+
+                    try:
+                        path = save_profile(profile_from_stats(usage_stats, parts[2], runtime, model, {"source": "chat"}))
+                        err.print(f"[dim]profile saved to {escape(str(path))}[/dim]", soft_wrap=True)
+                    except ChronosError as e:
+                        error_line(str(e))
             else:
                 error_line(f"unknown command {command} (try /help)")
             continue

@@ -66,34 +66,6 @@ def _user_errors(fn: Callable) -> Callable:
 # --------------------------------------------------------------------------------------
 
 
-def profiles_root() -> Path:
-    """$CHRONOS_PROFILE_DIR, else <repo>/profiles."""
-    env = os.environ.get("CHRONOS_PROFILE_DIR")
-    if env:
-        return Path(env).expanduser()
-    import chronos_mlx
-
-    return Path(chronos_mlx.__file__).resolve().parent.parent / "profiles"
-
-
-def model_name(spec) -> str:
-    """demo-moe-4bit for the embedded model, the directory name of a local model, the last
-    part of a Hugging Face repo id."""
-    from .loader import DEFAULT_MODEL
-
-    if spec is None or str(spec) in ("", "demo"):
-        return DEFAULT_MODEL.name
-    p = Path(str(spec)).expanduser()
-    if p.exists():
-        return p.resolve().name
-    return str(spec).rstrip("/").split("/")[-1]
-
-
-def default_predictor_dir(spec=None) -> Path:
-    """Where a model's trained predictors live: <profiles>/<model-name>/predictors/."""
-    return profiles_root() / model_name(spec) / "predictors"
-
-
 def read_prompts(files: list[Path], limit: Optional[int] = None) -> list[str]:
     """Prompts from JSON-lines files ({"prompt": ...} per line; blank lines skipped)."""
     if not files:
@@ -143,6 +115,8 @@ def _progress() -> Progress:
 
 def _load(model, expert_budget: str):
     import chronos_mlx
+
+    from .predictors import model_name
 
     if err.is_terminal:
         with err.status(f"loading {escape(model_name(model))} ...", spinner="dots"):
@@ -226,7 +200,7 @@ def train(
         Optional[int], typer.Option("--max-prompt-tokens", min=1, help="Keep only the first N tokens of each prompt.")
     ] = 128,
     prompts_per_file: Annotated[Optional[int], typer.Option("--prompts-per-file", min=1, help="Use at most N prompts of each file.")] = None,
-    epochs: Annotated[int, typer.Option("--epochs", min=1, help="Lookahead router training epochs.")] = 6,
+    epochs: Annotated[int, typer.Option("--epochs", min=1, help="Lookahead router training epochs.")] = 8,
     seed: Annotated[int, typer.Option("--seed", help="Seed for initialisation and shuffling (same seed, same files).")] = 0,
     out_dir: Annotated[
         Optional[Path],
@@ -242,11 +216,11 @@ def train(
     """
     import mlx.core as mx
 
-    from .predictors import MarkovPredictor, train_intent, train_lookahead
+    from .predictors import MarkovPredictor, model_name, predictor_dir, train_intent, train_lookahead
     from .traces import find_routers
 
     texts = read_prompts(prompts or [], prompts_per_file)
-    dest = out_dir or default_predictor_dir(model)
+    dest = out_dir or predictor_dir(model)
     m, tokenizer, runtime = _load(model, expert_budget)
     if runtime.cache is None:
         raise PredictorCliError(f"{model_name(model)} has no MoE layers: there is nothing to predict")
@@ -305,7 +279,8 @@ def evaluate(
     ] = 128,
     prompts_per_file: Annotated[Optional[int], typer.Option("--prompts-per-file", min=1, help="Use at most N prompts of each file.")] = None,
     predictors_dir: Annotated[
-        Optional[Path], typer.Option("--predictors", metavar="DIR", help="Trained predictors (default: the model's predictors directory).")
+        Optional[Path],
+        typer.Option("--predictors", metavar="DIR", help="Trained predictors (default: <profiles>/<model>/predictors, then the shipped ones)."),
     ] = None,
     positions: Annotated[
         str, typer.Option("--positions", help="Score predictions of generated tokens only (decode) or of all positions.")
@@ -323,15 +298,20 @@ def evaluate(
         PreviousTokenPredictor,
         evaluate_intent,
         evaluate_predictors,
+        find_predictor_dir,
+        predictor_dir,
         load_predictors,
+        model_name,
         prompt_baseline_scores,
     )
     from .traces import model_fingerprint
 
     if positions not in ("generated", "all"):
         raise PredictorCliError("--positions must be 'generated' or 'all'")
+    if predictors_dir is not None and not Path(predictors_dir).is_dir():
+        raise PredictorCliError(f"{predictors_dir}: no such predictors directory")
     texts = read_prompts(prompts or [], prompts_per_file)
-    src = predictors_dir or default_predictor_dir(model)
+    src = predictors_dir or find_predictor_dir(model) or predictor_dir(model)
     m, tokenizer, runtime = _load(model, expert_budget)
     if runtime.cache is None:
         raise PredictorCliError(f"{model_name(model)} has no MoE layers: there is nothing to predict")

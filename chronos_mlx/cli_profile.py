@@ -201,7 +201,7 @@ def list_(as_json: Annotated[bool, typer.Option("--json", help="Print a JSON lis
             str(s["router_sha256"])[:10],
             str(s["tokens"]),
             str(s["prompts"] or "-"),
-            str(s["created"] or "-")[:16],
+            str(s["created"] or "-")[:10],
         )
     out.print(table)
 

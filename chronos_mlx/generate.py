@@ -80,6 +80,7 @@ class _Step:
     flat: Optional[mx.array]
     speculated: bool = False  # the routing chosen at launch (kept through a recovery)
     inputs: Optional[dict] = None  # decoder layer -> its input, for resuming a recomputation
+    observations: Optional[list] = None  # per-layer routing, reported once the step is kept
 
 
 def generate_step(
@@ -123,15 +124,19 @@ def generate_step(
                 state.start, state.start_input = start if start else (None, None)
             try:
                 if not (optimistic and speculate):
+                    runtime.deferred_observations = [] if optimistic else None
                     y, lp = forward(tokens)  # per-layer routing loads what it needs as it goes
                     mx.async_eval(y, lp)
-                    return _Step(tokens, y, lp, None, None, False, state.inputs if state else None)
+                    step = _Step(tokens, y, lp, None, None, False, state.inputs if state else None)
+                    step.observations = runtime.deferred_observations
+                    return step
                 with runtime.recording() as record:
                     y, lp = forward(tokens)
                 flat = record.flat()
                 mx.async_eval(y, lp, *([flat] if flat is not None else []))
                 return _Step(tokens, y, lp, record, flat, True, state.inputs if state else None)
             finally:
+                runtime.deferred_observations = None
                 if state is not None:
                     state.recording, state.start, state.start_input = False, None, None
 
@@ -144,7 +149,9 @@ def generate_step(
         loaded: dict = {}
         discarded = False
         for attempt in range(MAX_OPTIMISTIC_RETRIES + 1):
-            if step.flat is None:
+            if step.flat is None:  # per-layer: exact as built; now its routing is kept
+                if step.observations:
+                    runtime.observe_kept(step.observations)
                 return step, discarded
             host = np.array(step.flat)
             c.host_syncs += 1

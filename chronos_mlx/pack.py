@@ -202,7 +202,8 @@ def pack(model, profile, out_dir, *, seed: int = 0, overwrite: bool = False, on_
                     rewrites[info.path].append((info.offset + i * row, row, info.path, info.offset + j * row))
 
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").unlink(missing_ok=True)  # until the end, the output is not a model
+    for stale in ["config.json", *(p.name for p in out.glob("model*.safetensors"))]:
+        (out / stale).unlink(missing_ok=True)  # until config.json is back, the output is not a model
     shards = sorted(index.file_sizes)
     total, done = sum(index.file_sizes.values()), 0
     fds = {p: os.open(p, os.O_RDONLY) for p in shards}
@@ -248,11 +249,6 @@ def _plan_fingerprint(plan) -> dict:
     return fingerprint_of(plan.model, plan.info["top_k"], {name: t for name, (t, _) in plan.layers[0].items()})
 
 
-def read_pack_file(model_dir) -> dict | None:
-    path = Path(model_dir) / PACK_FILE
-    return json.loads(path.read_text()) if path.exists() else None
-
-
 # --------------------------------------------------------------------------------------
 # Merged reads
 # --------------------------------------------------------------------------------------
@@ -268,11 +264,12 @@ def count_reads(loads, layers: list) -> dict:
     for layer, experts in loads:
         for tensor in layers[layer]:
             ranges = sorted((s.path, s.offset, s.nbytes) for s in (tensor.slices[int(e)] for e in experts))
+            if not ranges:
+                continue
+            breaks = sum(1 for a, b in zip(ranges, ranges[1:]) if (a[0], a[1] + a[2]) != (b[0], b[1]))
             per_expert += len(ranges)
+            merged += 1 + breaks
             nbytes += sum(r[2] for r in ranges)
-            merged += 1 + sum(
-                1 for a, b in zip(ranges, ranges[1:]) if not (a[0] == b[0] and a[1] + a[2] == b[1])
-            ) if ranges else 0
     return {
         "bytes": nbytes,
         "calls_per_expert": per_expert,
@@ -280,9 +277,3 @@ def count_reads(loads, layers: list) -> dict:
         "bytes_per_call_per_expert": nbytes / per_expert if per_expert else 0.0,
         "bytes_per_call_merged": nbytes / merged if merged else 0.0,
     }
-
-
-def renumber_loads(loads, permutations: list) -> list:
-    """The same loads in a packed model's numbering (source expert e -> position of e)."""
-    inverse = [np.argsort(p) for p in permutations]
-    return [(layer, inverse[layer][np.asarray(experts, dtype=np.int64)]) for layer, experts in loads]

@@ -10,18 +10,19 @@ exactly the same tokens; only hit rates differ.
 - `lfu`: LFU with dynamic aging (LFUDA): key = age + uses since loaded; evicting sets the
   age to the victim's key, so experts hot long ago eventually lose to ones hot now.
 - `usage`: decayed frequency. Each expert's uses decay with a half-life (in uses of the
-  layer, i.e. decode tokens); the history survives eviction. A profile can seed it (a prior
-  that decays like any history) and pin the profile's hottest experts; a pin is dropped
-  once live use shows the expert is not hot after all, so a wrong profile costs little.
+  layer, i.e. decode tokens); the history survives eviction. A profile can seed it (a light
+  prior that decays like any history, so a wrong profile costs little and is forgotten) and,
+  optionally, pin the profile's hottest experts; a pin is dropped once live use shows the
+  expert is not hot after all.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 
-from .errors import ChronosError
-
 import numpy as np
+
+from .errors import ChronosError
 
 
 class LRUPolicy:
@@ -119,7 +120,10 @@ class LFUDAPolicy(_ScoredPolicy):
 DEFAULT_HALF_LIFE = 32.0  # decode tokens; 8..1024 were within 1 point on the train prompts, short wins slightly
 PIN_SHARE = 2.0  # pin experts a profile uses at least this many times the average rate
 PIN_FRACTION = 0.25  # ... but never more than this share of the layer's slots
-PRIOR_HALF_LIVES = 1.0  # a seeded profile weighs like this many half-lives of live use
+# A seeded profile weighs like this many half-lives of live use. Measured on the train
+# prompts (docs/profiles.md): 0.25 keeps nearly all of a right profile's gain (1.0 and 4.0
+# gain no more) and a wrong profile costs about 1 point instead of 5 (1.0) or 10 (4.0).
+PRIOR_HALF_LIVES = 0.25
 
 
 class UsagePolicy(_ScoredPolicy):
@@ -149,12 +153,14 @@ class UsagePolicy(_ScoredPolicy):
             self._base, exponent = self.clock, 0.0
         return 2.0**exponent
 
-    def seed(self, frequencies, num_slots: int, pin: bool = True):
+    def seed(self, frequencies, num_slots: int, pin: bool = False):
         """Start from a profile: `frequencies[e]` = uses per token in the profile's workload.
 
         The prior decays like live history (gone after a few half-lives); with `pin`, the
         profile's clearly hot experts (>= PIN_SHARE x average, at most PIN_FRACTION of the
-        slots) are never evicted while live use keeps them at least averagely used.
+        slots) are never evicted while live use keeps them at least averagely used. Pins are
+        off by default: on the demo model they gained nothing with the right profile and cost
+        1-2 points of hit rate with a wrong one (docs/profiles.md).
         """
         f = np.asarray(frequencies, dtype=np.float64)
         self.prior = f * (PRIOR_HALF_LIVES * self.half_life) * self._scale()

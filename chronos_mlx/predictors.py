@@ -239,7 +239,7 @@ class MarkovPredictor(Predictor):
 
     name = "markov"
 
-    def __init__(self, num_layers, num_experts, top_k, targets=LOOKAHEAD_TARGETS, smoothing=(4.0, 4.0)):
+    def __init__(self, num_layers, num_experts, top_k, targets=TOKEN_TARGETS, smoothing=(4.0, 4.0)):
         self.num_layers, self.num_experts, self.top_k = num_layers, num_experts, top_k
         self.targets = tuple(tuple(t) for t in targets)
         for dl, dt in self.targets:
@@ -598,11 +598,12 @@ class LookaheadRouter(nn.Module, Predictor):
 
     # -- files -----------------------------------------------------------------------
     def save(self, path) -> Path:
-        """`path` (.safetensors) plus its config next to it (same name, .json)."""
+        """`path` (.safetensors, weights in float16; computed in float32 after loading) plus
+        its config next to it (same name, .json)."""
         self.fold_standardisation()
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        weights = dict(tree_flatten(self.parameters()))
+        weights = {k: v.astype(mx.float16) for k, v in tree_flatten(self.parameters())}  # half the file
         tmp = path.with_name(path.stem + ".tmp.safetensors")
         mx.save_safetensors(str(tmp), weights, metadata={"kind": "lookahead"})
         tmp.replace(path)
@@ -621,7 +622,7 @@ class LookaheadRouter(nn.Module, Predictor):
             router = cls(LookaheadConfig(**cfg))
         except TypeError as e:
             raise ProfileError(f"{path.with_suffix('.json')}: bad lookahead config ({e})") from None
-        weights = _read_safetensors(path)
+        weights = {k: v.astype(mx.float32) for k, v in _read_safetensors(path).items()}
         try:
             router.load_weights(list(weights.items()), strict=True)
         except ValueError as e:
@@ -693,7 +694,7 @@ def _labels_to_dense(y: mx.array, E: int):
     return hot, valid.astype(mx.float32)
 
 
-def lookahead_loss(router: LookaheadRouter, x, y, loss: str = "softmax"):
+def lookahead_loss(router: LookaheadRouter, x, y, loss: str = "bce"):
     c = router.config
     L, B = x.shape[:2]
     s = router(x).reshape(L, B, len(c.targets), c.num_experts)
@@ -706,74 +707,171 @@ def lookahead_loss(router: LookaheadRouter, x, y, loss: str = "softmax"):
     return (per * mask).sum() / mx.maximum(mask.sum(), 1.0)
 
 
+def _adamw_step(params: dict, grads: dict, state: dict, lr: float, wd: float, b1=0.9, b2=0.999, eps=1e-8):
+    """One AdamW step (bias-corrected, decoupled weight decay) on numpy arrays, in place."""
+    state["t"] = t = state.get("t", 0) + 1
+    c1, c2 = 1 - b1**t, 1 - b2**t
+    for k, g in grads.items():
+        m = state.setdefault("m_" + k, np.zeros_like(g))
+        v = state.setdefault("v_" + k, np.zeros_like(g))
+        m *= b1
+        m += (1 - b1) * g
+        v *= b2
+        v += (1 - b2) * (g * g)
+        p = params[k]
+        p -= lr * ((m / c1) / (np.sqrt(v / c2) + eps) + wd * p)
+
+
+def _np_lookahead_step(p: dict, x: np.ndarray, hot: np.ndarray, mask: np.ndarray, loss: str, grad: bool = True):
+    """Loss (and gradients) of the lookahead router in numpy. x [L, B, D] standardised;
+    hot [L, B, nT, E] 0/1; mask [L, B, nT]."""
+    L, B, _ = x.shape
+    nT, E = hot.shape[2], hot.shape[3]
+    r = p["A"].shape[-1]
+    h = np.matmul(x, p["A"]) + p["a"][:, None, :]
+    sig = 1.0 / (1.0 + np.exp(-h))
+    u = np.concatenate([h, h * sig], axis=-1)
+    s = (np.matmul(u, p["W"]) + p["b"][:, None, :]).reshape(L, B, nT, E)
+    n = max(float(mask.sum()), 1.0)
+    if loss == "bce":
+        per = (np.logaddexp(0.0, s) - hot * s).mean(-1)
+        ds = (1.0 / (1.0 + np.exp(-s)) - hot) / E
+    else:
+        q = hot / np.maximum(hot.sum(-1, keepdims=True), 1.0)
+        z = s - s.max(-1, keepdims=True)
+        logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+        per = -(q * logp).sum(-1)
+        ds = np.exp(logp) - q
+    value = float((per * mask).sum() / n)
+    if not grad:
+        return value, None
+    ds = (ds * (mask[..., None] / n)).reshape(L, B, nT * E).astype(np.float32)
+    g = {"W": np.matmul(u.transpose(0, 2, 1), ds), "b": ds.sum(1)}
+    du = np.matmul(ds, p["W"].transpose(0, 2, 1))
+    dh = du[..., :r] + du[..., r:] * (sig * (1.0 + h * (1.0 - sig)))
+    g["A"] = np.matmul(x.transpose(0, 2, 1), dh)
+    g["a"] = dh.sum(1)
+    return value, g
+
+
+def _dense_labels_np(y: np.ndarray, E: int):
+    """[..., k] ids (-1 = none) -> multi-hot [..., E] float32 and mask [...] float32."""
+    valid = y[..., 0] >= 0
+    hot = np.zeros(y.shape[:-1] + (E,), dtype=np.float32)
+    np.put_along_axis(hot, np.maximum(y, 0).astype(np.int64), 1.0, axis=-1)
+    hot *= valid[..., None]
+    return hot, valid.astype(np.float32)
+
+
 def train_lookahead(
     trace: RoutingTrace,
     *,
     routers=None,
     targets: Sequence[Target] = LOOKAHEAD_TARGETS,
     rank: int = 0,
-    epochs: int = 6,
+    epochs: int = 8,
     batch_size: int = 256,
-    lr: float = 1e-3,
+    lr: float = 3e-3,
     weight_decay: float = 0.01,
-    loss: str = "softmax",
+    loss: str = "bce",
     seed: int = 0,
+    backend: str = "auto",
     progress: Optional[Callable[[int, int, float], None]] = None,
 ) -> tuple[LookaheadRouter, dict]:
     """Train a LookaheadRouter on `trace` (all positions, prompt and generated).
 
     routers: the model's routers (`traces.find_routers(model)`): start from the
         cross-layer gates; None: random start.
+    loss: "bce" (multi-label, per expert) or "softmax" (cross-entropy against the uniform
+        distribution over the true top-k).
+    backend: "numpy" (float32 BLAS; MLX's CPU matmul is far slower), "mlx" (value_and_grad,
+        for a GPU), "auto" = mlx on a GPU default device, numpy otherwise. Same math, AdamW
+        with a cosine learning-rate decay.
     progress: called as progress(step, total_steps, running_loss).
-    Returns (router, history) with history = {"loss": [per-epoch mean], "initial_loss": ...}.
-    Same seed, same trace: same weights (single-threaded CPU math aside).
+    Returns (router, history): history = {"initial_loss", "final_loss", "loss": per-epoch means}.
+    Same seed, same trace, same backend: same weights.
     """
+    if loss not in ("bce", "softmax"):
+        raise ValueError(f"loss must be 'bce' or 'softmax', not {loss!r}")
+    if backend == "auto":
+        backend = "numpy" if mx.default_device() == mx.cpu else "mlx"
     targets = [tuple(t) for t in targets]
     X, Y = lookahead_dataset(trace, targets)
     L, N, D = X.shape
-    cfg = LookaheadConfig(trace.num_layers, trace.num_experts, D, trace.top_k, targets, rank, dict(trace.fingerprint))
+    E = trace.num_experts
+    cfg = LookaheadConfig(trace.num_layers, E, D, trace.top_k, targets, rank, dict(trace.fingerprint))
     mx.random.seed(seed)
     router = LookaheadRouter(cfg)
     xf = X.astype(np.float32)
-    router.set_standardisation(xf.mean(1), xf.std(1))
+    mu, sigma = xf.mean(1), xf.std(1)
     del xf
+    router.set_standardisation(mu, sigma)
     if routers is not None:
         router.init_from_routers(routers)
     mx.eval(router.parameters())
     rng = np.random.default_rng(seed)
     steps_per_epoch = max(1, N // batch_size)
     total = steps_per_epoch * epochs
-    schedule = optim.cosine_decay(lr, max(total, 1), lr * 0.05)
-    opt = optim.AdamW(learning_rate=schedule, weight_decay=weight_decay)
-    loss_and_grad = nn.value_and_grad(router, lambda m, x, y: lookahead_loss(m, x, y, loss))
+    lr_end = lr * 0.05
 
-    Xm, Ym = mx.array(X), mx.array(Y.astype(np.int32))  # X stays float16 until batched
+    def lr_at(step):  # cosine decay, as optim.cosine_decay
+        return lr_end + 0.5 * (lr - lr_end) * (1 + np.cos(np.pi * min(step, total) / max(total, 1)))
+
     probe = rng.permutation(N)[: min(N, 2048)]
-    initial = lookahead_loss(router, Xm[:, mx.array(probe)].astype(mx.float32), Ym[:, mx.array(probe)], loss).item()
-    history = {"initial_loss": initial, "loss": []}
-    step = 0
-    for _ in range(epochs):
-        perm = rng.permutation(N)
-        tot, cnt = 0.0, 0
-        for s in range(steps_per_epoch):
-            idx = mx.array(perm[s * batch_size : (s + 1) * batch_size])
-            x = Xm[:, idx].astype(mx.float32)
-            value, grads = loss_and_grad(router, x, Ym[:, idx])
-            opt.update(router, grads)
-            mx.eval(router.parameters(), opt.state, value)
-            tot += value.item()
-            cnt += 1
-            step += 1
-            if progress is not None:
-                progress(step, total, tot / cnt)
-        history["loss"].append(tot / cnt)
-    history["final_loss"] = lookahead_loss(
-        router, Xm[:, mx.array(probe)].astype(mx.float32), Ym[:, mx.array(probe)], loss
-    ).item()
+    history = {"loss": []}
+    if backend == "numpy":
+        inv = (1.0 / np.maximum(sigma, 1e-6)).astype(np.float32)
+        p = {k: np.array(v, dtype=np.float32) for k, v in tree_flatten(router.parameters())}
+        state: dict = {}
+
+        def batch(idx):
+            x = (X[:, idx].astype(np.float32) - mu[:, None, :]) * inv[:, None, :]
+            hot, mask = _dense_labels_np(Y[:, idx], E)
+            return x, hot, mask
+
+        history["initial_loss"] = _np_lookahead_step(p, *batch(probe), loss, grad=False)[0]
+        step = 0
+        for _ in range(epochs):
+            perm = rng.permutation(N)
+            tot = 0.0
+            for s in range(steps_per_epoch):
+                value, g = _np_lookahead_step(p, *batch(perm[s * batch_size : (s + 1) * batch_size]), loss)
+                _adamw_step(p, g, state, lr_at(step), weight_decay)
+                tot += value
+                step += 1
+                if progress is not None:
+                    progress(step, total, tot / (s + 1))
+            history["loss"].append(tot / steps_per_epoch)
+        history["final_loss"] = _np_lookahead_step(p, *batch(probe), loss, grad=False)[0]
+        router.update({k: mx.array(v) for k, v in p.items()})
+    elif backend == "mlx":
+        opt = optim.AdamW(learning_rate=lambda s: mx.array(lr_at(int(s)), dtype=mx.float32), weight_decay=weight_decay)
+        loss_and_grad = nn.value_and_grad(router, lambda m, x, y: lookahead_loss(m, x, y, loss))
+        Xm, Ym = mx.array(X), mx.array(Y.astype(np.int32))  # X stays float16 until batched
+        pm = mx.array(probe)
+        history["initial_loss"] = lookahead_loss(router, Xm[:, pm], Ym[:, pm], loss).item()
+        step = 0
+        for _ in range(epochs):
+            perm = rng.permutation(N)
+            tot = 0.0
+            for s in range(steps_per_epoch):
+                idx = mx.array(perm[s * batch_size : (s + 1) * batch_size])
+                value, grads = loss_and_grad(router, Xm[:, idx], Ym[:, idx])
+                opt.update(router, grads)
+                mx.eval(router.parameters(), opt.state, value)
+                tot += value.item()
+                step += 1
+                if progress is not None:
+                    progress(step, total, tot / (s + 1))
+            history["loss"].append(tot / steps_per_epoch)
+        history["final_loss"] = lookahead_loss(router, Xm[:, pm], Ym[:, pm], loss).item()
+    else:
+        raise ValueError(f"backend must be 'auto', 'numpy' or 'mlx', not {backend!r}")
     router.fold_standardisation()
     router.config.meta.update(
         epochs=epochs, seed=seed, loss=loss, lr=lr, batch_size=batch_size, weight_decay=weight_decay,
-        train_tokens=int(N), train_sequences=len(trace), init="routers" if routers is not None else "random",
+        backend=backend, train_tokens=int(N), train_sequences=len(trace),
+        init="routers" if routers is not None else "random",
     )
     return router, history
 
@@ -789,8 +887,8 @@ class IntentConfig:
     num_experts: int
     hidden_size: int
     top_k: int
-    rank: int = 8
     recent: int = 16  # the prompt's last N tokens make the "recent" histogram
+    hidden_rank: int = 0  # > 0: add a low-rank term from the pooled MoE inputs
     fingerprint: dict = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
 
@@ -815,56 +913,61 @@ class PromptSummary:
         pooled = None if hidden is None else np.asarray(hidden, dtype=np.float32).mean(1)
         return cls(hist.astype(np.float32), rec.astype(np.float32), pooled)
 
+    def features(self) -> np.ndarray:
+        """[L, E, 4]: hist, recent, log(hist + 0.01), log(recent + 0.01)."""
+        h, r = self.hist, self.recent
+        return np.stack([h, r, np.log(h + 0.01), np.log(r + 0.01)], axis=-1).astype(np.float32)
+
 
 class IntentClassifier(nn.Module):
     """At prefill: for every MoE layer, the experts the whole generation will use, ranked.
 
-    logit[l, e] = alpha[l, e] * hist[l, e] + beta[l, e] * recent[l, e]
-                  + ((z_l @ U_l) @ V_l)[e] + bias[l, e]
-    with hist / recent the prompt's per-layer expert frequencies (whole prompt / its last
-    `recent` tokens) and z_l the standardised mean MoE input of layer l over the prompt.
-    Trained with BCE against "expert e was used by some generated token at layer l".
+        logit[l, e] = w_l . [hist, recent, log(hist + .01), log(recent + .01)][l, e] + bias[l, e]
+                      (+ ((z_l @ U_l) @ V_l)[e] with hidden_rank > 0)
 
-    Runtime use: `reset()`, then `observe(layer, ids)` (Runtime observer protocol) and
-    optionally `observe_hidden(layer, x)` during prefill; `ranked(m)` -> [L, m] expert ids.
+    hist / recent: the prompt's per-layer expert frequencies over the whole prompt and over
+    its last `recent` tokens; z_l: the standardised mean MoE input of layer l over the prompt.
+    Trained (softmax cross-entropy) to match how often the generation uses each expert, so the
+    first m experts cover as many of the generation's expert activations as possible. It starts
+    at the trivial baseline (the prompt's most-used experts). With ~100 training prompts the
+    hidden-state term overfits (docs/predictors.md), hence hidden_rank 0 by default.
+
+    Runtime use: `reset()`, then `observe(layer, ids)` (Runtime observer protocol) and, with
+    hidden_rank > 0, `observe_hidden(layer, x)` during prefill; `ranked(m)` -> [L, m] expert ids.
     """
+
+    name = "intent"
 
     def __init__(self, config: IntentConfig):
         super().__init__()
         c = config
         object.__setattr__(self, "config", c)
-        L, D, E, r = c.num_layers, c.hidden_size, c.num_experts, c.rank
-        self.mu = mx.zeros((L, D))
-        self.inv_sigma = mx.ones((L, D))
-        self.alpha = mx.full((L, E), 4.0)
-        self.beta = mx.full((L, E), 2.0)
-        self.U = mx.random.normal((L, D, r)) * (0.1 / np.sqrt(D))
-        self.V = mx.zeros((L, r, E))
-        self.bias = mx.full((L, E), -1.0)
-        self.freeze(keys=["mu", "inv_sigma"], recurse=False)
+        L, D, E, r = c.num_layers, c.hidden_size, c.num_experts, c.hidden_rank
+        self.w = mx.array(np.tile(np.array([0.0, 0.0, 1.0, 0.0], np.float32), (L, 1)))
+        self.bias = mx.zeros((L, E))
+        if r:
+            self.mu = mx.zeros((L, D))
+            self.inv_sigma = mx.ones((L, D))
+            self.U = mx.random.normal((L, D, r)) * (0.01 / np.sqrt(D))
+            self.V = mx.zeros((L, r, E))
+            self.freeze(keys=["mu", "inv_sigma"], recurse=False)
         object.__setattr__(self, "_acc", None)
-
-    name = "intent"
 
     def num_parameters(self) -> int:
         return sum(v.size for _, v in tree_flatten(self.trainable_parameters()))
 
-    def __call__(self, hist, recent, pooled, has_pooled):
-        """Batched: hist, recent [B, L, E]; pooled [B, L, D]; has_pooled [B] -> logits [B, L, E]."""
-        z = (pooled - self.mu) * self.inv_sigma * has_pooled[:, None, None]
-        u = mx.einsum("bld,ldr->blr", z, self.U)
-        h = mx.einsum("blr,lre->ble", u, self.V)
-        return self.alpha * hist + self.beta * recent + h + self.bias
+    def __call__(self, feats, pooled=None):
+        """Batched: feats [B, L, E, 4]; pooled [B, L, D] (or None) -> logits [B, L, E]."""
+        s = (feats * self.w[:, None, :]).sum(-1) + self.bias
+        if self.config.hidden_rank and pooled is not None:
+            z = (pooled - self.mu) * self.inv_sigma
+            s = s + mx.einsum("blr,lre->ble", mx.einsum("bld,ldr->blr", z, self.U), self.V)
+        return s
 
     def predict(self, summary: PromptSummary) -> np.ndarray:
-        """[L, E] logits for one prompt."""
-        c = self.config
-        pooled = summary.pooled
-        has = 1.0 if pooled is not None else 0.0
-        if pooled is None:
-            pooled = np.zeros((c.num_layers, c.hidden_size), dtype=np.float32)
-        s = self(mx.array(summary.hist)[None], mx.array(summary.recent)[None], mx.array(pooled)[None], mx.array([has]))
-        return np.array(s[0])
+        """[L, E] scores for one prompt (higher: more of the generation's activations)."""
+        pooled = None if summary.pooled is None else mx.array(summary.pooled)[None]
+        return np.array(self(mx.array(summary.features())[None], pooled)[0])
 
     # -- runtime accumulation --------------------------------------------------------
     def reset(self):
@@ -881,20 +984,21 @@ class IntentClassifier(nn.Module):
         if self._acc is None:
             self.reset()
         x = x.reshape(-1, x.shape[-1]).astype(mx.float32)
-        s = x.sum(0)
         acc = self._acc
+        s = x.sum(0)
         acc["xsum"][layer] = s if acc["xsum"][layer] is None else acc["xsum"][layer] + s
         acc["xn"][layer] += x.shape[0]
 
     def summary(self) -> PromptSummary:
         c = self.config
-        acc = self._acc or {"ids": [[] for _ in range(c.num_layers)], "xsum": [None] * c.num_layers, "xn": [0] * c.num_layers}
+        if self._acc is None:
+            self.reset()
+        acc = self._acc
         hist = np.zeros((c.num_layers, c.num_experts), dtype=np.float32)
         rec = np.zeros_like(hist)
         for layer, parts in enumerate(acc["ids"]):
             if parts:
-                ids = np.concatenate(parts)
-                s = PromptSummary.from_routing(ids[None], c.num_experts, c.recent)
+                s = PromptSummary.from_routing(np.concatenate(parts)[None], c.num_experts, c.recent)
                 hist[layer], rec[layer] = s.hist[0], s.recent[0]
         pooled = None
         if all(v is not None for v in acc["xsum"]):
@@ -921,22 +1025,26 @@ class IntentClassifier(nn.Module):
         path = Path(path)
         cfg = _read_json(path.with_suffix(".json"), "intent")
         _check_model(cfg, model, fingerprint, path)
-        ic = cls(IntentConfig(**{k: v for k, v in cfg.items() if k not in ("kind", "version")}))
+        try:
+            ic = cls(IntentConfig(**{k: v for k, v in cfg.items() if k not in ("kind", "version")}))
+        except TypeError as e:
+            raise ProfileError(f"{path.with_suffix('.json')}: bad intent config ({e})") from None
         try:
             ic.load_weights(list(_read_safetensors(path).items()), strict=True)
         except ValueError as e:
             raise ProfileError(f"{path}: weights do not match its config ({e})") from None
-        ic.freeze(keys=["mu", "inv_sigma"], recurse=False)
+        if ic.config.hidden_rank:
+            ic.freeze(keys=["mu", "inv_sigma"], recurse=False)
         mx.eval(ic.parameters())
         return ic
 
 
-def intent_samples(trace: RoutingTrace, recent: int = 16, augment: int = 0, horizon: Optional[int] = None, seed: int = 0):
-    """Training samples: (PromptSummary, used [L, E] 0/1, weight) per sequence.
+def intent_samples(trace: RoutingTrace, recent: int = 16, augment: int = 0, seed: int = 0):
+    """Training samples: (PromptSummary, uses [L, E] per expert, weight) per sequence.
 
-    The real sample: the prompt -> experts used by the generated tokens. With `augment` > 0,
-    also `augment` cut points inside each prompt: the prefix -> experts used by the next
-    `horizon` tokens (default: the generation length) of the recorded sequence.
+    The real sample: the prompt -> how often the generated tokens used each expert. With
+    `augment` > 0, also `augment` cut points inside each prompt (weight 0.5): the prefix ->
+    the uses of the next (generation length) tokens of the recorded sequence.
     """
     rng = np.random.default_rng(seed)
     E = trace.num_experts
@@ -946,62 +1054,54 @@ def intent_samples(trace: RoutingTrace, recent: int = 16, augment: int = 0, hori
         P, T = seq.n_prompt, seq.length
         if T <= P:
             continue
-        hz = horizon or (T - P)
         cuts = [(P, T, 1.0)]
         lo = max(8, P // 4)
         if augment and P - 1 > lo:
             for c in rng.integers(lo, P, size=augment):
-                cuts.append((int(c), min(T, int(c) + hz), 0.5))
+                cuts.append((int(c), min(T, int(c) + T - P), 0.5))
         for c, end, w in cuts:
             hid = seq.hidden[:, :c] if seq.hidden is not None else None
             s = PromptSummary.from_routing(ex[:, :c], E, recent, hid)
-            used = (_multi_hot(ex[:, c:end], E).sum(1) > 0).astype(np.float32)
-            out.append((s, used, w))
+            uses = _multi_hot(ex[:, c:end].astype(np.int64), E).sum(1)
+            out.append((s, uses.astype(np.float32), w))
     return out
 
 
 def train_intent(
     trace: RoutingTrace,
     *,
-    rank: int = 8,
     recent: int = 16,
-    augment: int = 4,
-    epochs: int = 300,
+    hidden_rank: int = 0,
+    augment: int = 0,
+    epochs: int = 400,
     lr: float = 1e-2,
-    weight_decay: float = 0.01,
-    use_hidden: bool = True,
+    weight_decay: float = 0.0,
     seed: int = 0,
     progress: Optional[Callable[[int, int, float], None]] = None,
 ) -> tuple[IntentClassifier, dict]:
-    """Fit an IntentClassifier on `trace` (full-batch AdamW, BCE). Returns (model, history)."""
+    """Fit an IntentClassifier on `trace` (full batch, AdamW). Returns (model, history)."""
     samples = intent_samples(trace, recent, augment, seed=seed)
     if not samples:
         raise ValueError("no sequence with generated tokens in the trace")
-    L, E = trace.num_layers, trace.num_experts
-    D = trace.hidden_size
-    cfg = IntentConfig(L, E, D, trace.top_k, rank, recent, dict(trace.fingerprint))
+    L, E, D = trace.num_layers, trace.num_experts, trace.hidden_size
+    use_hidden = hidden_rank > 0 and all(s.pooled is not None for s, _, _ in samples)
+    cfg = IntentConfig(L, E, D, trace.top_k, recent, hidden_rank if use_hidden else 0, dict(trace.fingerprint))
     mx.random.seed(seed)
     ic = IntentClassifier(cfg)
-    H = mx.array(np.stack([s.hist for s, _, _ in samples]))
-    R = mx.array(np.stack([s.recent for s, _, _ in samples]))
-    have = use_hidden and all(s.pooled is not None for s, _, _ in samples)
-    if have:
-        pooled = np.stack([s.pooled for s, _, _ in samples])
-        mu, sd = pooled.mean(0), pooled.std(0)
-        ic.mu = mx.array(mu.astype(np.float32))
-        ic.inv_sigma = mx.array((1.0 / np.maximum(sd, 1e-6)).astype(np.float32))
+    F = mx.array(np.stack([s.features() for s, _, _ in samples]))
+    pooled = None
+    if use_hidden:
+        P = np.stack([s.pooled for s, _, _ in samples])
+        ic.mu = mx.array(P.mean(0))
+        ic.inv_sigma = mx.array(1.0 / np.maximum(P.std(0), 1e-6))
         ic.freeze(keys=["mu", "inv_sigma"], recurse=False)
-        Pm = mx.array(pooled.astype(np.float32))
-        has = mx.ones((len(samples),))
-    else:
-        Pm = mx.zeros((len(samples), L, D))
-        has = mx.zeros((len(samples),))
-    Yu = mx.array(np.stack([u for _, u, _ in samples]))
+        pooled = mx.array(P)
+    U = np.stack([u for _, u, _ in samples])
+    Q = mx.array(U / np.maximum(U.sum(-1, keepdims=True), 1.0))
     W = mx.array(np.array([w for _, _, w in samples], dtype=np.float32))
 
     def loss_fn(m):
-        s = m(H, R, Pm, has)
-        per = nn.losses.binary_cross_entropy(s, Yu, with_logits=True, reduction="none").mean((1, 2))
+        per = -(Q * nn.log_softmax(m(F, pooled), axis=-1)).sum(-1).mean(-1)
         return (per * W).sum() / W.sum()
 
     opt = optim.AdamW(learning_rate=lr, weight_decay=weight_decay)
@@ -1016,7 +1116,7 @@ def train_intent(
         if progress is not None:
             progress(step + 1, epochs, v.item())
     history["final_loss"] = loss_fn(ic).item()
-    ic.config.meta.update(epochs=epochs, seed=seed, augment=augment, lr=lr, samples=len(samples), use_hidden=bool(have))
+    ic.config.meta.update(epochs=epochs, seed=seed, augment=augment, lr=lr, samples=len(samples), train_sequences=len(trace))
     return ic, history
 
 
@@ -1056,8 +1156,8 @@ def evaluate_predictors(
                 order = np.argsort(-sc, axis=-1, kind="stable")
                 for k in ks:
                     hits = np.take_along_axis(tr, order[..., :k], axis=-1).sum()
-                    acc[(dl, dt)][k][0] += hits
-                    acc[(dl, dt)][k][1] += tr.shape[0] * tr.shape[1]
+                    acc[(dl, dt)][k][0] += float(hits)
+                    acc[(dl, dt)][k][1] += int(tr.shape[0] * tr.shape[1])
         out = {}
         for t, per_k in acc.items():
             out[t] = {}
@@ -1122,6 +1222,51 @@ def evaluate_intent(
 LOOKAHEAD_FILE = "lookahead.safetensors"
 MARKOV_FILE = "markov.npz"
 INTENT_FILE = "intent.safetensors"
+
+
+def profiles_root() -> Path:
+    """$CHRONOS_PROFILE_DIR if set, else the shipped <repo>/profiles."""
+    import os
+
+    env = os.environ.get("CHRONOS_PROFILE_DIR")
+    if env:
+        return Path(env).expanduser()
+    return shipped_profiles_root()
+
+
+def shipped_profiles_root() -> Path:
+    import chronos_mlx
+
+    return Path(chronos_mlx.__file__).resolve().parent.parent / "profiles"
+
+
+def model_name(spec=None) -> str:
+    """demo-moe-4bit for the embedded model (None / "demo"), a local model's directory name,
+    the last part of a Hugging Face repo id."""
+    from .loader import DEFAULT_MODEL
+
+    if spec is None or str(spec) in ("", "demo"):
+        return DEFAULT_MODEL.name
+    p = Path(str(spec)).expanduser()
+    if p.exists():
+        return p.resolve().name
+    return str(spec).rstrip("/").split("/")[-1]
+
+
+def predictor_dir(spec=None) -> Path:
+    """Where `chronos predictor train` saves a model's predictors: <profiles>/<model-name>/predictors/."""
+    return profiles_root() / model_name(spec) / "predictors"
+
+
+def find_predictor_dir(spec=None) -> Optional[Path]:
+    """The first of $CHRONOS_PROFILE_DIR/<model>/predictors and <repo>/profiles/<model>/predictors
+    that holds a trained predictor, or None."""
+    name = model_name(spec)
+    for root in dict.fromkeys([profiles_root(), shipped_profiles_root()]):
+        d = root / name / "predictors"
+        if any((d / f).exists() for f in (LOOKAHEAD_FILE, MARKOV_FILE, INTENT_FILE)):
+            return d
+    return None
 
 
 def load_predictors(directory, model=None, fingerprint: Optional[dict] = None) -> dict:

@@ -383,10 +383,11 @@ def prewarm_plan(profile: Profile, cache) -> dict:
     return plan
 
 
-def apply_profile(runtime, model, profile, *, prewarm: bool = True, pin: bool = True, start: bool = True) -> Prewarm:
+def apply_profile(runtime, model, profile, *, prewarm: bool = True, pin: bool = False, start: bool = True) -> Prewarm:
     """Check `profile` (a Profile, name or path) against the model, seed the cache policies
-    and start pre-warming its hottest experts in the background. Returns the thread
-    (already started unless `start=False`; `join()` it to wait, `stop()` to cut it short)."""
+    (`usage`; `pin` also pins its hottest experts) and start pre-warming its hottest experts
+    in the background. Returns the thread (already started unless `start=False`; `join()`
+    it to wait, `stop()` to cut it short)."""
     profile = load_profile(profile)
     check_fingerprint(profile, model_fingerprint(runtime, model))
     freqs = profile.frequencies()

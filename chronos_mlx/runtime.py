@@ -86,6 +86,9 @@ class Runtime:
         # [n_targets, num_experts]; its guesses are prefetched in per-layer routing.
         self.predictor = None
         self.intent = None  # IntentClassifier: prefill -> experts the generation will use
+        # Set by the decode loop while it builds a step it may discard: per-layer routing
+        # is then reported to observers only once the step is kept.
+        self.deferred_observations: list | None = None
         self.guesses = 16
         self.predict_stream = mx.new_stream(mx.default_device())
         self._predicted: dict = {}
@@ -118,7 +121,10 @@ class Runtime:
             mx.eval(indices, guesses)  # one host round trip for both
         host = np.array(indices).reshape(-1)
         self.layer_syncs += 1
-        self._observe(layer, host, x)
+        if self.deferred_observations is not None:  # a decode step that may yet be discarded
+            self.deferred_observations.append((layer, host, x))
+        else:
+            self._observe(layer, host, x)
         uniq = np.unique(host)
         self._score_prediction(layer, uniq)
         if L.full:
@@ -213,6 +219,10 @@ class Runtime:
             L.counters.hits += inds.size - sum(1 for e in uniq.tolist() if e in got)
             self.cache.mark_used(layer, uniq)
             self._observe(layer, inds)
+
+    def observe_kept(self, observations: list):
+        for layer, indices, x in observations:
+            self._observe(layer, indices, x)
 
     def _observe(self, layer: int, indices: np.ndarray, x=None):
         for observer in self.observers:

@@ -102,7 +102,7 @@ class Belady:
     Knows the layer's future uses: `uses[i]` is the set the cache's i-th fill of this
     layer protects and then touches (one per pass, or per wave); `touch` advances."""
 
-    def __init__(self, uses: list, num_experts: int):
+    def __init__(self, uses: list):
         self.uses, self.i = uses, 0
         self.resident = set()
         far = len(uses)
@@ -188,11 +188,11 @@ def main():
         print(f"  traced {w}: {sum(len(s.tokens) for s in traces[w])} tokens in {time.perf_counter() - t0:.0f} s",
               file=sys.stderr, flush=True)
 
-    def session(w, budget, policy, profile=None, seqs=None):
+    def session(w, budget, policy, profile=None, seqs=None, pin=False):
         slots = int(budget * E + 1e-9)
         sim = Sim(plan, reader, slots, policy)
         if profile is not None:
-            apply_profile(sim.runtime, model, profile).join()
+            apply_profile(sim.runtime, model, profile, pin=pin).join()
         rows = []
         for seq in seqs or traces[w]:
             rows += sim.run(seq)
@@ -202,7 +202,7 @@ def main():
         slots = int(budget * E + 1e-9)
         sim = Sim(plan, reader, slots, "lru")
         for L, uses in zip(sim.cache.layers, fills(traces[w], len(sim.cache.layers), slots)):
-            L.policy = Belady(uses, E)
+            L.policy = Belady(uses)
         rows = []
         for seq in traces[w]:
             rows += sim.run(seq)
@@ -232,8 +232,9 @@ def main():
             row = {"workload": w, "budget": budget, "slots": int(budget * E + 1e-9), "wrong_profile": PROFILES[wrong[w]]}
             n_last = len(passes_of(traces[w][-1]))
             for label, policy, prof in (("lru", "lru", None), ("lfu", "lfu", None), ("usage", "usage", None),
-                                        ("usage+profile", "usage", own), ("usage+wrong", "usage", other)):
-                rows, sim = session(w, budget, policy, prof)
+                                        ("usage+profile", "usage", own), ("usage+wrong", "usage", other),
+                                        ("usage+profile+pins", "usage", own)):
+                rows, sim = session(w, budget, policy, prof, pin=label.endswith("pins"))
                 row[label] = rate(rows)
                 row[label + "_decode"] = rate(rows, decode_only=True)
                 # Recovery from a wrong profile shows in the session's last prompt.
@@ -304,12 +305,12 @@ def print_tables(out):
     rows = out["results"]
     pct = lambda v: f"{100 * v:.1f}"  # noqa: E731
     print("\n### Session hit rate, % (decode-only in parentheses)\n")
-    cols = ("lru", "lfu", "usage", "usage+profile", "usage+wrong", "belady")
-    print("| workload | budget | lru | lfu | usage | usage+profile | usage+wrong profile | optimal (Belady) |")
-    print("|---|---|---|---|---|---|---|---|")
+    cols = ("lru", "lfu", "usage", "usage+profile", "usage+profile+pins", "usage+wrong", "belady")
+    print("| workload | budget | lru | lfu | usage | usage+profile | usage+profile, pins | usage+wrong profile | optimal (Belady) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         cells = [f"{pct(r[c])} ({pct(r[c + '_decode'])})" for c in cols]
-        cells[4] += f" {r['wrong_profile']}"
+        cells[5] += f" {r['wrong_profile']}"
         print(f"| {r['workload']} | {r['budget']} | " + " | ".join(cells) + " |")
     for budget in sorted({r["budget"] for r in rows}, reverse=True):
         sel = [r for r in rows if r["budget"] == budget]

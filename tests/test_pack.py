@@ -60,15 +60,16 @@ def _record(path, prompts, max_tokens=6):
 
 
 CASES = [
-    ("qwen3_moe", 4),  # quantized router: weight, scales, biases
-    ("gpt_oss", 4),  # router with a bias
-    ("mixtral", None),  # plain float router
+    ("qwen3_moe", "stacked", 4),  # quantized router: weight, scales, biases
+    ("gpt_oss", "stacked", 4),  # router with a bias
+    ("mixtral", "stacked", None),  # plain float router
+    ("deepseek_v2", "per-expert", 4),  # one tensor per expert; MoEGate router
 ]
 
 
-@pytest.mark.parametrize("model_type,bits", CASES)
-def test_packed_synthetic_model_gives_stock_mlx_lm_tokens(tmp_path, model_type, bits):
-    src = write_synthetic_moe(tmp_path / "src", model_type, bits=bits, seed=4)
+@pytest.mark.parametrize("model_type,layout,bits", CASES)
+def test_packed_synthetic_model_gives_stock_mlx_lm_tokens(tmp_path, model_type, layout, bits):
+    src = write_synthetic_moe(tmp_path / "src", model_type, layout=layout, bits=bits, seed=4)
     profile = _record(src, [PROMPT_IDS, PROMPT_IDS[::-1]])
     result = K.pack(src, profile, tmp_path / "packed", seed=0)
     assert any((p != np.arange(len(p))).any() for p in result.permutations)
@@ -134,7 +135,7 @@ def test_adjacent_experts_are_counted_as_one_read():
     assert reads["calls_per_expert"] == 2 * 6
     assert reads["calls_merged"] == 2 * (1 + 2 + 1)
     assert reads["bytes"] == 2 * 6 * 100 and reads["bytes_per_call_merged"] == 1200 / 8
-    # Packing that puts 0 and 6 next to each other turns the second load into one read.
-    perm = [[1, 2, 3, 4, 5, 0, 6, 7]]
-    after = K.count_reads(K.renumber_loads(loads, perm), layers)
-    assert after["calls_merged"] == 2 * (1 + 1 + 1)
+    # A layout with 0 and 6 side by side (positions 5, 6) turns the second load into one read.
+    perm = np.array([1, 2, 3, 4, 5, 0, 6, 7])  # position i holds expert perm[i]
+    packed = [(layer, np.argsort(perm)[experts]) for layer, experts in loads]
+    assert K.count_reads(packed, layers)["calls_merged"] == 2 * (1 + 1 + 1)

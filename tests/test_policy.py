@@ -59,7 +59,7 @@ def test_victim_is_never_protected_and_always_resident(name):
     rng = np.random.default_rng(0)
     policy = make_policy(name, 16)
     if name == "usage":
-        policy.seed(rng.random(16), num_slots=6)
+        policy.seed(rng.random(16), num_slots=6, pin=True)
     resident = set()
     for _ in range(2000):
         op = rng.integers(4)
@@ -112,8 +112,8 @@ def test_a_wrong_profile_costs_little_and_is_forgotten():
     b = workload(list(range(8, 16)), 2000, 4, rng, cold=1)
     freq_b = np.bincount(np.concatenate(b[:500]), minlength=32) / 500
     plain, right, wrong = UsagePolicy(32), UsagePolicy(32), UsagePolicy(32)
-    right.seed(freq_b, num_slots=11)
-    wrong.seed(np.roll(freq_b, -8), num_slots=11)
+    right.seed(freq_b, num_slots=11, pin=True)
+    wrong.seed(np.roll(freq_b, -8), num_slots=11, pin=True)
     assert right.pinned[8:16].any() and not right.pinned[16:].any() and not right.pinned[:8].any()
     assert wrong.pinned[:8].any() and not wrong.pinned[8:].any()
     h_plain, h_right, h_wrong = (replay(p, b, num_slots=11) for p in (plain, right, wrong))

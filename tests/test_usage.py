@@ -3,6 +3,7 @@ routing), exponential decay by half-life in tokens, and co-activation counts."""
 
 import mlx.core as mx
 import numpy as np
+import pytest
 
 import chronos_mlx
 from chronos_mlx.generate import generate_step
@@ -62,7 +63,8 @@ def test_batched_folding_equals_one_update_per_pass():
     np.testing.assert_allclose(stats.counts[0], reference, rtol=1e-9)
 
 
-def test_observer_sees_exactly_stock_mlx_lm_routing(demo_prompt_ids):
+@pytest.mark.parametrize("sync", ["per-layer", "optimistic"])
+def test_observer_sees_exactly_stock_mlx_lm_routing(demo_prompt_ids, sync):
     """Attached to a model streamed at a small budget, the statistics count the same expert
     choices stock mlx_lm's router makes on the same prompt and greedy continuation."""
     from mlx_lm import load
@@ -76,7 +78,7 @@ def test_observer_sees_exactly_stock_mlx_lm_routing(demo_prompt_ids):
 
     model, _, runtime = chronos_mlx.load(None, expert_budget=0.25)
     stats = ActivationStats.for_runtime(runtime)
-    list(generate_step(mx.array(demo_prompt_ids), model, runtime, max_tokens=8))
+    list(generate_step(mx.array(demo_prompt_ids), model, runtime, max_tokens=8, sync=sync))
     stats.detach(runtime)
     assert not runtime.observers
     for layer in range(len(runtime.cache.layers)):
