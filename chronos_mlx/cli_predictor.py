@@ -139,36 +139,42 @@ def record(model, tokenizer, prompts, max_tokens, max_prompt_tokens, label="reco
 
 
 def recall_table(results: dict, ks=(8, 16), title="") -> Table:
-    from .predictors import LOOKAHEAD_TARGETS, target_name
+    """One row per predictor and target: recall and precision with ks[0] and ks[1] guesses."""
+    from .predictors import target_name
 
-    table = Table(title=title or None, title_justify="left")
+    table = Table(
+        title=title or None,
+        title_justify="left",
+        caption="R@k / P@k: recall / precision of the k best guesses against the router's true top-k",
+        caption_justify="left",
+    )
     table.add_column("predictor", style="cyan")
-    targets = list(LOOKAHEAD_TARGETS)
-    for t in targets:
-        table.add_column(f"{target_name(t)}\nR@{ks[0]} / R@{ks[1]} / P@{ks[1]}", justify="right")
+    table.add_column("predicts", no_wrap=True)
+    for k in ks:
+        table.add_column(f"R@{k}", justify="right")
+        table.add_column(f"P@{k}", justify="right")
     for name, per_target in results.items():
-        row = [name]
-        for t in targets:
-            r = per_target.get(t)
-            if not r:
-                row.append("-")
-            else:
-                row.append(f"{r[ks[0]]['recall']:.2f} / {r[ks[1]]['recall']:.2f} / {r[ks[1]]['precision']:.2f}")
-        table.add_row(*row)
+        for i, (t, r) in enumerate(sorted(per_target.items(), key=lambda tr: (tr[0][1], tr[0][0]))):
+            cells = []
+            for k in ks:
+                cells += [f"{r[k]['recall']:.3f}", f"{r[k]['precision']:.3f}"]
+            table.add_row(name if i == 0 else "", target_name(t), *cells, end_section=i == len(per_target) - 1)
     return table
 
 
 def intent_table(results: dict, title="") -> Table:
     names = [n for n in results if not n.startswith("_")]
-    sizes = list(results[names[0]])
     table = Table(title=title or None, title_justify="left")
-    table.add_column("intent (per layer)", style="cyan")
-    for m in sizes:
-        table.add_column(f"{m} experts\nrecall / prec. / cover", justify="right")
+    table.add_column("per layer", style="cyan")
+    table.add_column("set size", justify="right")
+    for col in ("recall", "precision", "coverage"):
+        table.add_column(col, justify="right")
     for n in names:
-        table.add_row(
-            n, *[f"{results[n][m]['recall']:.2f} / {results[n][m]['precision']:.2f} / {results[n][m]['coverage']:.2f}" for m in sizes]
-        )
+        sizes = list(results[n])
+        for i, m in enumerate(sizes):
+            r = results[n][m]
+            table.add_row(n if i == 0 else "", str(m), f"{r['recall']:.3f}", f"{r['precision']:.3f}", f"{r['coverage']:.3f}",
+                          end_section=i == len(sizes) - 1)
     return table
 
 
@@ -211,8 +217,7 @@ def train(
 ):
     """Record routing traces on the prompts, train the predictors and save them.
 
-    Saves lookahead.safetensors (+ .json), markov.npz and intent.safetensors (+ .json), each
-    tied to this model's fingerprint.
+    Writes lookahead.safetensors (+ .json), markov.npz and intent.safetensors (+ .json), each tied to this model's fingerprint.
     """
     import mlx.core as mx
 
@@ -290,8 +295,7 @@ def evaluate(
 ):
     """Recall and precision of each predictor on prompts (use prompts not trained on).
 
-    Baselines need no training (previous token, cross-layer gate); trained predictors are
-    loaded from the model's predictors directory when present.
+    The baselines need no training (previous token, cross-layer gate); trained predictors are loaded from the model's predictors directory when there are any.
     """
     from .predictors import (
         CrossLayerGatePredictor,

@@ -37,36 +37,50 @@ MAX_OPTIMISTIC_RETRIES = 2
 class RoutingChooser:
     """Picks optimistic or per-layer routing for each decode step from measured cost.
 
-    An optimistic step costs one host read but a recompute when an expert was absent; a
-    per-layer step never recomputes but pays a host round trip per MoE layer. Which wins
+    An optimistic step costs one host read, plus a recovery when an expert was absent; a
+    per-layer step never recovers but pays a host round trip per MoE layer. Which wins
     depends on the miss rate and on what a round trip costs (on a GPU far more than on a
-    CPU), so both are timed per token and the cheaper is used, re-probing the other now
-    and then. While nothing missed lately, optimistic always wins.
+    CPU), so the loop measures: seconds per token of each mode (without recoveries), the
+    share of optimistic steps that missed and what a recovery took. Optimistic is used
+    while base + miss rate x recovery <= per-layer; the other mode is re-probed now and then.
     """
 
-    cost: dict = field(default_factory=lambda: {True: None, False: None})  # speculate -> s/token
-    recent: deque = field(default_factory=lambda: deque(maxlen=8))  # optimistic steps that missed
+    seconds: dict = field(default_factory=lambda: {True: None, False: None})  # speculate -> s/token
+    miss_rate: float = 0.0
+    recovery_s: float = 0.0
     decisions: int = 0
     probe_every: int = 16
+    _last_best: bool = True
+
+    @staticmethod
+    def _ema(old, new, w=0.3):
+        return new if old is None else (1 - w) * old + w * new
 
     def observe_optimistic(self, missed: bool):
-        self.recent.append(missed)
+        self.miss_rate = self._ema(self.miss_rate, float(missed))
+
+    def observe_recovery(self, seconds: float):
+        self.recovery_s = self._ema(self.recovery_s or None, seconds)
 
     def record(self, speculated: bool, seconds: float):
-        old = self.cost[speculated]
-        self.cost[speculated] = seconds if old is None else 0.7 * old + 0.3 * seconds
+        self.seconds[speculated] = self._ema(self.seconds[speculated], seconds)
 
     def choose(self) -> bool:
         self.decisions += 1
-        if not any(self.recent):
+        if self.miss_rate < 0.05:
             return True
-        opt, per_layer = self.cost[True], self.cost[False]
+        opt, per_layer = self.seconds[True], self.seconds[False]
         if per_layer is None:
             return False
         if opt is None:
             return True
-        best = opt <= per_layer
-        return (not best) if self.decisions % self.probe_every == 0 else best
+        best = opt + self.miss_rate * self.recovery_s <= per_layer
+        if best != self._last_best:  # the verdict changed: probe often again
+            self.probe_every, self._last_best = 16, best
+        if self.decisions % self.probe_every == 0:
+            self.probe_every = min(2 * self.probe_every, 256)  # each probe that changes nothing backs off
+            return not best
+        return best
 
 
 @dataclass
@@ -152,6 +166,10 @@ def generate_step(
             if step.flat is None:  # per-layer: exact as built; now its routing is kept
                 if step.observations:
                     runtime.observe_kept(step.observations)
+                if timing.get("recovering_since"):
+                    took = time.perf_counter() - timing.pop("recovering_since")
+                    chooser.observe_recovery(took)
+                    timing["recovery"] += took
                 return step, discarded
             host = np.array(step.flat)
             c.host_syncs += 1
@@ -159,10 +177,15 @@ def generate_step(
             chooser.observe_optimistic(missed=bool(needed))
             if not needed:
                 runtime.account_step(step.record, host, loaded)
+                if timing.get("recovering_since"):
+                    took = time.perf_counter() - timing.pop("recovering_since")
+                    chooser.observe_recovery(took)
+                    timing["recovery"] += took
                 return step, discarded
             first = min(needed)
             runtime.account_step(step.record, host, loaded, before=first)  # exact, kept
             t0 = time.perf_counter()
+            timing["recovering_since"] = timing.get("recovering_since") or t0
             # Nothing queued may still read a slot about to be overwritten, and the KV
             # entries of the wrong step (and of any launched on its token) must go.
             if speculative is not None and not discarded:
@@ -214,6 +237,7 @@ def generate_step(
         runtime.prefetch_intent(intent.ranked())
 
     chooser = RoutingChooser()
+    timing = {"recovery": 0.0}  # recovery seconds inside the current token's interval
     step = launch(prompt, speculate=True)
     # Per-layer reads of the decode steps (the first one is launched right below) count too.
     n, t_first, t_last, syncs_at_first, io_at_first = 0, None, 0.0, runtime.layer_syncs, 0.0
@@ -229,8 +253,11 @@ def generate_step(
             token = step.y.item()
             c.host_syncs += 1
             now = time.perf_counter()
-            if t_first is not None:
-                chooser.record(step.speculated, now - t_last)
+            if t_first is not None and nxt is not None:
+                # This interval mostly waited for work of the mode just launched (`nxt`):
+                # a per-layer launch blocks layer by layer, an optimistic one on the read.
+                chooser.record(speculate, now - t_last - timing["recovery"])
+            timing["recovery"] = 0.0
             t_last = now
             if t_first is None:
                 t_first = time.perf_counter()

@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 
 import mlx.core as mx
-import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -206,9 +205,9 @@ def main(argv=None):
         f"- Model: `{Path(info['path']).name}` ({info['moe_layers']} MoE layers, {info['num_experts']} experts, "
         f"top-{info['top_k']}).",
         f"- Workloads: `{args.workloads}` ({', '.join(f'{n} {a}' for n, a, _, _ in files)} prompts). "
-        f"Training: the first {args.train_per_file or 'all'} prompts of each file's first half "
-        f"({len(train_tr)} prompts, {train_tr.num_tokens} positions); test: the first "
-        f"{args.test_per_file or 'all'} of each file's second half ({len(test_tr)} prompts, {test_tr.num_tokens} positions, "
+        f"Training: {f'the first {args.train_per_file}' if args.train_per_file else 'all'} prompts of each file's first half "
+        f"({len(train_tr)} prompts, {train_tr.num_tokens} positions); test: "
+        f"{f'the first {args.test_per_file}' if args.test_per_file else 'all'} of each file's second half ({len(test_tr)} prompts, {test_tr.num_tokens} positions, "
         f"{n_gen} generated tokens). Prompts cut to their first {args.max_prompt_tokens} tokens, "
         f"{args.max_tokens} tokens generated greedily.",
         f"- Lookahead router: {lookahead.num_parameters():,} parameters (rank {lookahead.config.rank}), "
