@@ -210,8 +210,8 @@ class CrossLayerGatePredictor(Predictor):
     def scores(self, layer, x=None):
         if x is None:
             raise ValueError("CrossLayerGatePredictor.scores needs the layer's MoE input x")
-        x = x.reshape(-1, x.shape[-1])[-1]
-        return self._logits(layer, x.astype(mx.float32))
+        x = x.reshape(-1, x.shape[-1])[-1:]  # [1, D]: quantized matmuls want a matrix (CUDA)
+        return self._logits(layer, x.astype(mx.float32))[0]
 
     def score_trace(self, seq):
         out = []
@@ -527,7 +527,7 @@ class LookaheadRouter(nn.Module, Predictor):
         """
         if x is None:
             raise ValueError("LookaheadRouter.scores needs the layer's MoE input x")
-        x = x.reshape(-1, x.shape[-1])[-1]
+        x = x.reshape(-1, x.shape[-1])[-1:]  # [1, D]: a matrix, as on every backend's matmul path
         return self._forward(layer, x).reshape(len(self.config.targets), self.config.num_experts)
 
     def scores_batch(self, layer: int, x: mx.array) -> mx.array:

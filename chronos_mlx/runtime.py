@@ -146,7 +146,7 @@ class Runtime:
     def _predict(self, layer: int, x: mx.array):
         """Ranked expert guesses [n_targets, m] for the predictor's targets, on its own stream."""
         with mx.stream(self.predict_stream):  # from the last position (prefill: the last prompt token)
-            scores = self.predictor.scores(layer, x.reshape(-1, x.shape[-1])[-1])
+            scores = self.predictor.scores(layer, x.reshape(-1, x.shape[-1])[-1:])
             m = min(self.guesses, scores.shape[-1])
             return mx.argsort(-scores, axis=-1)[..., :m]
 
