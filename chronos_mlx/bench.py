@@ -17,6 +17,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import mlx.core as mx
+import numpy as np
 
 RESIDENT = "mlx_lm-resident"
 MMAP = "mlx_lm-mmap"
@@ -195,7 +196,11 @@ def measure(config: BenchConfig, model_path, prompts, *, max_tokens=64, repeats=
         recorder = AccessRecorder()  # the routing, for Belady's bound at this budget
         runtime.observers.append(recorder)
     results = []
+    start = None
     for r in range(warmup + repeats):
+        if r == warmup and recorder is not None:  # Belady starts where the measured runs start
+            start = {l: len(seq) for l, seq in recorder.sequences.items()}
+            initial = [set(np.flatnonzero(L.slot_of >= 0).tolist()) for L in runtime.cache.layers]
         runs = []
         for prompt in prompts:
             if runtime is None:
@@ -209,8 +214,11 @@ def measure(config: BenchConfig, model_path, prompts, *, max_tokens=64, repeats=
     out = {"name": config.name, "kind": config.kind, "load_s": load_s, **_summarise(results)}
     if recorder is not None:
         slots = runtime.cache.num_slots
-        loads = sum(belady_loads(seq, slots) for seq in recorder.sequences.values())
-        tokens = (warmup + repeats) * len(prompts) * max_tokens
+        loads = sum(
+            belady_loads(seq[start.get(layer, 0):], slots, initial[layer])
+            for layer, seq in recorder.sequences.items()
+        )
+        tokens = repeats * len(prompts) * max_tokens
         out["belady_bytes_read_per_token"] = loads * runtime.cache.bytes_on_disk_per_expert / tokens
         sim = runtime.reader.simulator
         if sim is not None:
@@ -327,15 +335,16 @@ class AccessRecorder:
         self.sequences.setdefault(layer, []).append(frozenset(int(e) for e in experts))
 
 
-def belady_loads(sequence: list, slots: int) -> int:
-    """Loads Belady's optimal eviction needs for a sequence of expert sets in `slots` slots."""
+def belady_loads(sequence: list, slots: int, initial=()) -> int:
+    """Loads Belady's optimal eviction needs for a sequence of expert sets in `slots` slots,
+    starting from the resident set `initial`."""
     next_use: list[dict] = [dict() for _ in sequence]
     upcoming: dict = {}
     for t in range(len(sequence) - 1, -1, -1):
         next_use[t] = dict(upcoming)
         for e in sequence[t]:
             upcoming[e] = t
-    resident: set = set()
+    resident: set = set(list(initial)[:slots])
     loads = 0
     for t, need in enumerate(sequence):
         if len(need) > slots:  # a prefill batch streamed in waves: everything absent is read
