@@ -223,6 +223,15 @@ class ExpertCache:
         L.dirty = True
         return slot
 
+    def _cancel_a_prefetch(self, L: LayerSlots, keep: set):
+        """Take back the slot of a prefetch that has not started and is not wanted. Lock held."""
+        for e, (slot, fut, is_prefetch) in list(L.pending.items()):
+            if is_prefetch and e not in keep and fut.cancel():
+                L.pending.pop(e)
+                L.counters.prefetch_cancelled += 1
+                return slot
+        return None
+
     def _start_load(self, L: LayerSlots, expert: int, slot: int, prefetch: bool):
         """Reserve `slot` and read `expert` into it on the I/O pool (inline without one)."""
         L.expert_in[slot] = -2
@@ -258,7 +267,7 @@ class ExpertCache:
         L.pending[expert] = (slot, fut, prefetch)
         return fut
 
-    def ensure(self, layer: int, experts, protect=None) -> list:
+    def ensure(self, layer: int, experts, protect=None, retries: int = 0) -> list:
         """Make `experts` of `layer` resident and wait for them; returns those it loaded.
 
         Experts already being prefetched are waited for, not read twice. Victims are chosen
@@ -274,7 +283,7 @@ class ExpertCache:
         keep = set(experts.tolist()) | (set(protect) if protect is not None else set())
         if len(keep) > L.num_slots:
             keep = set(experts.tolist())
-        futures, loaded = [], []
+        futures, loaded, blocked, running = [], [], set(), []
         t0 = time.perf_counter()
         with self._lock:
             self._check_files(L)
@@ -288,13 +297,28 @@ class ExpertCache:
                         continue
                     L.pending.pop(e)
                     L.expert_in[slot] = -1
-                slot = self._take_slot(L, keep)
+                slot = self._take_slot(L, keep) if e not in blocked else None
                 if slot is None:
-                    raise RuntimeError(f"layer {layer}: no slot can be freed for expert {e}")
+                    slot = self._cancel_a_prefetch(L, keep)
+                if slot is None:  # every free-able slot is being filled by a prefetch
+                    blocked.add(e)
+                    continue
                 loaded.append(e)
                 futures.append(self._start_load(L, e, slot, prefetch=False))
+            running = [f for _, f, pf in L.pending.values() if pf] if blocked else []
         for fut in futures:
             fut.result()
+        if blocked:
+            # Prefetches in flight hold the remaining slots: let them land (they become
+            # evictable), then place what is still missing.
+            for fut in running:
+                try:
+                    fut.result()
+                except Exception:
+                    pass
+            if retries > L.num_slots:
+                raise RuntimeError(f"layer {layer}: no slot can be freed for experts {sorted(blocked)}")
+            return loaded + self.ensure(layer, experts, protect, retries=retries + 1)
         L.counters.load_s += time.perf_counter() - t0
         if threading.current_thread() is threading.main_thread():
             L.refresh()

@@ -165,7 +165,8 @@ class Runtime:
             if not safe:  # a later layer of the next token would compete with this token's use
                 continue
             T = self.cache.layers[target]
-            limit = T.num_slots - len(T.last_used)
+            # Room for the target's last experts and always for one token's worth of demand.
+            limit = min(T.num_slots - len(T.last_used), T.num_slots - self.info.get("top_k", 1))
             if limit > 0:
                 self.cache.prefetch(target, ranked, limit, protect=T.last_used)
                 self._predicted[(target, dt)] = set(int(e) for e in ranked)

@@ -1,0 +1,97 @@
+"""ExpertCache: slots hold exactly the shard bytes, eviction respects the policy and what is
+in use, prefetches never block demand, and a half-written slot is never mapped."""
+
+import threading
+import time
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import chronos_mlx
+from chronos_mlx.io import SimulatedSSD
+
+from conftest import DEMO
+
+
+@pytest.fixture()
+def runtime():
+    _, _, rt = chronos_mlx.load(None, expert_budget=0.25)  # 16 slots per layer
+    return rt
+
+
+def _slot_bytes(cache, layer, expert):
+    L = cache.layers[layer]
+    p = L.params["up_proj.weight"]
+    return np.array(p.view[L.slot_of[expert]])
+
+
+def test_a_loaded_slot_holds_the_experts_bytes_from_the_shard(runtime):
+    cache = runtime.cache
+    cache.ensure(2, [5, 40])
+    truth = np.array(mx.load(str(DEMO / "model.safetensors"))["model.layers.2.mlp.switch_mlp.up_proj.weight"])
+    assert np.array_equal(_slot_bytes(cache, 2, 40), truth[40])
+    assert np.array_equal(_slot_bytes(cache, 2, 5), truth[5])
+
+
+def test_lru_evicts_the_least_recently_used_and_never_what_is_requested(runtime):
+    cache = runtime.cache
+    cache.ensure(0, list(range(16)))  # full (loaded in parallel: their order is arbitrary)
+    for e in range(16):
+        cache.mark_used(0, [e])  # used in the order 0, 1, ..., 15
+    cache.mark_used(0, [0, 1])  # 0 and 1 become most recent
+    loaded = cache.ensure(0, [0, 20])
+    assert loaded == [20]
+    L = cache.layers[0]
+    assert L.slot_of[2] < 0  # the oldest untouched one went
+    assert L.slot_of[0] >= 0 and L.slot_of[1] >= 0
+
+
+def test_too_many_experts_for_the_slots_is_refused(runtime):
+    with pytest.raises(ValueError, match="17 experts requested, 16 slots"):
+        runtime.cache.ensure(0, list(range(17)))
+
+
+def test_demand_loads_get_slots_even_when_prefetches_hold_all_free_ones(runtime):
+    cache = runtime.cache
+    cache.reader.simulator = SimulatedSSD(bandwidth=50e6, latency=2e-3)  # slow: prefetches stay in flight
+    started = cache.prefetch(1, list(range(16)), limit=16)
+    assert started == 16
+    loaded = cache.ensure(1, [60, 61, 62])
+    assert sorted(loaded) == [60, 61, 62]
+    assert (cache.layers[1].slot_of[[60, 61, 62]] >= 0).all()
+
+
+def test_a_prefetched_expert_is_waited_for_not_read_twice(runtime):
+    cache = runtime.cache
+    cache.reader.simulator = SimulatedSSD(bandwidth=100e6, latency=1e-3)
+    cache.prefetch(3, [7], limit=1)
+    before = cache.layers[3].counters.bytes_read
+    cache.ensure(3, [7])
+    assert cache.layers[3].counters.bytes_read == before + cache.bytes_on_disk_per_expert
+    cache.mark_used(3, [7])
+    assert cache.layers[3].counters.prefetch_hits == 1
+
+
+def test_a_slot_being_written_is_not_visible_in_the_table(runtime):
+    cache = runtime.cache
+    cache.reader.simulator = SimulatedSSD(bandwidth=1e6, latency=0.2)  # 0.2 s and more per read
+    L = cache.layers[4]
+    cache.prefetch(4, [9], limit=1)
+    time.sleep(0.05)
+    L.refresh()
+    assert L.table_map[9] < 0  # still in flight: compute would treat it as absent
+    cache.ensure(4, [9])
+    L.refresh()
+    assert L.table_map[9] >= 0
+
+
+def test_prewarm_fills_free_slots_from_a_background_thread_without_evicting(runtime):
+    cache = runtime.cache
+    cache.ensure(5, [1, 2])
+    t = threading.Thread(target=cache.prewarm, args=({5: list(range(10, 40))},))
+    t.start()
+    t.join()
+    L = cache.layers[5]
+    assert L.slot_of[1] >= 0 and L.slot_of[2] >= 0
+    assert int((L.slot_of >= 0).sum()) == 16
