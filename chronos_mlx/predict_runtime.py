@@ -39,6 +39,8 @@ def attach_predictor(model, runtime, name: str | None) -> None:
         raise ChronosError(f"unknown predictor '{name}' (choose from {', '.join(PREDICTORS)})")
     if name == "none" or runtime.cache is None:
         return
+    if runtime.cache.num_slots == runtime.info["num_experts"]:
+        return  # every expert fits: nothing can miss, so nothing to predict
     from .predictors import CrossLayerGatePredictor
 
     trained = trained_predictors(model, runtime) if name != "gate" else {}
