@@ -23,8 +23,14 @@ def trained_predictors(model, runtime) -> dict:
 
 
 def default_predictor(model, runtime) -> str:
-    """`all` when something is trained for this model, else `none` (the issue's default)."""
-    if runtime.cache is None:
+    """`all` when something is trained for this model, else `none`.
+
+    On MLX's CPU backend the default is `none`: measured on the demo model (2 cores), the
+    reader threads' prefetches halve the I/O stall but compete with compute for the cores,
+    and decoding came out 10-15 % slower (README, Benchmarks). `--predictor` still selects."""
+    import mlx.core as mx
+
+    if runtime.cache is None or mx.default_device() == mx.cpu:
         return "none"
     try:
         return "all" if trained_predictors(model, runtime) else "none"
