@@ -196,16 +196,21 @@ BudgetOpt = Annotated[
 ]
 
 
+MaxTokensOpt = Annotated[int, typer.Option("--max-tokens", "-n", min=1, help="Tokens generated per prompt (greedy).")]
+MaxPromptTokensOpt = Annotated[
+    Optional[int], typer.Option("--max-prompt-tokens", min=1, help="Keep only the first N tokens of each prompt.")
+]
+PromptsPerFileOpt = Annotated[Optional[int], typer.Option("--prompts-per-file", min=1, help="Use at most N prompts of each file.")]
+
+
 @predictor_app.command()
 @_user_errors
 def train(
     model: ModelOpt = None,
     prompts: PromptsOpt = None,
-    max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", min=1, help="Tokens generated per prompt (greedy).")] = 32,
-    max_prompt_tokens: Annotated[
-        Optional[int], typer.Option("--max-prompt-tokens", min=1, help="Keep only the first N tokens of each prompt.")
-    ] = 128,
-    prompts_per_file: Annotated[Optional[int], typer.Option("--prompts-per-file", min=1, help="Use at most N prompts of each file.")] = None,
+    max_tokens: MaxTokensOpt = 32,
+    max_prompt_tokens: MaxPromptTokensOpt = 128,
+    prompts_per_file: PromptsPerFileOpt = None,
     epochs: Annotated[int, typer.Option("--epochs", min=1, help="Lookahead router training epochs.")] = 8,
     seed: Annotated[int, typer.Option("--seed", help="Seed for initialisation and shuffling (same seed, same files).")] = 0,
     out_dir: Annotated[
@@ -278,11 +283,9 @@ def train(
 def evaluate(
     model: ModelOpt = None,
     prompts: PromptsOpt = None,
-    max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", min=1, help="Tokens generated per prompt (greedy).")] = 32,
-    max_prompt_tokens: Annotated[
-        Optional[int], typer.Option("--max-prompt-tokens", min=1, help="Keep only the first N tokens of each prompt.")
-    ] = 128,
-    prompts_per_file: Annotated[Optional[int], typer.Option("--prompts-per-file", min=1, help="Use at most N prompts of each file.")] = None,
+    max_tokens: MaxTokensOpt = 32,
+    max_prompt_tokens: MaxPromptTokensOpt = 128,
+    prompts_per_file: PromptsPerFileOpt = None,
     predictors_dir: Annotated[
         Optional[Path],
         typer.Option("--predictors", metavar="DIR", help="Trained predictors (default: <profiles>/<model>/predictors, then the shipped ones)."),
