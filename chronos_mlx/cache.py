@@ -20,7 +20,7 @@ import numpy as np
 
 from .layout import ExpertTensor
 from .policy import make_policy
-from .shards import ShardReader
+from .shards import ReadRun, ShardReader, wait_until
 
 MX_DTYPES = {
     "U8": mx.uint8,
@@ -87,6 +87,23 @@ class SlotParam:
     dtype: mx.Dtype  # resident dtype (what compute sees)
     slots: mx.array = None
     view: np.ndarray = None
+    # The read plan, precomputed so that planning a batch costs little per expert: where
+    # each expert's bytes are, whether expert e+1 follows e on disk, each slot as bytes.
+    paths: list = None
+    offsets: list = None
+    followed: list = None
+    convert: bool = False  # disk dtype differs from the resident one
+    slot_bytes: list = None
+
+    def plan(self):
+        slices = self.source.slices
+        self.paths = [sl.path for sl in slices]
+        self.offsets = [sl.offset for sl in slices]
+        self.followed = [
+            a.path == b.path and a.offset + a.nbytes == b.offset for a, b in zip(slices, slices[1:])
+        ] + [False]
+        self.convert = MX_DTYPES.get(self.source.dtype) != self.dtype
+        self.slot_bytes = [memoryview(self.view[s]).cast("B") for s in range(len(self.view))]
 
     @property
     def nbytes_per_expert(self) -> int:
@@ -169,6 +186,7 @@ class ExpertCache:
                 p.slots = mx.zeros((num_slots, *source.shape), dtype=dtype)
                 mx.eval(p.slots)
                 p.view = _numpy_view(p.slots)
+                p.plan()
                 params[pname] = p
             layer = LayerSlots(num_experts, num_slots, params, make_policy(policy, num_experts))
             layer.lock = self._lock
@@ -232,40 +250,47 @@ class ExpertCache:
                 return slot
         return None
 
-    def _start_load(self, L: LayerSlots, expert: int, slot: int, prefetch: bool):
-        """Reserve `slot` and read `expert` into it on the I/O pool (inline without one)."""
-        L.expert_in[slot] = -2
+    def _reserve(self, L: LayerSlots, items: list, prefetch: bool) -> list:
+        """Mark `items` [(expert, slot)] as being loaded; returns the batch to run. Lock held."""
+        batch = []
+        for e, slot in items:
+            L.expert_in[slot] = -2
+            fut = Future()
+            L.pending[e] = (slot, fut, prefetch)
+            batch.append((e, slot, fut))
+        return batch
 
-        def work():
-            try:
-                self._read_expert(L, expert, slot)
-            except BaseException:
-                with self._lock:
+    def _run_batch(self, L: LayerSlots, batch: list, prefetch: bool):
+        """Read a batch of experts into their reserved slots (any thread, lock not held).
+
+        All their byte ranges go to the reader as one submission; each expert is mapped,
+        and its future resolved, as soon as its own bytes have arrived. Experts whose
+        load was cancelled meanwhile are skipped (the canceller took their slot back)."""
+        live = [(e, slot, fut) for e, slot, fut in batch if fut.set_running_or_notify_cancel()]
+        if not live:
+            return
+        try:
+            ready = self._read_experts(L, [(e, slot) for e, slot, _ in live])
+        except BaseException as exc:
+            with self._lock:
+                for e, slot, _ in live:
                     L.expert_in[slot] = -1
-                    L.pending.pop(expert, None)
-                raise
+                    L.pending.pop(e, None)
+            for *_, fut in live:
+                fut.set_exception(exc)
+            return
+        for t, (e, slot, fut) in sorted(zip(ready, live), key=lambda r: r[0]):
+            wait_until(t)
             with self._lock:
                 L.counters.bytes_read += self.bytes_on_disk_per_expert
-                L.slot_of[expert] = slot
-                L.expert_in[slot] = expert
-                L.policy.added(expert)
-                L.pending.pop(expert, None)
+                L.slot_of[e] = slot
+                L.expert_in[slot] = e
+                L.policy.added(e)
+                L.pending.pop(e, None)
                 if prefetch:
-                    L.prefetched.add(expert)
+                    L.prefetched.add(e)
                 L.dirty = True
-
-        if self.pool is None:
-            fut = Future()
-            L.pending[expert] = (slot, fut, prefetch)
-            try:
-                work()
-                fut.set_result(None)
-            except BaseException as e:  # surfaces through fut.result() like a pooled read
-                fut.set_exception(e)
-            return fut
-        fut = self.pool.submit(work)
-        L.pending[expert] = (slot, fut, prefetch)
-        return fut
+            fut.set_result(None)
 
     def ensure(self, layer: int, experts, protect=None, retries: int = 0) -> list:
         """Make `experts` of `layer` resident and wait for them; returns those it loaded.
@@ -283,7 +308,7 @@ class ExpertCache:
         keep = set(experts.tolist()) | (set(protect) if protect is not None else set())
         if len(keep) > L.num_slots:
             keep = set(experts.tolist())
-        futures, loaded, blocked, running = [], [], set(), []
+        futures, loaded, blocked, running, demand = [], [], set(), [], []
         t0 = time.perf_counter()
         with self._lock:
             self._check_files(L)
@@ -303,9 +328,15 @@ class ExpertCache:
                 if slot is None:  # every free-able slot is being filled by a prefetch
                     blocked.add(e)
                     continue
+                L.expert_in[slot] = -2  # reserved: the next _take_slot must not hand it out
                 loaded.append(e)
-                futures.append(self._start_load(L, e, slot, prefetch=False))
+                demand.append((e, slot))
+            batch = self._reserve(L, demand, prefetch=False)
+            futures += [fut for *_, fut in batch]
             running = [f for _, f, pf in L.pending.values() if pf] if blocked else []
+        # Demand reads run here: the caller waits for them anyway, and a hand-off to a
+        # reader thread costs more than the copy. The batch's reads are in flight together.
+        self._run_batch(L, batch, prefetch=False)
         for fut in futures:
             fut.result()
         if blocked:
@@ -334,24 +365,30 @@ class ExpertCache:
         L = self.layers[layer]
         wanted = [int(e) for e in experts]
         keep = set(wanted) | set(protect)
-        started = 0
         with self._lock:
             for e, (slot, fut, is_prefetch) in list(L.pending.items()):
                 if is_prefetch and e not in keep and fut.cancel():
                     L.pending.pop(e)
                     L.expert_in[slot] = -1
                     L.counters.prefetch_cancelled += 1
+            items = []
             for e in wanted:
-                if started >= limit:
+                if len(items) >= limit:
                     break
                 if L.slot_of[e] >= 0 or e in L.pending:
                     continue
                 slot = self._take_slot(L, keep)
                 if slot is None:
                     break
-                self._start_load(L, e, slot, prefetch=True)
-                started += 1
-        return started
+                L.expert_in[slot] = -2
+                items.append((e, slot))
+            batch = self._reserve(L, items, prefetch=True)
+        if batch:
+            if self.pool is None:
+                self._run_batch(L, batch, prefetch=True)
+            else:
+                self.pool.submit(self._run_batch, L, batch, True)
+        return len(batch)
 
     def mark_used(self, layer: int, experts):
         """Experts a computation used: prefetch hits are counted, the policy informed."""
@@ -368,17 +405,42 @@ class ExpertCache:
         for path in {p.source.slices[0].path for p in L.params.values()}:
             self.reader.check(path)
 
-    def _read_expert(self, L: LayerSlots, expert: int, slot: int):
-        """Read one expert's parameters into `slot` (any thread: numpy and pread only)."""
+    def _read_experts(self, L: LayerSlots, items: list) -> list[float]:
+        """Read experts [(expert, slot)] into their slots as one reader submission (numpy
+        and pread only: any thread). Experts adjacent on disk share a read. Returns, per
+        item, when its bytes count as arrived (see ShardReader.read_runs)."""
+        k = len(items)
+        if not k:
+            return []
+        order = sorted(range(k), key=lambda i: items[i][0])
+        experts = [items[i][0] for i in order]
+        slots = [items[i][1] for i in order]
+        # Batch positions where a new read starts for a parameter laid out like this one.
+        runs, spans, converts = [], [], []
         for p in L.params.values():
-            src = p.source.slices[expert]
-            target = p.view[slot]
-            if MX_DTYPES.get(p.source.dtype) == p.dtype:
-                self.reader.read_into(src.path, src.offset, target, checked=True)
+            n = p.source.nbytes
+            if p.convert:
+                raw = np.empty(k * n, dtype=np.uint8)
+                mv = memoryview(raw)
+                bufs = [mv[i * n : (i + 1) * n] for i in range(k)]
+                converts.append((raw, p))
             else:
-                raw = np.empty(src.nbytes, dtype=np.uint8)
-                self.reader.read_into(src.path, src.offset, raw, checked=True)
-                convert_into(raw, p.source.dtype, p.dtype, target)
+                bufs = [p.slot_bytes[s] for s in slots]
+            f = p.followed
+            bounds = [0] + [i for i in range(1, k) if not (experts[i] == experts[i - 1] + 1 and f[experts[i - 1]])] + [k]
+            for a, b in zip(bounds[:-1], bounds[1:]):
+                runs.append(ReadRun(p.paths[experts[a]], p.offsets[experts[a]], bufs[a:b], (b - a) * n))
+                spans.append((a, b))
+        done = self.reader.read_runs(runs, checked=True)
+        for raw, p in converts:
+            out = np.empty((k, *p.source.shape), dtype=p.view.dtype)
+            convert_into(raw, p.source.dtype, p.dtype, out)
+            p.view[slots] = out
+        ready = [0.0] * k
+        for (a, b), t in zip(spans, done):
+            for pos in range(a, b):
+                ready[order[pos]] = max(ready[order[pos]], t)
+        return ready
 
     def _sync_table(self, L: LayerSlots):
         L.dirty = True
@@ -389,33 +451,23 @@ class ExpertCache:
         """Load `plan[layer]` (experts, most wanted first) into free slots only, never evicting.
 
         Safe from a background thread while the model computes: a slot is reserved before
-        it is written and the expert mapped only once complete. Returns how many loaded.
+        it is written and the expert mapped only once complete. Reads run on the calling
+        thread, one batch per layer (demand loads keep the pool). Returns how many loaded.
         """
         loaded = 0
         for layer, experts in plan.items():
+            if stop is not None and stop.is_set():
+                break
             L = self.layers[layer]
-            for e in experts:
-                e = int(e)
-                if stop is not None and stop.is_set():
-                    return loaded
-                with self._lock:
-                    if L.slot_of[e] >= 0 or e in L.pending:
-                        continue
-                    free = np.flatnonzero(L.expert_in == -1)
-                    if not len(free):
-                        break
-                    fut = self._start_load_reserved(L, e, int(free[0]))
+            with self._lock:
+                free = np.flatnonzero(L.expert_in == -1).tolist()
+                wanted = [int(e) for e in experts if L.slot_of[int(e)] < 0 and int(e) not in L.pending]
+                batch = self._reserve(L, list(zip(wanted, free)), prefetch=False)
+            self._run_batch(L, batch, prefetch=False)
+            for *_, fut in batch:
                 fut.result()
-                loaded += 1
+            loaded += len(batch)
         return loaded
-
-    def _start_load_reserved(self, L, e, slot):
-        # Prewarm reads on its own thread, not the pool: demand loads keep the pool.
-        pool, self.pool = self.pool, None
-        try:
-            return self._start_load(L, e, slot, prefetch=False)
-        finally:
-            self.pool = pool
 
     def fill_identity(self, layer: int):
         """Load every expert into the slot of the same number (budget covers all experts)."""
@@ -423,10 +475,10 @@ class ExpertCache:
         assert L.num_slots == L.num_experts
         with self._lock:
             t0 = time.perf_counter()
-            for e in range(L.num_experts):
-                if L.slot_of[e] == e:
-                    continue
-                self._read_expert(L, e, e)
+            todo = [(e, e) for e in range(L.num_experts) if L.slot_of[e] != e]
+            for t in self._read_experts(L, todo):  # one batch: whole tensors in a few reads
+                wait_until(t)
+            for e, _ in todo:
                 L.counters.bytes_read += self.bytes_on_disk_per_expert
                 L.slot_of[e] = e
                 L.expert_in[e] = e

@@ -5,7 +5,8 @@ while reading, so several expert reads are in flight at once and overlap compute
 
 `SimulatedSSD` makes every read take as long as it would on a drive of the given
 bandwidth and latency: transfers share one bandwidth timeline (queued reads wait for the
-bus), latencies overlap (an NVMe drive has many commands in flight). On a machine whose
+bus), latencies of commands in flight together overlap (an NVMe drive has many): a batch
+of reads submitted at once (`ShardReader.read_batch`) pays one latency, not one each. On a machine whose
 page cache already holds the model this is what makes I/O cost anything at all.
 """
 
@@ -35,15 +36,18 @@ class SimulatedSSD:
         self._lock = threading.Lock()
         self._bus_free_at = 0.0
 
-    def delay(self, nbytes: int, started: float):
-        """Called after a real read of `nbytes` that began at `started`: sleep the remainder."""
+    def schedule(self, sizes: list[int], started: float) -> list[float]:
+        """Completion times of read commands of `sizes` bytes submitted together at `started`.
+
+        Their transfers queue on the one bandwidth timeline; their latencies overlap."""
+        done = []
         with self._lock:
-            begin = max(started, self._bus_free_at)
-            self._bus_free_at = begin + nbytes / self.bandwidth
-            done = self._bus_free_at + self.latency
-        remaining = done - time.perf_counter()
-        if remaining > 0:
-            time.sleep(remaining)
+            t = max(started, self._bus_free_at)
+            for n in sizes:
+                t += n / self.bandwidth
+                done.append(t + self.latency)
+            self._bus_free_at = t
+        return done
 
 
 def parse_io_sim(spec: str | None) -> SimulatedSSD | None:

@@ -13,6 +13,7 @@ Two ways to route a MoE layer:
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -92,6 +93,10 @@ class Runtime:
         self.guesses = 16
         self.predict_stream = mx.new_stream(mx.default_device())
         self._predicted: dict = {}
+        # Prefetch decisions (victims, slots, reads) run on their own thread, off the
+        # critical path; a layer waits for the decisions that target it before routing.
+        self._planner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chronos-plan")
+        self._planned: dict = {}  # target layer -> Future of the latest decision touching it
         self.recall_hits = 0
         self.recall_total = 0
         self.notice = None
@@ -106,6 +111,7 @@ class Runtime:
 
         `x` is the layer's input hidden state, which a predictor may use to prefetch."""
         L = self.cache.layers[layer]
+        self.wait_planned(layer)
         L.refresh()
         mapped = indices if L.identity else L.table[indices]
         if L.full and not self.observers:  # nothing can miss and nobody watches: no host read
@@ -150,25 +156,47 @@ class Runtime:
             m = min(self.guesses, scores.shape[-1])
             return mx.argsort(-scores, axis=-1)[..., :m]
 
+    def wait_planned(self, layer: int):
+        """Let prefetch decisions that target `layer` finish before its slots are read."""
+        fut = self._planned.pop(layer, None)
+        if fut is not None:
+            fut.result()
+
     def _prefetch(self, layer: int, guesses):
+        """Hand the guesses made at `layer` to the planner thread (see `_plan_prefetch`)."""
+        if guesses is None:
+            return
+        ranked = np.array(guesses)
+        fut = self._planner.submit(self._plan_prefetch, layer, ranked)
+        n_layers = len(self.cache.layers)
+        for dl, dt in self.predictor.targets:
+            if _safe_target(layer, layer + dl, dt, n_layers):
+                self._planned[layer + dl] = fut
+
+    def _plan_prefetch(self, layer: int, guesses: np.ndarray):
         """Start loads of predicted experts for layers nothing queued is reading now.
 
         At layer l's host read every earlier layer of this token has run and no later
         layer has started, so later layers of this token and earlier-or-equal layers of
-        the next token are safe targets (their slots are not being read)."""
-        if guesses is None:
-            return
+        the next token are safe targets (their slots are not being read); each of them
+        waits for this decision before its next routing (`wait_planned`)."""
         n_layers = len(self.cache.layers)
-        for (dl, dt), ranked in zip(self.predictor.targets, np.array(guesses)):
+        for (dl, dt), ranked in zip(self.predictor.targets, guesses):
             target = layer + dl
-            safe = layer < target < n_layers if dt == 0 else 0 <= target <= layer
-            if not safe:  # a later layer of the next token would compete with this token's use
+            if not _safe_target(layer, target, dt, n_layers):
                 continue
             T = self.cache.layers[target]
-            # Room for the target's last experts and always for one token's worth of demand.
-            limit = min(T.num_slots - len(T.last_used), T.num_slots - self.info.get("top_k", 1))
+            if dt == 0:
+                # Nothing queued reads a later layer's slots, and the guesses rank what it
+                # will use better than its last token's experts do: they may fill it.
+                limit, protect = T.num_slots, ()
+            else:
+                # The target's current experts are in use: room for them and for one
+                # token's worth of demand.
+                limit = min(T.num_slots - len(T.last_used), T.num_slots - self.info.get("top_k", 1))
+                protect = T.last_used
             if limit > 0:
-                self.cache.prefetch(target, ranked, limit, protect=T.last_used)
+                self.cache.prefetch(target, ranked, limit, protect=protect)
                 self._predicted[(target, dt)] = set(int(e) for e in ranked)
 
     def _score_prediction(self, layer: int, used: np.ndarray):
@@ -188,6 +216,7 @@ class Runtime:
         Every expert loaded on demand counts as a miss; with `count_hits` the others count
         as hits. Returns the experts loaded."""
         t0 = time.perf_counter()
+        self.wait_planned(layer)
         got = self.cache.ensure(layer, experts, protect)
         loaded = len(got)
         L = self.cache.layers[layer]
@@ -298,6 +327,19 @@ class Runtime:
 
             for L in self.cache.layers:
                 L.counters = LayerCounters()
+
+
+def _safe_target(layer: int, target: int, dt: int, n_layers: int) -> bool:
+    """Whether guesses made at `layer` are prefetched into `target` (of this token when
+    dt == 0, else of the next).
+
+    Only the next layer of this token, and layer 0 of the next token (which no guess of
+    the same token reaches): guesses further ahead are worse and would be superseded by
+    the next layer's own, costing reads (measured: 2x the bytes, no fewer misses). A later
+    layer of the next token would also compete with this token's use of its slots."""
+    if dt == 0:
+        return target == layer + 1 < n_layers
+    return target == 0 <= layer
 
 
 def peak_rss_bytes() -> int:

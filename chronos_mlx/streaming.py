@@ -109,6 +109,10 @@ class StreamingSwitch(nn.Module):
             y = mx.unflatten(y[inv_order], 0, indices.shape)
         else:
             y = self._experts(x, slots, False)
+        if self._runtime.mode == "sync" and not self._runtime.cache.layers[self._layer].full:
+            # Per-layer routing reads the next layer's indices soon: start this layer's
+            # experts now, so they compute while Python builds the next layer's graph.
+            mx.async_eval(y)
         return y.squeeze(-2)
 
     def _waves(self, x, indices):
