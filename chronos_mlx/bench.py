@@ -107,6 +107,10 @@ def _chronos_run(model, runtime, prompt, max_tokens, sync):
         "recomputes": c.recomputes,
         "recomputed_layers": c.recomputed_layers,
         "prefetch_hits": s["prefetch_hits"],
+        "decode_hits": c.decode_hits,
+        "decode_misses": c.decode_misses,
+        "decode_bytes_read": c.decode_bytes_read,
+        "decode_prefetch_hits": c.decode_prefetch_hits,
         "prefetch_wasted_bytes": s["prefetch_wasted_bytes"],
         "prediction_recall": s["prediction_recall"],
         "generated_tokens": c.generated_tokens,
@@ -127,10 +131,17 @@ def _aggregate(runs: list[dict]) -> dict:
     if "hits" in runs[0]:
         tokens = sum(r["generated_tokens"] for r in runs)
         hits, misses = sum(r["hits"] for r in runs), sum(r["misses"] for r in runs)
+        d_hits, d_misses = sum(r["decode_hits"] for r in runs), sum(r["decode_misses"] for r in runs)
         out.update(
             stall_s_per_token=sum(r["stall_s"] for r in runs) / max(steps, 1),
+            # Prefill and decode (comparable with Belady's bound, which sees both) ...
             bytes_read_per_token=sum(r["bytes_read"] for r in runs) / max(tokens, 1),
             hit_rate=hits / (hits + misses) if hits + misses else 1.0,
+            # ... and decode alone, per decode step like the stall.
+            decode_bytes_read_per_token=sum(r["decode_bytes_read"] for r in runs) / max(steps, 1),
+            decode_misses_per_token=d_misses / max(steps, 1),
+            decode_hit_rate=d_hits / (d_hits + d_misses) if d_hits + d_misses else 1.0,
+            prefetch_hits_per_token=sum(r["decode_prefetch_hits"] for r in runs) / max(steps, 1),
             host_syncs_per_token=sum(r["host_syncs"] for r in runs) / max(tokens, 1),
             recomputed_layers=sum(r["recomputed_layers"] for r in runs),
             recompute_rate=sum(r["recomputes"] for r in runs) / max(tokens, 1),

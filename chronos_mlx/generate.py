@@ -264,6 +264,7 @@ def generate_step(
                 c.ttft_s = t_first - tic
                 c.prefill_s += t_first - tic
                 io_at_first = c.io_wait_s
+                cache_at_first = runtime.cache_totals()
             c.generated_tokens += 1
             yield token, step.logprobs
             n += 1
@@ -281,6 +282,11 @@ def generate_step(
             c.decode_s += time.perf_counter() - t_first
             c.decode_steps += n - 1
             c.stall_s += c.io_wait_s - io_at_first
+            now_totals = runtime.cache_totals()
+            c.decode_hits += now_totals["hits"] - cache_at_first["hits"]
+            c.decode_misses += now_totals["misses"] - cache_at_first["misses"]
+            c.decode_bytes_read += now_totals["bytes_read"] - cache_at_first["bytes_read"]
+            c.decode_prefetch_hits += now_totals["prefetch_hits"] - cache_at_first["prefetch_hits"]
         c.host_syncs += runtime.layer_syncs - syncs_at_first
 
 

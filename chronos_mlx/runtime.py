@@ -69,6 +69,11 @@ class DecodeCounters:
     host_syncs: int = 0
     recomputes: int = 0
     recomputed_layers: int = 0
+    # Cache activity while decoding (after the first token), apart from the prefill's.
+    decode_hits: int = 0
+    decode_misses: int = 0
+    decode_bytes_read: int = 0
+    decode_prefetch_hits: int = 0
 
 
 class Runtime:
@@ -273,6 +278,16 @@ class Runtime:
                 self.cache.prefetch(layer, experts, limit, protect=T.last_used)
                 self._predicted[(layer, 1)] = set(int(e) for e in experts[: max(limit, top_k)])
 
+    def cache_totals(self) -> dict:
+        """Hits, misses, bytes read and prefetch hits so far, summed over layers."""
+        layers = self.cache.layers if self.cache else []
+        return {
+            "hits": sum(L.counters.hits for L in layers),
+            "misses": sum(L.counters.misses for L in layers),
+            "bytes_read": sum(L.counters.bytes_read for L in layers),
+            "prefetch_hits": sum(L.counters.prefetch_hits for L in layers),
+        }
+
     def total_misses(self) -> int:
         return sum(L.counters.misses for L in self.cache.layers) if self.cache else 0
 
@@ -291,6 +306,12 @@ class Runtime:
             "hits": hits,
             "misses": misses,
             "hit_rate": hits / (hits + misses) if hits + misses else 1.0,
+            "decode_hit_rate": (
+                c.decode_hits / (c.decode_hits + c.decode_misses) if c.decode_hits + c.decode_misses else 1.0
+            ),
+            "decode_misses": c.decode_misses,
+            "decode_bytes_read": c.decode_bytes_read,
+            "decode_prefetch_hits": c.decode_prefetch_hits,
             "evictions": sum(L.counters.evictions for L in layers),
             "prefetch_hits": sum(L.counters.prefetch_hits for L in layers),
             "prefetch_wasted_bytes": sum(L.counters.prefetch_wasted_bytes for L in layers),

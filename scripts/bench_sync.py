@@ -3,8 +3,9 @@
     python scripts/bench_sync.py [--model DIR] [--budgets 1,0.5,0.25] [--max-tokens 64]
                                  [--repeats 3] [--prompts N] [--io-sim SPEC] [--json OUT]
 
-Configurations: stock mlx_lm (resident), then for each budget chronos with per-layer
-routing and with optimistic routing. Prints a markdown table; --json writes everything.
+Configurations: stock mlx_lm (resident), then for each budget chronos in each --modes
+variant: a routing mode, optionally with a predictor after a colon (per-layer:gate,
+per-layer:lookahead, optimistic). Prints a markdown table; --json writes everything.
 """
 
 import argparse
@@ -36,9 +37,12 @@ def main():
     prompts = load_prompts(args.workload, args.model, limit=args.prompts, max_prompt_tokens=128)
     configs = [BenchConfig(RESIDENT, kind=RESIDENT)]
     for b in args.budgets.split(","):
-        for mode in args.modes.split(","):
+        for variant in args.modes.split(","):
+            mode, _, predictor = variant.partition(":")
             opts = {"io_sim": args.io_sim} if args.io_sim else {}
-            configs.append(BenchConfig(f"chronos-{mode}@{b}", budget=b, sync=mode, options=opts))
+            if predictor:
+                opts["predictor"] = predictor
+            configs.append(BenchConfig(f"chronos-{variant}@{b}", budget=b, sync=mode, options=opts))
     rows = []
     if args.interleave:
         rows = measure_interleaved(configs, args.model, prompts, max_tokens=args.max_tokens,
@@ -52,7 +56,9 @@ def main():
                             max_tokens=args.max_tokens, repeats=args.repeats, dtype=args.dtype))
     out = report(rows, command=" ".join(sys.argv), io_sim=args.io_sim, max_tokens=args.max_tokens)
     cols = ["name", "decode_tokens_per_s", "ratio_to_resident", "host_syncs_per_token", "recompute_rate",
-            "hit_rate", "stall_s_per_token", "bytes_read_per_token", "mlx_peak_memory_bytes"]
+            "decode_hit_rate", "stall_s_per_token", "decode_bytes_read_per_token", "decode_misses_per_token",
+            "prefetch_hits_per_token",
+            "prediction_recall", "mlx_peak_memory_bytes"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for r in out["results"]:
