@@ -1,8 +1,10 @@
 """Where every tensor lives in a model's safetensors shards, validated, and how to read it.
 
 `ShardIndex` parses and checks the shard headers (without touching tensor data) and
-`ShardReader` reads byte ranges with `os.pread` into caller-owned buffers, optionally
-bypassing the page cache (O_DIRECT on Linux, F_NOCACHE on macOS).
+`ShardReader` reads byte ranges with `os.preadv` into caller-owned buffers, optionally
+bypassing the page cache (O_DIRECT on Linux, F_NOCACHE on macOS). A batch of ranges is one
+submission: readahead hints first (so a drive has them all in flight), then one vectored
+read per run of ranges that touch on disk.
 """
 
 from __future__ import annotations

@@ -34,6 +34,27 @@ def test_a_loaded_slot_holds_the_experts_bytes_from_the_shard(runtime):
     assert np.array_equal(_slot_bytes(cache, 2, 5), truth[5])
 
 
+def test_a_layers_missing_experts_are_read_as_one_batch_and_neighbours_share_reads(runtime):
+    cache = runtime.cache
+    before = cache.reader.read_calls
+    cache.ensure(2, [20, 21, 22])  # adjacent in the stacked tensors
+    params = len(cache.layers[2].params)
+    assert cache.reader.read_calls - before == params  # one read per parameter, not per expert
+    truth = np.array(mx.load(str(DEMO / "model.safetensors"))["model.layers.2.mlp.switch_mlp.up_proj.weight"])
+    for e in (20, 21, 22):
+        assert np.array_equal(_slot_bytes(cache, 2, e), truth[e])
+
+
+def test_converted_parameters_equal_stock_after_a_batch_read(runtime):
+    cache = runtime.cache
+    cache.ensure(6, [1, 2, 30])
+    stock = mx.load(str(DEMO / "model.safetensors"))["model.layers.6.mlp.switch_mlp.gate_proj.scales"]
+    L = cache.layers[6]
+    p = L.params["gate_proj.scales"]  # bfloat16 on disk, float32 resident
+    for e in (1, 2, 30):
+        assert np.array_equal(p.view[L.slot_of[e]], np.array(stock[e].astype(mx.float32)))
+
+
 def test_lru_evicts_the_least_recently_used_and_never_what_is_requested(runtime):
     cache = runtime.cache
     cache.ensure(0, list(range(16)))  # full (loaded in parallel: their order is arbitrary)

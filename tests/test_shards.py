@@ -10,6 +10,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from chronos_mlx.errors import ShardError
+from chronos_mlx.io import SimulatedSSD
 from chronos_mlx.layout import locate_expert_tensor
 from chronos_mlx.shards import ShardIndex, ShardReader
 
@@ -49,6 +50,42 @@ def test_reader_reads_one_expert_exactly(tmp_path):
     truth = np.array(mx.load(str(DEMO / "model.safetensors"))[name][17])
     assert np.array_equal(out, truth)
     assert reader.bytes_read == out.nbytes
+
+
+def test_a_batch_reads_adjacent_ranges_with_one_call_into_separate_buffers():
+    index = ShardIndex.open(DEMO)
+    name = "model.layers.5.mlp.switch_mlp.down_proj.weight"
+    expert = locate_expert_tensor(index, {}, name, 64, (384, 16))
+    truth = np.array(mx.load(str(DEMO / "model.safetensors"))[name])
+    outs = {e: np.empty((384, 16), dtype=np.uint32) for e in (9, 3, 4, 5)}
+    reader = ShardReader(index)
+    done = reader.read_batch([(expert.slices[e].path, expert.slices[e].offset, out) for e, out in outs.items()])
+    for e, out in outs.items():
+        assert np.array_equal(out, truth[e])
+    assert reader.read_calls == 2  # experts 3, 4, 5 touch on disk: one preadv; 9 alone
+    assert reader.bytes_read == 4 * outs[9].nbytes
+    assert len(done) == 4 and all(isinstance(t, float) for t in done)
+
+
+def test_simulated_ssd_overlaps_the_latency_of_a_batch_and_queues_its_bytes():
+    ssd = SimulatedSSD(bandwidth=1e9, latency=100e-6)
+    done = ssd.schedule([1_000_000, 2_000_000], started=10.0)
+    assert done == pytest.approx([10.0 + 1e-3 + 1e-4, 10.0 + 3e-3 + 1e-4])  # one latency each, not summed
+    later = ssd.schedule([1_000_000], started=10.0)  # submitted meanwhile: waits for the bus
+    assert later == pytest.approx([10.0 + 4e-3 + 1e-4])
+
+
+def test_readahead_hint_never_fails(shard_dir):
+    import os
+
+    from chronos_mlx.shards import advise_willneed
+
+    fd = os.open(ShardIndex.open(shard_dir)["b"].path, os.O_RDONLY)
+    try:
+        advise_willneed(fd, 0, 1 << 20)  # past the end too: a hint, never an error
+    finally:
+        os.close(fd)
+    advise_willneed(-1, 0, 10)  # a bad descriptor is ignored as well
 
 
 def test_direct_io_reads_the_same_bytes_and_reports_whether_it_took_effect(shard_dir):
