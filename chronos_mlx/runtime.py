@@ -360,7 +360,7 @@ def _safe_target(layer: int, target: int, dt: int, n_layers: int) -> bool:
     layer of the next token would also compete with this token's use of its slots."""
     if dt == 0:
         return target == layer + 1 < n_layers
-    return target == 0 <= layer
+    return dt == 1 and target == 0 <= layer
 
 
 def peak_rss_bytes() -> int:
