@@ -50,14 +50,15 @@ def attach_predictor(model, runtime, name: str | None) -> None:
         raise ChronosError(
             f"no trained '{name}' predictor for {runtime.info['path']}: run `chronos predictor train` first"
         )
+    # The runtime prefetches only the next layer from the gate (its next-token guess is the
+    # current routing, already resident): one router per layer, not four, to evaluate.
+    gate = lambda: CrossLayerGatePredictor.from_model(model, top_k=runtime.info["top_k"], targets=((1, 0),))  # noqa: E731
     if name == "gate":
-        runtime.predictor = CrossLayerGatePredictor.from_model(model, top_k=runtime.info["top_k"])
+        runtime.predictor = gate()
     elif name in ("markov", "lookahead"):
         runtime.predictor = trained[name]
     elif name == "all":
-        runtime.predictor = trained.get("lookahead") or CrossLayerGatePredictor.from_model(
-            model, top_k=runtime.info["top_k"]
-        )
+        runtime.predictor = trained.get("lookahead") or gate()
     if name in ("intent", "all") and "intent" in trained:
         runtime.intent = trained["intent"]
     history = runtime.predictor is not None and type(runtime.predictor).observe is not _base_observe()

@@ -127,9 +127,9 @@ class Runtime:
             self._record.indices.append(indices)
             self._record.slot_maps.append(L.table_map)
             return mapped
-        guesses = self._predict(layer, x) if self.predictor is not None and x is not None else None
-        if guesses is not None:
-            mx.eval(indices, guesses)  # one host round trip for both
+        scores = self._predict(layer, x) if self.predictor is not None and x is not None else None
+        if scores is not None:
+            mx.eval(indices, scores)  # one host round trip for both
         host = np.array(indices).reshape(-1)
         self.layer_syncs += 1
         if self.deferred_observations is not None:  # a decode step that may yet be discarded
@@ -141,7 +141,7 @@ class Runtime:
         if L.full:
             L.counters.hits += host.size
             self.cache.mark_used(layer, uniq)
-            self._prefetch(layer, guesses)
+            self._prefetch(layer, scores)
             return mapped
         # Repeated uses of an expert within the batch are hits; load_for counts the rest.
         L.counters.hits += host.size - len(uniq)
@@ -149,17 +149,18 @@ class Runtime:
             return None  # the module streams the batch through in waves
         self.load_for(layer, uniq)
         self.cache.mark_used(layer, uniq)
-        self._prefetch(layer, guesses)
+        self._prefetch(layer, scores)
         L.refresh()
         return L.table[indices]
 
     # --- prediction and prefetch ---------------------------------------------------------
     def _predict(self, layer: int, x: mx.array):
-        """Ranked expert guesses [n_targets, m] for the predictor's targets, on its own stream."""
+        """Expert scores [n_targets, E] for the predictor's targets, on its own stream.
+
+        Ranking them is left to the planner thread (numpy): every op evaluated here is
+        paid for at each layer's host read."""
         with mx.stream(self.predict_stream):  # from the last position (prefill: the last prompt token)
-            scores = self.predictor.scores(layer, x.reshape(-1, x.shape[-1])[-1:])
-            m = min(self.guesses, scores.shape[-1])
-            return mx.argsort(-scores, axis=-1)[..., :m]
+            return self.predictor.scores(layer, x.reshape(-1, x.shape[-1])[-1:]).astype(mx.float32)
 
     def wait_planned(self, layer: int):
         """Let prefetch decisions that target `layer` finish before its slots are read."""
@@ -167,18 +168,17 @@ class Runtime:
         if fut is not None:
             fut.result()
 
-    def _prefetch(self, layer: int, guesses):
-        """Hand the guesses made at `layer` to the planner thread (see `_plan_prefetch`)."""
-        if guesses is None:
+    def _prefetch(self, layer: int, scores):
+        """Hand the scores computed at `layer` to the planner thread (see `_plan_prefetch`)."""
+        if scores is None:
             return
-        ranked = np.array(guesses)
-        fut = self._planner.submit(self._plan_prefetch, layer, ranked)
+        fut = self._planner.submit(self._plan_prefetch, layer, np.array(scores))
         n_layers = len(self.cache.layers)
         for dl, dt in self.predictor.targets:
             if _safe_target(layer, layer + dl, dt, n_layers):
                 self._planned[layer + dl] = fut
 
-    def _plan_prefetch(self, layer: int, guesses: np.ndarray):
+    def _plan_prefetch(self, layer: int, scores: np.ndarray):
         """Start loads of predicted experts for layers nothing queued is reading now.
 
         At layer l's host read every earlier layer of this token has run and no later
@@ -186,6 +186,8 @@ class Runtime:
         the next token are safe targets (their slots are not being read); each of them
         waits for this decision before its next routing (`wait_planned`)."""
         n_layers = len(self.cache.layers)
+        m = min(self.guesses, scores.shape[-1])
+        guesses = np.argsort(-scores, axis=-1, kind="stable")[..., :m]
         for (dl, dt), ranked in zip(self.predictor.targets, guesses):
             target = layer + dl
             if not _safe_target(layer, target, dt, n_layers):
