@@ -13,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 import chronos_mlx
-from chronos_mlx import cli
+from chronos_mlx.cli import common as cli
 from chronos_mlx.cli import app
 
 PROMPT = "The Roman Empire"

@@ -225,7 +225,7 @@ def test_cli_train_then_eval(setup, tmp_path, monkeypatch):
 
     from typer.testing import CliRunner
 
-    from chronos_mlx.cli_predictor import predictor_app
+    from chronos_mlx.cli.predictor import predictor_app
 
     model, _, _ = setup
     path = write_synthetic_moe(tmp_path / "m", "mixtral", bits=4, seed=2)

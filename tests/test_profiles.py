@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 import chronos_mlx
 from chronos_mlx import profiles as P
-from chronos_mlx.cli_profile import pack, profile_app
+from chronos_mlx.cli.profile import pack, profile_app
 from chronos_mlx.errors import ProfileError
 from chronos_mlx.generate import generate_step
 from chronos_mlx.synthetic import write_synthetic_moe

@@ -10,23 +10,20 @@ command with one `error:` line and exit code 2.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Callable, Optional
+from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .errors import ChronosError
+from ..errors import ChronosError
+from .common import err, out, user_errors as _user_errors
 
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
 
 predictor_app = typer.Typer(
     name="predictor",
@@ -46,19 +43,6 @@ class PredictorCliError(ChronosError):
     """A usage error of `chronos predictor` (unreadable prompt file, bad option)."""
 
 
-def _user_errors(fn: Callable) -> Callable:
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except ChronosError as e:
-            err.print(f"[bold red]error:[/bold red] [red]{escape(str(e))}[/red]", soft_wrap=True)
-            raise typer.Exit(2)
-        except KeyboardInterrupt:
-            err.print("\n[yellow]aborted[/yellow]", soft_wrap=True)
-            raise typer.Exit(130)
-
-    return wrapper
 
 
 # --------------------------------------------------------------------------------------
@@ -116,7 +100,7 @@ def _progress() -> Progress:
 def _load(model, expert_budget: str):
     import chronos_mlx
 
-    from .predictors import model_name
+    from ..predictors import model_name
 
     if err.is_terminal:
         with err.status(f"loading {escape(model_name(model))} ...", spinner="dots"):
@@ -125,7 +109,7 @@ def _load(model, expert_budget: str):
 
 
 def record(model, tokenizer, prompts, max_tokens, max_prompt_tokens, label="recording traces"):
-    from .traces import record_traces
+    from ..traces import record_traces
 
     with _progress() as bar:
         task = bar.add_task(label, total=None, note="tokens")
@@ -140,7 +124,7 @@ def record(model, tokenizer, prompts, max_tokens, max_prompt_tokens, label="reco
 
 def recall_table(results: dict, ks=(8, 16), title="") -> Table:
     """One row per predictor and target: recall and precision with ks[0] and ks[1] guesses."""
-    from .predictors import target_name
+    from ..predictors import target_name
 
     table = Table(
         title=title or None,
@@ -226,8 +210,8 @@ def train(
     """
     import mlx.core as mx
 
-    from .predictors import MarkovPredictor, model_name, predictor_dir, train_intent, train_lookahead
-    from .traces import find_routers
+    from ..predictors import MarkovPredictor, model_name, predictor_dir, train_intent, train_lookahead
+    from ..traces import find_routers
 
     texts = read_prompts(prompts or [], prompts_per_file)
     dest = out_dir or predictor_dir(model)
@@ -257,7 +241,7 @@ def train(
         )
     mx.eval(lookahead.parameters())
     dest.mkdir(parents=True, exist_ok=True)
-    from .predictors import INTENT_FILE, LOOKAHEAD_FILE, MARKOV_FILE
+    from ..predictors import INTENT_FILE, LOOKAHEAD_FILE, MARKOV_FILE
 
     lookahead.save(dest / LOOKAHEAD_FILE)
     markov.meta["fingerprint"] = dict(trace.fingerprint)
@@ -300,7 +284,7 @@ def evaluate(
 
     The baselines need no training (previous token, cross-layer gate); trained predictors are loaded from the model's predictors directory when there are any.
     """
-    from .predictors import (
+    from ..predictors import (
         CrossLayerGatePredictor,
         PreviousTokenPredictor,
         evaluate_intent,
@@ -311,7 +295,7 @@ def evaluate(
         model_name,
         prompt_baseline_scores,
     )
-    from .traces import model_fingerprint
+    from ..traces import model_fingerprint
 
     if positions not in ("generated", "all"):
         raise PredictorCliError("--positions must be 'generated' or 'all'")

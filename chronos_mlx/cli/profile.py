@@ -10,7 +10,6 @@ each other in any order).
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 from pathlib import Path
@@ -31,18 +30,11 @@ profile_app = typer.Typer(
 )
 
 
-def _user_errors(fn):
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from .cli import user_errors
-
-        return user_errors(fn)(*args, **kwargs)
-
-    return wrapper
+from .common import user_errors as _user_errors
 
 
 def _consoles():
-    from .cli import err, out
+    from .common import err, out
 
     return out, err
 
@@ -91,10 +83,10 @@ def record(
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from .cli import LoadOptions, load_model
-    from .errors import ChronosError
-    from .profiles import check_name, record_profile, save_profile
-    from .workloads import read_prompts
+    from .common import LoadOptions, load_model
+    from ..errors import ChronosError
+    from ..profiles import check_name, record_profile, save_profile
+    from ..workloads import read_prompts
 
     out, err = _consoles()
     check_name(name)
@@ -103,7 +95,7 @@ def record(
     texts = read_prompts(prompts, split)[:limit]
     model_obj, tokenizer, runtime = load_model(LoadOptions(model=model, expert_budget=expert_budget, dtype=dtype))
     if runtime.cache is None:
-        from .errors import ProfileError
+        from ..errors import ProfileError
 
         raise ProfileError(f"{runtime.info.get('path')}: no MoE layers, nothing to profile")
     with Progress(
@@ -138,7 +130,7 @@ def record(
 
 
 def _where(path: Path) -> str:
-    from .profiles import shipped_profile_dir, user_profile_dir
+    from ..profiles import shipped_profile_dir, user_profile_dir
 
     for label, d in (("user", user_profile_dir()), ("shipped", shipped_profile_dir())):
         try:
@@ -172,7 +164,7 @@ def list_(as_json: Annotated[bool, typer.Option("--json", help="Print a JSON lis
     from rich.markup import escape
     from rich.table import Table
 
-    from .profiles import list_profiles, profile_dirs
+    from ..profiles import list_profiles, profile_dirs
 
     out, err = _consoles()
     found = list_profiles()
@@ -240,7 +232,7 @@ def show(
     from rich.markup import escape
     from rich.table import Table
 
-    from .profiles import load_profile
+    from ..profiles import load_profile
 
     out, err = _consoles()
     profile = load_profile(name)
@@ -294,7 +286,7 @@ def save_heatmap_png(profile, path: Path):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        from .errors import ChronosError
+        from ..errors import ChronosError
 
         raise ChronosError("--png needs matplotlib: pip install 'chronos-mlx[plot]'") from None
     freqs = profile.frequencies()
@@ -321,7 +313,7 @@ def diff(
     from rich.markup import escape
     from rich.table import Table
 
-    from .profiles import compare_profiles, load_profile
+    from ..profiles import compare_profiles, load_profile
 
     out, err = _consoles()
     pa, pb = load_profile(a), load_profile(b)
@@ -378,7 +370,7 @@ def pack(
     from rich.markup import escape
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
 
-    from .pack import pack as pack_model
+    from ..pack import pack as pack_model
 
     out, err = _consoles()
     with Progress(TextColumn("packing"), BarColumn(), DownloadColumn(), console=err, transient=not err.is_terminal) as bar:

@@ -1,0 +1,125 @@
+"""`chronos bench`: stock mlx_lm and chronos side by side, in one process."""
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from ..errors import ChronosError
+from .app import app
+from .common import MODEL_HELP, DTYPE_HELP, DtypeChoice, err, human_bytes, model_name, out, user_errors
+
+BENCH_COLUMNS = [
+    ("name", "config"),
+    ("decode_tokens_per_s", "decode tok/s"),
+    ("ratio_to_resident", "x resident"),
+    ("ttft_s", "TTFT s"),
+    ("stall_s_per_token", "stall ms/tok"),
+    ("bytes_read_per_token", "read/tok"),
+    ("io_bound_tokens_per_s", "bound tok/s"),
+    ("hit_rate", "hits"),
+    ("prediction_recall", "recall"),
+    ("mlx_peak_memory_bytes", "peak mem"),
+]  # everything else (prefill, Belady bytes, syncs, spread...) is in --json
+
+
+def _bench_cell(key: str, row: dict) -> str:
+    v = row.get(key)
+    if v is None:
+        return "-"
+    if key == "decode_tokens_per_s":
+        return f"{v:.1f}"
+    if key == "stall_s_per_token":
+        return f"{v * 1e3:.2f}"
+    if key.endswith("bytes") or "bytes_read" in key:
+        return human_bytes(v)
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    return escape(str(v))
+
+
+@app.command()
+@user_errors
+def bench(
+    workload: Annotated[str, typer.Option("--workload", "-w", help="Prompts: a JSONL file or a shipped workload (en, de, fr, es, it, python, c).")] = "en",
+    prompts: Annotated[int, typer.Option("--prompts", help="How many prompts of the workload (held-out half).")] = 2,
+    budgets: Annotated[str, typer.Option("--budgets", help="Comma-separated expert budgets to measure chronos at.")] = "1,0.5,0.25,0.125",
+    profile: Annotated[Optional[str], typer.Option("--profile", help="Profile (name or path) for the profile+usage configurations.")] = None,
+    predictor: Annotated[Optional[str], typer.Option("--predictor", help="Predictor for the async-I/O configurations (none, markov, lookahead, intent, gate, all).")] = None,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", help="Tokens generated per prompt.")] = 64,
+    max_prompt_tokens: Annotated[int, typer.Option("--max-prompt-tokens", help="Prompts are cut to their last N tokens.")] = 128,
+    repeats: Annotated[int, typer.Option("--repeats", help="Measured repetitions per configuration (median and spread reported).")] = 3,
+    warmup: Annotated[int, typer.Option("--warmup", help="Unmeasured warm-up repetitions.")] = 1,
+    only: Annotated[Optional[str], typer.Option("--only", help="Only configurations whose name starts with one of these (comma-separated).")] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write every figure, the machine and the command to this JSON file.")] = None,
+    png: Annotated[Optional[Path], typer.Option("--png", help="Write a plot of decode speed against budget.")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help=MODEL_HELP)] = None,
+    dtype: Annotated[DtypeChoice, typer.Option("--dtype", help=DTYPE_HELP)] = "auto",
+    io_sim: Annotated[Optional[str], typer.Option("--io-sim", help="Simulated SSD for chronos reads, e.g. 'bandwidth=5GB/s,latency=80us'.")] = None,
+    direct_io: Annotated[bool, typer.Option("--direct-io", help="Bypass the page cache for chronos reads.")] = False,
+):
+    """Benchmark stock mlx_lm and chronos side by side, in one process, on the same prompts.
+
+    Configurations: mlx_lm-resident (whole model in memory: the ceiling; skipped when it does
+    not fit), mlx_lm-mmap (lazy load), chronos-lru (on-demand loads), chronos-predict (async
+    I/O + predictors), chronos-profile (profile + usage policy), chronos-all; each chronos one
+    at every --budgets value. Each is warmed up and repeated; medians and spread are shown.
+
+    Example: chronos bench --workload it --budgets 1,0.5,0.25 --io-sim bandwidth=5GB/s,latency=80us --json out.json --png out.png
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .. import bench as B
+    from ..io import parse_io_sim
+    from ..loader import plan_model
+    from ..workloads import load_prompts
+
+    parse_io_sim(io_sim)  # a bad spec is an error before anything is loaded
+    try:
+        budget_list = [float(b) if float(b) <= 1 else b for b in budgets.split(",") if b.strip()]
+    except ValueError:
+        budget_list = [b.strip() for b in budgets.split(",") if b.strip()]
+    dtype_arg = None if dtype == "auto" else dtype
+    info = plan_model(model, dtype_arg).info
+    if not info.get("num_experts"):
+        raise ChronosError(f"{info['path']}: no MoE layers, nothing to benchmark")
+    from ..budget import slots_for_budget
+
+    for b in budget_list:  # too small a budget is an error now, not after an hour
+        slots_for_budget(b, num_layers=info["moe_layers"], num_experts=info["num_experts"],
+                         top_k=info["top_k"], bytes_per_expert=info["bytes_per_expert"])
+    prompt_ids = load_prompts(workload, model, limit=prompts, max_prompt_tokens=max_prompt_tokens, split="heldout")
+    configs, notices = B.plan_configs(
+        budget_list, info=info, io_sim=io_sim, direct_io=direct_io, predictor=predictor, profile=profile,
+        only=only.split(",") if only else None,
+    )
+    for n in notices:
+        err.print(f"[yellow]note:[/yellow] {escape(n)}")
+    rows = []
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err, transient=not err.is_terminal) as progress:
+        task = progress.add_task("bench", total=len(configs) * (warmup + repeats) * len(prompt_ids))
+        for cfg in configs:
+            progress.update(task, description=f"{cfg.name:<28}")
+            rows.append(B.measure(cfg, model, prompt_ids, max_tokens=max_tokens, repeats=repeats, warmup=warmup,
+                                  dtype=dtype_arg, progress=lambda: progress.advance(task)))
+    result = B.report(rows, command="chronos " + " ".join(sys.argv[1:]), model=info, workload=workload,
+                      io_sim=io_sim, direct_io=direct_io, max_tokens=max_tokens, prompts=len(prompt_ids),
+                      repeats=repeats, warmup=warmup, notices=notices,
+                      title=f"{model_name(info)} · {workload} · {io_sim or 'page cache'}")
+    table = Table(title=result["title"])
+    for _, head in BENCH_COLUMNS:
+        table.add_column(head, justify="left" if head == "config" else "right")
+    for r in result["results"]:
+        table.add_row(*(_bench_cell(k, r) for k, _ in BENCH_COLUMNS))
+    out.print(table)
+    if json_out:
+        json_out.write_text(json.dumps(result, indent=2, default=str))
+        err.print(f"wrote {json_out}")
+    if png:
+        B.plot(result, png)
+        err.print(f"wrote {png}")

@@ -1,0 +1,259 @@
+"""`chronos chat`: a terminal REPL that keeps the conversation and its KV cache."""
+
+import sys
+from typing import Annotated, Optional
+
+import typer
+from rich.markup import escape
+from rich.prompt import Prompt
+from rich.table import Table
+
+from . import common
+from ..errors import ChronosError
+from .app import app
+from .common import (
+    Completion, LoadOptions, encode_messages, encode_text, err, error_line, human_bytes, load_model,
+    make_sampler, model_name, out, run_completion, stats_table, use_template, user_errors, with_load_options,
+)
+
+
+CHAT_COMMANDS = (
+    ("/stats", "runtime counters since the start (or the last /reset)"),
+    ("/reset", "forget the conversation and its KV cache (the expert cache stays warm)"),
+    ("/profile save NAME", "save this session's expert use as a profile (then --profile NAME)"),
+    ("/help", "this help"),
+    ("/quit", "leave (also Ctrl-D, or Ctrl-C at the prompt)"),
+    ("Ctrl-C", "while the model writes: stop that reply after the current token; what it wrote "
+     "stays in the conversation. Twice: leave at once."),
+)
+
+
+def chat_help() -> Table:
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column()
+    for command, what in CHAT_COMMANDS:
+        table.add_row(command, what)
+    return table
+
+
+class ChatSession:
+    """A conversation and the KV cache that holds a prefix of its tokens.
+
+    Each turn the whole conversation is tokenized again (chat template, or the turns joined
+    as plain text); the cache keeps the longest prefix it shares with that, and only the rest
+    is fed to the model. So a turn computes exactly what a fresh run on the whole
+    conversation would, while normally feeding only the new message.
+    """
+
+    def __init__(self, model, tokenizer, *, template: bool):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.template = template
+        self.reset()
+
+    def reset(self):
+        from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache
+
+        self.messages: list = []
+        self.text = ""
+        self.cache = make_prompt_cache(self.model)
+        self.reusable = can_trim_prompt_cache(self.cache) and all(hasattr(c, "offset") for c in self.cache)
+        self.cached: list = []  # the tokens whose keys/values the cache holds, in order
+
+    def conversation_ids(self, user: str) -> list:
+        if self.template:
+            return encode_messages(self.tokenizer, self.messages + [{"role": "user", "content": user}])
+        return encode_text(self.tokenizer, self._joined(user))
+
+    def _joined(self, user: str) -> str:
+        sep = "\n" if self.text and not self.text.endswith("\n") else ""
+        return self.text + sep + user
+
+    def prepare(self, ids: list) -> list:
+        """Trim the cache to the prefix it shares with `ids`; return the tokens still to feed."""
+        if not self.reusable:
+            from mlx_lm.models.cache import make_prompt_cache
+
+            self.cache, self.cached = make_prompt_cache(self.model), []
+            return ids
+        keep = 0
+        for a, b in zip(self.cached, ids):
+            if a != b:
+                break
+            keep += 1
+        keep = min(keep, len(ids) - 1)  # the model needs at least one token to run on
+        self._trim_to(keep)
+        self.cached = list(ids[:keep])
+        return ids[keep:]
+
+    def record(self, fed_prompt: list, done: Completion):
+        """After a turn: keep only cache entries we can vouch for.
+
+        When a reply stops early (end of sequence, Ctrl-C) the decode loop has already
+        launched the step that feeds the last yielded token, and nobody verified it: with
+        optimistic routing it may have run on a stand-in expert, leaving wrong keys/values
+        for that position. So the cache keeps the prompt and every generated token but the
+        last one; the next turn feeds that token again (one token of extra work)."""
+        if not self.reusable:
+            return
+        import mlx.core as mx
+
+        mx.eval([c.state for c in self.cache])  # let the step launched ahead finish
+        tokens = self.cached + list(fed_prompt) + done.token_ids
+        trusted = len(self.cached) + len(fed_prompt) + max(done.fed - 1, 0)
+        offset = min(c.offset for c in self.cache)
+        keep = min(offset, trusted, len(tokens))
+        self._trim_to(keep)
+        self.cached = tokens[:keep]
+
+    def _trim_to(self, n: int):
+        for c in self.cache:
+            if c.offset > n:
+                c.trim(c.offset - n)
+
+    def commit(self, user: str, reply: str):
+        if self.template:
+            self.messages += [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
+        else:
+            self.text = self._joined(user) + reply
+
+
+def banner(runtime, template: bool) -> str:
+    info = runtime.info
+    parts = [f"[bold]chronos chat[/bold] · {escape(model_name(info))} ({info.get('model_type')})"]
+    if info.get("num_experts"):
+        parts.append(f"{info['num_experts']} experts/layer, top-{info['top_k']}")
+        parts.append(
+            f"budget {info['slots_per_layer']} experts/layer ({human_bytes(info['expert_budget_bytes'])})"
+        )
+    parts.append("chat template" if template else "plain-text turns")
+    parts.append("/help for commands")
+    return " · ".join(parts)
+
+
+def _read_line(interactive: bool) -> str:
+    """One line of user input; EOFError at the end of input."""
+    if interactive:
+        return Prompt.ask("[bold green]you[/bold green]", console=out)
+    line = sys.stdin.readline()
+    if not line:
+        raise EOFError
+    return line.rstrip("\r\n")
+
+
+@app.command()
+@user_errors
+@with_load_options
+def chat(
+    opts: LoadOptions,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", min=1, help="Most tokens per reply.")] = 256,
+    temp: Annotated[float, typer.Option("--temp", min=0.0, help="Sampling temperature; 0 is greedy.")] = 0.0,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Random seed for sampling.")] = None,
+    chat_template: Annotated[
+        Optional[bool],
+        typer.Option(
+            "--chat-template/--no-chat-template",
+            help="Format the conversation with the tokenizer's chat template. Default: when it has one; "
+            "otherwise the turns are joined as plain text and the model continues it.",
+            show_default=False,
+        ),
+    ] = None,
+):
+    """Chat with a model in the terminal, keeping the conversation and its KV cache.
+
+    Commands: /stats, /reset, /help, /quit. Ctrl-C while the model writes stops that reply
+    (what was written stays in the conversation); Ctrl-C or Ctrl-D at the prompt leaves.
+    When stdin is not a terminal, lines are read from it, one message (or command) per line.
+
+    [bold]Examples[/bold]
+
+    [cyan]chronos chat -b 0.25[/cyan]
+
+    [cyan]printf 'The Roman Empire\\n/stats\\n/quit\\n' | chronos chat --max-tokens 20[/cyan]
+    """
+    model, tokenizer, runtime = load_model(opts)
+    from ..usage import ActivationStats
+
+    usage_stats = ActivationStats.for_runtime(runtime) if runtime.cache is not None else None
+    template = use_template(tokenizer, chat_template)
+    sampler = make_sampler(temp, seed)
+    session = ChatSession(model, tokenizer, template=template)
+    interactive = sys.stdin.isatty()
+    err.print(banner(runtime, template), soft_wrap=True)
+
+    while True:
+        try:
+            line = _read_line(interactive)
+        except (EOFError, KeyboardInterrupt):
+            if interactive:
+                out.print()
+            return
+        message = line.strip()
+        if not message:
+            continue
+        if message.startswith("/"):
+            command = message.split()[0].lower()
+            if command in ("/quit", "/exit", "/q"):
+                return
+            if command == "/stats":
+                out.print(stats_table(runtime.stats(), title="runtime stats"))
+            elif command == "/reset":
+                session.reset()
+                runtime.reset_counters()
+                err.print("[dim]conversation and KV cache cleared[/dim]")
+            elif command in ("/help", "/?"):
+                out.print(chat_help())
+            elif command == "/profile":
+                parts = message.split()
+                if usage_stats is None or len(parts) != 3 or parts[1] != "save":
+                    error_line("usage: /profile save NAME (needs a MoE model)")
+                else:
+                    from ..profiles import profile_from_stats, save_profile
+
+                    try:
+                        path = save_profile(profile_from_stats(usage_stats, parts[2], runtime, model, {"source": "chat"}))
+                        err.print(f"[dim]profile saved to {escape(str(path))}[/dim]", soft_wrap=True)
+                    except ChronosError as e:
+                        error_line(str(e))
+            else:
+                error_line(f"unknown command {command} (try /help)")
+            continue
+
+        ids = session.conversation_ids(line)
+        feed = session.prepare(ids)
+        ended = {"newline": True}
+
+        def show(piece: str):
+            common._write(piece)
+            ended["newline"] = piece.endswith("\n")
+
+        before = runtime.stats()
+        done = run_completion(
+            model,
+            tokenizer,
+            runtime,
+            feed,
+            opts=opts,
+            max_tokens=max_tokens,
+            sampler=sampler,
+            prompt_cache=session.cache,
+            on_text=show,
+        )
+        session.record(feed, done)
+        if not ended["newline"]:
+            common._write("\n")
+        if done.interrupted:
+            err.print("[yellow]\\[interrupted][/yellow]")
+        if done.token_ids or not done.interrupted:
+            session.commit(line, done.text)
+        after = runtime.stats()
+        rate = after["hits"] - before["hits"], after["misses"] - before["misses"]
+        hit = rate[0] / sum(rate) if sum(rate) else 1.0
+        err.print(
+            f"[dim]{len(done.token_ids)} tokens · hit rate {hit:.1%} · "
+            f"read {human_bytes(after['bytes_read'] - before['bytes_read'])}[/dim]",
+            soft_wrap=True,
+        )
+
+

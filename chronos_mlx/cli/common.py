@@ -1,0 +1,447 @@
+"""What every command shares: the error boundary, the model-loading options, formatting,
+prompt encoding and the streaming loop used by generate and chat."""
+
+import functools
+import inspect
+import signal
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Callable, Literal, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from ..errors import ChronosError
+from ..generate import SYNC_MODES
+from ..loader import DEFAULT_MODEL, DTYPES
+from ..policy import POLICIES
+
+out = Console(highlight=False)  # stdout: what the user asked for (tables, JSON is written raw)
+err = Console(stderr=True, highlight=False)  # stderr: notices, progress, summaries, errors
+
+class CliError(ChronosError):
+    """A usage error found by the CLI itself (conflicting options, unreadable prompt file)."""
+
+
+# --------------------------------------------------------------------------------------
+# Error boundary
+# --------------------------------------------------------------------------------------
+
+
+def error_line(message: str) -> None:
+    """One red `error: ...` line on stderr, never wrapped."""
+    err.print(f"[bold red]error:[/bold red] [red]{escape(str(message))}[/red]", soft_wrap=True)
+
+
+def user_errors(fn: Callable) -> Callable:
+    """Turn user errors into one `error:` line and exit code 2; Ctrl-C into exit code 130."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ChronosError as e:
+            error_line(e)
+            raise typer.Exit(2)
+        except KeyboardInterrupt:
+            err.print("\n[yellow]aborted[/yellow]", soft_wrap=True)
+            raise typer.Exit(130)
+        except BrokenPipeError:  # `chronos generate ... | head`: the reader went away
+            sys.stdout = open("/dev/null", "w")
+            raise typer.Exit(1)
+
+    return wrapper
+
+
+# --------------------------------------------------------------------------------------
+# Options shared by every command that loads a model
+# --------------------------------------------------------------------------------------
+
+MODEL_HELP = (
+    "Model to run: a local mlx-lm checkpoint directory or a Hugging Face repo id. "
+    "Default: the embedded demo model (demo-moe-4bit, 64 experts x 8 layers, 48 MB)."
+)
+DTYPE_HELP = (
+    "Compute dtype of the weights that are not quantized. auto = float32 on MLX's CPU "
+    "backend (bfloat16 is very slow there), the checkpoint's own dtype otherwise."
+)
+_PANEL = "Model options"
+DtypeChoice = Literal[("auto", *DTYPES)]
+
+
+@dataclass
+class LoadOptions:
+    """The common options, as parsed. Field names match the parameter names in LOAD_OPTIONS."""
+
+    model: Optional[str] = None
+    expert_budget: str = "1.0"
+    dtype: str = "auto"
+    sync: str = "optimistic"
+    policy: str = "auto"
+    direct_io: bool = False
+    io_sim: Optional[str] = None
+    predictor: Optional[str] = None
+    profile: Optional[str] = None
+
+    def load_kwargs(self) -> dict:
+        """Keyword arguments for `chronos_mlx.load`."""
+        return dict(
+            model=self.model,
+            expert_budget=self.expert_budget,
+            dtype=None if self.dtype == "auto" else self.dtype,
+            policy=("usage" if self.profile else "lru") if self.policy == "auto" else self.policy,
+            direct_io=self.direct_io,
+            io_sim=self.io_sim,
+        )
+
+    def generate_kwargs(self) -> dict:
+        """Keyword arguments for `chronos_mlx.generate.stream_generate`."""
+        return dict(sync=self.sync)
+
+
+def _option(name: str, default, annotation, *decls: str, **kwargs) -> inspect.Parameter:
+    return inspect.Parameter(
+        name,
+        inspect.Parameter.KEYWORD_ONLY,
+        default=default,
+        annotation=Annotated[annotation, typer.Option(*decls, rich_help_panel=_PANEL, **kwargs)],
+    )
+
+
+LOAD_OPTIONS = [
+    _option("model", None, Optional[str], "--model", "-m", metavar="PATH|REPO", help=MODEL_HELP),
+    _option(
+        "expert_budget",
+        "1.0",
+        str,
+        "--expert-budget",
+        "-b",
+        metavar="BUDGET",
+        help=(
+            "Memory for expert weights. Bytes with a unit (6GB, 512MiB) or a fraction of all "
+            "experts (0.25 or 25%); a bare number <= 1 is a fraction, a larger one is bytes. "
+            "It must hold at least top-k experts per layer (see `chronos info`)."
+        ),
+    ),
+    _option("dtype", "auto", DtypeChoice, "--dtype", help=DTYPE_HELP),
+    _option(
+        "sync",
+        "optimistic",
+        Literal[tuple(SYNC_MODES)],
+        "--sync",
+        help=(
+            "How decode steps learn which experts they need. optimistic: compute from the "
+            "resident experts and check all layers' routing once per token, recomputing the "
+            "token on a miss (fast). per-layer: read each MoE layer's routing before computing "
+            "it (one host sync per layer). Both give the same tokens."
+        ),
+    ),
+    _option(
+        "policy",
+        "auto",
+        Literal[("auto", *sorted(POLICIES))],
+        "--policy",
+        help=(
+            "Which resident expert to evict when a missing one must be loaded: lru, lfu (with "
+            "aging), usage (decayed frequency, seeded by --profile). auto: usage with a profile, else lru."
+        ),
+    ),
+    _option(
+        "direct_io",
+        False,
+        bool,
+        "--direct-io",
+        help=(
+            "Read experts bypassing the OS page cache (O_DIRECT on Linux, F_NOCACHE on macOS); "
+            "falls back to ordinary reads where the file system refuses it (see stats: direct_io)."
+        ),
+    ),
+    _option(
+        "io_sim",
+        None,
+        Optional[str],
+        "--io-sim",
+        metavar="SPEC",
+        help=(
+            "Make every expert read take as long as on an SSD of this speed, e.g. "
+            "'bandwidth=5GB/s,latency=80us' (for measuring on a machine whose page cache "
+            "holds the model, where reads cost nothing)."
+        ),
+    ),
+    _option(
+        "predictor",
+        None,
+        Optional[str],
+        "--predictor",
+        metavar="NAME",
+        help=(
+            "What predicts experts to prefetch: none, gate (next layer's router on this layer's "
+            "input; no training), markov, lookahead, intent (trained by `chronos predictor train`), "
+            "all. Default: none (measured: prediction cuts the I/O stall but has not yet made decoding faster; see README)."
+        ),
+    ),
+    _option(
+        "profile",
+        None,
+        Optional[str],
+        "--profile",
+        metavar="NAME|PATH",
+        help=(
+            "An activation profile (`chronos profile list`): pre-warms the cache with its hottest "
+            "experts in the background and seeds the usage policy (use with --policy usage)."
+        ),
+    ),
+]
+
+
+def with_load_options(fn: Callable) -> Callable:
+    """Add LOAD_OPTIONS to a command; it receives them as `opts: LoadOptions`."""
+    sig = inspect.signature(fn)
+    own = [p for p in sig.parameters.values() if p.name != "opts"]
+    names = [p.name for p in LOAD_OPTIONS]
+
+    @functools.wraps(fn)
+    def wrapper(**kwargs):
+        opts = LoadOptions(**{n: kwargs.pop(n) for n in names})
+        return fn(opts=opts, **kwargs)
+
+    wrapper.__signature__ = sig.replace(parameters=own + LOAD_OPTIONS)
+    wrapper.__annotations__ = {p.name: p.annotation for p in own + LOAD_OPTIONS}
+    return wrapper
+
+
+def load_model(opts: LoadOptions):
+    """`chronos_mlx.load` with a spinner on an interactive stderr; shows runtime.notice once."""
+    import chronos_mlx
+
+    name = opts.model or DEFAULT_MODEL.name
+    if err.is_terminal:
+        with err.status(f"loading {escape(str(name))} ...", spinner="dots"):
+            model, tokenizer, runtime = chronos_mlx.load(**opts.load_kwargs())
+    else:
+        model, tokenizer, runtime = chronos_mlx.load(**opts.load_kwargs())
+    if runtime.notice:
+        err.print(f"[yellow]note:[/yellow] {escape(runtime.notice)}", soft_wrap=True)
+    if runtime.cache is not None:
+        from ..predict_runtime import attach_predictor, default_predictor
+
+        attach_predictor(model, runtime, opts.predictor or default_predictor(model, runtime))
+        if opts.profile:
+            from ..profiles import apply_profile
+
+            apply_profile(runtime, model, opts.profile)  # pre-warms in the background
+    return model, tokenizer, runtime
+
+
+# --------------------------------------------------------------------------------------
+# Formatting helpers
+# --------------------------------------------------------------------------------------
+
+
+def human_bytes(n) -> str:
+    """42500000 -> '42.5 MB' (decimal units, like disk sizes)."""
+    n = float(n or 0)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"  # pragma: no cover
+
+
+def _fmt_stat(key: str, value) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if key.endswith("bytes") or key == "bytes_read":
+        return human_bytes(value)
+    if key == "hit_rate":
+        return f"{value:.1%}"
+    if key.endswith("_per_s"):
+        return f"{value:.1f}/s"
+    if key.endswith("_s"):
+        return f"{value:.3f} s"
+    if isinstance(value, float):
+        return f"{value:.2f}"
+    return str(value)
+
+
+def summary_line(stats: dict) -> str:
+    parts = [
+        f"{stats['generated_tokens']} tokens",
+        f"{stats['decode_tokens_per_s']:.1f} tok/s",
+        f"TTFT {stats['ttft_s']:.2f} s",
+    ]
+    if stats.get("slots_per_layer"):  # a model with experts
+        parts += [f"hit rate {stats['hit_rate']:.1%}", f"read {human_bytes(stats['bytes_read'])}"]
+    parts.append(f"peak {human_bytes(stats['peak_memory_bytes'])}")
+    return " · ".join(parts)
+
+
+def stats_table(stats: dict, title: str = "runtime stats") -> Table:
+    table = Table(title=title, show_header=False, box=None, pad_edge=False)
+    table.add_column("stat", style="cyan")
+    table.add_column("value", justify="right")
+    for key, value in stats.items():
+        if key == "per_layer":
+            continue
+        table.add_row(key, _fmt_stat(key, value))
+    return table
+
+
+def model_name(info: dict) -> str:
+    return Path(info.get("path") or str(DEFAULT_MODEL)).name
+
+
+def quant_text(q) -> str:
+    if not q:
+        return "none"
+    return f"{q.get('mode', 'affine')} {q.get('bits')}-bit, group size {q.get('group_size')}"
+
+
+# --------------------------------------------------------------------------------------
+# Prompts, sampling and the streaming loop shared by generate and chat
+# --------------------------------------------------------------------------------------
+
+
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "has_chat_template", False) or getattr(tokenizer, "chat_template", None))
+
+
+def encode_text(tokenizer, text: str) -> list:
+    """Token ids of raw text, with the same special-token rule as mlx_lm's stream_generate."""
+    bos = getattr(tokenizer, "bos_token", None)
+    return list(tokenizer.encode(text, add_special_tokens=bos is None or not text.startswith(bos)))
+
+
+def encode_messages(tokenizer, messages: list) -> list:
+    """Token ids of a conversation through the tokenizer's chat template (generation prompt added)."""
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    if isinstance(ids, str):
+        return list(tokenizer.encode(ids, add_special_tokens=False))
+    if hasattr(ids, "keys"):  # a BatchEncoding from newer transformers
+        ids = ids["input_ids"]
+    return [int(t) for t in ids]
+
+
+def use_template(tokenizer, requested: Optional[bool]) -> bool:
+    """--chat-template / --no-chat-template / (default) apply it when the tokenizer has one."""
+    available = has_chat_template(tokenizer)
+    if requested and not available:
+        raise CliError("--chat-template: this model's tokenizer has no chat template")
+    return available if requested is None else requested
+
+
+def make_sampler(temp: float, seed: Optional[int]):
+    import mlx.core as mx
+    from mlx_lm.sample_utils import make_sampler as mlx_make_sampler
+
+    if seed is not None:
+        mx.random.seed(seed)
+    return mlx_make_sampler(temp=temp)  # argmax when temp == 0
+
+
+class DeferredInterrupt:
+    """Ctrl-C while generating: the first one asks the loop to stop after the current token
+    (so the expert cache and KV cache are left consistent); a second one raises
+    KeyboardInterrupt at once (the command then exits with code 130)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def _handler(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        except ValueError:  # not the main thread: Ctrl-C keeps its default behaviour
+            self._previous = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
+
+
+@dataclass
+class Completion:
+    text: str = ""
+    token_ids: list = field(default_factory=list)  # generated ids, without the final EOS
+    fed: int = 0  # tokens yielded by the decode loop, EOS included
+    finish_reason: Optional[str] = None
+    interrupted: bool = False
+
+
+def run_completion(model, tokenizer, runtime, prompt_ids, *, opts, max_tokens, sampler, prompt_cache=None, on_text=None) -> Completion:
+    """Stream one completion; on_text(piece) sees the text as it comes. Stops early (with
+    interrupted=True) after the current token on Ctrl-C."""
+    from ..generate import stream_generate
+
+    result = Completion()
+    with DeferredInterrupt() as ctrl_c:
+        stream = stream_generate(
+            model,
+            tokenizer,
+            prompt_ids,
+            runtime,
+            max_tokens=max_tokens,
+            sampler=sampler,
+            prompt_cache=prompt_cache,
+            **opts.generate_kwargs(),
+        )
+        try:
+            for r in stream:
+                if r.token >= 0:
+                    result.fed += 1
+                    if r.token not in tokenizer.eos_token_ids:
+                        result.token_ids.append(int(r.token))
+                if r.text:
+                    result.text += r.text
+                    if on_text:
+                        on_text(r.text)
+                if r.finish_reason:
+                    result.finish_reason = r.finish_reason
+                if ctrl_c.requested and result.finish_reason is None:  # not if it just finished
+                    result.interrupted = True
+                    result.finish_reason = "interrupted"
+                    break
+        finally:
+            stream.close()  # runs the decode loop's bookkeeping now, not at garbage collection
+    return result
+
+
+def _write(text: str):
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+
+
+def read_prompt(prompt: Optional[str], prompt_file: Optional[Path]) -> str:
+    if (prompt is None) == (prompt_file is None):
+        raise CliError("give exactly one of --prompt/-p and --prompt-file")
+    if prompt is not None:
+        return prompt
+    if str(prompt_file) == "-":
+        return sys.stdin.read()
+    try:
+        return prompt_file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise CliError(f"{prompt_file}: no such prompt file") from None
+    except IsADirectoryError:
+        raise CliError(f"{prompt_file}: is a directory, not a prompt file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise CliError(f"{prompt_file}: cannot read prompt file ({e})") from None
+
+
+TEMPLATE_HELP = (
+    "Wrap the prompt in the tokenizer's chat template. Default: apply it when the tokenizer has "
+    "one (the demo model's has none: its prompt is used as raw text)."
+)
+
