@@ -20,6 +20,7 @@ import numpy as np
 
 from .layout import ExpertTensor
 from .policy import make_policy
+from .interrupts import LoadInterrupted, deferred_sigint
 from .shards import ReadRun, ShardReader, wait_until
 
 MX_DTYPES = {
@@ -260,37 +261,92 @@ class ExpertCache:
             batch.append((e, slot, fut))
         return batch
 
-    def _run_batch(self, L: LayerSlots, batch: list, prefetch: bool):
+    def _run_batch(self, L: LayerSlots, batch: list, prefetch: bool, wait: bool = True) -> float:
         """Read a batch of experts into their reserved slots (any thread, lock not held).
 
-        All their byte ranges go to the reader as one submission; each expert is mapped,
-        and its future resolved, as soon as its own bytes have arrived. Experts whose
-        load was cancelled meanwhile are skipped (the canceller took their slot back)."""
-        live = [(e, slot, fut) for e, slot, fut in batch if fut.set_running_or_notify_cancel()]
-        if not live:
-            return
+        All their byte ranges go to the reader as one submission. Off the main thread each
+        expert is mapped, and its future resolved, as soon as its own bytes have arrived
+        (per-expert readiness for prefetches). On the main thread (demand loads, where the
+        caller waits for the whole batch anyway) the batch is mapped as one step right
+        after the read, inside a section Ctrl-C cannot cut (`deferred_sigint`), and only the
+        wait for the (simulated) arrival is interruptible: returns that time; with
+        `wait=False` the caller waits for it. Experts whose load was cancelled meanwhile
+        are skipped (the canceller took their slot back).
+
+        Whatever happens (an I/O error, a changed shard, a KeyboardInterrupt), every future
+        of the batch is resolved and every slot it reserved ends up mapped to its expert or
+        free again: no slot stays claimed, nobody waits forever."""
+        main = threading.current_thread() is threading.main_thread()
+        with deferred_sigint():
+            live = []
+            try:
+                for item in batch:
+                    if item[2].set_running_or_notify_cancel():
+                        live.append(item)
+                if not live:
+                    return 0.0
+                ready = self._read_experts(L, [(e, slot) for e, slot, _ in live])
+            except BaseException as exc:
+                self._abandon(L, batch, exc)
+                if isinstance(exc, Exception):
+                    return 0.0  # the waiters see it through their futures
+                raise  # KeyboardInterrupt, SystemExit: for this thread too
+            if main:
+                for e, slot, fut in live:
+                    self._map(L, e, slot, prefetch)
+                    fut.set_result(None)
+        if main:
+            deadline = max(ready)
+            if wait:
+                wait_until(deadline)
+            return deadline
+        mapped = 0
         try:
-            ready = self._read_experts(L, [(e, slot) for e, slot, _ in live])
-        except BaseException as exc:
-            with self._lock:
-                for e, slot, _ in live:
-                    L.expert_in[slot] = -1
+            for t, (e, slot, fut) in sorted(zip(ready, live), key=lambda r: r[0]):
+                wait_until(t)
+                self._map(L, e, slot, prefetch)
+                mapped += 1
+                fut.set_result(None)
+        finally:
+            if mapped < len(live):  # an exception while waiting: the bytes are all in (reads are synchronous)
+                for e, slot, fut in live:
+                    if not fut.done():
+                        if L.expert_in[slot] != e:
+                            self._map(L, e, slot, prefetch)
+                        fut.set_result(None)
+        return max(ready)
+
+    def _map(self, L: LayerSlots, e: int, slot: int, prefetch: bool):
+        """Expert `e`'s bytes are complete in `slot`: make it resident."""
+        with self._lock:
+            L.counters.bytes_read += self.bytes_on_disk_per_expert
+            L.slot_of[e] = slot
+            L.expert_in[slot] = e
+            L.policy.added(e)
+            L.pending.pop(e, None)
+            if prefetch:
+                L.prefetched.add(e)
+            L.dirty = True
+
+    def _abandon(self, L: LayerSlots, batch: list, exc: BaseException):
+        """Give back the slots of a batch whose loads will not complete, resolve its futures."""
+        with self._lock:
+            for e, slot, fut in batch:
+                if fut.done():
+                    continue
+                if L.pending.get(e, (None, fut))[1] is fut:
                     L.pending.pop(e, None)
-            for *_, fut in live:
-                fut.set_exception(exc)
-            return
-        for t, (e, slot, fut) in sorted(zip(ready, live), key=lambda r: r[0]):
-            wait_until(t)
-            with self._lock:
-                L.counters.bytes_read += self.bytes_on_disk_per_expert
-                L.slot_of[e] = slot
-                L.expert_in[slot] = e
-                L.policy.added(e)
-                L.pending.pop(e, None)
-                if prefetch:
-                    L.prefetched.add(e)
-                L.dirty = True
-            fut.set_result(None)
+                if L.expert_in[slot] == -2:
+                    L.expert_in[slot] = -1
+        if not isinstance(exc, Exception):  # waiters on other threads must not get a KeyboardInterrupt
+            exc = LoadInterrupted(f"expert load interrupted ({type(exc).__name__})")
+        for e, slot, fut in batch:
+            if not fut.done():
+                if not fut.cancel():  # running: resolve it with the error
+                    try:
+                        fut.set_exception(exc)
+                    except Exception:  # resolved meanwhile (InvalidStateError)
+                        pass
 
     def ensure(self, layer: int, experts, protect=None, retries: int = 0) -> list:
         """Make `experts` of `layer` resident and wait for them; returns those it loaded.
@@ -310,33 +366,37 @@ class ExpertCache:
             keep = set(experts.tolist())
         futures, loaded, blocked, running, demand = [], [], set(), [], []
         t0 = time.perf_counter()
-        with self._lock:
-            self._check_files(L)
-            for e in experts.tolist():
-                if L.slot_of[e] >= 0:
-                    continue
-                if e in L.pending:
-                    slot, fut, _ = L.pending[e]
-                    if not fut.cancel():
-                        futures.append(fut)  # in flight: wait for it
+        # Reservation and the batch's read and mapping are one section Ctrl-C cannot cut;
+        # only the wait for the (simulated) drive below is interruptible.
+        with deferred_sigint():
+            with self._lock:
+                self._check_files(L)
+                for e in experts.tolist():
+                    if L.slot_of[e] >= 0:
                         continue
-                    L.pending.pop(e)
-                    L.expert_in[slot] = -1
-                slot = self._take_slot(L, keep) if e not in blocked else None
-                if slot is None:
-                    slot = self._cancel_a_prefetch(L, keep)
-                if slot is None:  # every free-able slot is being filled by a prefetch
-                    blocked.add(e)
-                    continue
-                L.expert_in[slot] = -2  # reserved: the next _take_slot must not hand it out
-                loaded.append(e)
-                demand.append((e, slot))
-            batch = self._reserve(L, demand, prefetch=False)
-            futures += [fut for *_, fut in batch]
-            running = [f for _, f, pf in L.pending.values() if pf] if blocked else []
-        # Demand reads run here: the caller waits for them anyway, and a hand-off to a
-        # reader thread costs more than the copy. The batch's reads are in flight together.
-        self._run_batch(L, batch, prefetch=False)
+                    if e in L.pending:
+                        slot, fut, _ = L.pending[e]
+                        if not fut.cancel():
+                            futures.append(fut)  # in flight: wait for it
+                            continue
+                        L.pending.pop(e)
+                        L.expert_in[slot] = -1
+                    slot = self._take_slot(L, keep) if e not in blocked else None
+                    if slot is None:
+                        slot = self._cancel_a_prefetch(L, keep)
+                    if slot is None:  # every free-able slot is being filled by a prefetch
+                        blocked.add(e)
+                        continue
+                    L.expert_in[slot] = -2  # reserved: the next _take_slot must not hand it out
+                    loaded.append(e)
+                    demand.append((e, slot))
+                batch = self._reserve(L, demand, prefetch=False)
+                futures += [fut for *_, fut in batch]
+                running = [f for _, f, pf in L.pending.values() if pf] if blocked else []
+            # Demand reads run here: the caller waits for them anyway, and a hand-off to a
+            # reader thread costs more than the copy. The batch's reads are in flight together.
+            deadline = self._run_batch(L, batch, prefetch=False, wait=False)
+        wait_until(deadline)
         for fut in futures:
             fut.result()
         if blocked:
@@ -431,7 +491,7 @@ class ExpertCache:
             for a, b in zip(bounds[:-1], bounds[1:]):
                 runs.append(ReadRun(p.paths[experts[a]], p.offsets[experts[a]], bufs[a:b], (b - a) * n))
                 spans.append((a, b))
-        done = self.reader.read_runs(runs, checked=True)
+        done = self.reader.read_runs(runs)  # checks each shard is unchanged first (one stat)
         for raw, p in converts:
             out = np.empty((k, *p.source.shape), dtype=p.view.dtype)
             convert_into(raw, p.source.dtype, p.dtype, out)
@@ -473,15 +533,15 @@ class ExpertCache:
         """Load every expert into the slot of the same number (budget covers all experts)."""
         L = self.layers[layer]
         assert L.num_slots == L.num_experts
-        with self._lock:
+        with deferred_sigint(), self._lock:
             t0 = time.perf_counter()
             todo = [(e, e) for e in range(L.num_experts) if L.slot_of[e] != e]
-            for t in self._read_experts(L, todo):  # one batch: whole tensors in a few reads
-                wait_until(t)
+            ready = self._read_experts(L, todo)  # one batch: whole tensors in a few reads
             for e, _ in todo:
                 L.counters.bytes_read += self.bytes_on_disk_per_expert
                 L.slot_of[e] = e
                 L.expert_in[e] = e
                 L.policy.added(e)
-            L.counters.load_s += time.perf_counter() - t0
             self._sync_table(L)
+        wait_until(max(ready, default=0.0))  # the (simulated) drive; interruptible
+        L.counters.load_s += time.perf_counter() - t0

@@ -64,6 +64,8 @@ class ShardIndex:
     root: Path
     tensors: dict[str, TensorInfo] = field(default_factory=dict)
     file_sizes: dict[Path, int] = field(default_factory=dict)
+    # (size, mtime_ns, ctime_ns, inode, device) of each shard when it was indexed
+    signatures: dict[Path, tuple] = field(default_factory=dict)
 
     @classmethod
     def open(cls, model_dir) -> "ShardIndex":
@@ -78,7 +80,9 @@ class ShardIndex:
                         f"{index.tensors[info.name].path.name}"
                     )
                 index.tensors[info.name] = info
-            index.file_sizes[path] = path.stat().st_size
+            sig = stat_signature(path)
+            index.file_sizes[path] = sig[0]
+            index.signatures[path] = sig
         _check_weight_map(root, index)
         return index
 
@@ -89,24 +93,61 @@ class ShardIndex:
         return self.tensors[name]
 
     def check_unchanged(self, path: Path):
-        """A shard replaced or truncated since it was indexed must not be read as zeros."""
+        """Refuse to read a shard that changed since it was indexed: replaced, truncated,
+        or rewritten in place with the same size (a copy over it, a corrupted write).
+
+        One `stat` (about a microsecond): size, modification and status-change times in
+        nanoseconds, inode and device. Any difference is a ShardError, never garbage."""
         try:
-            size = path.stat().st_size
+            sig = stat_signature(path)
         except FileNotFoundError:
-            raise ShardError(f"{path}: shard file disappeared while the model was in use")
-        if size != self.file_sizes[path]:
+            raise ShardError(f"{path}: shard file disappeared while the model was in use") from None
+        except OSError as e:
+            raise ShardError(f"{path}: cannot stat shard ({e.strerror or e})") from None
+        old = self.signatures.get(path)
+        if old is None:  # an index built by hand (tests): sizes only
+            old = (self.file_sizes[path],) + sig[1:]
+        if sig != old:
+            if sig[0] != old[0]:
+                what = f"changed size ({old[0]} -> {sig[0]} bytes)"
+            elif sig[3:] != old[3:]:
+                what = "was replaced by another file"
+            else:
+                what = "was modified"
             raise ShardError(
-                f"{path}: shard changed size while in use ({self.file_sizes[path]} -> {size} bytes)"
+                f"{path}: shard {what} while the model was in use; refusing to read it "
+                "(restart chronos to load the current file)"
             )
+
+
+def stat_signature(path) -> tuple:
+    """What identifies a file's contents without reading them: (size, mtime_ns, ctime_ns, inode, device)."""
+    st = os.stat(path)
+    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
+
+
+def _weight_map(index_file: Path) -> dict:
+    """The index's weight map, checked: a JSON object of tensor name -> shard file name
+    (a plain name in the model directory)."""
+    try:
+        data = json.loads(index_file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ShardError(f"{index_file}: not a valid safetensors index ({type(e).__name__}: {e})") from None
+    except OSError as e:
+        raise ShardError(f"{index_file}: cannot read ({e.strerror or e})") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict):
+        raise ShardError(f"{index_file}: not a valid safetensors index ('weight_map' must be an object)")
+    for name, fname in weight_map.items():
+        if not isinstance(fname, str) or not fname or fname != Path(fname).name or fname in (".", ".."):
+            raise ShardError(f"{index_file}: tensor '{name}' maps to {fname!r}, not a shard file name")
+    return weight_map
 
 
 def _shard_files(root: Path) -> list[Path]:
     index_file = root / "model.safetensors.index.json"
     if index_file.exists():
-        try:
-            weight_map = json.loads(index_file.read_text())["weight_map"]
-        except (ValueError, KeyError, TypeError) as e:
-            raise ShardError(f"{index_file}: not a valid safetensors index ({e})")
+        weight_map = _weight_map(index_file)
         names = sorted(set(weight_map.values()))
         missing = [n for n in names if not (root / n).exists()]
         if missing:
@@ -115,7 +156,10 @@ def _shard_files(root: Path) -> list[Path]:
                 + ", ".join(missing)
             )
         return [root / n for n in names]
-    files = sorted(root.glob("model*.safetensors"))
+    try:
+        files = sorted(root.glob("model*.safetensors"))
+    except OSError as e:
+        raise ShardError(f"{root}: cannot list the model directory ({e.strerror or e})") from None
     if not files:
         raise ShardError(f"{root}: no model*.safetensors shards found")
     return files
@@ -125,7 +169,7 @@ def _check_weight_map(root: Path, index: ShardIndex):
     index_file = root / "model.safetensors.index.json"
     if not index_file.exists():
         return
-    weight_map = json.loads(index_file.read_text())["weight_map"]
+    weight_map = _weight_map(index_file)
     for name, fname in weight_map.items():
         info = index.tensors.get(name)
         if info is None:
@@ -136,32 +180,53 @@ def _check_weight_map(root: Path, index: ShardIndex):
             )
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def _read_header(path: Path) -> list[TensorInfo]:
-    """Parse and validate one shard's header the way the safetensors reader does."""
-    size = path.stat().st_size
-    if size < 8:
-        raise ShardError(f"{path}: file is truncated ({size} bytes, no safetensors header)")
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        if n > MAX_HEADER_BYTES or 8 + n > size:
-            raise ShardError(f"{path}: header length {n} is out of range (file is {size} bytes)")
-        raw = f.read(n)
+    """Parse and validate one shard's header the way the safetensors reader does: every
+    entry an object with a known dtype string, a shape of non-negative integers and two
+    integer offsets, its byte count = shape x dtype size, the offsets contiguous from 0 and
+    the data ending exactly at the end of the file."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            first = f.read(8)
+            n = int.from_bytes(first, "little") if len(first) == 8 else 0
+            if len(first) < 8:
+                raise ShardError(f"{path}: file is truncated ({size} bytes, no safetensors header)")
+            if n > MAX_HEADER_BYTES or 8 + n > size:
+                raise ShardError(f"{path}: header length {n} is out of range (file is {size} bytes)")
+            raw = f.read(n)
+    except OSError as e:
+        raise ShardError(f"{path}: cannot read shard ({e.strerror or e})") from None
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise ShardError(f"{path}: header is not UTF-8 JSON ({e})")
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ShardError(f"{path}: header is not UTF-8 JSON ({type(e).__name__})") from None
     if not isinstance(header, dict):
         raise ShardError(f"{path}: header is not a JSON object")
-    header.pop("__metadata__", None)
+    meta_block = header.pop("__metadata__", None)
+    if meta_block is not None and not isinstance(meta_block, dict):
+        raise ShardError(f"{path}: header's __metadata__ is not an object")
     entries = []
     for name, meta in header.items():
-        try:
-            dtype, shape, (begin, end) = meta["dtype"], tuple(meta["shape"]), meta["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise ShardError(f"{path}: tensor '{name}' has a malformed header entry")
-        if dtype not in DTYPES:
-            raise ShardError(f"{path}: tensor '{name}' has unknown dtype {dtype}")
-        expected = int(np.prod(shape, dtype=np.int64)) * DTYPES[dtype][1]
+        if not isinstance(meta, dict):
+            raise ShardError(f"{path}: tensor '{name}' has a malformed header entry (not an object)")
+        dtype, shape, offsets = meta.get("dtype"), meta.get("shape"), meta.get("data_offsets")
+        if not isinstance(dtype, str) or dtype not in DTYPES:
+            raise ShardError(f"{path}: tensor '{name}' has unknown dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+            raise ShardError(f"{path}: tensor '{name}' has a malformed shape {shape!r} (a list of non-negative integers)")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) and o >= 0 for o in offsets)):
+            raise ShardError(f"{path}: tensor '{name}' has malformed data_offsets {offsets!r} (two non-negative integers)")
+        begin, end = offsets
+        shape = tuple(shape)
+        count = 1
+        for d in shape:
+            count *= d
+        expected = count * DTYPES[dtype][1]
         if end - begin != expected:
             raise ShardError(
                 f"{path}: tensor '{name}' holds {end - begin} bytes but {dtype}{list(shape)} needs {expected}"
@@ -237,7 +302,10 @@ class ShardReader:
             with self._lock:
                 fd = self._fds.get(path)
                 if fd is None:
-                    fd, active = open_for_reading(path, self._want_direct)
+                    try:
+                        fd, active = open_for_reading(path, self._want_direct)
+                    except OSError as e:
+                        raise ShardError(f"{path}: cannot open shard ({e.strerror or e})") from None
                     self._direct[path] = active
                     self._fds[path] = fd
         return fd
@@ -280,16 +348,19 @@ class ShardReader:
                 if not self._direct[r.path]:
                     advise_willneed(fd, r.offset, r.nbytes)
         for r, fd in zip(runs, fds):
-            if self._direct[r.path] and sys.platform.startswith("linux"):
-                self._read_direct(fd, r.offset, r.views)
-            elif hasattr(os, "preadv"):
-                _preadv_full(fd, r.offset, r.views, r.path)
-            else:  # no preadv (e.g. Windows): slice an mmap of the shard
-                mm = self._mmap(r.path)
-                pos = r.offset
-                for v in r.views:
-                    v[:] = mm[pos : pos + len(v)]
-                    pos += len(v)
+            try:
+                if self._direct[r.path] and sys.platform.startswith("linux"):
+                    self._read_direct(fd, r.offset, r.views)
+                elif hasattr(os, "preadv"):
+                    _preadv_full(fd, r.offset, r.views, r.path)
+                else:  # no preadv (e.g. Windows): slice an mmap of the shard
+                    mm = self._mmap(r.path)
+                    pos = r.offset
+                    for v in r.views:
+                        v[:] = mm[pos : pos + len(v)]
+                        pos += len(v)
+            except OSError as e:
+                raise ShardError(f"{r.path}: read failed at offset {r.offset} ({e.strerror or e})") from None
         if self.simulator is not None:
             done = self.simulator.schedule([r.nbytes for r in runs], started)
         else:

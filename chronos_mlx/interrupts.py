@@ -1,0 +1,45 @@
+"""Ctrl-C (SIGINT) and the cache's bookkeeping.
+
+Python raises KeyboardInterrupt in the main thread at whatever bytecode it is running. The
+expert cache's state changes (reserve a slot, read, map it, resolve its future) must not
+be cut in half: `deferred_sigint()` holds a Ctrl-C that arrives during such a section and
+delivers it to the previous handler when the section ends, with the state consistent
+again. Off the main thread (reader pool, planner, pre-warm) no KeyboardInterrupt can arrive
+and it costs nothing; on the main thread it is two `sigaction` calls.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from contextlib import contextmanager
+
+
+class LoadInterrupted(RuntimeError):
+    """An expert load was abandoned because the thread running it was interrupted."""
+
+
+@contextmanager
+def deferred_sigint():
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    frames = []
+
+    def hold(signum, frame):
+        frames.append(frame)
+
+    try:
+        previous = signal.signal(signal.SIGINT, hold)
+    except (ValueError, TypeError, OSError):  # embedded interpreter without signal support
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if frames:
+            if callable(previous):
+                previous(signal.SIGINT, frames[-1])  # the default handler raises KeyboardInterrupt here
+            elif previous == signal.SIG_DFL:
+                raise KeyboardInterrupt
