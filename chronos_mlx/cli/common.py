@@ -5,7 +5,7 @@ import functools
 import inspect
 import signal
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Callable, Literal, Optional
 
@@ -77,7 +77,8 @@ class LoadOptions:
     """The common options, as parsed. Field names match the parameter names in LOAD_OPTIONS."""
 
     model: Optional[str] = None
-    expert_budget: str = "1.0"
+    expert_budget: str = "auto"
+    memory_limit: Optional[str] = None
     dtype: str = "auto"
     sync: str = "optimistic"
     policy: str = "auto"
@@ -85,6 +86,7 @@ class LoadOptions:
     io_sim: Optional[str] = None
     predictor: Optional[str] = None
     profile: Optional[str] = None
+    context_tokens: int = 4096  # KV cache that `--expert-budget auto` leaves room for (not an option)
 
     def load_kwargs(self) -> dict:
         """Keyword arguments for `chronos_mlx.load`."""
@@ -115,7 +117,7 @@ LOAD_OPTIONS = [
     _option("model", None, Optional[str], "--model", "-m", metavar="PATH|REPO", help=MODEL_HELP),
     _option(
         "expert_budget",
-        "1.0",
+        "auto",
         str,
         "--expert-budget",
         "-b",
@@ -123,8 +125,18 @@ LOAD_OPTIONS = [
         help=(
             "Memory for expert weights. Bytes with a unit (6GB, 512MiB) or a fraction of all "
             "experts (0.25 or 25%); a bare number <= 1 is a fraction, a larger one is bytes. "
-            "It must hold at least top-k experts per layer (see `chronos info`)."
+            "It must hold at least top-k experts per layer (see `chronos info`). auto (default): "
+            "what fits in the memory this process may use (--memory-limit, else the machine's "
+            "available memory) after the dense weights, the KV cache and headroom; 1.0 when all fits."
         ),
+    ),
+    _option(
+        "memory_limit",
+        None,
+        Optional[str],
+        "--memory-limit",
+        metavar="SIZE",
+        help="Memory this process may use (e.g. 12GB), for --expert-budget auto. Default: the machine's available memory.",
     ),
     _option("dtype", "auto", DtypeChoice, "--dtype", help=DTYPE_HELP),
     _option(
@@ -218,6 +230,7 @@ def load_model(opts: LoadOptions):
     import chronos_mlx
 
     name = opts.model or DEFAULT_MODEL.name
+    opts = resolve_auto_budget(opts)
     if err.is_terminal:
         with err.status(f"loading {escape(str(name))} ...", spinner="dots"):
             model, tokenizer, runtime = chronos_mlx.load(**opts.load_kwargs())
@@ -234,6 +247,20 @@ def load_model(opts: LoadOptions):
 
             apply_profile(runtime, model, opts.profile)  # pre-warms in the background
     return model, tokenizer, runtime
+
+
+def resolve_auto_budget(opts: LoadOptions) -> LoadOptions:
+    """--expert-budget auto: work out the budget (no weights read) and say what and why on stderr."""
+    from ..budget import is_auto, resolve_budget
+
+    if not is_auto(opts.expert_budget):
+        return opts
+    budget, choice = resolve_budget(
+        opts.expert_budget, opts.model, dtype=opts.load_kwargs()["dtype"], memory_limit=opts.memory_limit,
+        context_tokens=opts.context_tokens,
+    )
+    err.print(f"[dim]{escape(choice.line())}[/dim]", soft_wrap=True)
+    return replace(opts, expert_budget=budget)
 
 
 # --------------------------------------------------------------------------------------
