@@ -1,6 +1,6 @@
 """The `chronos` command line: a thin typer + rich layer over `chronos_mlx.load` and its decode loop.
 
-One module per command (like mlx_lm's): `generate`, `chat`, `info`, `bench`, `profile`
+One module per command (like mlx_lm's): `generate`, `chat`, `serve`, `doctor`, `info`, `bench`, `profile`
 (record/list/show/diff and `pack`), `predictor` (train/eval). `common` holds what they share.
 
 Conventions:
@@ -17,7 +17,7 @@ from typing import Annotated
 
 import typer
 
-from . import bench, chat, generate, info  # noqa: F401  (each registers its command on `app`)
+from . import bench, chat, generate, info, serve  # noqa: F401  (each registers its command on `app`)
 from .app import app
 from .common import out
 from .predictor import predictor_app

@@ -1,0 +1,118 @@
+"""`chronos serve`: an OpenAI-compatible HTTP server (mlx_lm.server's endpoints and JSON)."""
+
+import threading
+from dataclasses import replace
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.markup import escape
+
+from .app import app
+from .common import LoadOptions, err, human_bytes, load_model, user_errors, with_load_options
+
+DEFAULT_KV_TOKENS = 16384
+
+
+@app.command()
+@user_errors
+@with_load_options
+def serve(
+    opts: LoadOptions,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="Port to listen on (0: any free port).")] = 8080,
+    max_tokens: Annotated[
+        int, typer.Option("--max-tokens", "-n", min=1, help="Default max_tokens of a request that gives none.")
+    ] = 512,
+    temp: Annotated[float, typer.Option("--temp", min=0.0, help="Default temperature (0: greedy).")] = 0.0,
+    top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Default top_p.")] = 1.0,
+    decode_concurrency: Annotated[
+        int, typer.Option("--decode-concurrency", min=1, help="Most requests decoded together in one batch.")
+    ] = 32,
+    prefill_concurrency: Annotated[
+        int, typer.Option("--prefill-concurrency", min=1, help="Most new prompts prefilled together.")
+    ] = 8,
+    prefill_step_size: Annotated[
+        int,
+        typer.Option(
+            "--prefill-step-size",
+            min=1,
+            help="Prompt tokens prefilled between two decode steps of the running batch: a new long "
+            "prompt holds the others up for one such chunk at a time.",
+        ),
+    ] = 256,
+    kv_tokens: Annotated[
+        int,
+        typer.Option(
+            "--kv-tokens",
+            min=1,
+            help="KV cache (tokens summed over concurrent requests) that --expert-budget auto leaves room for.",
+        ),
+    ] = DEFAULT_KV_TOKENS,
+    model_id: Annotated[
+        Optional[str], typer.Option("--model-id", help="Model name in /v1/models. Default: the --model given, or the directory name.")
+    ] = None,
+):
+    """Serve the model over HTTP with the OpenAI API (the endpoints and JSON of mlx_lm.server).
+
+    POST /v1/completions and /v1/chat/completions (stream: true for server-sent events),
+    GET /v1/models and /health. Concurrent requests share one model and one expert cache
+    and are decoded as one batch (mlx_lm's BatchGenerator): each layer loads the union of
+    the batch's experts once. Greedy tokens equal stock mlx_lm's for the same batch.
+
+    [bold]Examples[/bold]
+
+    [cyan]chronos serve --port 8080[/cyan]
+
+    [cyan]chronos serve -m mlx-community/Qwen3-30B-A3B-4bit --memory-limit 12GB[/cyan]
+
+    [cyan]curl localhost:8080/v1/chat/completions -d '{"messages":[{"role":"user","content":"Hi"}]}'[/cyan]
+    """
+    from ..serve import BatchEngine, make_server
+
+    opts = replace(opts, context_tokens=kv_tokens)
+    model, tokenizer, runtime = load_model(opts)
+    name = model_id or opts.model or Path(runtime.info.get("path", "model")).name
+    engine = BatchEngine(
+        model,
+        tokenizer,
+        runtime,
+        decode_concurrency=decode_concurrency,
+        prefill_concurrency=prefill_concurrency,
+        prefill_step_size=prefill_step_size,
+    )
+    try:
+        server = make_server(
+            engine, host, port, model_id=name, default_max_tokens=max_tokens, default_temperature=temp,
+            default_top_p=top_p, info=runtime.info,
+        )
+    except OSError as e:
+        from .common import CliError
+
+        raise CliError(f"cannot listen on {host}:{port} ({e.strerror or e})") from None
+    engine.start()
+    bound_host, bound_port = server.server_address[:2]
+    info = runtime.info
+    budget = (
+        f"{info['slots_per_layer']}/{info['num_experts']} experts per layer ({human_bytes(info['expert_budget_bytes'])})"
+        if info.get("slots_per_layer")
+        else "no experts"
+    )
+    err.print(
+        f"serving [bold]{escape(name)}[/bold] on http://{bound_host}:{bound_port}/v1 "
+        f"(OpenAI API; {budget}; up to {decode_concurrency} requests per batch) - Ctrl-C stops",
+        soft_wrap=True,
+    )
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True)
+    thread.start()
+    try:
+        while thread.is_alive():
+            thread.join(0.5)
+            if not engine.healthy:
+                raise RuntimeError(f"the generation engine stopped: {engine.failure!r}")
+    except KeyboardInterrupt:
+        err.print("stopping", soft_wrap=True)
+    finally:
+        server.shutdown()
+        server.server_close()
+        engine.stop()
