@@ -36,8 +36,25 @@ def error_line(message: str) -> None:
     err.print(f"[bold red]error:[/bold red] [red]{escape(str(message))}[/red]", soft_wrap=True)
 
 
+def hint_line(message: str) -> None:
+    """The one line that may follow an `error:` line."""
+    err.print(f"[dim]hint: {escape(str(message))}[/dim]", soft_wrap=True)
+
+
+def os_error_text(e: BaseException) -> str:
+    """`path: reason` for an OSError (permission denied, no space left...), without a traceback."""
+    if isinstance(e, UnicodeError):
+        return f"input is not valid UTF-8 ({e})"
+    where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+    reason = e.strerror or str(e) or type(e).__name__
+    return f"{where}: {reason}" if where else reason
+
+
 def user_errors(fn: Callable) -> Callable:
-    """Turn user errors into one `error:` line and exit code 2; Ctrl-C into exit code 130."""
+    """Turn user errors into one `error:` line and exit code 2; Ctrl-C into exit code 130.
+
+    OS errors (a file that cannot be read or written: permissions, a full disk, a
+    directory where a file was expected) and undecodable input are user errors too."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -46,12 +63,15 @@ def user_errors(fn: Callable) -> Callable:
         except ChronosError as e:
             error_line(e)
             raise typer.Exit(2)
+        except (OSError, UnicodeError) as e:
+            if isinstance(e, BrokenPipeError):  # `chronos generate ... | head`: the reader went away
+                sys.stdout = open("/dev/null", "w")
+                raise typer.Exit(1)
+            error_line(os_error_text(e))
+            raise typer.Exit(2)
         except KeyboardInterrupt:
             err.print("\n[yellow]aborted[/yellow]", soft_wrap=True)
             raise typer.Exit(130)
-        except BrokenPipeError:  # `chronos generate ... | head`: the reader went away
-            sys.stdout = open("/dev/null", "w")
-            raise typer.Exit(1)
 
     return wrapper
 
