@@ -1,0 +1,311 @@
+"""`chronos serve`: the OpenAI endpoints (through the official `openai` client), batching,
+cancellation and malformed requests.
+
+Exactness: greedy tokens of a request equal stock mlx_lm's (a) for the same batch composition:
+the engine's batch vs stock mlx_lm's BatchGenerator on stock `mlx_lm.load`, (b) alone: a
+request vs stock `mlx_lm.generate`. Through HTTP the composition depends on arrival times, so
+concurrent HTTP requests are compared with stock alone (on the demo model, float32 CPU, batch
+rows equal single-sequence decoding; test_engine_batch_equals_stock_batch_generator holds for
+any model)."""
+
+import http.client
+import json
+import socket
+import threading
+import time
+import urllib.request
+
+import mlx.core as mx
+import pytest
+
+import chronos_mlx
+from chronos_mlx.serve import BatchEngine, SamplingParams, make_server
+from chronos_mlx.serve.http import convert_chat
+
+openai = pytest.importorskip("openai")
+
+PROMPTS = ["The history of the Roman Empire begins", "def main(", "Once upon a time there was", "La storia di Roma"]
+BUDGET = 0.25  # experts are streamed: misses happen in every test
+
+
+@pytest.fixture(scope="module")
+def stock():
+    import mlx_lm
+
+    model, tokenizer = mlx_lm.load(str(chronos_mlx.DEFAULT_MODEL))
+    model.set_dtype(mx.float32)
+    return model, tokenizer
+
+
+def stock_alone(stock, ids, n):
+    from mlx_lm.generate import generate_step
+
+    model, tok = stock
+    out = []
+    for t, _ in generate_step(mx.array(ids), model, max_tokens=n):
+        out.append(int(t))
+        if int(t) in tok.eos_token_ids:
+            break
+    return out
+
+
+def stock_batch(stock, prompts_ids, n, prefill_step_size):
+    from mlx_lm.generate import BatchGenerator, make_stop_sequences
+
+    model, tok = stock
+    gen = BatchGenerator(model, max_tokens=n, prefill_step_size=prefill_step_size)
+    uids = gen.insert(prompts_ids, stop_sequences=[make_stop_sequences(tok)] * len(prompts_ids))
+    out = {u: [] for u in uids}
+    done = set()
+    while len(done) < len(uids):
+        for r in gen.next_generated():
+            out[r.uid].append(int(r.token))
+            if r.finish_reason:
+                done.add(r.uid)
+    gen.close()
+    return [out[u] for u in uids]
+
+
+@pytest.fixture(scope="module")
+def served():
+    model, tokenizer, runtime = chronos_mlx.load(None, BUDGET, dtype="float32")
+    engine = BatchEngine(model, tokenizer, runtime, prefill_step_size=64).start()
+    server = make_server(engine, "127.0.0.1", 0, model_id="demo")
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    yield url, engine, tokenizer, runtime
+    server.shutdown()
+    server.server_close()
+    engine.stop()
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    return openai.OpenAI(base_url=served[0] + "/v1", api_key="none", max_retries=0, timeout=60)
+
+
+def raw(url, method, path, body=None, headers=None):
+    """(status, parsed JSON or text) without any client library."""
+    host, port = url.split("//")[1].split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
+    conn.request(method, path, body=data, headers=headers or {})
+    resp = conn.getresponse()
+    text = resp.read().decode()
+    conn.close()
+    try:
+        return resp.status, json.loads(text)
+    except json.JSONDecodeError:
+        return resp.status, text
+
+
+def wait_idle(engine, timeout=10.0):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if not engine._active and engine._inbox.empty():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+# --- endpoints and shapes ------------------------------------------------------------------
+
+
+def test_models_and_health(served, client):
+    models = client.models.list()
+    assert [m.id for m in models.data] == ["demo"]
+    assert models.data[0].object == "model"
+    assert raw(served[0], "GET", "/health") == (200, {"status": "ok"})
+
+
+def test_completion_equals_stock_generate_with_mlx_lm_server_shape(served, client, stock):
+    _, _, tok, runtime = served
+    misses = runtime.total_misses()
+    r = client.completions.create(model="demo", prompt=PROMPTS[0], max_tokens=12, logprobs=True)
+    ids = [e["id"] for e in r.choices[0].logprobs.content]
+    assert ids == stock_alone(stock, tok.encode(PROMPTS[0]), 12)
+    import mlx_lm
+
+    assert r.choices[0].text == mlx_lm.generate(stock[0], stock[1], PROMPTS[0], max_tokens=12)
+    assert r.object == "text_completion" and r.id.startswith("cmpl-")
+    assert r.choices[0].finish_reason == "length"
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (
+        len(tok.encode(PROMPTS[0])), 12, len(tok.encode(PROMPTS[0])) + 12,
+    )
+    assert runtime.total_misses() > misses  # experts were streamed for it
+
+
+def test_chat_completion_uses_mlx_lm_servers_prompt_without_a_template(served, client, stock):
+    _, _, tok, _ = served
+    messages = [{"role": "user", "content": "Tell me about Rome"}]
+    r = client.chat.completions.create(model="demo", messages=messages, max_tokens=8)
+    assert r.object == "chat.completion" and r.id.startswith("chatcmpl-")
+    assert r.choices[0].message.role == "assistant"
+    import mlx_lm
+
+    prompt = convert_chat(messages)
+    assert prompt == "USER: Tell me about Rome\nASSISTANT:"  # mlx_lm.server's convert_chat
+    want = stock_alone(stock, tok.encode(prompt), 8)
+    assert r.choices[0].message.content == mlx_lm.generate(stock[0], stock[1], prompt, max_tokens=8)
+    assert r.usage.completion_tokens == len([t for t in want if t not in tok.eos_token_ids])
+
+
+def test_chat_stream_is_sse_ending_in_done_with_usage(served, client):
+    messages = [{"role": "user", "content": "Tell me about Rome"}]
+    whole = client.chat.completions.create(model="demo", messages=messages, max_tokens=10)
+    chunks = list(
+        client.chat.completions.create(
+            model="demo", messages=messages, max_tokens=10, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 10
+    # the raw stream: server-sent events, the last one `data: [DONE]`
+    status, body = raw(served[0], "POST", "/v1/chat/completions", {"messages": messages, "max_tokens": 3, "stream": True})
+    events = [e for e in body.split("\n\n") if e]
+    assert status == 200 and events[-1] == "data: [DONE]"
+    assert all(e.startswith("data: ") for e in events)
+
+
+def test_text_stream_and_stop_and_logprobs(served, client):
+    full = client.completions.create(model="demo", prompt=PROMPTS[1], max_tokens=16).choices[0].text
+    stop = full[len(full) // 2 : len(full) // 2 + 2]
+    assert stop
+    cut = client.completions.create(model="demo", prompt=PROMPTS[1], max_tokens=16, stop=[stop])
+    assert cut.choices[0].finish_reason == "stop"
+    assert cut.choices[0].text == full[: full.index(stop)]
+    streamed = "".join(
+        c.choices[0].text for c in client.completions.create(model="demo", prompt=PROMPTS[1], max_tokens=16, stop=stop, stream=True)
+    )
+    assert streamed == cut.choices[0].text
+    r = client.chat.completions.create(
+        model="demo", messages=[{"role": "user", "content": "Hi"}], max_tokens=4, logprobs=True, top_logprobs=3
+    )
+    content = r.choices[0].logprobs.content
+    assert len(content) == 4
+    assert all(len(c.top_logprobs) == 3 and c.top_logprobs[0].logprob >= c.top_logprobs[1].logprob for c in content)
+    assert all(abs(c.logprob - c.top_logprobs[0].logprob) < 1e-5 for c in content)  # greedy: the best token
+
+
+def test_seeded_sampling_is_reproducible(client):
+    kw = dict(model="demo", prompt=PROMPTS[2], max_tokens=12, temperature=1.0, top_p=0.9)
+    a = client.completions.create(seed=7, **kw).choices[0].text
+    b = client.completions.create(seed=7, **kw).choices[0].text
+    assert a == b
+
+
+# --- batching --------------------------------------------------------------------------------
+
+
+def test_four_concurrent_requests_all_equal_stock(served, client, stock):
+    _, engine, tok, _ = served
+    steps_before = len(engine.batch_sizes)
+    results = [None] * 4
+
+    def ask(i):
+        r = client.completions.create(model="demo", prompt=PROMPTS[i], max_tokens=24, logprobs=True)
+        results[i] = [e["id"] for e in r.choices[0].logprobs.content]
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for i, p in enumerate(PROMPTS):
+        assert results[i] == stock_alone(stock, tok.encode(p), 24)
+    assert max(engine.batch_sizes[steps_before:]) > 1  # they were decoded together
+
+
+def test_engine_batch_equals_stock_batch_generator(stock):
+    """Same batch composition (4 prompts inserted at once), a small budget: every sequence's
+    greedy tokens are stock mlx_lm BatchGenerator's; the batch loads each layer's union once."""
+    model, tok, runtime = chronos_mlx.load(None, 0.125, dtype="float32")
+    ids = [tok.encode(p) for p in PROMPTS]
+    engine = BatchEngine(model, tok, runtime, prefill_step_size=4)
+    handles = [engine.submit(i, SamplingParams(max_tokens=16)) for i in ids]  # queued before the thread starts
+    with engine:
+        got = []
+        for h in handles:
+            got.append([e.token for e in h.events() if e.token is not None])
+    assert engine.insert_log[0][1] == [0, 1, 2, 3]  # one composition
+    want = stock_batch(stock, ids, 16, prefill_step_size=4)
+    assert got == [[t for t in w if t not in tok.eos_token_ids] for w in want]
+    assert runtime.total_misses() > 0
+
+
+# --- cancellation and malformed requests -----------------------------------------------------
+
+
+def test_disconnecting_stream_client_cancels_its_generation(served):
+    url, engine, _, _ = served
+    assert wait_idle(engine)
+    host, port = url.split("//")[1].split(":")
+    sock = socket.create_connection((host, int(port)))
+    body = json.dumps({"prompt": PROMPTS[0], "max_tokens": 5000, "stream": True}).encode()
+    sock.sendall(
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {len(body)}\r\n\r\n".encode() + body
+    )
+    got = b""
+    while b"data: " not in got:
+        got += sock.recv(4096)
+    before = engine.generated_tokens
+    sock.close()
+    assert wait_idle(engine, 10)
+    assert engine.generated_tokens - before < 1000  # stopped long before 5000 tokens
+
+
+def test_disconnecting_non_stream_client_cancels_its_generation(served):
+    url, engine, _, _ = served
+    assert wait_idle(engine)
+    host, port = url.split("//")[1].split(":")
+    sock = socket.create_connection((host, int(port)))
+    body = json.dumps({"prompt": PROMPTS[0], "max_tokens": 5000}).encode()
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n" + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    t0 = time.time()
+    while not engine._active and time.time() - t0 < 5:
+        time.sleep(0.01)
+    before = engine.generated_tokens
+    sock.close()
+    assert wait_idle(engine, 10)
+    assert engine.generated_tokens - before < 1000
+
+
+@pytest.mark.parametrize(
+    "path,body,status,fragment",
+    [
+        ("/v1/completions", b"{not json", 400, "invalid JSON"),
+        ("/v1/completions", b"[1, 2]", 400, "JSON object"),
+        ("/v1/completions", {"max_tokens": 4}, 400, "prompt"),
+        ("/v1/completions", {"prompt": ""}, 400, "prompt"),
+        ("/v1/completions", {"prompt": "a", "max_tokens": "4"}, 400, "max_tokens"),
+        ("/v1/completions", {"prompt": "a", "max_tokens": 0}, 400, "max_tokens"),
+        ("/v1/completions", {"prompt": "a", "temperature": -1}, 400, "temperature"),
+        ("/v1/completions", {"prompt": "a", "top_p": 2}, 400, "top_p"),
+        ("/v1/completions", {"prompt": "a", "stream": "yes"}, 400, "stream"),
+        ("/v1/completions", {"prompt": "a", "stop": 5}, 400, "stop"),
+        ("/v1/completions", {"prompt": [999999]}, 400, "token id"),
+        ("/v1/chat/completions", {"prompt": "a"}, 400, "messages"),
+        ("/v1/chat/completions", {"messages": [{"content": "x"}]}, 400, "role"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, 400, "content"),
+        ("/v1/nothing", {"prompt": "a"}, 404, "no endpoint"),
+    ],
+)
+def test_malformed_requests_get_a_json_error_and_the_server_keeps_serving(served, client, path, body, status, fragment):
+    code, data = raw(served[0], "POST", path, body, {"Content-Type": "application/json"})
+    assert code == status
+    assert fragment in data["error"]["message"]
+    assert client.completions.create(model="demo", prompt="a", max_tokens=2).choices[0].finish_reason == "length"
+
+
+def test_missing_content_length_is_411(served):
+    host, port = served[0].split("//")[1].split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n\r\n")
+        head = sock.recv(4096).decode()
+    assert head.startswith("HTTP/1.1 411")
+    assert raw(served[0], "GET", "/health")[0] == 200
