@@ -18,8 +18,10 @@ from typing import Callable, Generator, Optional
 
 import mlx.core as mx
 import numpy as np
-from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
+from mlx_lm.models.cache import make_prompt_cache
 
+from .resume import kept_caches, resume_point
+from .rollback import Checkpoint, checkpointable
 from .runtime import Runtime, StepRecord
 
 SYNC_MODES = ("optimistic", "per-layer")
@@ -93,7 +95,9 @@ class _Step:
     record: Optional[StepRecord]
     flat: Optional[mx.array]
     speculated: bool = False  # the routing chosen at launch (kept through a recovery)
-    inputs: Optional[dict] = None  # decoder layer -> its input, for resuming a recomputation
+    checkpoint: Optional[Checkpoint] = None  # the caches as they were before this step
+    outputs: Optional[dict] = None  # decoder layer -> its output, for resuming a recomputation
+    touched: Optional[dict] = None  # decoder layer -> ids of the cache objects it was given
     observations: Optional[list] = None  # per-layer routing, reported once the step is kept
 
 
@@ -115,7 +119,9 @@ def generate_step(
     if prompt_cache is None:
         prompt_cache = make_prompt_cache(model)
     streaming = runtime.cache is not None
-    optimistic = streaming and sync == "optimistic" and can_trim_prompt_cache(prompt_cache)
+    # Optimistic steps must be undoable exactly: every cache object is checkpointed before
+    # each step (see rollback.py); one that cannot be makes every step route per layer.
+    optimistic = streaming and sync == "optimistic" and checkpointable(prompt_cache)
     c = runtime.counters
     n_moe = len(runtime.cache.layers) if streaming else 0
 
@@ -125,34 +131,41 @@ def generate_step(
         return sampler(logprobs), logprobs.squeeze(0)
 
     resumable = runtime.resume if optimistic else None  # (ResumeState, decoder index per MoE layer)
+    if resumable:
+        resumable[0].bind(prompt_cache)
 
     def launch(tokens, speculate: bool, start=None) -> _Step:
         """Build and start one forward pass; `speculate` routes it optimistically.
 
-        `start` = (decoder layer, its input) resumes a recomputation at that layer."""
+        `start` = (decoder layer, outputs of the layers below it) resumes a recomputation
+        at that layer."""
         state = resumable[0] if resumable else None
+        checkpoint = Checkpoint(prompt_cache) if optimistic else None
         with mx.stream(generation_stream):
             if state is not None:
-                state.inputs = {}
-                state.recording = optimistic and speculate
-                state.start, state.start_input = start if start else (None, None)
+                state.outputs, state.touched = {}, {}
+                state.recording = speculate
+                state.start, state.replay = start if start else (None, None)
             try:
                 if not (optimistic and speculate):
                     runtime.deferred_observations = [] if optimistic else None
                     y, lp = forward(tokens)  # per-layer routing loads what it needs as it goes
                     mx.async_eval(y, lp)
-                    step = _Step(tokens, y, lp, None, None, False, state.inputs if state else None)
+                    step = _Step(tokens, y, lp, None, None, False, checkpoint)
                     step.observations = runtime.deferred_observations
                     return step
                 with runtime.recording() as record:
                     y, lp = forward(tokens)
                 flat = record.flat()
                 mx.async_eval(y, lp, *([flat] if flat is not None else []))
-                return _Step(tokens, y, lp, record, flat, True, state.inputs if state else None)
+                step = _Step(tokens, y, lp, record, flat, True, checkpoint)
+                if state is not None:
+                    step.outputs, step.touched = state.outputs, state.touched
+                return step
             finally:
                 runtime.deferred_observations = None
                 if state is not None:
-                    state.recording, state.start, state.start_input = False, None, None
+                    state.recording, state.start, state.replay = False, None, None
 
     def settle(step: _Step, speculative: Optional[_Step]):
         """Verify an optimistic step; on a miss roll back, load and recompute until exact.
@@ -186,25 +199,31 @@ def generate_step(
             runtime.account_step(step.record, host, loaded, before=first)  # exact, kept
             t0 = time.perf_counter()
             timing["recovering_since"] = timing.get("recovering_since") or t0
-            # Nothing queued may still read a slot about to be overwritten, and the KV
+            # Nothing queued may still read a slot about to be overwritten, and the cache
             # entries of the wrong step (and of any launched on its token) must go.
             if speculative is not None and not discarded:
                 mx.eval(speculative.y, speculative.logprobs)
-                trim_prompt_cache(prompt_cache, speculative.tokens.size)
+                speculative.checkpoint.restore()
                 discarded = True
             mx.eval(step.y, step.logprobs)
             start = None
-            if resumable and step.inputs is not None and resumable[1][first] in step.inputs:
-                layer0 = resumable[1][first]
-                start = (layer0, step.inputs[layer0])
-                for cache in prompt_cache[layer0:]:
-                    cache.trim(step.tokens.size)
-            else:
-                trim_prompt_cache(prompt_cache, step.tokens.size)
+            if resumable and step.outputs is not None:
+                layer0 = resume_point(resumable[1][first], step.touched)
+                if all(i in step.outputs for i in range(layer0)):
+                    start = (layer0, step.outputs)
+                    step.checkpoint.restore(keep=kept_caches(layer0, step.touched))
+            if start is None:
+                step.checkpoint.restore()
             c.io_wait_s += time.perf_counter() - t0  # waiting out the wrong steps
             # Layers up to the first miss routed exactly; later ones may have routed on
             # wrong inputs, so their loads are guesses (the recompute checks them).
+            # A layer that needs more experts than it has slots can only be computed in
+            # waves, which per-layer routing does.
+            too_many = False
             for layer, experts in needed.items():
+                if len(experts) > runtime.cache.layers[layer].num_slots:
+                    too_many = True
+                    continue
                 got = runtime.load_for(layer, experts, count_hits=False)
                 loaded.setdefault(layer, set()).update(got)
             c.recomputes += 1
@@ -212,7 +231,8 @@ def generate_step(
             # Retry optimistically (cheap where a host round trip is dear); the last
             # attempt routes per layer, which is exact in one pass.
             chosen = step.speculated
-            step = launch(step.tokens, speculate=attempt < MAX_OPTIMISTIC_RETRIES - 1, start=start)
+            speculate = attempt < MAX_OPTIMISTIC_RETRIES - 1 and not too_many
+            step = launch(step.tokens, speculate=speculate, start=start)
             step.speculated = chosen  # its cost, recovery included, is the chosen mode's
         return step, discarded
 
