@@ -176,6 +176,7 @@ class ExpertCache:
         `pool` (io.IOPool) runs reads on background threads; without one reads are inline."""
         self.reader = reader
         self.pool = pool
+        self.verifier = None  # verify.ExpertVerifier (--verify-experts): checks each expert's first read
         self.layers: list[LayerSlots] = []
         self._lock = threading.RLock()
         for spec in layers:
@@ -476,7 +477,7 @@ class ExpertCache:
         experts = [items[i][0] for i in order]
         slots = [items[i][1] for i in order]
         # Batch positions where a new read starts for a parameter laid out like this one.
-        runs, spans, converts = [], [], []
+        runs, spans, converts, param_bufs = [], [], [], []
         for p in L.params.values():
             n = p.source.nbytes
             if p.convert:
@@ -486,12 +487,17 @@ class ExpertCache:
                 converts.append((raw, p))
             else:
                 bufs = [p.slot_bytes[s] for s in slots]
+            param_bufs.append((p, bufs))
             f = p.followed
             bounds = [0] + [i for i in range(1, k) if not (experts[i] == experts[i - 1] + 1 and f[experts[i - 1]])] + [k]
             for a, b in zip(bounds[:-1], bounds[1:]):
                 runs.append(ReadRun(p.paths[experts[a]], p.offsets[experts[a]], bufs[a:b], (b - a) * n))
                 spans.append((a, b))
         done = self.reader.read_runs(runs)  # checks each shard is unchanged first (one stat)
+        if self.verifier is not None:  # before anything is converted or mapped
+            layer = self.layers.index(L)
+            for i, e in enumerate(experts):
+                self.verifier.check(layer, e, [(p.paths[e], p.offsets[e], bufs[i]) for p, bufs in param_bufs])
         for raw, p in converts:
             out = np.empty((k, *p.source.shape), dtype=p.view.dtype)
             convert_into(raw, p.source.dtype, p.dtype, out)

@@ -17,6 +17,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from .cache import MX_DTYPES, ExpertCache
 from .budget import slots_for_budget
+from .config_check import check_config, load_tokenizer_checked
 from .errors import ModelError, ShardError
 from .io import IOPool, parse_io_sim
 from .layout import locate_expert_tensor, per_expert_sources
@@ -33,7 +34,9 @@ _TOP_K_KEYS = ("num_experts_per_tok", "top_k", "moe_top_k", "num_experts_per_tok
 
 def resolve_model_path(spec=None) -> Path:
     """A local checkpoint directory, or a Hugging Face repo id fetched the way mlx_lm does."""
-    if spec is None or str(spec) in ("", "demo"):
+    if spec is not None and not str(spec).strip():
+        raise ModelError("--model is empty: give a model directory or a Hugging Face repo id (or leave it out for the demo model)")
+    if spec is None or (str(spec) == "demo" and not Path("demo").exists()):  # ./demo, when there is one, wins
         return DEFAULT_MODEL
     path = Path(spec).expanduser()
     if path.exists():
@@ -84,6 +87,7 @@ def plan_model(spec=None, dtype=None) -> ModelPlan:
     path = resolve_model_path(spec)
     if not (path / "config.json").exists():
         raise ModelError(f"{path}: no config.json (not an mlx-lm model directory)")
+    check_config(path)
     index = ShardIndex.open(path)
     try:
         from mlx_lm.utils import load_model
@@ -190,7 +194,7 @@ def load(
 
     plan = plan_model(model, dtype)
     target = compute_dtype(dtype)
-    tokenizer = load_tokenizer(plan.path, eos_token_ids=plan.config.get("eos_token_id"))
+    tokenizer = load_tokenizer_checked(plan.path, eos_token_ids=plan.config.get("eos_token_id"))
     info = dict(plan.info)
     if not plan.switches:
         if target is not None:

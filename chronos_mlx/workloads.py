@@ -17,6 +17,8 @@ WORKLOADS = tuple(sorted(p.stem for p in WORKLOAD_DIR.glob("*.jsonl")))
 
 def workload_path(name_or_path) -> Path:
     path = Path(str(name_or_path)).expanduser()
+    if path.is_dir():
+        raise ChronosError(f"{path}: is a directory, not a JSONL prompts file")
     if path.exists():
         return path
     if (WORKLOAD_DIR / f"{name_or_path}.jsonl").exists():
@@ -28,13 +30,22 @@ def read_prompts(name_or_path, split: str = "all") -> list[str]:
     """Prompt texts; `split` is "all", "train" (first half) or "heldout" (second half)."""
     path = workload_path(name_or_path)
     prompts = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ChronosError(f"{path}: not UTF-8 text") from None
+    except OSError as e:
+        raise ChronosError(f"{path}: cannot read prompts ({e.strerror or e})") from None
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
-            prompts.append(json.loads(line)["prompt"])
-        except (ValueError, KeyError, TypeError):
-            raise ChronosError(f"{path}:{n}: expected a JSON object with a 'prompt' string")
+            prompt = json.loads(line)["prompt"]
+        except (ValueError, KeyError, TypeError, RecursionError):
+            prompt = None
+        if not isinstance(prompt, str) or not prompt:
+            raise ChronosError(f"{path}:{n}: expected a JSON object with a non-empty 'prompt' string")
+        prompts.append(prompt)
     if not prompts:
         raise ChronosError(f"{path}: no prompts")
     half = (len(prompts) + 1) // 2
@@ -44,11 +55,10 @@ def read_prompts(name_or_path, split: str = "all") -> list[str]:
 def load_prompts(name_or_path, model=None, *, limit=None, max_prompt_tokens=None, split="all", tokenizer=None):
     """Tokenised prompts (lists of ids) for `model`'s tokenizer, truncated to `max_prompt_tokens`."""
     if tokenizer is None:
-        from mlx_lm.utils import load_tokenizer
-
+        from .config_check import load_tokenizer_checked
         from .loader import resolve_model_path
 
-        tokenizer = load_tokenizer(resolve_model_path(model))
+        tokenizer = load_tokenizer_checked(resolve_model_path(model))
     texts = read_prompts(name_or_path, split)[:limit]
     out = []
     for text in texts:

@@ -106,6 +106,7 @@ class LoadOptions:
     io_sim: Optional[str] = None
     predictor: Optional[str] = None
     profile: Optional[str] = None
+    verify_experts: bool = False
     context_tokens: int = 4096  # KV cache that `--expert-budget auto` leaves room for (not an option)
 
     def load_kwargs(self) -> dict:
@@ -226,6 +227,17 @@ LOAD_OPTIONS = [
             "experts in the background and seeds the usage policy (use with --policy usage)."
         ),
     ),
+    _option(
+        "verify_experts",
+        False,
+        bool,
+        "--verify-experts",
+        help=(
+            "Check each expert's bytes against its sha256 (the model's manifest, see `chronos verify`) "
+            "the first time it is read: a corrupt shard is an error, never wrong tokens. The first use "
+            "hashes the whole model once to write the manifest."
+        ),
+    ),
 ]
 
 
@@ -250,6 +262,7 @@ def load_model(opts: LoadOptions):
     import chronos_mlx
 
     name = opts.model or DEFAULT_MODEL.name
+    check_load_options(opts)  # a bad option is an error now, before anything is loaded
     opts = resolve_auto_budget(opts)
     if err.is_terminal:
         with err.status(f"loading {escape(str(name))} ...", spinner="dots"):
@@ -266,7 +279,46 @@ def load_model(opts: LoadOptions):
             from ..profiles import apply_profile
 
             apply_profile(runtime, model, opts.profile)  # pre-warms in the background
+        if opts.verify_experts:
+            attach_expert_verifier(runtime)
+    else:
+        ignored = [o for o, v in (("--profile", opts.profile), ("--predictor", opts.predictor not in (None, "none")),
+                                  ("--verify-experts", opts.verify_experts)) if v]
+        if ignored:
+            raise CliError(f"{model_name(runtime.info)} has no MoE layers: {', '.join(ignored)} do(es) not apply to it")
     return model, tokenizer, runtime
+
+
+def check_load_options(opts: LoadOptions):
+    """Everything about the load options that can be checked without the model."""
+    from ..budget import is_auto, parse_budget
+    from ..io import parse_io_sim
+    from ..predict_runtime import PREDICTORS
+
+    if not is_auto(opts.expert_budget):
+        parse_budget(opts.expert_budget)
+    parse_io_sim(opts.io_sim)
+    if opts.predictor is not None and opts.predictor not in PREDICTORS:
+        raise CliError(f"--predictor: unknown predictor '{opts.predictor}' (choose from {', '.join(PREDICTORS)})")
+    if opts.profile:
+        from ..profiles import resolve_profile
+
+        resolve_profile(opts.profile)
+
+
+def attach_expert_verifier(runtime):
+    """--verify-experts: the manifest's expert hashes (written now, with a progress bar, when
+    there is none) checked on every expert's first read."""
+    from ..verify import attach_verifier, expert_verifier, manifest_path, read_manifest
+    from .verify import hashing_progress
+
+    path = runtime.info.get("path")
+    if read_manifest(manifest_path(path)) is None:
+        err.print(f"[dim]no manifest for {escape(str(path))} yet: hashing its shards once[/dim]", soft_wrap=True)
+    bar, on_start, on_bytes = hashing_progress("sha256")
+    with bar:
+        verifier, _ = expert_verifier(path, on_start=on_start, on_bytes=on_bytes)
+    attach_verifier(runtime, verifier)
 
 
 def resolve_auto_budget(opts: LoadOptions) -> LoadOptions:
