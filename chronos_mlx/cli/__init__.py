@@ -17,7 +17,7 @@ from typing import Annotated
 
 import typer
 
-from . import bench, chat, generate, info, serve, verify  # noqa: F401  (each registers its command on `app`)
+from . import bench, chat, doctor, generate, info, serve, verify  # noqa: F401  (each registers its command on `app`)
 from .app import app
 from .common import out
 from .predictor import predictor_app

@@ -113,7 +113,10 @@ def bench(
                       title=f"{model_name(info)} · {workload} · {io_sim or 'page cache'}")
     table = Table(title=result["title"])
     for _, head in BENCH_COLUMNS:
-        table.add_column(head, justify="left" if head == "config" else "right")
+        # names fold rather than being cut with "…"; figures never wrap
+        table.add_column(head, justify="left", overflow="fold", min_width=12) if head == "config" else table.add_column(
+            head, justify="right", no_wrap=True
+        )
     for r in result["results"]:
         table.add_row(*(_bench_cell(k, r) for k, _ in BENCH_COLUMNS))
     out.print(table)

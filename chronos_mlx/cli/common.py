@@ -3,6 +3,7 @@ prompt encoding and the streaming loop used by generate and chat."""
 
 import functools
 import inspect
+import os
 import signal
 import sys
 from dataclasses import dataclass, field, replace
@@ -19,8 +20,18 @@ from ..generate import SYNC_MODES
 from ..loader import DEFAULT_MODEL, DTYPES
 from ..policy import POLICIES
 
-out = Console(highlight=False)  # stdout: what the user asked for (tables, JSON is written raw)
-err = Console(stderr=True, highlight=False)  # stderr: notices, progress, summaries, errors
+# In a pipe or a log (`chronos bench | tee`) rich would cut tables to 80 columns ("conf…"):
+# there, lay out as wide as the content needs (COLUMNS still wins when set).
+PIPE_WIDTH = 1000
+
+
+def _console(stream, **kwargs) -> Console:
+    wide = not (hasattr(stream, "isatty") and stream.isatty()) and "COLUMNS" not in os.environ
+    return Console(highlight=False, width=PIPE_WIDTH if wide else None, **kwargs)
+
+
+out = _console(sys.stdout)  # stdout: what the user asked for (tables, JSON is written raw)
+err = _console(sys.stderr, stderr=True)  # stderr: notices, progress, summaries, errors
 
 class CliError(ChronosError):
     """A usage error found by the CLI itself (conflicting options, unreadable prompt file)."""

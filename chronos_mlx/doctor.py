@@ -1,0 +1,297 @@
+"""`chronos doctor`: what a model needs, what this machine has, and what to expect, before
+any weight is read.
+
+Model facts come from `loader.plan_model` (config, shard headers and a lazily built model:
+no tensor data is read). The machine's memory comes from `chronos_mlx.memory`; its read
+bandwidth from a short timed read of one shard (with that range dropped from the page cache
+first where the OS allows, so the figure is the drive's, not RAM's); its memory bandwidth from
+a timed copy. The recommendation is `--expert-budget auto`'s choice.
+
+Expected decode speed, from the I/O model: a token needs `top_k` experts in each MoE layer;
+at hit rate h it reads (1 - h) * top_k * layers * bytes_per_expert_on_disk, so
+
+    tokens/s <= min(resident speed, read bandwidth / bytes read per token)
+
+with the resident speed bounded by memory bandwidth / bytes touched per token (dense weights +
+the active experts). The hit rate at a budget is either measured (`measure=True`: generate a
+few tokens once, record every layer's routing, replay it through an LRU cache of each size;
+this reads weights) or assumed to equal the fraction of experts resident (routing without
+locality: the pessimistic end; real workloads reuse experts and do better).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from .budget import DEFAULT_CONTEXT_TOKENS, auto_budget, kv_bytes_per_token, parse_memory
+from .errors import BudgetError
+
+CURVE_FRACTIONS = (1.0, 0.75, 0.5, 0.375, 0.25, 0.125)
+SCHEMA_VERSION = 1
+
+
+def measure_read_bandwidth(model_path, nbytes: int = 64 * 1024**2, chunk: int = 4 * 1024**2) -> Optional[dict]:
+    """Time reading up to `nbytes` from the middle of the largest shard of `model_path`."""
+    shards = sorted(Path(model_path).glob("*.safetensors"), key=lambda p: p.stat().st_size, reverse=True)
+    if not shards:
+        return None
+    path = shards[0]
+    size = path.stat().st_size
+    n = min(nbytes, size)
+    offset = ((size - n) // 2) // 4096 * 4096
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        uncached = False
+        try:
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(fd, offset, n, os.POSIX_FADV_DONTNEED)
+                uncached = True
+            elif sys.platform == "darwin":
+                import fcntl
+
+                fcntl.fcntl(fd, 48, 1)  # F_NOCACHE
+                uncached = True
+        except OSError:
+            pass
+        buf = bytearray(chunk)
+        view = memoryview(buf)
+        t0 = time.perf_counter()
+        done = 0
+        while done < n:
+            got = os.preadv(fd, [view[: min(chunk, n - done)]], offset + done) if hasattr(os, "preadv") else len(
+                os.pread(fd, min(chunk, n - done), offset + done)
+            )
+            if got <= 0:
+                break
+            done += got
+        dt = max(time.perf_counter() - t0, 1e-9)
+    finally:
+        os.close(fd)
+    return {
+        "file": path.name,
+        "bytes": done,
+        "seconds": dt,
+        "bytes_per_s": done / dt,
+        "page_cache_dropped": uncached,
+        "note": (
+            "the range was dropped from the page cache first: a cold read"
+            if uncached
+            else "may have come from the page cache (could not drop it): an upper bound"
+        ),
+    }
+
+
+def measure_memory_bandwidth(nbytes: int = 64 * 1024**2, repeats: int = 3) -> float:
+    """Bytes per second of a large memory copy (read + write), best of `repeats`."""
+    a = np.ones(nbytes // 8, dtype=np.float64)
+    b = np.empty_like(a)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        np.copyto(b, a)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * a.nbytes / max(best, 1e-9)
+
+
+def lru_hit_rate(steps_by_layer: list, slots: int) -> float:
+    """Hit rate of an LRU cache of `slots` experts per layer replaying recorded routing:
+    steps_by_layer[layer] = [array of expert ids used by one decode step, ...]."""
+    hits = total = 0
+    for steps in steps_by_layer:
+        cache: OrderedDict = OrderedDict()
+        for used in steps:
+            for e in np.unique(used).tolist():
+                total += 1
+                if e in cache:
+                    hits += 1
+                    cache.move_to_end(e)
+                else:
+                    cache[e] = True
+                    if len(cache) > slots:
+                        cache.popitem(last=False)
+    return hits / total if total else 1.0
+
+
+class _RoutingRecorder:
+    def __init__(self, layers: int):
+        self.steps = [[] for _ in range(layers)]
+
+    def observe(self, layer, experts):
+        self.steps[layer].append(np.asarray(experts).reshape(-1))
+
+
+def measure_routing(model_spec, prompts: list, *, max_tokens: int = 32, dtype=None, budget="1.0") -> list:
+    """Decode-step routing of a short generation per prompt (this reads weights)."""
+    from . import load
+    from .generate import stream_generate
+
+    model, tokenizer, runtime = load(model_spec, budget, dtype=dtype)
+    rec = _RoutingRecorder(len(runtime.cache.layers))
+    runtime.observers.append(rec)
+    steps = [[] for _ in runtime.cache.layers]
+    for prompt in prompts:
+        rec.steps = [[] for _ in runtime.cache.layers]
+        for _ in stream_generate(model, tokenizer, prompt, runtime, max_tokens=max_tokens, sync="per-layer"):
+            pass
+        for layer, s in enumerate(rec.steps):
+            steps[layer].extend(s[1:])  # the first observation of a layer is the prompt's prefill
+    runtime.observers.remove(rec)
+    return steps
+
+
+DEFAULT_PROMPTS = ["The history of the Roman Empire begins", "def fibonacci(n):", "Once upon a time"]
+
+
+def diagnose(
+    model=None,
+    *,
+    dtype=None,
+    memory_limit=None,
+    context_tokens: int = DEFAULT_CONTEXT_TOKENS,
+    read_bytes: int = 64 * 1024**2,
+    measure: bool = False,
+    measure_tokens: int = 32,
+) -> dict:
+    """The doctor's report as a dict (the `--json` schema)."""
+    from .loader import compute_dtype, plan_model
+    from .memory import machine_memory
+
+    plan = plan_model(model, dtype)
+    info, config = plan.info, plan.config
+    target = compute_dtype(dtype)
+    kv_dtype = target.size if target is not None else 2
+    has_experts = bool(info.get("num_experts"))
+    layers = int(info.get("moe_layers") or 0)
+    top_k = int(info.get("top_k") or 0)
+    per = int(info.get("bytes_per_expert") or 0)
+    per_disk = int(info.get("bytes_per_expert_on_disk") or 0)
+    dense = int(info.get("dense_bytes") or 0)
+    experts_total = int(info.get("expert_bytes_total") or 0)
+    kv_1k = kv_bytes_per_token(config, kv_dtype) * 1000
+    needs = {
+        "dense_bytes": dense,
+        "expert_bytes_total": experts_total,
+        "bytes_per_expert": per,
+        "bytes_per_expert_on_disk": per_disk,
+        "kv_bytes_per_1k_tokens": kv_1k,
+        "active_expert_bytes_per_token": top_k * layers * per,
+        "resident_total_bytes": dense + experts_total + kv_1k * context_tokens // 1000,
+        "context_tokens": context_tokens,
+    }
+    mem = machine_memory()
+    limit = parse_memory(memory_limit) if isinstance(memory_limit, str) else memory_limit
+    read = measure_read_bandwidth(plan.path, read_bytes)
+    mem_bw = measure_memory_bandwidth()
+    machine = {
+        "total_bytes": mem.total_bytes,
+        "available_bytes": mem.available_bytes,
+        "available_source": mem.source,
+        "recommended_working_set_bytes": mem.recommended_working_set_bytes,
+        "memory_limit_bytes": limit,
+        "memory_bandwidth_bytes_per_s": mem_bw,
+        "read": read,
+        "platform": sys.platform,
+    }
+    rec: dict = {"fits": True, "error": None}
+    try:
+        choice = auto_budget(
+            info, config, memory_bytes=limit if limit else mem.available_bytes,
+            memory_source="--memory-limit" if limit else mem.source, context_tokens=context_tokens, kv_dtype_bytes=kv_dtype,
+        )
+        rec.update(
+            budget=choice.budget, fraction=choice.fraction, slots_per_layer=choice.slots_per_layer,
+            expert_budget_bytes=choice.expert_bytes, all_experts_resident=choice.fits, line=choice.line(),
+            headroom_bytes=choice.headroom_bytes, overhead_bytes=choice.overhead_bytes,
+        )
+    except BudgetError as e:
+        rec.update(fits=False, error=str(e), budget=None, fraction=0.0, all_experts_resident=False)
+
+    # Speed model
+    touched = dense + top_k * layers * per
+    resident_bound = mem_bw / touched if touched else None
+    read_bw = read["bytes_per_s"] if read else None
+    steps = None
+    if measure and has_experts and rec["fits"]:
+        steps = measure_routing(model, DEFAULT_PROMPTS, max_tokens=measure_tokens, dtype=dtype, budget=rec["budget"])
+    fractions = sorted(set(CURVE_FRACTIONS) | ({rec["fraction"]} if rec.get("fraction") else set()), reverse=True)
+    curve = []
+    for f in fractions if has_experts else ():
+        slots = max(int(f * info["num_experts"] + 1e-9), 0)
+        if slots < top_k:
+            continue
+        h = lru_hit_rate(steps, slots) if steps else f
+        per_token = (1 - h) * top_k * layers * per_disk
+        io_bound = read_bw / per_token if (read_bw and per_token > 0) else None
+        bound = min(x for x in (resident_bound, io_bound) if x is not None) if (resident_bound or io_bound) else None
+        curve.append({
+            "fraction": f,
+            "slots_per_layer": slots,
+            "hit_rate": h,
+            "hit_rate_source": "measured (LRU replay of recorded routing)" if steps else "assumed = fraction resident",
+            "bytes_read_per_token": per_token,
+            "io_tokens_per_s_bound": io_bound,
+            "tokens_per_s_bound": bound,
+        })
+    expected = None
+    if has_experts and rec.get("fraction"):
+        point = next(p for p in curve if abs(p["fraction"] - rec["fraction"]) < 1e-12) if curve else None
+        lo = point["tokens_per_s_bound"] if point else None
+        if point and not steps and point["io_tokens_per_s_bound"] is not None:
+            hi = resident_bound  # locality can only raise the hit rate above the fraction
+        else:
+            hi = lo
+        expected = [lo, hi]
+    elif not has_experts:
+        expected = [resident_bound, resident_bound]
+    speed = {
+        "resident_tokens_per_s_bound": resident_bound,
+        "resident_bound_note": "memory bandwidth / (dense + active expert bytes); compute can make it slower",
+        "read_bandwidth_bytes_per_s": read_bw,
+        "expected_tokens_per_s": expected,
+        "hit_rate_measured": bool(steps),
+        "assumption": (
+            "hit rates measured by replaying the routing of a short generation through LRU caches"
+            if steps
+            else "hit rate = fraction of experts resident (no locality; pessimistic); the upper end assumes every needed expert is resident"
+        ),
+        "curve": curve,
+    }
+    fails = None
+    if not rec["fits"]:
+        fails = (
+            f"loading fails with a budget error: {rec['error']}"
+        )
+    elif limit is None and dense + kv_1k * context_tokens // 1000 > mem.available_bytes:
+        fails = "the dense weights and KV cache alone exceed the available memory: expect swapping"
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "weights_read": bool(steps),
+        "model": {
+            "path": info.get("path"),
+            "model_type": info.get("model_type"),
+            "num_hidden_layers": info.get("num_hidden_layers"),
+            "moe_layers": layers,
+            "num_experts": info.get("num_experts"),
+            "top_k": top_k,
+            "dtype": info.get("dtype"),
+            "quantization": _quant(info.get("quantization")),
+        },
+        "needs": needs,
+        "machine": machine,
+        "recommendation": rec,
+        "speed": speed,
+        "fails": fails,
+    }
+
+
+def _quant(q):
+    if not q:
+        return None
+    return {k: v for k, v in q.items() if not isinstance(v, dict)}
