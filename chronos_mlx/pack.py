@@ -161,8 +161,19 @@ def pack(model, profile, out_dir, *, seed: int = 0, overwrite: bool = False, on_
     from .shards import ShardIndex
     from .traces import find_routers
 
+    try:
+        import networkx  # noqa: F401  (clustering; checked before anything is read or written)
+    except ImportError:
+        raise ModelError("pack needs networkx: pip install 'chronos-mlx[layout]'") from None
     plan = plan_model(model)
     src, out = plan.path, Path(out_dir).expanduser()
+    probe = out
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ModelError(f"{out}: not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ModelError(f"{probe}: cannot write there (permission denied)")
     if out.resolve() == src.resolve():
         raise ModelError(f"{out}: pack writes a new checkpoint; the output must not be the model itself")
     if out.exists() and any(out.iterdir()) and not overwrite:
@@ -238,9 +249,13 @@ def pack(model, profile, out_dir, *, seed: int = 0, overwrite: bool = False, on_
     atomic_write_text(out / PACK_FILE, json.dumps(sidecar, indent=1) + "\n")
     shutil.copy2(src / "config.json", out / "config.json")  # last: its presence means complete
 
-    translated = profile.permuted(perms, _plan_fingerprint(plan_model(out)))
-    translated.meta["packed_from"] = str(src)
-    profile_path = save_profile(translated, out / f"profile-{profile.name}.json")
+    try:
+        translated = profile.permuted(perms, _plan_fingerprint(plan_model(out)))
+        translated.meta["packed_from"] = str(src)
+        profile_path = save_profile(translated, out / f"profile-{profile.name}.json")
+    except BaseException:
+        (out / "config.json").unlink(missing_ok=True)  # not complete: it must not look like a model
+        raise
     return PackResult(out, perms, [c for _, c in layouts], total, profile_path)
 
 

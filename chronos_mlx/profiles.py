@@ -155,10 +155,34 @@ def profile_dirs() -> list[Path]:
     return [user_profile_dir(), shipped_profile_dir()]
 
 
+MAX_NAME = 100  # the file name NAME.json (and its temporary) must stay under 255 bytes
+_MAX_COUNT = 2**53  # counts are exact in JSON readers that use doubles
+
+
 def check_name(name: str) -> str:
-    if not _NAME.fullmatch(name or ""):
-        raise ProfileError(f"invalid profile name '{name}': use letters, digits, '.', '_' and '-'")
+    if not isinstance(name, str) or not _NAME.fullmatch(name or ""):
+        raise ProfileError(f"invalid profile name {str(name)[:60]!r}: use letters, digits, '.', '_' and '-'")
+    if len(name) > MAX_NAME:
+        raise ProfileError(f"profile name is {len(name)} characters long; at most {MAX_NAME}")
     return name
+
+
+def _int_array(value, what: str, bad) -> np.ndarray:
+    """A nested list of non-negative JSON integers (no floats, booleans or huge numbers) as int64."""
+    def walk(v, depth):
+        if isinstance(v, list):
+            if depth > 3:
+                raise bad(f"{what} is nested too deeply")
+            for x in v:
+                walk(x, depth + 1)
+        elif not (isinstance(v, int) and not isinstance(v, bool)) or not 0 <= v < _MAX_COUNT:
+            raise bad(f"{what} holds {str(v)[:40]!r}, not a count")
+
+    walk(value, 0)
+    try:
+        return np.asarray(value, dtype=np.int64)
+    except (ValueError, TypeError, OverflowError):
+        raise bad(f"{what} is not a rectangular array") from None
 
 
 def resolve_profile(spec) -> Path:
@@ -201,21 +225,35 @@ def _from_json(data, where: str) -> Profile:
     if not isinstance(data, dict) or data.get("format") != PROFILE_FORMAT:
         raise bad("missing format marker")
     version = data.get("version")
-    if not isinstance(version, int):
-        raise bad("missing version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise bad(f"version {str(version)[:20]!r}")
     if version > PROFILE_VERSION:
         raise ProfileError(
             f"{where}: profile format version {version} is newer than this chronos-mlx reads ({PROFILE_VERSION}); upgrade"
         )
+    name = data.get("name")
     try:
-        fp = data["fingerprint"]
-        k = int(fp["top_k"])
-        tokens = np.asarray(data["tokens"], dtype=np.int64)
-        counts = np.asarray(data["counts"], dtype=np.int64)
-        upper = np.asarray(data["coactivation_upper"], dtype=np.int64)
-        name = str(data["name"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise bad(f"{type(e).__name__}: {e}")
+        check_name(name)
+    except ProfileError:
+        raise bad(f"name {str(name)[:40]!r}") from None
+    fp = data.get("fingerprint")
+    if not isinstance(fp, dict):
+        raise bad("no fingerprint")
+    for key in ("num_layers", "num_experts", "top_k"):
+        v = fp.get(key)
+        if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v < 1 << 20:
+            raise bad(f"fingerprint {key} {str(v)[:20]!r}")
+    k = fp["top_k"]
+    if k > fp["num_experts"]:
+        raise bad("top_k larger than the number of experts")
+    if "meta" in data and not isinstance(data["meta"], (dict, type(None))):
+        raise bad("meta is not an object")
+    for key in ("tokens", "counts", "coactivation_upper"):
+        if key not in data:
+            raise bad(f"no {key}")
+    tokens = _int_array(data["tokens"], "tokens", bad)
+    counts = _int_array(data["counts"], "counts", bad)
+    upper = _int_array(data["coactivation_upper"], "coactivation_upper", bad)
     if counts.ndim != 2 or tokens.shape != (counts.shape[0],):
         raise bad("counts and tokens disagree in shape")
     n_layers, n_experts = counts.shape
@@ -223,8 +261,8 @@ def _from_json(data, where: str) -> Profile:
         raise bad("counts do not match the fingerprint's layers x experts")
     if upper.shape != (n_layers, n_experts * (n_experts - 1) // 2):
         raise bad("co-activation has the wrong shape")
-    if (counts < 0).any() or (upper < 0).any() or (tokens < 0).any():
-        raise bad("negative counts")
+    if n_experts > 4096:
+        raise bad("more than 4096 experts per layer")
     co = np.zeros((n_layers, n_experts, n_experts), dtype=np.int64)
     iu = np.triu_indices(n_experts, k=1)
     for layer in range(n_layers):
@@ -248,7 +286,7 @@ def load_profile(spec) -> Profile:
     path = resolve_profile(spec)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise ProfileError(f"{path}: corrupt or truncated profile ({type(e).__name__}: {e})")
     except OSError as e:
         raise ProfileError(f"{path}: cannot read profile ({e.strerror or e})")
@@ -273,13 +311,96 @@ def atomic_write_text(path: Path, text: str):
         raise
 
 
+def profile_path_for(name: str, path=None) -> Path:
+    """Where `save_profile` writes a profile named `name` (default: the user directory)."""
+    return Path(path).expanduser() if path else user_profile_dir() / f"{check_name(name)}.json"
+
+
+def check_writable(path: Path):
+    """Refuse, before any work is done, to write a profile where it would destroy something
+    that is not a profile (a model shard, any other file), into a directory, or where it
+    cannot be written."""
+    path = Path(path)
+    if path.is_dir():
+        raise ProfileError(f"{path}: is a directory; give a file name for the profile")
+    if path.exists() or path.is_symlink():
+        try:
+            with open(path, "rb") as f:
+                head = f.read(1 << 20)
+            data = json.loads(head.decode("utf-8")) if len(head) < (1 << 20) else None
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+            data = None
+        if not (isinstance(data, dict) and data.get("format") == PROFILE_FORMAT) and not _is_profile_file(path):
+            raise ProfileError(f"{path}: exists and is not a chronos profile; not overwriting it (choose another --out)")
+    parent = path.parent
+    probe = parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ProfileError(f"{parent}: not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ProfileError(f"{parent}: cannot write there (permission denied)")
+
+
+def _is_profile_file(path: Path) -> bool:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return False
+    return isinstance(data, dict) and data.get("format") == PROFILE_FORMAT
+
+
 def save_profile(profile: Profile, path=None) -> Path:
-    """Write `profile` (default: `<user profile dir>/<name>.json`); returns the path."""
-    check_name(profile.name)
-    path = Path(path).expanduser() if path else user_profile_dir() / f"{profile.name}.json"
-    atomic_write_text(path, json.dumps(_to_json(profile), separators=(",", ":")) + "\n")
+    """Write `profile` (default: `<user profile dir>/<name>.json`); returns the path.
+    Only ever replaces a profile: any other file at `path` is left alone (ProfileError)."""
+    path = profile_path_for(profile.name, path)
+    check_writable(path)
+    try:
+        atomic_write_text(path, json.dumps(_to_json(profile), separators=(",", ":")) + "\n")
+    except OSError as e:
+        raise ProfileError(f"{path}: cannot write the profile ({e.strerror or e})") from None
     profile.meta["path"] = str(path)
     return path
+
+
+@contextlib.contextmanager
+def recording_lock(path: Path):
+    """Hold `.NAME.json.lock` next to a profile while it is recorded: a second recording to
+    the same file fails at once instead of one silently replacing the other. The lock is
+    an flock, released by the kernel if the process dies."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - no flock (Windows): no lock
+        yield
+        return
+    path = Path(path)
+    lock = path.parent / f".{path.name}.lock"
+    while True:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise ProfileError(f"{path.parent}: cannot write there ({e.strerror or e})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise ProfileError(
+                f"{path}: another `chronos profile record` is writing this profile now; wait for it or use another --name/--out"
+            ) from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the holder before us removed it meanwhile: take the new one
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(lock)  # while still holding it: a waiter that opened it retries
+        os.close(fd)
 
 
 def list_profiles() -> list:

@@ -112,6 +112,24 @@ class ChatSession:
             if c.offset > n:
                 c.trim(c.offset - n)
 
+    def reply_text(self, conversation_ids: list, token_ids: list, streamed: str) -> str:
+        """The reply exactly as it continues the conversation's text.
+
+        The streamed text can differ at its start: mlx_lm's streaming detokenizers drop the
+        leading space of the first token (' The' streams as 'The'). Appending that to the
+        conversation would condition the next turn on text the model never produced, so
+        the reply is decoded in context: decode(conversation + reply) minus decode(conversation)."""
+        if not token_ids:
+            return streamed
+        try:
+            before = self.tokenizer.decode(conversation_ids)
+            full = self.tokenizer.decode(list(conversation_ids) + list(token_ids))
+        except Exception:  # noqa: BLE001 - a tokenizer that cannot decode: keep what was shown
+            return streamed
+        if full.startswith(before):
+            return full[len(before):]
+        return self.tokenizer.decode(list(token_ids))
+
     def commit(self, user: str, reply: str):
         if self.template:
             self.messages += [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
@@ -132,11 +150,24 @@ def banner(runtime, template: bool) -> str:
     return " · ".join(parts)
 
 
+class UndecodableLine(Exception):
+    """A line of input that is not UTF-8: reported and skipped, the chat goes on."""
+
+
 def _read_line(interactive: bool) -> str:
-    """One line of user input; EOFError at the end of input."""
-    if interactive:
-        return Prompt.ask("[bold green]you[/bold green]", console=out)
-    line = sys.stdin.readline()
+    """One line of user input; EOFError at the end of input, UndecodableLine for bytes
+    that are not UTF-8 (the conversation is kept)."""
+    try:
+        if interactive:
+            return Prompt.ask("[bold green]you[/bold green]", console=out)
+        raw = getattr(sys.stdin, "buffer", None)
+        if raw is None:
+            line = sys.stdin.readline()
+        else:
+            data = raw.readline()
+            line = data.decode("utf-8") if data else ""
+    except UnicodeDecodeError:
+        raise UndecodableLine from None
     if not line:
         raise EOFError
     return line.rstrip("\r\n")
@@ -149,7 +180,7 @@ def chat(
     opts: LoadOptions,
     max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", min=1, help="Most tokens per reply.")] = 256,
     temp: Annotated[float, typer.Option("--temp", min=0.0, help="Sampling temperature; 0 is greedy.")] = 0.0,
-    seed: Annotated[Optional[int], typer.Option("--seed", help="Random seed for sampling.")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", min=0, max=2**63 - 1, help="Random seed for sampling.")] = None,
     chat_template: Annotated[
         Optional[bool],
         typer.Option(
@@ -189,6 +220,9 @@ def chat(
             if interactive:
                 out.print()
             return
+        except UndecodableLine:
+            error_line("that line is not valid UTF-8 text; skipped (the conversation is kept)")
+            continue
         message = line.strip()
         if not message:
             continue
@@ -246,7 +280,7 @@ def chat(
         if done.interrupted:
             err.print("[yellow]\\[interrupted][/yellow]")
         if done.token_ids or not done.interrupted:
-            session.commit(line, done.text)
+            session.commit(line, done.text if template else session.reply_text(ids, done.token_ids, done.text))
         after = runtime.stats()
         rate = after["hits"] - before["hits"], after["misses"] - before["misses"]
         hit = rate[0] / sum(rate) if sum(rate) else 1.0

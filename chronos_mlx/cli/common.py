@@ -539,7 +539,10 @@ def read_prompt(prompt: Optional[str], prompt_file: Optional[Path]) -> str:
     if prompt is not None:
         return prompt
     if str(prompt_file) == "-":
-        return sys.stdin.read()
+        try:
+            return sys.stdin.read()
+        except UnicodeDecodeError:
+            raise CliError("the prompt on stdin is not valid UTF-8 text") from None
     try:
         return prompt_file.read_text(encoding="utf-8")
     except FileNotFoundError:

@@ -25,7 +25,7 @@ def generate(
     ] = None,
     max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", min=1, help="Most tokens to generate.")] = 256,
     temp: Annotated[float, typer.Option("--temp", min=0.0, help="Sampling temperature; 0 is greedy.")] = 0.0,
-    seed: Annotated[Optional[int], typer.Option("--seed", help="Random seed for sampling.")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", min=0, max=2**63 - 1, help="Random seed for sampling.")] = None,
     chat_template: Annotated[
         Optional[bool], typer.Option("--chat-template/--no-chat-template", help=TEMPLATE_HELP, show_default=False)
     ] = None,

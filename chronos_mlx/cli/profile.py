@@ -85,14 +85,29 @@ def record(
 
     from .common import LoadOptions, load_model
     from ..errors import ChronosError
-    from ..profiles import check_name, record_profile, save_profile
+    from ..profiles import check_name, check_writable, profile_path_for, recording_lock
     from ..workloads import read_prompts
 
     out, err = _consoles()
     check_name(name)
     if split not in ("all", "train", "heldout"):
         raise ChronosError(f"--split must be all, train or heldout, not '{split}'")
+    # Everything that can fail after the run is checked before it: the output file (never
+    # over something that is not a profile), another recording of the same file, the prompts.
+    target = profile_path_for(name, out_path)
+    check_writable(target)
     texts = read_prompts(prompts, split)[:limit]
+    with recording_lock(target):
+        _record(name, prompts, model, max_tokens, split, target, expert_budget, dtype, texts)
+
+
+def _record(name, prompts, model, max_tokens, split, target, expert_budget, dtype, texts):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .common import LoadOptions, load_model
+    from ..profiles import record_profile, save_profile
+
+    out, err = _consoles()
     model_obj, tokenizer, runtime = load_model(LoadOptions(model=model, expert_budget=expert_budget, dtype=dtype))
     if runtime.cache is None:
         from ..errors import ProfileError
@@ -117,7 +132,7 @@ def record(
             on_prompt=lambda done, total: bar.update(task, completed=done),
             meta={"prompts_file": str(prompts), "split": split},
         )
-    path = save_profile(profile, out_path)
+    path = save_profile(profile, target)
     err.print(
         f"[green]saved[/green] {path} · {len(texts)} prompts · {int(profile.tokens[0])} tokens per layer",
         soft_wrap=True,
