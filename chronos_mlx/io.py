@@ -60,18 +60,18 @@ def parse_io_sim(spec: str | None) -> SimulatedSSD | None:
             raise ChronosError(f"--io-sim: expected key=value, got '{part}' (e.g. bandwidth=5GB/s,latency=80us)")
         key, value = (s.strip().lower() for s in part.split("=", 1))
         if key == "bandwidth":
-            m = re.fullmatch(r"([0-9.]+)\s*([kmgt]i?)?b(?:/s|ps)?", value)
+            m = re.fullmatch(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([kmgt]i?)?b(?:/s|ps)?", value)
             if not m:
                 raise ChronosError(f"--io-sim: cannot parse bandwidth '{value}' (e.g. 5GB/s)")
             values[key] = float(m.group(1)) * _UNIT[m.group(2) or ""]
         elif key == "latency":
-            m = re.fullmatch(r"([0-9.]+)\s*(s|ms|us|µs|ns)", value)
+            m = re.fullmatch(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*(s|ms|us|µs|ns)", value)
             if not m:
                 raise ChronosError(f"--io-sim: cannot parse latency '{value}' (e.g. 80us)")
             values[key] = float(m.group(1)) * _TIME[m.group(2)]
         else:
             raise ChronosError(f"--io-sim: unknown key '{key}' (bandwidth, latency)")
-    if values["bandwidth"] <= 0:
+    if not 0 < values["bandwidth"] < float("inf"):
         raise ChronosError("--io-sim: bandwidth must be positive")
     return SimulatedSSD(values["bandwidth"], values["latency"], spec)
 

@@ -42,18 +42,33 @@ def _bench_cell(key: str, row: dict) -> str:
     return escape(str(v))
 
 
+def check_output_file(path: Path, what: str):
+    """An output file named on the command line can be written: not a directory, its
+    directory exists and is writable (checked before a run that may take an hour)."""
+    import os
+
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise ChronosError(f"{what} {path}: is a directory")
+    parent = path.parent
+    if not parent.is_dir():
+        raise ChronosError(f"{what} {path}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise ChronosError(f"{what} {path}: cannot write there (permission denied)")
+
+
 @app.command()
 @user_errors
 def bench(
     workload: Annotated[str, typer.Option("--workload", "-w", help="Prompts: a JSONL file or a shipped workload (en, de, fr, es, it, python, c).")] = "en",
-    prompts: Annotated[int, typer.Option("--prompts", help="How many prompts of the workload (held-out half).")] = 2,
+    prompts: Annotated[int, typer.Option("--prompts", min=1, help="How many prompts of the workload (held-out half).")] = 2,
     budgets: Annotated[str, typer.Option("--budgets", help="Comma-separated expert budgets to measure chronos at.")] = "1,0.5,0.25,0.125",
     profile: Annotated[Optional[str], typer.Option("--profile", help="Profile (name or path) for the profile+usage configurations.")] = None,
     predictor: Annotated[Optional[str], typer.Option("--predictor", help="Predictor for the async-I/O configurations (none, markov, lookahead, intent, gate, all).")] = None,
-    max_tokens: Annotated[int, typer.Option("--max-tokens", help="Tokens generated per prompt.")] = 64,
-    max_prompt_tokens: Annotated[int, typer.Option("--max-prompt-tokens", help="Prompts are cut to their last N tokens.")] = 128,
-    repeats: Annotated[int, typer.Option("--repeats", help="Measured repetitions per configuration (median and spread reported).")] = 3,
-    warmup: Annotated[int, typer.Option("--warmup", help="Unmeasured warm-up repetitions.")] = 1,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", min=1, help="Tokens generated per prompt.")] = 64,
+    max_prompt_tokens: Annotated[int, typer.Option("--max-prompt-tokens", min=1, help="Prompts are cut to their last N tokens.")] = 128,
+    repeats: Annotated[int, typer.Option("--repeats", min=1, help="Measured repetitions per configuration (median and spread reported).")] = 3,
+    warmup: Annotated[int, typer.Option("--warmup", min=0, help="Unmeasured warm-up repetitions.")] = 1,
     only: Annotated[Optional[str], typer.Option("--only", help="Only configurations whose name starts with one of these (comma-separated).")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write every figure, the machine and the command to this JSON file.")] = None,
     png: Annotated[Optional[Path], typer.Option("--png", help="Write a plot of decode speed against budget.")] = None,
@@ -79,6 +94,14 @@ def bench(
     from ..workloads import load_prompts
 
     parse_io_sim(io_sim)  # a bad spec is an error before anything is loaded
+    for path, what in ((json_out, "--json"), (png, "--png")):  # outputs: checked now, not after the run
+        if path is not None:
+            check_output_file(path, what)
+    if png is not None:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise ChronosError("--png needs matplotlib: pip install 'chronos-mlx[plot]'") from None
     try:
         budget_list = [float(b) if float(b) <= 1 else b for b in budgets.split(",") if b.strip()]
     except ValueError:
@@ -121,8 +144,16 @@ def bench(
         table.add_row(*(_bench_cell(k, r) for k, _ in BENCH_COLUMNS))
     out.print(table)
     if json_out:
-        json_out.write_text(json.dumps(result, indent=2, default=str))
-        err.print(f"wrote {json_out}")
+        from ..profiles import atomic_write_text
+
+        try:
+            atomic_write_text(json_out, json.dumps(result, indent=2, default=str))
+            err.print(f"wrote {json_out}")
+        except OSError as e:  # the table above is printed: the run is not lost
+            raise ChronosError(f"{json_out}: cannot write ({e.strerror or e}); the results are in the table above") from None
     if png:
-        B.plot(result, png)
-        err.print(f"wrote {png}")
+        try:
+            B.plot(result, png)
+            err.print(f"wrote {png}")
+        except OSError as e:
+            raise ChronosError(f"{png}: cannot write ({e.strerror or e}); the results are in the table above") from None
