@@ -101,21 +101,27 @@ def measure_memory_bandwidth(nbytes: int = 64 * 1024**2, repeats: int = 3) -> fl
 
 
 def lru_hit_rate(steps_by_layer: list, slots: int) -> float:
-    """Hit rate of an LRU cache of `slots` experts per layer replaying recorded routing:
-    steps_by_layer[layer] = [array of expert ids used by one decode step, ...]."""
+    """Steady-state hit rate of an LRU cache of `slots` experts per layer replaying recorded
+    routing: steps_by_layer[layer] = [(warm, expert ids of one step), ...]. Warm steps (a
+    prompt's prefill) fill the cache without being counted, and neither are first uses while
+    the cache still has free slots (at budget 1.0 chronos pre-loads every expert; below, such
+    compulsory misses happen once per slot, not per token)."""
     hits = total = 0
     for steps in steps_by_layer:
         cache: OrderedDict = OrderedDict()
-        for used in steps:
+        for warm, used in steps:
             for e in np.unique(used).tolist():
-                total += 1
                 if e in cache:
-                    hits += 1
                     cache.move_to_end(e)
-                else:
-                    cache[e] = True
-                    if len(cache) > slots:
-                        cache.popitem(last=False)
+                    if not warm:
+                        hits += 1
+                        total += 1
+                    continue
+                if not warm and len(cache) >= slots:
+                    total += 1
+                cache[e] = True
+                if len(cache) > slots:
+                    cache.popitem(last=False)
     return hits / total if total else 1.0
 
 
@@ -128,7 +134,8 @@ class _RoutingRecorder:
 
 
 def measure_routing(model_spec, prompts: list, *, max_tokens: int = 32, dtype=None, budget="1.0") -> list:
-    """Decode-step routing of a short generation per prompt (this reads weights)."""
+    """Routing of a short generation per prompt (this reads weights): per layer, a list of
+    (warm, expert ids) where the prompt's prefill is warm and each decode step is not."""
     from . import load
     from .generate import stream_generate
 
@@ -141,7 +148,7 @@ def measure_routing(model_spec, prompts: list, *, max_tokens: int = 32, dtype=No
         for _ in stream_generate(model, tokenizer, prompt, runtime, max_tokens=max_tokens, sync="per-layer"):
             pass
         for layer, s in enumerate(rec.steps):
-            steps[layer].extend(s[1:])  # the first observation of a layer is the prompt's prefill
+            steps[layer].extend((i == 0, ids) for i, ids in enumerate(s))  # the first is the prefill
     runtime.observers.remove(rec)
     return steps
 
@@ -234,20 +241,24 @@ def diagnose(
             "fraction": f,
             "slots_per_layer": slots,
             "hit_rate": h,
-            "hit_rate_source": "measured (LRU replay of recorded routing)" if steps else "assumed = fraction resident",
+            "hit_rate_source": "measured (steady-state LRU replay of recorded routing)" if steps else "assumed = fraction resident",
             "bytes_read_per_token": per_token,
             "io_tokens_per_s_bound": io_bound,
             "tokens_per_s_bound": bound,
         })
+    def bound_at(h):
+        per_token = (1 - h) * top_k * layers * per_disk
+        io = read_bw / per_token if (read_bw and per_token > 0) else None
+        vals = [x for x in (resident_bound, io) if x is not None]
+        return min(vals) if vals else None
+
     expected = None
     if has_experts and rec.get("fraction"):
-        point = next(p for p in curve if abs(p["fraction"] - rec["fraction"]) < 1e-12) if curve else None
-        lo = point["tokens_per_s_bound"] if point else None
-        if point and not steps and point["io_tokens_per_s_bound"] is not None:
-            hi = resident_bound  # locality can only raise the hit rate above the fraction
-        else:
-            hi = lo
-        expected = [lo, hi]
+        f = rec["fraction"]
+        point = next((p for p in curve if abs(p["fraction"] - f) < 1e-12), None)
+        # low end: no locality (hit rate = fraction resident); high end: the measured hit rate,
+        # or, unmeasured, every needed expert resident.
+        expected = [bound_at(f), point["tokens_per_s_bound"] if (point and steps) else bound_at(1.0)]
     elif not has_experts:
         expected = [resident_bound, resident_bound]
     speed = {
@@ -257,9 +268,9 @@ def diagnose(
         "expected_tokens_per_s": expected,
         "hit_rate_measured": bool(steps),
         "assumption": (
-            "hit rates measured by replaying the routing of a short generation through LRU caches"
+            "hit rates measured by replaying the routing of a short generation through LRU caches; the range's lower end assumes no locality (hit rate = fraction resident)"
             if steps
-            else "hit rate = fraction of experts resident (no locality; pessimistic); the upper end assumes every needed expert is resident"
+            else "hit rate assumed = fraction of experts resident (no locality; pessimistic); the range's upper end assumes every needed expert is resident"
         ),
         "curve": curve,
     }
