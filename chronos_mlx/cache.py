@@ -495,9 +495,14 @@ class ExpertCache:
                 spans.append((a, b))
         done = self.reader.read_runs(runs)  # checks each shard is unchanged first (one stat)
         if self.verifier is not None:  # before anything is converted or mapped
+            from .verify import expert_tag
+
             layer = self.layers.index(L)
+            tags = [expert_tag(p.source) for p, _ in param_bufs]
             for i, e in enumerate(experts):
-                self.verifier.check(layer, e, [(p.paths[e], p.offsets[e], bufs[i]) for p, bufs in param_bufs])
+                self.verifier.check(
+                    layer, e, [(p.paths[e], p.offsets[e], bufs[i], tag) for (p, bufs), tag in zip(param_bufs, tags)]
+                )
         for raw, p in converts:
             out = np.empty((k, *p.source.shape), dtype=p.view.dtype)
             convert_into(raw, p.source.dtype, p.dtype, out)

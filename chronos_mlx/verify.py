@@ -115,8 +115,14 @@ def write_manifest(path: Path, data: dict):
 # --------------------------------------------------------------------------------------
 
 
-def expert_ranges(model_dir) -> dict[str, list[tuple[int, int]]]:
-    """Per shard file name, the sorted (offset, nbytes) of every expert of every expert
+def expert_tag(tensor) -> bytes:
+    """What an expert hash covers besides the bytes: the dtype and per-expert shape the
+    header gives them (so relabelling BF16 as F16 is caught too)."""
+    return f"{tensor.dtype}{list(tensor.shape)}".encode()
+
+
+def expert_ranges(model_dir) -> dict[str, list[tuple[int, int, bytes]]]:
+    """Per shard file name, the sorted (offset, nbytes, tag) of every expert of every expert
     parameter (from the lazily built model: nothing is read but headers)."""
     from .loader import plan_model
 
@@ -125,13 +131,13 @@ def expert_ranges(model_dir) -> dict[str, list[tuple[int, int]]]:
     for layer in plan.layers:
         for tensor, _ in layer.values():
             for sl in tensor.slices:
-                ranges.setdefault(sl.path.name, set()).add((sl.offset, sl.nbytes))
+                ranges.setdefault(sl.path.name, set()).add((sl.offset, sl.nbytes, expert_tag(tensor)))
     return {name: sorted(r) for name, r in ranges.items()}
 
 
 def hash_file(path: Path, ranges=(), on_bytes=None, stop=None) -> tuple[str, list]:
-    """sha256 of the file, and of each (offset, nbytes) range in `ranges` (sorted, not
-    overlapping), in one sequential read. `on_bytes(n)` after each chunk; `stop()` true
+    """sha256 of the file, and of each (offset, nbytes, tag) range in `ranges` (sorted, not
+    overlapping; the hash covers tag + bytes), in one sequential read. `on_bytes(n)` after each chunk; `stop()` true
     aborts (KeyboardInterrupt is also safe: nothing is written here)."""
     whole = hashlib.sha256()
     out, i, cur, cur_end = [], 0, None, 0
@@ -157,8 +163,8 @@ def hash_file(path: Path, ranges=(), on_bytes=None, stop=None) -> tuple[str, lis
                 if cur is None:
                     if i >= len(ranges) or ranges[i][0] >= end:
                         break
-                    off, nb = ranges[i]
-                    cur, cur_end = hashlib.sha256(), off + nb
+                    off, nb, tag = ranges[i]
+                    cur, cur_end = hashlib.sha256(tag), off + nb
                     start = off
                 else:
                     start = pos
@@ -282,8 +288,8 @@ def verify_model(model_dir, *, update: bool = False, on_start=None, on_bytes=Non
 class ExpertVerifier:
     """Checks each expert's bytes against the manifest the first time the cache reads it.
 
-    `check(layer, expert, parts)`: `parts` is [(path, offset, bytes-like)] for each of the
-    expert's parameters. Thread-safe; a mismatch is a ShardError naming the shard, the
+    `check(layer, expert, parts)`: `parts` is [(path, offset, bytes-like, tag)] for each of
+    the expert's parameters (tag: `expert_tag` of its tensor). Thread-safe; a mismatch is a ShardError naming the shard, the
     layer, the expert and the offset."""
 
     def __init__(self, manifest: dict, where: Path):
@@ -300,14 +306,16 @@ class ExpertVerifier:
         if key in self.verified:
             return
         n = 0
-        for path, offset, data in parts:
+        for path, offset, data, tag in parts:
             entry = self.hashes.get((Path(path).name, offset))
             if entry is None or entry[0] != len(data):
                 raise ShardError(
                     f"{path}: expert {expert} of MoE layer {layer} (offset {offset}) is not in the manifest "
                     f"{self.where}; the checkpoint's layout changed since it was written (run `chronos verify --update`)"
                 )
-            if hashlib.sha256(data).hexdigest()[:EXPERT_HASH_CHARS] != entry[1]:
+            h = hashlib.sha256(tag)
+            h.update(data)
+            if h.hexdigest()[:EXPERT_HASH_CHARS] != entry[1]:
                 raise ShardError(
                     f"{path}: expert {expert} of MoE layer {layer} (bytes {offset}..{offset + len(data)}) does not "
                     f"match its hash in {self.where}: the shard is corrupt; run `chronos verify` to check it"
@@ -353,7 +361,7 @@ def attach_verifier(runtime, verifier: ExpertVerifier):
                     if sl.path not in fds:
                         cache.reader.check(sl.path)
                         fds[sl.path] = os.open(sl.path, os.O_RDONLY)
-                    parts.append((sl.path, sl.offset, os.pread(fds[sl.path], sl.nbytes, sl.offset)))
+                    parts.append((sl.path, sl.offset, os.pread(fds[sl.path], sl.nbytes, sl.offset), expert_tag(p.source)))
                 verifier.check(layer, e, parts)
     finally:
         for fd in fds.values():
