@@ -110,12 +110,15 @@ def lru_hit_rate(steps_by_layer: list, slots: int) -> float:
     for steps in steps_by_layer:
         cache: OrderedDict = OrderedDict()
         for warm, used in steps:
-            for e in np.unique(used).tolist():
+            uniq = np.unique(used).tolist()
+            present = [e for e in uniq if e in cache]
+            for e in present:  # a step's experts are used together: touch them all first
+                cache.move_to_end(e)
+            if not warm:
+                hits += len(present)
+                total += len(present)
+            for e in uniq:
                 if e in cache:
-                    cache.move_to_end(e)
-                    if not warm:
-                        hits += 1
-                        total += 1
                     continue
                 if not warm and len(cache) >= slots:
                     total += 1
