@@ -1,6 +1,7 @@
 """`chronos chat`: a terminal REPL that keeps the conversation and its KV cache."""
 
 import sys
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -147,7 +148,24 @@ def banner(runtime, template: bool) -> str:
         )
     parts.append("chat template" if template else "plain-text turns")
     parts.append("/help for commands")
-    return " · ".join(parts)
+    line = " · ".join(parts)
+    if _is_demo(info):
+        line += (
+            "\n[yellow]note:[/yellow] this is the embedded demo model: an 85 M-parameter text model "
+            "(trained on manual pages and source code) without a chat template. It continues your text; "
+            "it does not answer questions. For a real chat model pass one, e.g. "
+            "[cyan]chronos chat -m mlx-community/Qwen3-30B-A3B-4bit[/cyan]"
+        )
+    return line
+
+
+def _is_demo(info: dict) -> bool:
+    from ..loader import DEFAULT_MODEL
+
+    try:
+        return Path(info.get("path", "")).resolve() == Path(DEFAULT_MODEL).resolve()
+    except OSError:
+        return False
 
 
 class UndecodableLine(Exception):
