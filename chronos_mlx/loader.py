@@ -20,6 +20,7 @@ from .budget import slots_for_budget
 from .config_check import check_config, load_tokenizer_checked
 from .errors import ModelError, ShardError
 from .io import IOPool, parse_io_sim
+from .expert_list import ExpertListLayer, StreamingExpert, find_expert_lists, locate as locate_expert_list
 from .layout import locate_expert_tensor, per_expert_sources
 from . import resume
 from .runtime import Runtime
@@ -29,7 +30,19 @@ from .streaming import SWITCH_TYPES, StreamingSwitch, projection_specs
 DEFAULT_MODEL = Path(__file__).parent / "models" / "demo-moe-4bit"
 _FLOATS = {mx.float16, mx.bfloat16, mx.float32}
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
-_TOP_K_KEYS = ("num_experts_per_tok", "top_k", "moe_top_k", "num_experts_per_token", "moe_k")
+# Every name mlx-lm's MoE blocks and configs use for experts per token.
+_TOP_K_KEYS = (
+    "num_experts_per_tok",
+    "top_k",
+    "moe_topk",
+    "moe_top_k",
+    "top_k_experts",
+    "num_experts_per_token",
+    "n_activated_experts",
+    "num_activated_experts",
+    "moe_k",
+    "k",
+)
 
 
 def resolve_model_path(spec=None) -> Path:
@@ -99,13 +112,21 @@ def plan_model(spec=None, dtype=None) -> ModelPlan:
         raise ModelError(f"{path}: mlx_lm cannot build this model ({type(e).__name__}: {e})") from None
     target = compute_dtype(dtype)
     switches = sorted(
-        ((n, m) for n, m in model.named_modules() if isinstance(m, SWITCH_TYPES)),
+        [(n, m) for n, m in model.named_modules() if isinstance(m, SWITCH_TYPES)] + find_expert_lists(model),
         key=lambda nm: _layer_number(nm[0]),
     )
     sources = per_expert_sources(index, model) if switches else {}
     layers = []
     for name, module in switches:
         spec_l = {}
+        if isinstance(module, list):  # experts as a list of MLP modules (dbrx)
+            for key, tensor in locate_expert_list(index, name, module).items():
+                disk = MX_DTYPES.get(tensor.dtype)
+                if disk is None:
+                    raise ShardError(f"{tensor.slices[0].path}: expert tensor '{tensor.name}' has unsupported dtype {tensor.dtype}")
+                spec_l[key] = (tensor, target if (target is not None and disk in _FLOATS) else disk)
+            layers.append(spec_l)
+            continue
         for ps in projection_specs(module):
             proj = getattr(module, ps.name)
             if proj.get("global_scale") is not None:
@@ -127,13 +148,77 @@ def plan_model(spec=None, dtype=None) -> ModelPlan:
     return ModelPlan(path, model, config, switches, layers, info)
 
 
-def _describe(path, config, model, switches, layers, target) -> dict:
+def _ints(value) -> list:
+    if isinstance(value, bool):
+        return []
+    if isinstance(value, int):
+        return [value]
+    if isinstance(value, (list, tuple)):  # per-layer values (hunyuan)
+        return [v for v in value if isinstance(v, int) and not isinstance(v, bool)]
+    return []
+
+
+def _module_top_k(block) -> list:
+    """Experts per token as the MoE block (or its router / the config object it keeps) says."""
+    found = []
+    holders = [block] + [m for _, m in block.children().items() if isinstance(m, dict)]
+    for holder in holders:
+        attrs = dict(vars(holder))
+        if isinstance(holder, dict):
+            attrs.update({k: v for k, v in holder.items() if not isinstance(v, (dict, list))})
+        for name in _TOP_K_KEYS:
+            found += _ints(attrs.get(name))
+        for conf in ("config", "args"):
+            obj = attrs.get(conf)
+            for name in _TOP_K_KEYS:
+                found += _ints(getattr(obj, name, None))
+    return [k for k in found if k > 0]
+
+
+def model_top_k(model, switches, config) -> int | None:
+    """The largest number of experts a token can use in any MoE layer, read from the built
+    model's MoE blocks, else from any config key mlx-lm uses for it."""
+    found = []
+    for name, _ in switches:
+        parent = name.rsplit(".", 1)[0]
+        block = model
+        for part in parent.split("."):
+            block = block[int(part)] if isinstance(block, list) else getattr(block, part, None)
+            if block is None:
+                break
+        if block is not None:
+            found += _module_top_k(block)
+    if not found:
+        for source in (config, config.get("text_config") or {}, config.get("ffn_config") or {}):
+            for k in _TOP_K_KEYS:
+                found += [v for v in _ints(source.get(k)) if v > 0]
+    return max(found) if found else None
+
+
+def decoder_layer_count(model, switches, config):
+    """Decoder layers: the length of the list the MoE layers sit in, else config.json's."""
+    from .resume import _decoder_list
+
+    if switches:
+        found = _decoder_list(model, switches[0][0])
+        if found:
+            node = model
+            for part in found[0].split("."):
+                node = getattr(node, part)
+            return len(node)
     text = config.get("text_config", {})
-    top_k = next((config.get(k) or text.get(k) for k in _TOP_K_KEYS if config.get(k) or text.get(k)), None)
+    for key in ("num_hidden_layers", "n_layers", "num_layers"):
+        if config.get(key, text.get(key)) is not None:
+            return config.get(key, text.get(key))
+    return None
+
+
+def _describe(path, config, model, switches, layers, target) -> dict:
+    top_k = model_top_k(model, switches, config)
     info = {
         "path": str(path),
         "model_type": config.get("model_type"),
-        "num_hidden_layers": config.get("num_hidden_layers", text.get("num_hidden_layers")),
+        "num_hidden_layers": decoder_layer_count(model, switches, config),
         "moe_layers": len(switches),
         "dtype": str(target or "file").replace("mlx.core.", ""),
         "quantization": config.get("quantization"),
@@ -214,11 +299,15 @@ def load(
     reader = ShardReader(ShardIndex.open(plan.path), direct=direct_io)
     reader.simulator = parse_io_sim(io_sim) if isinstance(io_sim, (str, type(None))) else io_sim
     runtime = Runtime(None, info, reader)
-    replacements = [
-        (name, StreamingSwitch(module, i, runtime)) for i, (name, module) in enumerate(plan.switches)
-    ]
+    replacements = []
+    for i, (name, module) in enumerate(plan.switches):
+        if isinstance(module, list):
+            shared = ExpertListLayer(i, runtime)
+            replacements += [(f"{name}.{e}", StreamingExpert(m, e, shared)) for e, m in enumerate(module)]
+        else:
+            replacements.append((name, StreamingSwitch(module, i, runtime)))
     plan.model.update_modules(tree_unflatten(replacements))
-    runtime.resume = resume.install(plan.model, [name for name, _ in replacements])
+    runtime.resume = resume.install(plan.model, [name for name, _ in plan.switches])
     plan.switches.clear()  # drop the last references to the lazy stacked expert arrays
     if target is not None:
         plan.model.set_dtype(target)

@@ -56,6 +56,15 @@ class StreamingSwitch(nn.Module):
     def __init__(self, original, layer: int, runtime):
         super().__init__()
         self.activation = original.activation
+        # Model code may read other members of the module it called (muse_spark keeps a
+        # norm under its experts): carry over everything but the expert projections.
+        own = {spec.name for spec in projection_specs(original)}
+        for key, value in original.items():
+            if key not in own:
+                self[key] = value
+        for key, value in vars(original).items():
+            if not key.startswith("_") and not hasattr(self, key):
+                object.__setattr__(self, key, value)
         object.__setattr__(self, "_glu", isinstance(original, SwitchGLU))
         object.__setattr__(self, "_specs", {s.name: s for s in projection_specs(original)})
         object.__setattr__(self, "_layer", layer)
