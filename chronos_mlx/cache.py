@@ -293,9 +293,12 @@ class ExpertCache:
                     return 0.0  # the waiters see it through their futures
                 raise  # KeyboardInterrupt, SystemExit: for this thread too
             if main:
-                for e, slot, fut in live:
-                    self._map(L, e, slot, prefetch)
-                    fut.set_result(None)
+                try:
+                    for e, slot, fut in live:
+                        self._map(L, e, slot, prefetch)
+                        fut.set_result(None)
+                finally:
+                    self._finish(L, live, prefetch)
         if main:
             deadline = max(ready)
             if wait:
@@ -310,12 +313,22 @@ class ExpertCache:
                 fut.set_result(None)
         finally:
             if mapped < len(live):  # an exception while waiting: the bytes are all in (reads are synchronous)
-                for e, slot, fut in live:
-                    if not fut.done():
-                        if L.expert_in[slot] != e:
-                            self._map(L, e, slot, prefetch)
-                        fut.set_result(None)
+                self._finish(L, live, prefetch)
         return max(ready)
+
+    def _finish(self, L: LayerSlots, live: list, prefetch: bool):
+        """After an exception in the middle of mapping a read batch: map what is not mapped
+        yet (its bytes are complete) and resolve every future; an item that cannot be
+        mapped gives its slot back."""
+        for e, slot, fut in live:
+            if fut.done():
+                continue
+            try:
+                if L.expert_in[slot] != e:
+                    self._map(L, e, slot, prefetch)
+                fut.set_result(None)
+            except BaseException as exc:  # noqa: BLE001 - nothing may stay claimed
+                self._abandon(L, [(e, slot, fut)], exc)
 
     def _map(self, L: LayerSlots, e: int, slot: int, prefetch: bool):
         """Expert `e`'s bytes are complete in `slot`: make it resident."""
@@ -349,6 +362,15 @@ class ExpertCache:
                     except Exception:  # resolved meanwhile (InvalidStateError)
                         pass
 
+    def _release_demand(self, L: LayerSlots, demand: list, exc: BaseException):
+        """Undo the reservations of an `ensure` that failed before its batch ran."""
+        with self._lock:
+            reserved = [(e, slot, L.pending[e][1]) for e, slot in demand if e in L.pending and L.pending[e][0] == slot]
+            for e, slot in demand:
+                if e not in L.pending and L.expert_in[slot] == -2:
+                    L.expert_in[slot] = -1
+        self._abandon(L, reserved, exc)
+
     def ensure(self, layer: int, experts, protect=None, retries: int = 0) -> list:
         """Make `experts` of `layer` resident and wait for them; returns those it loaded.
 
@@ -370,30 +392,34 @@ class ExpertCache:
         # Reservation and the batch's read and mapping are one section Ctrl-C cannot cut;
         # only the wait for the (simulated) drive below is interruptible.
         with deferred_sigint():
-            with self._lock:
-                self._check_files(L)
-                for e in experts.tolist():
-                    if L.slot_of[e] >= 0:
-                        continue
-                    if e in L.pending:
-                        slot, fut, _ = L.pending[e]
-                        if not fut.cancel():
-                            futures.append(fut)  # in flight: wait for it
+            try:
+                with self._lock:
+                    self._check_files(L)
+                    for e in experts.tolist():
+                        if L.slot_of[e] >= 0:
                             continue
-                        L.pending.pop(e)
-                        L.expert_in[slot] = -1
-                    slot = self._take_slot(L, keep) if e not in blocked else None
-                    if slot is None:
-                        slot = self._cancel_a_prefetch(L, keep)
-                    if slot is None:  # every free-able slot is being filled by a prefetch
-                        blocked.add(e)
-                        continue
-                    L.expert_in[slot] = -2  # reserved: the next _take_slot must not hand it out
-                    loaded.append(e)
-                    demand.append((e, slot))
-                batch = self._reserve(L, demand, prefetch=False)
-                futures += [fut for *_, fut in batch]
-                running = [f for _, f, pf in L.pending.values() if pf] if blocked else []
+                        if e in L.pending:
+                            slot, fut, _ = L.pending[e]
+                            if not fut.cancel():
+                                futures.append(fut)  # in flight: wait for it
+                                continue
+                            L.pending.pop(e)
+                            L.expert_in[slot] = -1
+                        slot = self._take_slot(L, keep) if e not in blocked else None
+                        if slot is None:
+                            slot = self._cancel_a_prefetch(L, keep)
+                        if slot is None:  # every free-able slot is being filled by a prefetch
+                            blocked.add(e)
+                            continue
+                        L.expert_in[slot] = -2  # reserved: the next _take_slot must not hand it out
+                        loaded.append(e)
+                        demand.append((e, slot))
+                    batch = self._reserve(L, demand, prefetch=False)
+                    futures += [fut for *_, fut in batch]
+                    running = [f for _, f, pf in L.pending.values() if pf] if blocked else []
+            except BaseException as exc:  # nothing reserved here may stay claimed
+                self._release_demand(L, demand, exc)
+                raise
             # Demand reads run here: the caller waits for them anyway, and a hand-off to a
             # reader thread costs more than the copy. The batch's reads are in flight together.
             deadline = self._run_batch(L, batch, prefetch=False, wait=False)

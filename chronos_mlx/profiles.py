@@ -226,7 +226,7 @@ def _from_json(data, where: str) -> Profile:
         raise bad("missing format marker")
     version = data.get("version")
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        raise bad(f"version {str(version)[:20]!r}")
+        raise bad(f"version {str(version)[:20]}")
     if version > PROFILE_VERSION:
         raise ProfileError(
             f"{where}: profile format version {version} is newer than this chronos-mlx reads ({PROFILE_VERSION}); upgrade"
