@@ -79,10 +79,12 @@ def read_manifest(path: Path) -> dict | None:
         return None
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise VerifyError(f"{path}: unreadable manifest ({type(e).__name__}); delete it or pass --update") from None
+    except OSError as e:
+        raise VerifyError(f"{path}: cannot read the manifest ({e.strerror or e})") from None
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        data = None
     if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
-        raise VerifyError(f"{path}: exists but is not a chronos-mlx manifest; not touching it")
+        raise VerifyError(f"{path}: exists but is not a chronos-mlx manifest; not touching it (move it away)")
     version = data.get("version")
     if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= MANIFEST_VERSION:
         raise VerifyError(f"{path}: manifest version {version!r} is not one this chronos-mlx reads")

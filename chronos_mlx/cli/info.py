@@ -78,7 +78,7 @@ def info(
 
     if model and model_opt and model != model_opt:
         raise CliError("give the model once: as MODEL or as --model")
-    spec = model or model_opt
+    spec = model if model is not None else model_opt  # "" is an error, not the demo model
     facts = dict(plan_model(spec, None if dtype == "auto" else dtype).info)
     moe = bool(facts.get("moe_layers"))
     facts["moe"] = moe
