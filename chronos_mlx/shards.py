@@ -277,6 +277,12 @@ def open_for_reading(path: Path, direct: bool) -> tuple[int, bool]:
     return fd, False
 
 
+def default_read_threads() -> int:
+    """Reads in flight for one batch: an SSD needs several (Apple's reach 5-7 GB/s only with
+    a queue), and copies from the page cache scale with cores; capped where it stops paying."""
+    return max(1, min(8, os.cpu_count() or 1))
+
+
 class ShardReader:
     """Reads byte ranges of shards into caller buffers. Thread-safe: pread has no file position."""
 
@@ -291,6 +297,11 @@ class ShardReader:
         self.bytes_read = 0
         self.read_calls = 0
         self.simulator = None  # a SimulatedSSD (io.py) that delays each read, or None
+        # Parallel reads of one batch: up to `threads` in flight once a batch has at least
+        # `min_bytes_per_thread` per thread (smaller batches are read by the caller alone).
+        self.threads = default_read_threads()
+        self.min_bytes_per_thread = 1 << 20
+        self._executor = None
 
     @property
     def direct_io_active(self) -> bool:
@@ -347,7 +358,30 @@ class ShardReader:
             for r, fd in zip(runs, fds):
                 if not self._direct[r.path]:
                     advise_willneed(fd, r.offset, r.nbytes)
-        for r, fd in zip(runs, fds):
+        groups = self._split(runs, fds)
+        if len(groups) > 1:
+            # Several reads in flight: a drive (and a page-cache copy) only reaches its rate
+            # that way. pread releases the GIL; this thread takes the first group itself.
+            futures = [self._pool().submit(self._read_group, g) for g in groups[1:]]
+            try:
+                self._read_group(groups[0])
+            finally:
+                errors = [f.exception() for f in futures]
+            if any(errors):
+                raise next(e for e in errors if e)
+        else:
+            self._read_group(groups[0] if groups else [])
+        if self.simulator is not None:
+            done = self.simulator.schedule([r.nbytes for r in runs], started)
+        else:
+            done = [started] * len(runs)
+        with self._lock:
+            self.bytes_read += sum(r.nbytes for r in runs)
+            self.read_calls += len(runs)
+        return done
+
+    def _read_group(self, group: list):
+        for r, fd in group:
             try:
                 if self._direct[r.path] and sys.platform.startswith("linux"):
                     self._read_direct(fd, r.offset, r.views)
@@ -361,14 +395,29 @@ class ShardReader:
                         pos += len(v)
             except OSError as e:
                 raise ShardError(f"{r.path}: read failed at offset {r.offset} ({e.strerror or e})") from None
-        if self.simulator is not None:
-            done = self.simulator.schedule([r.nbytes for r in runs], started)
-        else:
-            done = [started] * len(runs)
-        with self._lock:
-            self.bytes_read += sum(r.nbytes for r in runs)
-            self.read_calls += len(runs)
-        return done
+
+    def _split(self, runs: list, fds: list) -> list:
+        """The runs in up to `threads` groups of similar byte counts; one group when the
+        batch is too small for a hand-off to pay (measured: ~100 us per hand-off)."""
+        total = sum(r.nbytes for r in runs)
+        n = min(self.threads, len(runs), max(1, total // self.min_bytes_per_thread))
+        if n <= 1:
+            return [list(zip(runs, fds))]
+        groups, sizes = [[] for _ in range(n)], [0] * n
+        for r, fd in sorted(zip(runs, fds), key=lambda rf: -rf[0].nbytes):
+            i = sizes.index(min(sizes))  # largest first into the emptiest group
+            groups[i].append((r, fd))
+            sizes[i] += r.nbytes
+        return groups
+
+    def _pool(self):
+        if self._executor is None:
+            with self._lock:
+                if self._executor is None:
+                    from concurrent.futures import ThreadPoolExecutor
+
+                    self._executor = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="chronos-read")
+        return self._executor
 
     def _read_direct(self, fd: int, offset: int, views: list):
         # O_DIRECT wants offset, length and buffer aligned: read the aligned superset.

@@ -67,6 +67,30 @@ def test_a_batch_reads_adjacent_ranges_with_one_call_into_separate_buffers():
     assert len(done) == 4 and all(isinstance(t, float) for t in done)
 
 
+def test_a_large_batch_is_read_by_several_threads_with_the_same_bytes():
+    import threading
+
+    index = ShardIndex.open(DEMO)
+    name = "model.layers.2.mlp.switch_mlp.gate_proj.weight"
+    expert = locate_expert_tensor(index, {}, name, 64, (128, 48))
+    truth = np.array(mx.load(str(DEMO / "model.safetensors"))[name])
+    reader = ShardReader(index)
+    reader.threads, reader.min_bytes_per_thread = 4, 1  # every batch is big enough to split
+    seen, groups = set(), []
+    read_group = reader._read_group
+    reader._read_group = lambda group: (seen.add(threading.current_thread().name), groups.append(group), read_group(group))
+    outs = {e: np.empty((128, 48), dtype=np.uint32) for e in range(0, 64, 2)}  # none adjacent
+    reader.read_batch([(expert.slices[e].path, expert.slices[e].offset, out) for e, out in outs.items()])
+    for e, out in outs.items():
+        assert np.array_equal(out, truth[e])
+    assert len(groups) == 4 and len(seen) >= 2  # four groups, on the caller and reader threads
+    assert sorted(r.offset for g in groups for r, _ in g) == sorted(expert.slices[e].offset for e in outs)
+    small = ShardReader(index)  # default threshold: a few small experts stay on the caller
+    small._read_group = lambda group: (seen.add("small-" + threading.current_thread().name), None)
+    small.read_batch([(expert.slices[e].path, expert.slices[e].offset, outs[e]) for e in (0, 2)])
+    assert {n for n in seen if n.startswith("small-")} == {"small-" + threading.current_thread().name}
+
+
 def test_simulated_ssd_overlaps_the_latency_of_a_batch_and_queues_its_bytes():
     ssd = SimulatedSSD(bandwidth=1e9, latency=100e-6)
     done = ssd.schedule([1_000_000, 2_000_000], started=10.0)
