@@ -1,5 +1,6 @@
 """`chronos serve`: an OpenAI-compatible HTTP server (mlx_lm.server's endpoints and JSON)."""
 
+import signal
 import threading
 from dataclasses import replace
 from pathlib import Path
@@ -105,6 +106,11 @@ def serve(
     )
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True)
     thread.start()
+
+    def _terminate(signum, frame):  # SIGTERM (a service manager, `kill`): stop like Ctrl-C
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         while thread.is_alive():
             thread.join(0.5)
@@ -113,6 +119,7 @@ def serve(
     except KeyboardInterrupt:
         err.print("stopping", soft_wrap=True)
     finally:
+        signal.signal(signal.SIGTERM, previous)
         server.shutdown()
         server.server_close()
         engine.stop()

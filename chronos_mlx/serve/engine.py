@@ -184,6 +184,9 @@ class BatchEngine:
         self.model = model
         self.tokenizer = tokenizer
         self.runtime = runtime
+        # MLX streams are per thread: weights still lazy here (e.g. after set_dtype) could not
+        # be evaluated on the engine's thread, so evaluate them on the caller's.
+        mx.eval(model.parameters())
         self.decode_concurrency = decode_concurrency
         self.prefill_concurrency = prefill_concurrency
         self.prefill_step_size = prefill_step_size
@@ -210,6 +213,9 @@ class BatchEngine:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
+        import gc
+
+        gc.collect()  # see _run
 
     @property
     def healthy(self) -> bool:
@@ -253,6 +259,12 @@ class BatchEngine:
         except BaseException as e:  # the thread must not die silently: fail every request
             self.failure = e
             self._fail_all(f"{type(e).__name__}: {e}")
+        finally:
+            # Arrays made on this thread and caught in reference cycles must be freed before
+            # the interpreter exits (else MLX aborts the process at exit).
+            import gc
+
+            gc.collect()
 
     def _fail_all(self, message: str):
         for seq in list(getattr(self, "_active", {}).values()):
@@ -267,8 +279,12 @@ class BatchEngine:
     def _loop(self):
         from mlx_lm.generate import BatchGenerator, make_stop_sequences
 
+        # The engine thread's own default stream (as mlx_lm.server): every array of the
+        # generation is made and evaluated here.
+        stream = mx.default_stream(mx.default_device())
         gen = BatchGenerator(
             self.model,
+            stream=stream,
             max_tokens=DEFAULT_MAX_TOKENS,
             completion_batch_size=self.decode_concurrency,
             prefill_batch_size=self.prefill_concurrency,
@@ -298,8 +314,11 @@ class BatchEngine:
                     for u in finished:
                         self._active.pop(u, None)
         finally:
-            gen.close()
             self._fail_all("the server is shutting down")
+            gen.close()
+            del gen
+            self._active = {}
+            mx.synchronize(stream)
 
     @staticmethod
     def _in_batch(gen, uid) -> bool:
