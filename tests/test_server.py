@@ -309,3 +309,74 @@ def test_missing_content_length_is_411(served):
         head = sock.recv(4096).decode()
     assert head.startswith("HTTP/1.1 411")
     assert raw(served[0], "GET", "/health")[0] == 200
+
+
+# --- prefill of a newcomer, and the command itself -------------------------------------------
+
+
+def test_a_long_new_prompt_does_not_stall_running_requests(stock):
+    """Prefill runs in chunks of prefill_step_size between decode steps: a running request
+    keeps getting tokens while a long prompt joins."""
+    from chronos_mlx.workloads import read_prompts
+
+    model, tok, runtime = chronos_mlx.load(None, 1.0, dtype="float32")
+    long_prompt = tok.encode(" ".join(read_prompts("en", "heldout")[:3]))[:192]
+    with BatchEngine(model, tok, runtime, prefill_step_size=16) as engine:
+        first = engine.submit(tok.encode(PROMPTS[0]), SamplingParams(max_tokens=60))
+        times = []
+        it = first.events()
+        for ev in it:  # let it decode a little
+            times.append(time.perf_counter())
+            if len(times) == 5:
+                break
+        t_join = time.perf_counter()
+        second = engine.submit(long_prompt, SamplingParams(max_tokens=2))
+        for ev in it:
+            times.append(time.perf_counter())
+        for ev in second.events():
+            pass
+        ttft_second = second.first_token_at - t_join
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    assert len(times) == 60
+    # the whole prompt took ttft_second to prefill; no gap of the first request comes near it
+    assert max(gaps) < ttft_second / 3, (max(gaps), ttft_second)
+
+
+def test_chronos_serve_command_serves_with_a_memory_limit_and_stops_on_sigterm(tmp_path):
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    from chronos_mlx.budget import HEADROOM_FRACTION, PROCESS_OVERHEAD_BYTES, kv_bytes_per_token
+    from chronos_mlx.loader import plan_model
+
+    plan = plan_model(None, "float32")
+    need = plan.info["dense_bytes"] + kv_bytes_per_token(plan.config, 4) * 1024 + 0.5 * plan.info["expert_bytes_total"]
+    limit = int((need + PROCESS_OVERHEAD_BYTES * (1 - HEADROOM_FRACTION)) / (1 - HEADROOM_FRACTION)) + 1000
+    log = tmp_path / "serve.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "chronos_mlx.cli", "serve", "--port", "0", "--memory-limit", f"{limit}B", "--kv-tokens", "1024"],
+            stdout=f, stderr=subprocess.STDOUT,
+        )
+    try:
+        port = None
+        for _ in range(300):
+            m = re.search(r"http://127\.0\.0\.1:(\d+)/v1", log.read_text())
+            if m:
+                port = int(m.group(1))
+                break
+            assert proc.poll() is None, log.read_text()
+            time.sleep(0.1)
+        assert port, log.read_text()
+        assert "expert budget auto = 0.5 (32 experts/layer" in log.read_text()
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=60)
+        text = "".join(ch.choices[0].text for ch in c.completions.create(model="x", prompt=PROMPTS[0], max_tokens=6, stream=True))
+        assert text
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(20)
+    assert rc == 0, log.read_text()
+    assert "terminate called" not in log.read_text()
