@@ -1,5 +1,10 @@
 """chronos-mlx: run MoE models whose experts do not fit in memory, with mlx_lm's exact output."""
 
+from . import _startup
+
+if _startup.is_cli_process():  # before the heavy imports below: Ctrl-C now ends quietly
+    _startup.quiet_startup_interrupts()
+
 from .errors import BudgetError, ChronosError, ModelError, ProfileError, ShardError
 from .loader import DEFAULT_MODEL
 from .loader import load as _load

@@ -21,6 +21,9 @@ class ChronosGroup(TyperGroup):
     called without a command still print their help."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        from .._startup import end_startup
+
+        end_startup()  # imports are done: Ctrl-C is a KeyboardInterrupt again (commands handle it)
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         from ..errors import ChronosError
