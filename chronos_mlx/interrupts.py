@@ -38,8 +38,8 @@ def deferred_sigint():
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
-        if frames:
+        for frame in frames[:2]:  # each Ctrl-C counts (the CLI: first = stop after this token, second = now)
             if callable(previous):
-                previous(signal.SIGINT, frames[-1])  # the default handler raises KeyboardInterrupt here
+                previous(signal.SIGINT, frame)  # the default handler raises KeyboardInterrupt here
             elif previous == signal.SIG_DFL:
                 raise KeyboardInterrupt
