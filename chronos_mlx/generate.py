@@ -22,9 +22,10 @@ from mlx_lm.models.cache import make_prompt_cache
 
 from .resume import kept_caches, resume_point
 from .rollback import Checkpoint, checkpointable
-from .runtime import Runtime, StepRecord
+from .runtime import Runtime, SegmentMiss, StepRecord
+from .verification import SegmentPlanner
 
-SYNC_MODES = ("optimistic", "per-layer")
+SYNC_MODES = ("optimistic", "per-layer")  # optimistic: segments chosen per step (verification.py)
 generation_stream = mx.new_stream(mx.default_device())
 
 
@@ -33,56 +34,6 @@ def greedy(logprobs: mx.array) -> mx.array:
 
 
 MAX_OPTIMISTIC_RETRIES = 2
-
-
-@dataclass
-class RoutingChooser:
-    """Picks optimistic or per-layer routing for each decode step from measured cost.
-
-    An optimistic step costs one host read, plus a recovery when an expert was absent; a
-    per-layer step never recovers but pays a host round trip per MoE layer. Which wins
-    depends on the miss rate and on what a round trip costs (on a GPU far more than on a
-    CPU), so the loop measures: seconds per token of each mode (without recoveries), the
-    share of optimistic steps that missed and what a recovery took. Optimistic is used
-    while base + miss rate x recovery <= per-layer; the other mode is re-probed now and then.
-    """
-
-    seconds: dict = field(default_factory=lambda: {True: None, False: None})  # speculate -> s/token
-    miss_rate: float = 0.0
-    recovery_s: float = 0.0
-    decisions: int = 0
-    probe_every: int = 16
-    _last_best: bool = True
-
-    @staticmethod
-    def _ema(old, new, w=0.3):
-        return new if old is None else (1 - w) * old + w * new
-
-    def observe_optimistic(self, missed: bool):
-        self.miss_rate = self._ema(self.miss_rate, float(missed))
-
-    def observe_recovery(self, seconds: float):
-        self.recovery_s = self._ema(self.recovery_s or None, seconds)
-
-    def record(self, speculated: bool, seconds: float):
-        self.seconds[speculated] = self._ema(self.seconds[speculated], seconds)
-
-    def choose(self) -> bool:
-        self.decisions += 1
-        if self.miss_rate < 0.05:
-            return True
-        opt, per_layer = self.seconds[True], self.seconds[False]
-        if per_layer is None:
-            return False
-        if opt is None:
-            return True
-        best = opt + self.miss_rate * self.recovery_s <= per_layer
-        if best != self._last_best:  # the verdict changed: probe often again
-            self.probe_every, self._last_best = 16, best
-        if self.decisions % self.probe_every == 0:
-            self.probe_every = min(2 * self.probe_every, 256)  # each probe that changes nothing backs off
-            return not best
-        return best
 
 
 @dataclass
@@ -99,6 +50,8 @@ class _Step:
     outputs: Optional[dict] = None  # decoder layer -> its output, for resuming a recomputation
     touched: Optional[dict] = None  # decoder layer -> ids of the cache objects it was given
     observations: Optional[list] = None  # per-layer routing, reported once the step is kept
+    ends: frozenset = frozenset()  # the segment ends it was launched with
+    miss: Optional[SegmentMiss] = None  # it stopped at a segment end: this layer missed
 
 
 def generate_step(
@@ -111,8 +64,13 @@ def generate_step(
     prompt_cache=None,
     prefill_step_size: int = 2048,
     sync: str = "optimistic",
+    segment_ends=None,
 ) -> Generator[tuple[int, mx.array], None, None]:
-    """Yield (token id, logprobs) like `mlx_lm.generate.generate_step`, with chronos's counters."""
+    """Yield (token id, logprobs) like `mlx_lm.generate.generate_step`, with chronos's counters.
+
+    sync="optimistic" verifies each step in segments whose ends a cost model picks
+    (verification.py); `segment_ends` fixes them instead (a set of MoE layer indices;
+    empty: one read after the whole step)."""
     if sync not in SYNC_MODES:
         raise ValueError(f"sync must be one of {SYNC_MODES}, got '{sync}'")
     sampler = sampler or greedy
@@ -134,8 +92,9 @@ def generate_step(
     if resumable:
         resumable[0].bind(prompt_cache)
 
-    def launch(tokens, speculate: bool, start=None) -> _Step:
-        """Build and start one forward pass; `speculate` routes it optimistically.
+    def launch(tokens, speculate: bool, start=None, ends=frozenset()) -> _Step:
+        """Build and start one forward pass; `speculate` routes it optimistically, reading
+        the routing back at the MoE layers in `ends` and after the step.
 
         `start` = (decoder layer, outputs of the layers below it) resumes a recomputation
         at that layer."""
@@ -145,7 +104,7 @@ def generate_step(
             if state is not None:
                 state.outputs, state.touched = {}, {}
                 state.recording = speculate
-                state.start, state.replay = start if start else (None, None)
+                state.start, state.replay, state.replay_touched, after = start if start else (None, None, {}, None)
             try:
                 if not (optimistic and speculate):
                     runtime.deferred_observations = [] if optimistic else None
@@ -154,11 +113,15 @@ def generate_step(
                     step = _Step(tokens, y, lp, None, None, False, checkpoint)
                     step.observations = runtime.deferred_observations
                     return step
-                with runtime.recording() as record:
-                    y, lp = forward(tokens)
-                flat = record.flat()
-                mx.async_eval(y, lp, *([flat] if flat is not None else []))
-                step = _Step(tokens, y, lp, record, flat, True, checkpoint)
+                try:
+                    with runtime.recording(ends) as record:
+                        y, lp = forward(tokens)
+                except SegmentMiss as miss:  # stopped at a segment end: redo from `miss.first`
+                    step = _Step(tokens, None, None, record, None, True, checkpoint, ends=ends, miss=miss)
+                else:
+                    flat = record.flat(record.verified)
+                    mx.async_eval(y, lp, *([flat] if flat is not None else []))
+                    step = _Step(tokens, y, lp, record, flat, True, checkpoint, ends=ends)
                 if state is not None:
                     step.outputs, step.touched = state.outputs, state.touched
                 return step
@@ -166,6 +129,8 @@ def generate_step(
                 runtime.deferred_observations = None
                 if state is not None:
                     state.recording, state.start, state.replay = False, None, None
+                    if after is not None:  # the layers below the resume point keep this step's entries
+                        after.restore()
 
     def settle(step: _Step, speculative: Optional[_Step]):
         """Verify an optimistic step; on a miss roll back, load and recompute until exact.
@@ -176,44 +141,46 @@ def generate_step(
         loaded: dict = {}
         discarded = False
         for attempt in range(MAX_OPTIMISTIC_RETRIES + 1):
-            if step.flat is None:  # per-layer: exact as built; now its routing is kept
+            if step.flat is None and step.miss is None:  # exact as built; now its routing is kept
                 if step.observations:
                     runtime.observe_kept(step.observations)
-                if timing.get("recovering_since"):
-                    took = time.perf_counter() - timing.pop("recovering_since")
-                    chooser.observe_recovery(took)
-                    timing["recovery"] += took
+                if step.record is not None:
+                    runtime.account_step(step.record, step.record.known, loaded)
+                    planner.observe_misses(step.record.layers, step.record.missed_at_end)
                 return step, discarded
-            host = np.array(step.flat)
-            c.host_syncs += 1
-            needed = step.record.absent(host)
-            chooser.observe_optimistic(missed=bool(needed))
-            if not needed:
-                runtime.account_step(step.record, host, loaded)
-                if timing.get("recovering_since"):
-                    took = time.perf_counter() - timing.pop("recovering_since")
-                    chooser.observe_recovery(took)
-                    timing["recovery"] += took
-                return step, discarded
-            first = min(needed)
-            runtime.account_step(step.record, host, loaded, before=first)  # exact, kept
+            if step.miss is None:
+                host = np.array(step.flat)
+                c.host_syncs += 1
+                rec = step.record
+                tail = rec.split_from(rec.verified, host)
+                needed = StepRecord.absent_in(tail, rec.slot_maps[rec.verified :])
+                known = rec.known + [(l, h) for l, h in tail if not needed or l < min(needed)]
+                if not needed:
+                    runtime.account_step(rec, known, loaded)
+                    planner.observe_misses(rec.layers, rec.missed_at_end)
+                    return step, discarded
+                first = min(needed)
+            else:
+                needed, first, known = step.miss.needed, step.miss.first, step.miss.known
+            planner.observe_misses([l for l in step.record.layers if l <= first], {first} | step.record.missed_at_end)
+            runtime.account_step(step.record, known, loaded, before=first)  # exact, kept
             t0 = time.perf_counter()
-            timing["recovering_since"] = timing.get("recovering_since") or t0
             # Nothing queued may still read a slot about to be overwritten, and the cache
             # entries of the wrong step (and of any launched on its token) must go.
             if speculative is not None and not discarded:
-                mx.eval(speculative.y, speculative.logprobs)
+                if speculative.y is not None:
+                    mx.eval(speculative.y, speculative.logprobs)
                 speculative.checkpoint.restore()
                 discarded = True
-            mx.eval(step.y, step.logprobs)
+            if step.y is not None:
+                mx.eval(step.y, step.logprobs)
             start = None
             if resumable and step.outputs is not None:
                 layer0 = resume_point(resumable[1][first], step.touched)
                 if all(i in step.outputs for i in range(layer0)):
-                    start = (layer0, step.outputs)
-                    step.checkpoint.restore(keep=kept_caches(layer0, step.touched))
-            if start is None:
-                step.checkpoint.restore()
+                    after = Checkpoint(prompt_cache, only=kept_caches(layer0, step.touched))
+                    start = (layer0, step.outputs, step.touched, after)
+            step.checkpoint.restore()
             c.io_wait_s += time.perf_counter() - t0  # waiting out the wrong steps
             # Layers up to the first miss routed exactly; later ones may have routed on
             # wrong inputs, so their loads are guesses (the recompute checks them).
@@ -228,12 +195,10 @@ def generate_step(
                 loaded.setdefault(layer, set()).update(got)
             c.recomputes += 1
             c.recomputed_layers += n_moe - (first if start else 0)
-            # Retry optimistically (cheap where a host round trip is dear); the last
-            # attempt routes per layer, which is exact in one pass.
-            chosen = step.speculated
+            # Retry optimistically with the same ends (cheap where a host round trip is
+            # dear); the last attempt routes per layer, which is exact in one pass.
             speculate = attempt < MAX_OPTIMISTIC_RETRIES - 1 and not too_many
-            step = launch(step.tokens, speculate=speculate, start=start)
-            step.speculated = chosen  # its cost, recovery included, is the chosen mode's
+            step = launch(step.tokens, speculate=speculate, start=start, ends=step.ends)
         return step, discarded
 
     tic = time.perf_counter()
@@ -256,28 +221,40 @@ def generate_step(
     if intent is not None:
         runtime.prefetch_intent(intent.ranked())
 
-    chooser = RoutingChooser()
-    timing = {"recovery": 0.0}  # recovery seconds inside the current token's interval
-    step = launch(prompt, speculate=True)
+    planner = SegmentPlanner(
+        n_moe,
+        forced=None if segment_ends is None else frozenset(segment_ends),
+        # Before anything is measured: a layer misses about as often as experts are absent.
+        miss=np.full(n_moe, 1.0 - runtime.info.get("budget_fraction", 1.0)) if streaming else None,
+    )
+    step = launch(prompt, speculate=optimistic, ends=planner.ends() if optimistic else frozenset())
     # Per-layer reads of the decode steps (the first one is launched right below) count too.
     n, t_first, t_last, syncs_at_first, io_at_first = 0, None, 0.0, runtime.layer_syncs, 0.0
+    mark = (0.0, 0, 0)  # io wait, recomputed layers, recomputes at the last token
     nxt = None
     try:
         while True:
             # Like mlx_lm, the step after the last yielded token runs too (its KV entries stay).
-            speculate = chooser.choose()
-            nxt = launch(step.y, speculate) if n != max_tokens else None
+            ends = planner.ends() if optimistic else frozenset()
+            if step.y is None:  # it stopped at a segment end: finish it before building on it
+                step, _ = settle(step, None)
+            nxt = launch(step.y, speculate=optimistic, ends=ends) if n != max_tokens else None
             step, discarded = settle(step, nxt)
             if discarded and nxt is not None:
-                nxt = launch(step.y, speculate)
+                nxt = launch(step.y, speculate=optimistic, ends=ends)
             token = step.y.item()
             c.host_syncs += 1
             now = time.perf_counter()
-            if t_first is not None and nxt is not None:
-                # This interval mostly waited for work of the mode just launched (`nxt`):
-                # a per-layer launch blocks layer by layer, an optimistic one on the read.
-                chooser.record(speculate, now - t_last - timing["recovery"])
-            timing["recovery"] = 0.0
+            if t_first is not None and nxt is not None and optimistic:
+                # This interval mostly ran `nxt` (its segment ends block on its compute)
+                # and any recovery of `step`; loads cost the same under any plan.
+                planner.observe_step(
+                    now - t_last - (c.io_wait_s - mark[0]),
+                    ends=len(ends),
+                    recomputed_layers=c.recomputed_layers - mark[1],
+                    recoveries=c.recomputes - mark[2],
+                )
+            mark = (c.io_wait_s, c.recomputed_layers, c.recomputes)
             t_last = now
             if t_first is None:
                 t_first = time.perf_counter()

@@ -9,8 +9,12 @@ below s without running them. The model's own code between layers then computes 
 what it did the first time, so layer s gets exactly its original inputs, whatever they
 are (a hidden state, shared KV states, offsets: nothing is special-cased by model).
 
-Only the caches that layers >= s touched are rolled back; a cache shared by a layer below
-s and one at or above it moves s down to the first layer that shares it (`resume_point`).
+Model code outside the layers may read the caches too (llama4 builds its chunk mask from
+the first layer's cache before running any layer), so a recomputation runs with every
+cache as it was before the step; the caches of the layers below s, which the step left
+exact, are put back to their state after the step once the pass is built. A cache shared
+by a layer below s and one at or above it moves s down to the first layer that shares it
+(`resume_point`).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ class ResumeState:
         self.touched: dict[int, set] = {}  # decoder index -> ids of cache objects it was given
         self.start: int | None = None  # resume from this decoder layer ...
         self.replay: dict | None = None  # ... returning these outputs below it
+        self.replay_touched: dict = {}  # ... and counting the caches they touched then
         self._known: dict[int, tuple] = {}  # id(cache object or CacheList) -> ids of its leaves
 
     def bind(self, prompt_cache):
@@ -81,7 +86,7 @@ def _resumable(cls):
             out = cls.__call__(self, *args, **kwargs) if ran else state.replay[index]
             if state.recording:
                 state.outputs[index] = out
-                state.touched[index] = state.caches_in(args, kwargs) if ran else set()
+                state.touched[index] = state.caches_in(args, kwargs) if ran else state.replay_touched.get(index, set())
             return out
 
         _SUBCLASSES[cls] = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__})

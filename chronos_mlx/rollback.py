@@ -92,9 +92,9 @@ class CacheCheckpoint:
 
     __slots__ = ("cache", "offset", "scalars", "saved")
 
-    def __init__(self, cache):
+    def __init__(self, cache, restore_only: bool = False):
         self.cache = cache
-        if _appends_only(cache):
+        if not restore_only and _appends_only(cache):
             self.offset, self.scalars, self.saved = cache.offset, _scalars(cache), None
         else:
             self.offset, self.scalars, self.saved = None, None, _copy(vars(cache))
@@ -117,8 +117,13 @@ class CacheCheckpoint:
 class Checkpoint:
     """Checkpoints of all cache objects of a prompt cache, taken before one decode step."""
 
-    def __init__(self, prompt_cache):
-        self.entries = {id(c): CacheCheckpoint(c) for c in leaves(prompt_cache)}
+    def __init__(self, prompt_cache, only=None):
+        """`only`: ids of the cache objects to capture (by their attributes), else all."""
+        self.entries = {
+            id(c): CacheCheckpoint(c, restore_only=only is not None)
+            for c in leaves(prompt_cache)
+            if only is None or id(c) in only
+        }
 
     def restore(self, keep=()):
         """Put every cache back, except the objects whose ids are in `keep`."""

@@ -32,26 +32,55 @@ class StepRecord:
     # Each layer's expert->slot map as the computation saw it: loads made after the
     # launch (by a step built meanwhile) must not make a wrong computation look right.
     slot_maps: list = field(default_factory=list)
+    # Segmented verification: MoE layers that end a segment (their indices and those of
+    # the segment before them are read back there), how many entries are verified, and
+    # the layers routed exactly at an end (counted and loaded there, not at the end).
+    ends: frozenset = frozenset()
+    verified: int = 0
+    routed_exact: set = field(default_factory=set)
+    known: list = field(default_factory=list)  # (layer, host indices) read back at ends
+    missed_at_end: set = field(default_factory=set)  # end layers that had to load experts
+    loads_before: int | None = None
 
-    def flat(self):
-        if not self.indices:
+    def flat(self, start: int = 0):
+        """The indices of the entries from `start` on, for one host read (None: none)."""
+        if len(self.indices) <= start:
             return None
-        return mx.concatenate([i.reshape(-1) for i in self.indices])
+        return mx.concatenate([i.reshape(-1) for i in self.indices[start:]])
 
     def split(self, host: np.ndarray):
+        return self.split_from(0, host)
+
+    def split_from(self, start: int, host: np.ndarray):
+        """(layer, its indices) for the entries from `start` on, out of `flat(start)` read back."""
         out, pos = [], 0
-        for layer, inds in zip(self.layers, self.indices):
+        for layer, inds in zip(self.layers[start:], self.indices[start:]):
             out.append((layer, host[pos : pos + inds.size]))
             pos += inds.size
         return out
 
     def absent(self, host: np.ndarray) -> dict:
         """{layer: experts it used} for every layer that used an expert absent at launch."""
+        return self.absent_in(self.split(host), self.slot_maps)
+
+    @staticmethod
+    def absent_in(pairs, slot_maps) -> dict:
         out = {}
-        for (layer, inds), slot_of in zip(self.split(host), self.slot_maps):
+        for (layer, inds), slot_of in zip(pairs, slot_maps):
             if (slot_of[inds] < 0).any():
                 out[layer] = np.unique(inds)
         return out
+
+
+class SegmentMiss(Exception):
+    """Raised at a segment end inside a forward pass: an earlier layer of the segment ran
+    on an absent expert, so the pass stops there and is redone from that layer."""
+
+    def __init__(self, first: int, needed: dict, known: list):
+        super().__init__(first)
+        self.first = first  # first MoE layer that missed
+        self.needed = needed  # {layer: experts it asked for} from the first miss on
+        self.known = known  # (layer, host indices) of the exact layers before it
 
 
 @dataclass
@@ -122,17 +151,23 @@ class Runtime:
         if L.full and not self.observers:  # nothing can miss and nobody watches: no host read
             L.counters.hits += indices.size
             return mapped
-        if self.mode == "optimistic":
-            self._record.layers.append(layer)
-            self._record.indices.append(indices)
-            self._record.slot_maps.append(L.table_map)
-            return mapped
+        rec = self._record if self.mode == "optimistic" else None
+        if rec is not None:
+            if layer not in rec.ends:
+                rec.layers.append(layer)
+                rec.indices.append(indices)
+                rec.slot_maps.append(L.table_map)
+                return mapped
+            self._verify_segment(rec, indices)  # raises SegmentMiss on a miss before here
+            rec.loads_before = L.counters.misses
         scores = self._predict(layer, x) if self.predictor is not None and x is not None else None
         if scores is not None:
             mx.eval(indices, scores)  # one host round trip for both
         host = np.array(indices).reshape(-1)
         self.layer_syncs += 1
-        if self.deferred_observations is not None:  # a decode step that may yet be discarded
+        if rec is not None:  # a segment end: reported with the step once it is kept
+            pass
+        elif self.deferred_observations is not None:  # a decode step that may yet be discarded
             self.deferred_observations.append((layer, host, x))
         else:
             self._observe(layer, host, x)
@@ -142,16 +177,49 @@ class Runtime:
             L.counters.hits += host.size
             self.cache.mark_used(layer, uniq)
             self._prefetch(layer, scores)
-            return mapped
+            return self._exact_at_end(rec, layer, indices, host, mapped)
         # Repeated uses of an expert within the batch are hits; load_for counts the rest.
         L.counters.hits += host.size - len(uniq)
         if len(uniq) > L.num_slots:
+            if rec is not None:  # only waves can compute it: per-layer routing does
+                raise SegmentMiss(layer, {layer: uniq}, rec.known)
             return None  # the module streams the batch through in waves
         self.load_for(layer, uniq)
         self.cache.mark_used(layer, uniq)
         self._prefetch(layer, scores)
         L.refresh()
-        return L.table[indices]
+        return self._exact_at_end(rec, layer, indices, host, L.table[indices])
+
+    # --- segmented verification ------------------------------------------------------------
+    def _verify_segment(self, rec: StepRecord, indices: mx.array):
+        """At a segment end: read back the indices of the layers since the last end (with
+        this layer's, one round trip) and stop the pass if any of them missed."""
+        pending = rec.indices[rec.verified :]
+        mx.eval(*pending, indices)
+        pairs = [(l, np.array(i).reshape(-1)) for l, i in zip(rec.layers[rec.verified :], pending)]
+        needed = StepRecord.absent_in(pairs, rec.slot_maps[rec.verified :])
+        if needed:
+            first = min(needed)
+            rec.known += [(l, h) for l, h in pairs if l < first]
+            # From the first miss on, layers ran on wrong inputs: their experts are guesses.
+            raise SegmentMiss(first, {l: np.unique(h) for l, h in pairs if l >= first}, rec.known)
+        rec.known += pairs
+        rec.verified = len(rec.layers)
+
+    def _exact_at_end(self, rec, layer, indices, host, mapped):
+        """A segment-end layer was routed exactly: it joins the step's record as verified."""
+        if rec is None:
+            return mapped
+        L = self.cache.layers[layer]
+        rec.layers.append(layer)
+        rec.indices.append(indices)
+        rec.slot_maps.append(L.table_map)
+        rec.routed_exact.add(layer)
+        if rec.loads_before is not None and L.counters.misses > rec.loads_before:
+            rec.missed_at_end.add(layer)  # it would have missed: for the segment planner
+        rec.known.append((layer, host))
+        rec.verified = len(rec.layers)
+        return mapped
 
     # --- prediction and prefetch ---------------------------------------------------------
     def _predict(self, layer: int, x: mx.array):
@@ -235,20 +303,25 @@ class Runtime:
 
     # --- optimistic execution (called by the decode loop) ------------------------------
     @contextmanager
-    def recording(self):
-        """Route optimistically and collect every layer's indices for one later host read."""
+    def recording(self, ends=frozenset()):
+        """Route optimistically and collect every layer's indices for one later host read;
+        at the MoE layers in `ends` the segment so far is verified (see `route`)."""
         prev_mode, prev_rec = self.mode, self._record
-        self.mode, self._record = "optimistic", StepRecord()
+        self.mode, self._record = "optimistic", StepRecord(ends=frozenset(ends))
         try:
             yield self._record
         finally:
             self.mode, self._record = prev_mode, prev_rec
 
-    def account_step(self, record: StepRecord, host: np.ndarray, loaded: dict | None = None, before=None):
-        """A verified optimistic step (or its layers `before` a miss): uses of experts not
-        loaded for it were hits."""
-        for layer, inds in record.split(host):
+    def account_step(self, record: StepRecord, pairs: list, loaded: dict | None = None, before=None):
+        """A verified optimistic step (or its layers `before` a miss), as (layer, host
+        indices) pairs: uses of experts not loaded for it were hits. Layers routed exactly
+        at a segment end were counted there."""
+        for layer, inds in pairs:
             if before is not None and layer >= before:
+                continue
+            if layer in record.routed_exact:
+                self._observe(layer, inds)
                 continue
             L = self.cache.layers[layer]
             uniq = np.unique(inds)

@@ -1,0 +1,114 @@
+"""Where a decode step reads its routing back: segment ends chosen from a cost model.
+
+A decode step runs its MoE layers optimistically (each on whatever experts are resident)
+and reads the router's choices back to the host at *segment ends*: at an end, the layers
+since the previous end are checked, and the end layer itself is routed exactly (its
+missing experts are loaded before it computes, and the predictor's guesses for the next
+layers are prefetched there). A miss inside a segment costs a recomputation from the
+missed layer; an end costs a host round trip. Per-layer routing (every layer an end) and
+whole-token optimism (no end; one read after the step) are the two extremes.
+
+`SegmentPlanner` measures what it needs while decoding:
+- each MoE layer's chance of missing in a step (decayed average of verified steps);
+- what a step costs, as a linear model of its features fitted online by least squares:
+  seconds = base + sync x ends + layer x recomputed layers + recovery x recoveries
+  (I/O waits excluded: loads cost the same wherever the ends are);
+and picks the ends minimising the expected cost with a small dynamic programme over
+layers. Now and then it tries a neighbouring plan so the model keeps seeing varied steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+# Priors until measured (seconds): a host round trip and one MoE layer's compute. A miss
+# found only after the step also throws away the step launched behind it.
+_PRIOR = np.array([0.0, 1e-4, 1e-3, 5e-4])  # base, sync, layer, recovery
+
+
+@dataclass
+class SegmentPlanner:
+    n_layers: int
+    decay: float = 0.1  # weight of the newest step in the miss estimates
+    replan_every: int = 8
+    explore_every: int = 16
+    miss: np.ndarray = None  # per MoE layer: chance of missing in a step
+    forced: frozenset | None = None  # fixed ends (tests, benchmarks); None: plan
+    _xtx: np.ndarray = None
+    _xty: np.ndarray = None
+    _steps: int = 0
+    _plan: frozenset = frozenset()
+    _coef: np.ndarray = field(default_factory=lambda: _PRIOR.copy())
+
+    def __post_init__(self):
+        if self.miss is None:
+            self.miss = np.zeros(self.n_layers)
+        # A weak prior that keeps the fit defined before the features vary.
+        self._xtx = np.eye(4) * 1e-2
+        self._xty = self._xtx @ _PRIOR
+
+    # --- measurements --------------------------------------------------------------------
+    def observe_misses(self, checked: list, missed: set):
+        """After verifying layers `checked` of a step: which of them missed."""
+        for layer in checked:
+            self.miss[layer] += self.decay * (float(layer in missed) - self.miss[layer])
+
+    def observe_step(self, seconds: float, ends: int, recomputed_layers: int, recoveries: int):
+        x = np.array([1.0, ends, recomputed_layers, recoveries])
+        # Recent steps weigh more: the machine and the cache change.
+        self._xtx = 0.98 * self._xtx + np.outer(x, x)
+        self._xty = 0.98 * self._xty + x * seconds
+        self._steps += 1
+
+    def coefficients(self) -> np.ndarray:
+        try:
+            coef = np.linalg.solve(self._xtx, self._xty)
+        except np.linalg.LinAlgError:
+            return self._coef
+        self._coef = np.maximum(coef, 0.0)
+        return self._coef
+
+    # --- decisions -------------------------------------------------------------------------
+    def ends(self) -> frozenset:
+        """The segment ends for the next step."""
+        if self.forced is not None:
+            return self.forced
+        self._steps_planned = getattr(self, "_steps_planned", 0) + 1
+        n = self._steps_planned
+        if n % self.replan_every == 1 or self.replan_every == 1:
+            self._plan = plan_ends(self.miss, *self.coefficients()[1:])
+        if n % self.explore_every == 0:  # vary the features the cost model is fitted on
+            alt = frozenset(range(self.n_layers)) if len(self._plan) < self.n_layers // 2 else frozenset()
+            return alt
+        return self._plan
+
+
+def plan_ends(miss: np.ndarray, sync_s: float, layer_s: float, recovery_s: float) -> frozenset:
+    """The segment ends minimising the expected step cost (O(layers^2)).
+
+    A segment [i, j] ending at layer j costs one round trip, plus for each layer l < j of
+    it the chance it misses times redoing layers l..j and a recovery. Without an end the
+    last segment runs to the step's end, where a miss also discards the next step."""
+    miss = np.asarray(miss, dtype=float)
+    n = len(miss)
+    # tail[i]: misses in i.. found after the step (redo to the end, and the next step).
+    per = miss * ((2 * n - np.arange(n)) * layer_s + recovery_s)
+    tail = np.concatenate([np.cumsum(per[::-1])[::-1], [0.0]])
+    best = np.zeros(n + 1)
+    choice = [None] * (n + 1)
+    for i in range(n - 1, -1, -1):
+        best[i], choice[i] = tail[i], None
+        redo, mass = 0.0, 0.0  # expected redo of misses in i..j-1 at an end j; their total chance
+        for j in range(i, n):
+            cost = sync_s + redo + best[j + 1]
+            if cost < best[i]:
+                best[i], choice[i] = cost, j
+            mass += miss[j]
+            redo += mass * layer_s + miss[j] * (layer_s + recovery_s)
+    ends, i = [], 0
+    while i < n and choice[i] is not None:
+        ends.append(choice[i])
+        i = choice[i] + 1
+    return frozenset(ends)
