@@ -156,6 +156,68 @@ def measure_routing(model_spec, prompts: list, *, max_tokens: int = 32, dtype=No
     return steps
 
 
+def _is_repo_id(spec) -> bool:
+    import re
+
+    return bool(spec) and not Path(str(spec)).expanduser().exists() and bool(
+        re.fullmatch(r"[\w.-]+/[\w.-]+", str(spec))
+    ) and not str(spec).startswith((".", "/"))
+
+
+def header_only_checkpoint(repo_id: str, dest) -> Path:
+    """A directory `plan_model` can read for a Hugging Face repo whose weights are not here:
+    config.json and the index are downloaded; each shard is a sparse stand-in holding the
+    real safetensors header (fetched with HTTP range requests) and no data. Nothing of the
+    weights is transferred."""
+    import json
+    import shutil
+
+    from huggingface_hub import get_safetensors_metadata, hf_hub_download
+
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copy(hf_hub_download(repo_id, "config.json"), dest / "config.json")
+    try:
+        shutil.copy(hf_hub_download(repo_id, "model.safetensors.index.json"), dest / "model.safetensors.index.json")
+    except Exception:  # a single-file checkpoint has no index
+        pass
+    meta = get_safetensors_metadata(repo_id)
+    for fname, fm in meta.files_metadata.items():
+        header = {"__metadata__": dict(fm.metadata or {})} if fm.metadata else {}
+        end = 0
+        for name, t in fm.tensors.items():
+            header[name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": list(t.data_offsets)}
+            end = max(end, int(t.data_offsets[1]))
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        with open(dest / fname, "wb") as f:
+            f.write(len(raw).to_bytes(8, "little"))
+            f.write(raw)
+            f.truncate(8 + len(raw) + end)  # sparse: no data blocks
+    return dest
+
+
+def measure_drive_bandwidth(directory, nbytes: int = 64 * 1024**2) -> Optional[dict]:
+    """Read bandwidth of the drive holding `directory`: write a scratch file, drop it from
+    the page cache, time reading it back (for a model whose shards are not here yet)."""
+    import tempfile
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=directory) as tmp:
+        path = Path(tmp) / "scratch.safetensors"
+        block = os.urandom(1024**2)
+        with open(path, "wb") as f:
+            for _ in range(nbytes // len(block)):
+                f.write(block)
+            f.flush()
+            os.fsync(f.fileno())
+        result = measure_read_bandwidth(tmp, nbytes)
+    if result:
+        result["file"] = f"a {nbytes // 1024**2} MiB scratch file in {directory}"
+    return result
+
+
 DEFAULT_PROMPTS = ["The history of the Roman Empire begins", "def fibonacci(n):", "Once upon a time"]
 
 
@@ -170,10 +232,36 @@ def diagnose(
     measure_tokens: int = 32,
 ) -> dict:
     """The doctor's report as a dict (the `--json` schema)."""
+    import tempfile
+
     from .loader import compute_dtype, plan_model
     from .memory import machine_memory
 
-    plan = plan_model(model, dtype)
+    remote = None
+    if _is_repo_id(model):
+        try:  # already downloaded: use it as is
+            from huggingface_hub import snapshot_download
+
+            model = snapshot_download(str(model), local_files_only=True)
+        except Exception:
+            remote = str(model)
+    if remote:
+        scratch = tempfile.TemporaryDirectory(prefix="chronos-doctor-")
+        try:
+            plan = plan_model(header_only_checkpoint(remote, scratch.name), dtype)
+        except Exception as e:
+            from .errors import ModelError
+
+            if isinstance(e, ModelError):
+                raise
+            raise ModelError(
+                f"cannot read the config and shard headers of '{remote}' from Hugging Face ({type(e).__name__}: {e})"
+            ) from None
+        finally:
+            scratch.cleanup()
+        measure = False  # nothing to generate with: the weights are not here
+    else:
+        plan = plan_model(model, dtype)
     info, config = plan.info, plan.config
     target = compute_dtype(dtype)
     kv_dtype = target.size if target is not None else 2
@@ -197,7 +285,12 @@ def diagnose(
     }
     mem = machine_memory()
     limit = parse_memory(memory_limit) if isinstance(memory_limit, str) else memory_limit
-    read = measure_read_bandwidth(plan.path, read_bytes)
+    if remote:
+        from huggingface_hub.constants import HF_HUB_CACHE
+
+        read = measure_drive_bandwidth(HF_HUB_CACHE, read_bytes)
+    else:
+        read = measure_read_bandwidth(plan.path, read_bytes)
     mem_bw = measure_memory_bandwidth()
     machine = {
         "total_bytes": mem.total_bytes,
@@ -288,7 +381,8 @@ def diagnose(
         "schema_version": SCHEMA_VERSION,
         "weights_read": bool(steps),
         "model": {
-            "path": info.get("path"),
+            "path": remote or info.get("path"),
+            "local": remote is None,
             "model_type": info.get("model_type"),
             "num_hidden_layers": info.get("num_hidden_layers"),
             "moe_layers": layers,

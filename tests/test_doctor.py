@@ -107,3 +107,53 @@ def test_lru_replay():
     # 2 slots: after warm {0,1}: [0 hit, 2 miss -> {0,2}], [1 miss, 2 hit -> {2,1}], [0 miss, 1 hit]
     assert lru_hit_rate(steps, 2) == pytest.approx(3 / 6)
     assert lru_hit_rate(steps, 3) == 1.0  # first uses while slots are free are not counted
+
+
+def test_doctor_on_a_hugging_face_id_reads_only_config_index_and_headers(monkeypatch, runner, tmp_path):
+    """Stand-in for the Hub: the demo model's files. Only config.json, the index and the
+    shard headers are handed out; doctor's model facts equal the local checkpoint's."""
+    import json as _json
+    import shutil
+    import struct
+    from types import SimpleNamespace
+
+    import huggingface_hub
+
+    import chronos_mlx
+
+    demo = chronos_mlx.DEFAULT_MODEL
+    served = []
+
+    def hf_hub_download(repo_id, filename, **kw):
+        assert filename in ("config.json", "model.safetensors.index.json"), filename
+        served.append(filename)
+        dst = tmp_path / "hub" / filename
+        dst.parent.mkdir(exist_ok=True)
+        shutil.copy(demo / filename, dst)
+        return str(dst)
+
+    def get_safetensors_metadata(repo_id, **kw):
+        files = {}
+        for shard in sorted(demo.glob("*.safetensors")):
+            with open(shard, "rb") as f:
+                n = struct.unpack("<Q", f.read(8))[0]
+                header = _json.loads(f.read(n))
+            meta = header.pop("__metadata__", {})
+            tensors = {k: SimpleNamespace(dtype=v["dtype"], shape=v["shape"], data_offsets=tuple(v["data_offsets"])) for k, v in header.items()}
+            files[shard.name] = SimpleNamespace(metadata=meta, tensors=tensors)
+        return SimpleNamespace(files_metadata=files)
+
+    def snapshot_download(*a, **kw):
+        raise FileNotFoundError("not in the local cache")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
+    monkeypatch.setattr(huggingface_hub, "get_safetensors_metadata", get_safetensors_metadata)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "cache"))
+    remote = diagnose("someone/demo-moe-4bit", dtype="float32")
+    local = diagnose(None, dtype="float32")
+    assert remote["model"]["path"] == "someone/demo-moe-4bit" and remote["model"]["local"] is False
+    assert remote["needs"] == local["needs"]
+    assert remote["recommendation"]["fraction"] == local["recommendation"]["fraction"]
+    assert "scratch file" in remote["machine"]["read"]["file"]
+    assert set(served) == {"config.json", "model.safetensors.index.json"}
