@@ -775,3 +775,15 @@ def stock_text(stock, tokens):
         detok.add_token(t)
     detok.finalize()
     return detok.text
+
+
+def test_pack_that_fails_at_the_end_leaves_no_complete_looking_output(tmp_path, monkeypatch):
+    import chronos_mlx.pack as K
+
+    def disk_full(*a, **k):
+        raise ProfileError("disk full (simulated)")
+
+    monkeypatch.setattr(K, "save_profile", disk_full)
+    with pytest.raises(ProfileError):
+        K.pack(None, "english", tmp_path / "out")
+    assert not (tmp_path / "out" / "config.json").exists()  # without it the directory is not a model
