@@ -1,0 +1,96 @@
+"""Segmented verification: where a step reads its routing back changes speed, never tokens.
+
+Segment ends are forced everywhere (every MoE layer: per-layer routing inside an
+optimistic step), nowhere (one read after the whole step) and at random layers, at the
+smallest budget so that nearly every step misses somewhere, on a plain model, one with a
+shared expert, a hybrid with linear-attention caches and one with a sliding window shorter
+than the text. The reference is stock mlx_lm.
+"""
+
+import random
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import chronos_mlx
+from chronos_mlx.generate import generate_step
+from chronos_mlx.verification import SegmentPlanner, plan_ends
+from synthetic import write_synthetic_moe
+
+from conftest import DEMO
+
+TOKENS = 12
+
+
+def test_no_misses_means_no_segment_ends():
+    assert plan_ends(np.zeros(48), sync_s=1e-3, layer_s=1e-3, recovery_s=1e-3) == frozenset()
+
+
+def test_certain_misses_and_cheap_round_trips_end_every_layer():
+    assert plan_ends(np.full(8, 0.9), sync_s=1e-5, layer_s=1e-3, recovery_s=1e-3) == frozenset(range(8))
+
+
+def test_rare_misses_and_dear_round_trips_give_few_long_segments():
+    ends = plan_ends(np.full(48, 0.05), sync_s=1e-3, layer_s=3e-4, recovery_s=2e-3)
+    assert 1 <= len(ends) <= 8 and max(ends) == 47
+
+
+def test_a_layer_that_always_misses_ends_its_own_segment():
+    miss = np.zeros(16)
+    miss[9] = 1.0
+    assert 9 in plan_ends(miss, sync_s=2e-4, layer_s=1e-3, recovery_s=1e-3)
+
+
+def test_the_planner_learns_which_layers_miss_and_what_a_step_costs():
+    planner = SegmentPlanner(4, miss=np.zeros(4), decay=0.5)
+    for _ in range(6):
+        planner.observe_misses([0, 1, 2, 3], {2})
+    assert planner.miss[2] > 0.9 and planner.miss[0] == 0.0
+    rng = np.random.default_rng(0)
+    for _ in range(200):  # seconds = 2 ms + 0.5 ms per end + 1 ms per recomputed layer
+        ends, redo = int(rng.integers(0, 5)), int(rng.integers(0, 4))
+        planner.observe_step(2e-3 + 5e-4 * ends + 1e-3 * redo, ends, redo, int(redo > 0))
+    base, sync, layer, _ = planner.coefficients()
+    assert base == pytest.approx(2e-3, rel=0.05) and sync == pytest.approx(5e-4, rel=0.05)
+    assert layer == pytest.approx(1e-3, rel=0.1)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("segments")
+    return {
+        "plain (demo)": DEMO,
+        "shared expert (qwen2_moe)": write_synthetic_moe(root / "qwen2", "qwen2_moe", bits=4, seed=6),
+        "hybrid (qwen3_next)": write_synthetic_moe(root / "next", "qwen3_next", bits=4, seed=7),
+        "sliding window (gpt_oss)": write_synthetic_moe(root / "oss", "gpt_oss", bits=4, seed=8),
+    }
+
+
+def _stock(path, prompt):
+    from mlx_lm import load
+    from mlx_lm.generate import generate_step as stock_step
+
+    model, _ = load(str(path))
+    model.set_dtype(mx.float32)
+    return [int(t) for t, _ in stock_step(mx.array(prompt), model, max_tokens=TOKENS)]
+
+
+@pytest.mark.parametrize("name", ["plain (demo)", "shared expert (qwen2_moe)", "hybrid (qwen3_next)", "sliding window (gpt_oss)"])
+def test_tokens_are_stocks_wherever_the_segments_end(models, name):
+    path = models[name]
+    prompt = np.random.default_rng(3).integers(1, 8000, size=24).tolist()
+    ref = _stock(path, prompt)
+    info = chronos_mlx.loader.plan_model(path).info
+    n = info["moe_layers"]
+    rng = random.Random(name)
+    plans = {"every layer": range(n), "none": (), "random": rng.sample(range(n), max(1, n // 2)), "planned": None}
+    for label, ends in plans.items():
+        model, _, runtime = chronos_mlx.load(path, expert_budget=info["top_k"] / info["num_experts"])
+        ids = [t for t, _ in generate_step(mx.array(prompt), model, runtime, max_tokens=TOKENS, segment_ends=ends)]
+        assert ids == ref, f"segment ends {label}"
+        stats = runtime.stats()
+        if label == "none":
+            assert stats["recomputes"] > 0  # the misses were real
+        if label == "every layer":
+            assert stats["recomputes"] == 0  # every layer was routed before it computed
