@@ -1,19 +1,21 @@
 """chronos's decode loop: mlx_lm's generate_step with optimistic routing and exact recovery.
 
-Each decode step is built with every MoE layer routed through the device-side
-expert->slot tables (no host read inside the layer stack); the indices of all layers are
-read back once, while the next step already runs. If some expert was absent, the step
-and the speculative next one are rolled back (KV caches trimmed), the missing experts are
-loaded and the step is recomputed until every layer ran on the right experts, so the
-tokens are exactly stock mlx_lm's. Prefill uses per-layer routing (one host read per
-layer per chunk, amortised over the chunk) because it touches most experts anyway.
+Each decode step is built with its MoE layers routed through the device-side
+expert->slot tables, and reads the routing back to the host at *segment ends*
+(verification.py picks them per step from measured miss rates and costs; at an end the
+layers since the last end are checked and the end layer itself is routed exactly) and once
+after the step, while the next step already runs. If some expert was absent, the step
+(and the one launched behind it) is rolled back exactly (rollback.py: every cache type),
+the missing experts are loaded and the step is recomputed from the decoder layer that
+missed (resume.py), so the tokens are exactly stock mlx_lm's. Prefill uses per-layer
+routing (one host read per layer per chunk, amortised over the chunk) because it touches
+most experts anyway.
 """
 
 from __future__ import annotations
 
 import time
-from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Generator, Optional
 
 import mlx.core as mx

@@ -53,12 +53,17 @@ def _copy(value):
     return value
 
 
-def _scalars(cache) -> dict:
-    return {
-        k: v
-        for k, v in vars(cache).items()
-        if isinstance(v, (int, float, bool, str)) and k not in _TRIM_MOVES
-    }
+_SCALAR_NAMES: dict = {}  # cache type -> names of its scalar attributes (beyond _TRIM_MOVES)
+
+
+def _scalars(cache) -> tuple:
+    names = _SCALAR_NAMES.get(type(cache))
+    if names is None:  # once per type: a step's checkpoint is on the decode path
+        names = tuple(
+            k for k, v in vars(cache).items() if isinstance(v, (int, float, bool, str)) and k not in _TRIM_MOVES
+        )
+        _SCALAR_NAMES[type(cache)] = names
+    return tuple(getattr(cache, k, None) for k in names)
 
 
 def _front_trim_due(cache) -> bool:

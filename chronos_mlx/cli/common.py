@@ -178,8 +178,9 @@ LOAD_OPTIONS = [
         "--sync",
         help=(
             "How decode steps learn which experts they need. optimistic: compute from the "
-            "resident experts and check all layers' routing once per token, recomputing the "
-            "token on a miss (fast). per-layer: read each MoE layer's routing before computing "
+            "resident experts and read the routing back at a few segment ends per token, chosen "
+            "from measured miss rates and round-trip costs; a miss recomputes from the layer "
+            "that missed (fast). per-layer: read each MoE layer's routing before computing "
             "it (one host sync per layer). Both give the same tokens."
         ),
     ),
