@@ -226,16 +226,21 @@ def test_chat_ends_cleanly_at_end_of_input(runner):
 def test_chat_turns_equal_stock_mlx_lm_on_the_whole_conversation(runner, stock):
     """Without a chat template the turns are joined as plain text (a newline between a reply
     and the next message); each reply, computed from the reused KV cache, is mlx_lm's greedy
-    continuation of the whole conversation so far."""
+    continuation of the whole conversation so far. The conversation holds each reply as the
+    model produced it (decoded in context, leading space included); the screen shows the
+    streamed text."""
+    tokenizer = stock[1]
     turns = [PROMPT, "was a", "def main():"]
     expected, conversation = "", ""
     for message in turns:
         if conversation and not conversation.endswith("\n"):
             conversation += "\n"
         conversation += message
-        reply = stock_text(stock, stock_greedy(stock, conversation, 6))
-        conversation += reply
-        expected += reply if reply.endswith("\n") else reply + "\n"
+        tokens = stock_greedy(stock, conversation, 6)
+        shown = stock_text(stock, tokens)
+        ids = tokenizer.encode(conversation)
+        conversation = tokenizer.decode(ids + tokens)  # = conversation + the reply, in context
+        expected += shown if shown.endswith("\n") else shown + "\n"
 
     result = runner.invoke(app, ["chat", "--max-tokens", "6", "-b", "0.25"], input="\n".join(turns) + "\n")
 
