@@ -16,6 +16,9 @@ does, without HTTP on either side). Reported per run:
 - whether every greedy sequence equals the stock engine's for the same arrival (checked
   when --check).
 
+All configurations are loaded together and measured round-robin for each (concurrency,
+repeat); the table gives the median over repeats.
+
 Example (the README's figures):
     python scripts/bench_serve.py --budgets 1.0,0.5,0.25 --concurrency 1,4,16 --max-tokens 32 --json out.json
 """
@@ -119,38 +122,42 @@ def main(argv=None):
     budgets = [b.strip() for b in args.budgets.split(",") if b.strip()]
     rows, reference = [], {}
 
-    def bench(name, engine, runtime, tokenizer):
-        prompts_all = prompts_for(tokenizer, max(conc), args.max_prompt_tokens)
-        run_batch(engine, prompts_all[:2], 4, runtime)  # warm-up
-        for c in conc:
-            for rep in range(args.repeats):
-                row, toks = run_batch(engine, prompts_all[:c], args.max_tokens, runtime)
-                row.update(config=name, concurrency=c, repeat=rep)
-                if args.check and (c, rep) in reference:
-                    row["equals_stock"] = toks == reference[(c, rep)]
-                if name == "mlx_lm resident":
-                    reference[(c, rep)] = toks
-                rows.append(row)
-                print(
-                    f"{name:>18} x{c:<3} {row['aggregate_decode_tokens_per_s']:8.1f} tok/s decode "
-                    f"{row['end_to_end_tokens_per_s']:8.1f} end-to-end  batch {row['mean_batch']:.1f}"
-                    + (f"  read {row['bytes_read_per_token'] / 1e6:.2f} MB/tok hit {row['hit_rate']:.3f}" if "bytes_read" in row else "")
-                    + (f"  equals stock: {row['equals_stock']}" if "equals_stock" in row else ""),
-                    file=sys.stderr,
-                )
-
+    # Every configuration is loaded at once (each with its engine) and measured round-robin
+    # per (concurrency, repeat), so drift of a shared machine hits all of them alike.
+    configs = []  # (name, engine, runtime, tokenizer)
     if not args.no_stock:
         model, tok = mlx_lm.load(str(path))
         if dtype is not None:
             model.set_dtype(dtype)
-        with BatchEngine(model, tok, None, prefill_step_size=args.prefill_step_size) as engine:
-            bench("mlx_lm resident", engine, None, tok)
-        del model
+        configs.append(("mlx_lm resident", BatchEngine(model, tok, None, prefill_step_size=args.prefill_step_size), None, tok))
     for b in budgets:
         model, tok, runtime = chronos_mlx.load(str(path), b, dtype="float32" if dtype is not None else None, io_sim=args.io_sim)
-        with BatchEngine(model, tok, runtime, prefill_step_size=args.prefill_step_size) as engine:
-            bench(f"chronos {b}", engine, runtime, tok)
-        del model, runtime
+        configs.append((f"chronos {b}", BatchEngine(model, tok, runtime, prefill_step_size=args.prefill_step_size), runtime, tok))
+    try:
+        for name, engine, runtime, tok in configs:
+            engine.start()
+            prompts_all = prompts_for(tok, max(conc), args.max_prompt_tokens)
+            run_batch(engine, prompts_all[:2], 4, runtime)  # warm-up
+        for c in conc:
+            for rep in range(args.repeats):
+                for name, engine, runtime, tok in configs:
+                    row, toks = run_batch(engine, prompts_all[:c], args.max_tokens, runtime)
+                    row.update(config=name, concurrency=c, repeat=rep)
+                    if name == "mlx_lm resident":
+                        reference[(c, rep)] = toks
+                    elif args.check and (c, rep) in reference:
+                        row["equals_stock"] = toks == reference[(c, rep)]
+                    rows.append(row)
+                    print(
+                        f"{name:>18} x{c:<3} {row['aggregate_decode_tokens_per_s']:8.1f} tok/s decode "
+                        f"{row['end_to_end_tokens_per_s']:8.1f} end-to-end  batch {row['mean_batch']:.1f}"
+                        + (f"  read {row['bytes_read_per_token'] / 1e6:.2f} MB/tok hit {row['hit_rate']:.3f}" if "bytes_read" in row else "")
+                        + (f"  equals stock: {row['equals_stock']}" if "equals_stock" in row else ""),
+                        file=sys.stderr,
+                    )
+    finally:
+        for _, engine, _, _ in configs:
+            engine.stop()
 
     stock = {(r["concurrency"], r["repeat"]): r["aggregate_decode_tokens_per_s"] for r in rows if r["config"] == "mlx_lm resident"}
     for r in rows:
@@ -167,13 +174,31 @@ def main(argv=None):
         "io_sim": args.io_sim,
         "results": rows,
     }
-    print("| config | concurrent requests | aggregate decode tok/s | × stock | end-to-end tok/s | mean batch | read MB/token | hit rate |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    for r in rows:
+    from statistics import median
+
+    summary = []
+    for name in dict.fromkeys(r["config"] for r in rows):
+        for c in conc:
+            rs = [r for r in rows if r["config"] == name and r["concurrency"] == c]
+            if not rs:
+                continue
+            med = lambda k: median(r[k] for r in rs) if all(r.get(k) is not None for r in rs) else None  # noqa: E731
+            summary.append({
+                "config": name, "concurrency": c, "repeats": len(rs),
+                "aggregate_decode_tokens_per_s": med("aggregate_decode_tokens_per_s"), "x_stock": med("x_stock"),
+                "end_to_end_tokens_per_s": med("end_to_end_tokens_per_s"), "mean_batch": med("mean_batch"),
+                "bytes_read_per_token": med("bytes_read_per_token"), "hit_rate": med("hit_rate"),
+                "equals_stock": all(r["equals_stock"] for r in rs) if all("equals_stock" in r for r in rs) else None,
+            })
+    result["summary"] = summary
+    print("| config | concurrent requests | aggregate decode tok/s | × stock | end-to-end tok/s | mean batch | read MB/token | hit rate | tokens = stock |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
+    for r in summary:
         print(
             f"| {r['config']} | {r['concurrency']} | {r['aggregate_decode_tokens_per_s']:.1f} | "
             f"{(r['x_stock'] or 0):.2f} | {r['end_to_end_tokens_per_s']:.1f} | {r['mean_batch']:.1f} | "
-            + (f"{r['bytes_read_per_token'] / 1e6:.2f} | {r['hit_rate']:.3f} |" if "bytes_read" in r else " | |")
+            + (f"{r['bytes_read_per_token'] / 1e6:.2f} | {r['hit_rate']:.3f} |" if r["bytes_read_per_token"] is not None else " | |")
+            + {True: " yes |", False: " **no** |", None: " |"}[r["equals_stock"]]
         )
     if args.json:
         with open(args.json, "w") as f:
