@@ -53,6 +53,7 @@ class _Step:
     touched: Optional[dict] = None  # decoder layer -> ids of the cache objects it was given
     observations: Optional[list] = None  # per-layer routing, reported once the step is kept
     ends: frozenset = frozenset()  # the segment ends it was launched with
+    may_miss: bool = False  # some expert it could use was absent at launch
     miss: Optional[SegmentMiss] = None  # it stopped at a segment end: this layer missed
 
 
@@ -94,14 +95,20 @@ def generate_step(
     if resumable:
         resumable[0].bind(prompt_cache)
 
-    def launch(tokens, speculate: bool, start=None, ends=frozenset()) -> _Step:
+    def can_miss() -> bool:
+        return not all(L.full for L in runtime.cache.layers)
+
+    def launch(tokens, speculate: bool, start=None, ends=frozenset(), behind=None) -> _Step:
         """Build and start one forward pass; `speculate` routes it optimistically, reading
         the routing back at the MoE layers in `ends` and after the step.
 
         `start` = (decoder layer, outputs of the layers below it) resumes a recomputation
-        at that layer."""
+        at that layer. `behind`: the unverified step it is built on (if that one misses,
+        this one is undone)."""
         state = resumable[0] if resumable else None
-        checkpoint = Checkpoint(prompt_cache) if optimistic else None
+        # With every expert resident nothing can miss, and nothing needs undoing.
+        undoable = optimistic and (can_miss() or (behind is not None and behind.may_miss))
+        checkpoint = Checkpoint(prompt_cache) if undoable else None
         with mx.stream(generation_stream):
             if state is not None:
                 state.outputs, state.touched = {}, {}
@@ -124,6 +131,7 @@ def generate_step(
                     flat = record.flat(record.verified)
                     mx.async_eval(y, lp, *([flat] if flat is not None else []))
                     step = _Step(tokens, y, lp, record, flat, True, checkpoint, ends=ends)
+                step.may_miss = checkpoint is not None
                 if state is not None:
                     step.outputs, step.touched = state.outputs, state.touched
                 return step
@@ -237,10 +245,10 @@ def generate_step(
     try:
         while True:
             # Like mlx_lm, the step after the last yielded token runs too (its KV entries stay).
-            ends = planner.ends() if optimistic else frozenset()
+            ends = planner.ends() if optimistic and can_miss() else frozenset()
             if step.y is None:  # it stopped at a segment end: finish it before building on it
                 step, _ = settle(step, None)
-            nxt = launch(step.y, speculate=optimistic, ends=ends) if n != max_tokens else None
+            nxt = launch(step.y, speculate=optimistic, ends=ends, behind=step) if n != max_tokens else None
             step, discarded = settle(step, nxt)
             if discarded and nxt is not None:
                 nxt = launch(step.y, speculate=optimistic, ends=ends)

@@ -86,27 +86,32 @@ class SegmentPlanner:
 
 
 def plan_ends(miss: np.ndarray, sync_s: float, layer_s: float, recovery_s: float) -> frozenset:
-    """The segment ends minimising the expected step cost (O(layers^2)).
+    """The segment ends minimising the expected step cost (O(layers^2), vectorised).
 
     A segment [i, j] ending at layer j costs one round trip, plus for each layer l < j of
     it the chance it misses times redoing layers l..j and a recovery. Without an end the
     last segment runs to the step's end, where a miss also discards the next step."""
     miss = np.asarray(miss, dtype=float)
     n = len(miss)
+    if not miss.any():
+        return frozenset()
     # tail[i]: misses in i.. found after the step (redo to the end, and the next step).
     per = miss * ((2 * n - np.arange(n)) * layer_s + recovery_s)
     tail = np.concatenate([np.cumsum(per[::-1])[::-1], [0.0]])
+    prefix = np.concatenate([[0.0], np.cumsum(miss)])
     best = np.zeros(n + 1)
     choice = [None] * (n + 1)
     for i in range(n - 1, -1, -1):
-        best[i], choice[i] = tail[i], None
-        redo, mass = 0.0, 0.0  # expected redo of misses in i..j-1 at an end j; their total chance
-        for j in range(i, n):
-            cost = sync_s + redo + best[j + 1]
-            if cost < best[i]:
-                best[i], choice[i] = cost, j
-            mass += miss[j]
-            redo += mass * layer_s + miss[j] * (layer_s + recovery_s)
+        t = np.arange(i, n)  # candidate ends j = t
+        # redo(i, j) = sum over t' in [i, j) of (P[t'+1]-P[i]) * layer + miss[t'] * (layer + recovery)
+        inc = (prefix[t + 1] - prefix[i]) * layer_s + miss[t] * (layer_s + recovery_s)
+        redo = np.concatenate([[0.0], np.cumsum(inc)[:-1]])
+        cost = sync_s + redo + best[t + 1]
+        j = int(np.argmin(cost))
+        if cost[j] < tail[i]:
+            best[i], choice[i] = cost[j], i + j
+        else:
+            best[i], choice[i] = tail[i], None
     ends, i = [], 0
     while i < n and choice[i] is not None:
         ends.append(choice[i])
