@@ -10,11 +10,11 @@ import json
 import sys
 from pathlib import Path
 
-try:
-    from chronos_mlx.synthetic import GEOMETRIES, MODEL_TYPES, write_synthetic_moe
-except ImportError:  # run from a checkout without installing
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from chronos_mlx.synthetic import GEOMETRIES, MODEL_TYPES, write_synthetic_moe
+# The writer is test code (tests/synthetic.py), not part of the package.
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(1, str(ROOT))  # chronos_mlx, when run from a checkout without installing
+from synthetic import GEOMETRIES, MODEL_TYPES, write_synthetic_moe  # noqa: E402
 
 
 def _parse_set(items):

@@ -14,9 +14,13 @@ shard file after its header.
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import json
 import math
 import os
+import pkgutil
+import re
 import shutil
 import struct
 import zlib
@@ -26,13 +30,17 @@ from typing import Callable, Iterator, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
+import mlx_lm.models
 import numpy as np
 from mlx.utils import tree_flatten
 
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
-from mlx_lm.utils import _get_classes
+from mlx_lm.utils import MODEL_REMAPPING, _get_classes
 
-TOKENIZER_DIR = Path(__file__).parent / "models" / "demo-moe-4bit"
+from chronos_mlx import DEFAULT_MODEL
+
+# The bundled demo model's tokenizer (8192 tokens).
+TOKENIZER_DIR = Path(DEFAULT_MODEL)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 TOKENIZER_VOCAB = 8192
 
@@ -54,6 +62,7 @@ GEOMETRIES: dict[str, dict] = {
         top_k=2,
         rope_theta=10000.0,
         max_position_embeddings=4096,
+        sliding_window=8,
         vocab_size=TOKENIZER_VOCAB,
     ),
     # Same shape as the bundled chronos_mlx/models/demo-moe-4bit.
@@ -70,6 +79,7 @@ GEOMETRIES: dict[str, dict] = {
         top_k=8,
         rope_theta=10000.0,
         max_position_embeddings=4096,
+        sliding_window=128,
         vocab_size=TOKENIZER_VOCAB,
     ),
     # Qwen/Qwen3-30B-A3B, except the vocabulary (the bundled 8192-token tokenizer).
@@ -86,21 +96,10 @@ GEOMETRIES: dict[str, dict] = {
         top_k=8,
         rope_theta=1000000.0,
         max_position_embeddings=40960,
+        sliding_window=4096,
         vocab_size=TOKENIZER_VOCAB,
     ),
 }
-
-MODEL_TYPES = (
-    "qwen3_moe",
-    "qwen2_moe",
-    "mixtral",
-    "deepseek_v2",
-    "olmoe",
-    "phimoe",
-    "granitemoe",
-    "gpt_oss",
-    "llama",  # dense, no experts: for negative tests
-)
 
 # Safetensors dtype names and item sizes.
 _ST_DTYPE = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
@@ -294,7 +293,7 @@ def _cfg_gpt_oss(g):
         rms_norm_eps=1e-5,
         rope_theta=g["rope_theta"],
         rope_scaling=None,
-        sliding_window=128,
+        sliding_window=g["sliding_window"],
         max_position_embeddings=g["max_position_embeddings"],
         layer_types=_gpt_oss_layer_types(g["num_layers"]),
         tie_word_embeddings=False,
@@ -356,6 +355,372 @@ PER_EXPERT: dict[str, PerExpertNaming] = {
     "phimoe": PerExpertNaming(_HF_W, stacks_quantized=True),
 }
 
+# --------------------------------------------------------------------------
+# every MoE architecture of the installed mlx-lm
+
+_MODELS_DIR = Path(mlx_lm.models.__file__).parent
+
+
+def _sibling_imports(src: str) -> set:
+    """Names of the mlx_lm.models modules that `src` imports."""
+    out = set()
+    for mod, names in re.findall(r"^from \.(\w*) import ([^\n]+)", src, re.M):
+        out |= {mod} if mod else {n.strip() for n in names.split(",")}
+    return out
+
+
+def moe_model_types() -> list:
+    """Every model type of the installed mlx-lm whose model has routed experts.
+
+    A model file is MoE if it uses `switch_layers`, or imports a model file that
+    does (multimodal wrappers, e.g. qwen3_vl_moe over qwen3_moe); dbrx keeps its
+    experts as a list of per-expert MLPs. Model types that `MODEL_REMAPPING`
+    maps onto one of them are included, so a new architecture shows up here
+    (and fails the tests) until `ARCHS` knows it.
+    """
+    srcs = {
+        m.name: (_MODELS_DIR / f"{m.name}.py").read_text()
+        for m in pkgutil.iter_modules([str(_MODELS_DIR)])
+        if not m.ispkg
+    }
+    moe = {n for n, s in srcs.items() if "switch_layers" in s} - {"switch_layers"}
+    moe.add("dbrx")
+    deps = {n: _sibling_imports(s) for n, s in srcs.items()}
+    while True:
+        more = {n for n in srcs if n not in moe and deps[n] & moe}
+        if not more:
+            break
+        moe |= more
+    aliases = {k for k, v in MODEL_REMAPPING.items() if v in moe}
+    return sorted(moe | aliases)
+
+
+def _sizes(g) -> dict:
+    """Geometry values under every name mlx-lm's ModelArgs use for them."""
+    H, L = g["hidden_size"], g["num_layers"]
+    return dict(
+        hidden_size=H, d_model=H, model_dim=H,
+        num_hidden_layers=L, num_layers=L, n_layers=L,
+        num_attention_heads=g["num_heads"], n_heads=g["num_heads"],
+        num_heads=g["num_heads"], swa_num_attention_heads=g["num_heads"],
+        num_key_value_heads=g["num_kv_heads"], swa_num_key_value_heads=g["num_kv_heads"],
+        num_global_key_value_heads=g["num_kv_heads"], num_attention_groups=g["num_kv_heads"],
+        head_dim=g["head_dim"], swa_head_dim=g["head_dim"], global_head_dim=g["head_dim"],
+        intermediate_size=g["intermediate_size"], ffn_hidden_size=g["intermediate_size"],
+        dense_intermediate_size=g["intermediate_size"],
+        intermediate_size_mlp=g["intermediate_size"],
+        moe_intermediate_size=g["moe_intermediate_size"],
+        expert_ffn_hidden_size=g["moe_intermediate_size"],
+        moe_hidden_size=g["moe_intermediate_size"],
+        shared_expert_intermediate_size=g["shared_expert_intermediate_size"],
+        shared_intermediate_size=g["shared_expert_intermediate_size"],
+        num_experts=g["num_experts"], n_routed_experts=g["num_experts"],
+        num_local_experts=g["num_experts"], moe_num_experts=g["num_experts"],
+        num_experts_per_tok=g["top_k"], num_experts_per_token=g["top_k"],
+        moe_topk=g["top_k"], moe_top_k=g["top_k"], moe_k=g["top_k"],
+        top_k_experts=g["top_k"],
+        vocab_size=g["vocab_size"], num_vocab=g["vocab_size"],
+        vocab_size_per_layer_input=g["vocab_size"],
+        rope_theta=g["rope_theta"], swa_rope_theta=g["rope_theta"],
+        max_position_embeddings=g["max_position_embeddings"],
+        model_max_length=g["max_position_embeddings"],
+        original_max_position_embeddings=g["max_position_embeddings"],
+        # Windows and chunks shorter than the tests' prompt + generation: rotating
+        # caches wrap.
+        sliding_window=g["sliding_window"], sliding_window_size=g["sliding_window"],
+        attention_chunk_size=g["sliding_window"],
+        # MLA, at DeepSeek-V2-Lite's proportions to head_dim.
+        kv_lora_rank=4 * g["head_dim"], q_lora_rank=None,
+        qk_rope_head_dim=g["head_dim"] // 2, qk_nope_head_dim=g["head_dim"],
+        v_head_dim=g["head_dim"], swa_v_head_dim=g["head_dim"],
+        # One routing group, so group-limited routing is valid with 8 experts.
+        n_group=1, topk_group=1, num_expert_group=1,
+    )
+
+
+# Values for fields that have no default, by name, when the geometry has none.
+_REQUIRED = dict(
+    rms_norm_eps=1e-6, norm_eps=1e-6, layer_norm_epsilon=1e-6, layernorm_epsilon=1e-6,
+    post_norm_eps=1e-6, tie_word_embeddings=False, attention_bias=False, use_bias=False,
+    mlp_bias=False, use_qkv_bias=False, use_qk_norm=False, norm_topk_prob=True,
+    routed_scaling_factor=1.0, n_shared_experts=1, num_shared_experts=1,
+    num_shared_expert=1, first_k_dense_replace=0, decoder_sparse_step=1,
+    mlp_only_layers=[], moe_layer_freq=1, rope_scaling=None, partial_rotary_factor=0.5,
+    topk_method="noaux_tc", scoring_func="sigmoid",
+)
+
+
+def _alternate(n, first="sliding_attention", second="full_attention"):
+    return [first if i % 2 == 0 else second for i in range(n)]
+
+
+@dataclass(frozen=True)
+class Arch:
+    """How to fill one architecture's config from a geometry.
+
+    args: the dataclass whose fields are filled (the module's ModelArgs, or a
+        multimodal wrapper's text arguments, which go under `text_config`).
+    inner_type: `text_config.model_type` of a wrapper.
+    layers: the fewest layers that keep every layer kind (and one MoE layer).
+    config: per-architecture keys over the generic fill, a function of the geometry
+        (with `num_layers` already raised to `layers`).
+    top: keys of a wrapper's top-level config.
+    tokenizer: keys added to tokenizer_config.json.
+    """
+
+    args: str = "ModelArgs"
+    inner_type: Optional[str] = None
+    layers: int = 3
+    config: Callable[[dict], dict] = lambda g: {}
+    top: Callable[[dict], dict] = lambda g: {}
+    tokenizer: dict = dataclasses.field(default_factory=dict)
+
+
+ARCHS: dict = {}
+
+# Architectures the writer cannot build, each with the reason.
+EXCLUDED: dict = {}
+
+
+def _linear_attn(g):
+    # Gated-delta / KDA linear attention: a few small heads.
+    return dict(
+        linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=32,
+        linear_value_head_dim=32, linear_conv_kernel_dim=4, full_attention_interval=2,
+    )
+
+
+def _kda(g, every=2):
+    # Kimi delta attention on the odd layers (1-based), full MLA attention on the rest.
+    n = g["num_layers"]
+    return dict(
+        num_heads=2, head_dim=32, short_conv_kernel_size=4,
+        kda_layers=[i + 1 for i in range(n) if i % every == 0],
+        full_attn_layers=[i + 1 for i in range(n) if i % every != 0],
+    )
+
+
+def _qwen35_text(g):
+    return dict(
+        num_experts=g["num_experts"], mlp_only_layers=[], **_linear_attn(g),
+        rope_parameters={"rope_theta": g["rope_theta"], "partial_rotary_factor": 0.25,
+                         "rope_type": "default"},
+    )
+
+
+ARCHS.update({
+    "Klear": Arch(),
+    "afmoe": Arch(config=lambda g: dict(layer_types=_alternate(g["num_layers"]), num_dense_layers=1)),
+    "bailing_hybrid": Arch(layers=4, config=lambda g: dict(layer_group_size=2, group_norm_size=2, first_k_dense_replace=1)),
+    "bailing_moe": Arch(config=lambda g: dict(first_k_dense_replace=1)),
+    "bailing_moe_linear": Arch(
+        layers=4,
+        config=lambda g: dict(layer_group_size=2, group_norm_size=2, first_k_dense_replace=1,
+                              num_key_value_heads=g["num_heads"]),
+    ),
+    "bailing_moe_v3": Arch(layers=4, config=lambda g: dict(layer_group_size=2, first_k_dense_replace=1)),
+    "dbrx": Arch(
+        config=lambda g: dict(
+            ffn_config=dict(ffn_hidden_size=g["moe_intermediate_size"], moe_num_experts=g["num_experts"],
+                            moe_top_k=g["top_k"]),
+            attn_config=dict(kv_n_heads=g["num_kv_heads"], clip_qkv=8.0, rope_theta=g["rope_theta"]),
+        )
+    ),
+    "deepseek": Arch(config=lambda g: dict(first_k_dense_replace=1)),
+    "deepseek_v3": Arch(config=lambda g: dict(first_k_dense_replace=1, q_lora_rank=2 * g["head_dim"])),
+    "deepseek_v32": Arch(config=lambda g: dict(first_k_dense_replace=1, q_lora_rank=2 * g["head_dim"],
+                                               index_head_dim=32, index_n_heads=2, index_topk=8)),
+    "deepseek_v41": Arch(config=lambda g: dict(q_lora_rank=2 * g["head_dim"], index_head_dim=32,
+                                               index_n_heads=2, index_topk=8, o_groups=2, o_lora_rank=64)),
+    "dots1": Arch(config=lambda g: dict(first_k_dense_replace=1)),
+    "ernie4_5_moe": Arch(config=lambda g: dict(moe_layer_start_index=1, moe_num_shared_experts=1)),
+    "exaone_moe": Arch(
+        config=lambda g: dict(layer_types=_alternate(g["num_layers"]),
+                              is_moe_layer=[i > 0 for i in range(g["num_layers"])])
+    ),
+    "gemma4": Arch(args="gemma4_text:ModelArgs", inner_type="gemma4_text",
+                   config=lambda g: ARCHS["gemma4_text"].config(g)),
+    "gemma4_text": Arch(
+        layers=3,
+        config=lambda g: dict(
+            enable_moe_block=True, num_kv_shared_layers=0, hidden_size_per_layer_input=0,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            final_logit_softcapping=30.0,
+        ),
+    ),
+    "glm4_moe": Arch(config=lambda g: dict(first_k_dense_replace=1)),
+    "glm4_moe_lite": Arch(config=lambda g: dict(first_k_dense_replace=1, q_lora_rank=2 * g["head_dim"])),
+    "glm_moe_dsa": Arch(
+        config=lambda g: dict(
+            first_k_dense_replace=1, q_lora_rank=2 * g["head_dim"], index_head_dim=32, index_n_heads=2,
+            index_topk=8, rope_parameters={"rope_theta": g["rope_theta"], "rope_type": "default"},
+        )
+    ),
+    "granitemoehybrid": Arch(
+        layers=3,
+        config=lambda g: dict(
+            layer_types=["mamba", "attention", "mamba"], embedding_multiplier=12.0,
+            attention_multiplier=0.015625, logits_scaling=6.0, residual_multiplier=0.22,
+            # transformers checks mamba_n_heads * mamba_d_head == 2 * hidden_size.
+            mamba_n_heads=8, mamba_d_head=g["hidden_size"] // 4, mamba_proj_bias=False, mamba_d_state=16,
+            mamba_d_conv=4, mamba_n_groups=1, mamba_conv_bias=True,
+        ),
+    ),
+    "hunyuan": Arch(
+        layers=3,
+        config=lambda g: dict(use_mixed_mlp_moe=True, use_qk_norm=True, use_cla=True, cla_share_factor=2,
+                              rope_scaling={"alpha": 1000.0, "factor": 1.0, "type": "dynamic"}),
+    ),
+    "jamba": Arch(
+        layers=4,  # mamba + attention, each with and without experts
+        config=lambda g: dict(attn_layer_offset=1, attn_layer_period=2, expert_layer_offset=0,
+                              expert_layer_period=2, mamba_d_conv=4, mamba_d_state=16, mamba_expand=2),
+    ),
+    "kimi_k25": Arch(args="TextConfig", inner_type="deepseek_v3",
+                     config=lambda g: ARCHS["deepseek_v3"].config(g)),
+    "kimi_k3": Arch(args="TextArgs", inner_type="kimi_linear", layers=3,
+                    config=lambda g: dict(linear_attn_config=_kda(g), num_experts=g["num_experts"],
+                                          q_lora_rank=2 * g["head_dim"], first_k_dense_replace=1)),
+    "kimi_linear": Arch(layers=3, config=lambda g: dict(linear_attn_config=_kda(g), first_k_dense_replace=1)),
+    "kimi_vl": Arch(args="TextArgs", inner_type="deepseek_v3",
+                    config=lambda g: ARCHS["deepseek_v3"].config(g)),
+    "laguna": Arch(),
+    "lfm2_moe": Arch(
+        layers=3,
+        config=lambda g: dict(use_expert_bias=True, num_dense_layers=1, conv_bias=False, conv_L_cache=3,
+                              layer_types=["conv", "full_attention", "conv"]),
+    ),
+    "llama4": Arch(args="TextArgs", inner_type="llama4_text", layers=4,
+                   # Llama 4's MoE routes each token to one expert only.
+                   config=lambda g: dict(interleave_moe_layer_step=1, use_qk_norm=True, num_experts_per_tok=1,
+                                         rope_scaling=None)),
+    "longcat_flash": Arch(
+        config=lambda g: dict(attention_method="MLA", zero_expert_type="identity", zero_expert_num=2,
+                              mla_scale_q_lora=True, mla_scale_kv_lora=True,
+                              q_lora_rank=2 * g["head_dim"]),
+    ),
+    "longcat_flash_ngram": Arch(config=lambda g: ARCHS["longcat_flash"].config(g)),
+    "mellum": Arch(
+        config=lambda g: dict(
+            layer_types=_alternate(g["num_layers"]),
+            rope_parameters={t: {"rope_theta": g["rope_theta"], "rope_type": "default"}
+                             for t in ("sliding_attention", "full_attention")},
+        )
+    ),
+    "mimo_v2_flash": Arch(
+        config=lambda g: dict(
+            hybrid_layer_pattern=[1 if i % 2 == 0 else 0 for i in range(g["num_layers"])],
+            moe_layer_freq=[0] + [1] * (g["num_layers"] - 1),
+            add_swa_attention_sink_bias=True, add_full_attention_sink_bias=False,
+        ),
+    ),
+    "minimax": Arch(config=lambda g: dict(rotary_dim=g["head_dim"] // 2)),
+    "minimax_m3_vl": Arch(args="TextArgs", inner_type="minimax_m3", config=lambda g: dict(rotary_dim=g["head_dim"] // 2)),
+    "mistral3": Arch(args="mistral4:ModelArgs", inner_type="mistral4",
+                     config=lambda g: ARCHS["mistral4"].config(g)),
+    "mistral4": Arch(
+        config=lambda g: dict(
+            first_k_dense_replace=1, q_lora_rank=2 * g["head_dim"],
+            rope_parameters={"rope_theta": g["rope_theta"], "llama_4_scaling_beta": 0.1,
+                             "original_max_position_embeddings": g["max_position_embeddings"],
+                             "rope_type": "default"},
+        )
+    ),
+    "muse_spark": Arch(
+        args="TextArgs", inner_type="muse_spark_text",
+        config=lambda g: dict(
+            rope_parameters={"rope_theta": g["rope_theta"]},
+            layer_rope_theta=[g["rope_theta"], 0.0, g["rope_theta"]],
+            layer_types=_alternate(g["num_layers"]),
+            final_logit_softcapping=30.0, output_multiplier=1.0, moe_hidden_size=g["hidden_size"] // 2,
+            num_shared_experts=0,
+        ),
+        # transformers' config check wants the (absent) towers sized to the text model.
+        top=lambda g: dict(audio_config={"out_hidden_size": g["hidden_size"]},
+                           vision_config={"out_hidden_size": g["hidden_size"]}),
+        # mlx_lm's muse_spark chat-template module only formats responses: the
+        # tokenizer must bring its own template.
+        tokenizer={"chat_template": "{% for m in messages %}{{ m['content'] }}{% endfor %}"},
+    ),
+    "nemotron_h": Arch(
+        layers=4,
+        config=lambda g: dict(
+            hybrid_override_pattern=["M", "E", "*", "E"], mamba_num_heads=4, mamba_head_dim=32,
+            mamba_proj_bias=False, ssm_state_size=16, conv_kernel=4, n_groups=1, use_conv_bias=True,
+            moe_shared_expert_intermediate_size=g["shared_expert_intermediate_size"],
+            n_shared_experts=1, routed_scaling_factor=1.0, norm_topk_prob=True,
+        ),
+    ),
+    "phixtral": Arch(),
+    "qwen3_5": Arch(args="TextModelArgs", inner_type="qwen3_5_text", config=_qwen35_text),
+    "qwen3_5_moe": Arch(args="qwen3_5:TextModelArgs", inner_type="qwen3_5_moe_text", config=_qwen35_text),
+    "qwen3_next": Arch(config=lambda g: dict(_linear_attn(g), partial_rotary_factor=0.25)),
+    "qwen3_vl_moe": Arch(args="qwen3_moe:ModelArgs", inner_type="qwen3_vl_moe_text",
+                         config=lambda g: dict(rope_scaling=None)),
+    "solar_open": Arch(config=lambda g: dict(first_k_dense_replace=1)),
+    "step3p5": Arch(
+        config=lambda g: dict(layer_types=_alternate(g["num_layers"]), moe_layers_enum=",".join(
+            str(i) for i in range(1, g["num_layers"])), share_expert_dim=g["shared_expert_intermediate_size"]),
+    ),
+})
+
+EXCLUDED.update({
+    "prism_hadamard_qwen35": "a Hadamard-rotated 2-bit pack with its own tensor namespace and "
+    "module list, not a checkpoint layout that mlx_lm.convert writes",
+})
+
+
+def _module_of(model_type):
+    model_type = MODEL_REMAPPING.get(model_type, model_type)
+    return importlib.import_module(f"mlx_lm.models.{model_type}")
+
+
+def _fill(args_class, g, extra) -> dict:
+    """The fields of `args_class` the geometry (or `_REQUIRED`) names, then `extra`."""
+    sizes = _sizes(g)
+    out = {}
+    for f in dataclasses.fields(args_class):
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if f.name in sizes:
+            out[f.name] = sizes[f.name]
+        elif required and f.name in _REQUIRED:
+            out[f.name] = _REQUIRED[f.name]
+    out.pop("model_type", None)
+    out.update(extra)
+    return out
+
+
+def _cfg_generic(model_type, g) -> dict:
+    arch = ARCHS[MODEL_REMAPPING.get(model_type, model_type)]
+    g = {**g, "num_layers": max(g["num_layers"], arch.layers)}
+    module, _, name = arch.args.rpartition(":")
+    module = importlib.import_module(f"mlx_lm.models.{module}") if module else _module_of(model_type)
+    args_class = getattr(module, name)
+    cfg = _fill(args_class, g, arch.config(g))
+    if arch.inner_type is None:
+        return cfg
+    text = {"model_type": arch.inner_type, **cfg}
+    return {"text_config": text, "vocab_size": g["vocab_size"], **arch.top(g)}
+
+
+def needs_metal(model_type) -> bool:
+    """Whether the model runs mlx-lm's custom Metal kernels (so only on a Metal device)."""
+    src = _module_of(model_type).__file__
+    return "from ..kernels import" in Path(src).read_text()
+
+
+def runnable(model_type) -> bool:
+    return not needs_metal(model_type) or mx.metal.is_available()
+
+
+def _writable(model_type) -> bool:
+    return model_type in _CONFIG_BUILDERS or MODEL_REMAPPING.get(model_type) in ARCHS or model_type in ARCHS
+
+
+# Every MoE architecture the writer knows, then "llama" (dense, for negative tests).
+MOE_TYPES = tuple(t for t in moe_model_types() if _writable(t) and t != "llama")
+MODEL_TYPES = MOE_TYPES + ("llama",)
+
 
 def build_config(
     model_type: str = "qwen3_moe",
@@ -364,7 +729,7 @@ def build_config(
     overrides: Optional[dict] = None,
 ) -> dict:
     """The unquantized config.json content (no `quantization` keys)."""
-    if model_type not in _CONFIG_BUILDERS:
+    if model_type not in MODEL_TYPES:
         raise ValueError(
             f"unsupported model_type {model_type!r}; choose one of {MODEL_TYPES}"
         )
@@ -380,7 +745,10 @@ def build_config(
         if num_layers < 1:
             raise ValueError("num_layers must be >= 1")
         g["num_layers"] = num_layers
-    config = {"model_type": model_type, **_CONFIG_BUILDERS[model_type](g)}
+    if model_type in _CONFIG_BUILDERS:
+        config = {"model_type": model_type, **_CONFIG_BUILDERS[model_type](g)}
+    else:
+        config = {"model_type": model_type, **_cfg_generic(model_type, g)}
     config.update(vocab_size=g["vocab_size"], bos_token_id=0, eos_token_id=0)
     config.update(overrides or {})
     if model_type == "gpt_oss":
@@ -749,6 +1117,10 @@ def write_synthetic_moe(
     _atomic_write_json(out / "model.safetensors.index.json", index)
     for name in TOKENIZER_FILES:
         shutil.copyfile(TOKENIZER_DIR / name, out / name)
+    arch = ARCHS.get(MODEL_REMAPPING.get(model_type, model_type))
+    if arch is not None and arch.tokenizer:
+        tc = json.loads((out / "tokenizer_config.json").read_text())
+        _atomic_write_json(out / "tokenizer_config.json", {**tc, **arch.tokenizer})
 
     if bits is not None:
         q = {"group_size": group_size, "bits": bits, "mode": "affine", **per_path}

@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 
 from chronos_mlx import bench
 from chronos_mlx.cli import app
-from chronos_mlx.synthetic import write_synthetic_moe
+from synthetic import write_synthetic_moe
 
 runner = CliRunner()
 

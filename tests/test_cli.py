@@ -180,7 +180,7 @@ def test_info_accepts_the_model_as_argument(runner):
 @pytest.fixture(scope="module")
 def dense_model(tmp_path_factory):
     """A tiny random-weight llama: a model without MoE layers."""
-    from chronos_mlx.synthetic import write_synthetic_moe
+    from synthetic import write_synthetic_moe
 
     return write_synthetic_moe(tmp_path_factory.mktemp("dense") / "llama", "llama", bits=4)
 

@@ -7,7 +7,7 @@ from mlx_lm.models.cache import make_prompt_cache
 
 import chronos_mlx
 from chronos_mlx.generate import generate_step, stream_generate
-from chronos_mlx.synthetic import write_synthetic_moe
+from synthetic import write_synthetic_moe
 
 from conftest import DEMO
 

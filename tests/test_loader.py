@@ -11,7 +11,7 @@ import pytest
 import chronos_mlx
 from chronos_mlx.errors import BudgetError, ModelError
 from chronos_mlx.generate import generate_step
-from chronos_mlx.synthetic import write_synthetic_moe
+from synthetic import write_synthetic_moe
 
 from conftest import DEMO, stock_greedy
 

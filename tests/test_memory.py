@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from chronos_mlx.synthetic import write_synthetic_moe
+from synthetic import write_synthetic_moe
 
 PROBE = r"""
 import json, sys, resource

@@ -14,7 +14,7 @@ from chronos_mlx import profiles as P
 from chronos_mlx.errors import ModelError, ProfileError
 from chronos_mlx.generate import generate_step
 from chronos_mlx.layout import ExpertSlice, ExpertTensor
-from chronos_mlx.synthetic import write_synthetic_moe
+from synthetic import write_synthetic_moe
 
 from conftest import DEMO, stock_greedy
 

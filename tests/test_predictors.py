@@ -21,7 +21,7 @@ from chronos_mlx.predictors import (
     train_intent,
     train_lookahead,
 )
-from chronos_mlx.synthetic import write_synthetic_moe
+from synthetic import write_synthetic_moe
 from chronos_mlx.traces import find_routers, model_fingerprint, record_traces
 
 PROMPTS = [

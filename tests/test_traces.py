@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import chronos_mlx
-from chronos_mlx.synthetic import write_synthetic_moe
+from synthetic import write_synthetic_moe
 from chronos_mlx.traces import (
     RoutingTrace,
     TraceError,
