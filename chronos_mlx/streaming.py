@@ -70,16 +70,29 @@ class StreamingSwitch(nn.Module):
         object.__setattr__(self, "_layer", layer)
         object.__setattr__(self, "_runtime", runtime)
 
+    def _slots(self, name: str):
+        """(spec, weight, scales, biases, bias) slot arrays of a projection. The slot arrays
+        are allocated once and written in place, so they are looked up once (this runs
+        for every layer of every token, where Python time can be the bottleneck)."""
+        found = self.__dict__.get("_slot_cache")
+        if found is None:
+            params = self._runtime.cache.layers[self._layer].params
+            get = lambda key: params[key].slots if key in params else None  # noqa: E731
+            found = {
+                n: (spec, get(f"{n}.weight"), get(f"{n}.scales"), get(f"{n}.biases"), get(f"{n}.bias"))
+                for n, spec in self._specs.items()
+            }
+            object.__setattr__(self, "_slot_cache", found)
+        return found[name]
+
     def _project(self, name: str, x, idx, sorted_indices: bool):
-        spec = self._specs[name]
-        params = self._runtime.cache.layers[self._layer].params
-        w = params[f"{name}.weight"].slots
+        spec, w, scales, biases, bias = self._slots(name)
         if spec.quantized:
             x = mx.gather_qmm(
                 x,
                 w,
-                params[f"{name}.scales"].slots,
-                params[f"{name}.biases"].slots if spec.has_biases else None,
+                scales,
+                biases if spec.has_biases else None,
                 rhs_indices=idx,
                 transpose=True,
                 group_size=spec.group_size,
@@ -90,7 +103,7 @@ class StreamingSwitch(nn.Module):
         else:
             x = mx.gather_mm(x, w.swapaxes(-1, -2), rhs_indices=idx, sorted_indices=sorted_indices)
         if spec.has_bias:
-            x = x + mx.expand_dims(params[f"{name}.bias"].slots[idx], -2)
+            x = x + mx.expand_dims(bias[idx], -2)
         return x
 
     def _experts(self, x, idx, sorted_indices: bool):
