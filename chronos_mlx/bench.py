@@ -32,7 +32,7 @@ class BenchConfig:
     budget: str = "1.0"
     sync: str = "optimistic"
     options: dict = field(default_factory=dict)  # extra chronos_mlx.load keyword arguments
-    setup: object = None  # callable(model, runtime) run after loading (predictors, profiles)
+    setup: object = None  # callable(model, runtime) run after loading; stock configurations get runtime=None
     profile: object = None  # a profile name or path to apply after loading
 
 
@@ -74,27 +74,115 @@ def _memory_bytes() -> int:
         return 0
 
 
-def _stock_run(model, prompt, max_tokens):
+# --- forced decoding ("replay") and sampling -------------------------------------------
+
+
+def position_cache(prompt_cache):
+    """The last cache object whose integer `offset` counts the tokens processed so far.
+
+    Hybrid models also hold caches without one (ArraysCache for linear attention); nested
+    CacheLists are searched. The last layer's cache is the one to read: at sampler-call
+    time it has always just been advanced by this step (a recomputation after a miss
+    reruns the layers from the first missed one to the last, while the caches of the
+    layers below may be rolled back and kept), so its offset is the position of the token
+    being chosen, also when chronos recomputes a step."""
+    found = None
+    stack = list(prompt_cache)
+    while stack:
+        c = stack.pop(0)
+        if type(getattr(c, "offset", None)) is int:
+            found = c
+        inner = getattr(c, "caches", None)
+        if isinstance(inner, (list, tuple)):
+            stack[:0] = list(inner)
+    if found is None:
+        raise ValueError("replay needs a cache object with an integer offset; this model's prompt cache has none")
+    return found
+
+
+class ReplaySampler:
+    """A sampler that ignores the logprobs and returns the text's token at the current position.
+
+    `tokens` is the whole text (prompt then continuation); the position is read from
+    `position_cache(prompt_cache)` when the sampler is called, never counted, so a decode
+    step that is recomputed after a miss returns the same token. Past the text's end it
+    falls back to greedy."""
+
+    def __init__(self, tokens, prompt_cache):
+        self.tokens = [int(t) for t in tokens]
+        self.cache = position_cache(prompt_cache)
+
+    def __call__(self, logprobs):
+        pos = self.cache.offset
+        if pos < len(self.tokens):
+            return mx.array([self.tokens[pos]] * (logprobs.shape[0] if logprobs.ndim > 1 else 1), dtype=mx.uint32)
+        return mx.argmax(logprobs, axis=-1)
+
+
+def _decoding(model, prompt, forced, temp):
+    """(prompt_cache, sampler) for one run: replay of `forced`, sampling at `temp`, or greedy."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    prompt_cache = make_prompt_cache(model)
+    routing = getattr(model, "_chronos_bench_routing", None)
+    if routing is not None:  # trained-like routing: this text's rows, by position
+        routing.set_sequence(list(prompt) + list(forced or []))
+    if forced is not None:
+        return prompt_cache, ReplaySampler(list(prompt) + list(forced), prompt_cache)
+    if temp:
+        from mlx_lm.sample_utils import make_sampler
+
+        return prompt_cache, make_sampler(temp=float(temp))
+    return prompt_cache, None
+
+
+def replay_texts(workload, model=None, *, limit=None, max_prompt_tokens=128, max_tokens=64, split="heldout",
+                 tokenizer=None) -> tuple[list, list]:
+    """(prompts, continuations) cut from a workload's own texts for forced decoding.
+
+    Each text gives a prompt (its first tokens, at most `max_prompt_tokens`) and the
+    `max_tokens` tokens that follow it in the text (fewer when the text is short)."""
+    from .workloads import load_prompts
+
+    prompts, continuations = [], []
+    for ids in load_prompts(workload, model, limit=limit, split=split, tokenizer=tokenizer):
+        ids = [int(t) for t in ids]
+        n_prompt = max(1, min(max_prompt_tokens, len(ids) - max_tokens))
+        prompts.append(ids[:n_prompt])
+        continuations.append(ids[n_prompt:n_prompt + max_tokens])
+    return prompts, continuations
+
+
+def _stock_run(model, prompt, max_tokens, forced=None, temp=None):
     from mlx_lm.generate import generate_step
 
+    prompt_cache, sampler = _decoding(model, prompt, forced, temp)
     tic = time.perf_counter()
     t_first, n = None, 0
-    for n, _ in enumerate(generate_step(mx.array(prompt), model, max_tokens=max_tokens), 1):
+    tokens = []
+    for n, (tok, _) in enumerate(generate_step(mx.array(prompt), model, max_tokens=max_tokens, sampler=sampler,
+                                               prompt_cache=prompt_cache), 1):
         if t_first is None:
             t_first = time.perf_counter()
+        tokens.append(int(tok))
     end = time.perf_counter()
-    return {"ttft_s": t_first - tic, "decode_s": end - t_first, "decode_steps": n - 1, "prompt_tokens": len(prompt)}
+    return {"ttft_s": t_first - tic, "decode_s": end - t_first, "decode_steps": n - 1, "prompt_tokens": len(prompt),
+            "tokens": tokens}
 
 
-def _chronos_run(model, runtime, prompt, max_tokens, sync):
+def _chronos_run(model, runtime, prompt, max_tokens, sync, forced=None, temp=None):
     from .generate import generate_step
 
+    prompt_cache, sampler = _decoding(model, prompt, forced, temp)
     runtime.reset_counters()
-    for _ in generate_step(mx.array(prompt), model, runtime, max_tokens=max_tokens, sync=sync):
-        pass
+    tokens = []
+    for tok, _ in generate_step(mx.array(prompt), model, runtime, max_tokens=max_tokens, sync=sync, sampler=sampler,
+                                prompt_cache=prompt_cache):
+        tokens.append(int(tok))
     c = runtime.counters
     s = runtime.stats()
     return {
+        "tokens": tokens,
         "ttft_s": c.ttft_s,
         "decode_s": c.decode_s,
         "decode_steps": c.decode_steps,
@@ -144,6 +232,7 @@ def _aggregate(runs: list[dict]) -> dict:
             prefetch_hits_per_token=sum(r["decode_prefetch_hits"] for r in runs) / max(steps, 1),
             host_syncs_per_token=sum(r["host_syncs"] for r in runs) / max(tokens, 1),
             recomputed_layers=sum(r["recomputed_layers"] for r in runs),
+            recomputed_layers_per_token=sum(r["recomputed_layers"] for r in runs) / max(steps, 1),
             recompute_rate=sum(r["recomputes"] for r in runs) / max(tokens, 1),
             prefetch_hits=sum(r["prefetch_hits"] for r in runs),
             prefetch_wasted_bytes=sum(r["prefetch_wasted_bytes"] for r in runs),
@@ -175,6 +264,8 @@ def _load(config: BenchConfig, model_path, dtype):
             model.set_dtype(target)
         if config.kind == RESIDENT:
             mx.eval(model.parameters())
+        if config.setup is not None:  # the same setup as chronos gets (e.g. trained-like routing)
+            config.setup(model, None)
         return model, None
     from . import load
 
@@ -194,8 +285,12 @@ def _load(config: BenchConfig, model_path, dtype):
     return model, runtime
 
 
-def measure(config: BenchConfig, model_path, prompts, *, max_tokens=64, repeats=3, warmup=1, dtype=None, progress=None):
-    """Load one configuration, warm it up and measure it; returns medians and spread."""
+def measure(config: BenchConfig, model_path, prompts, *, max_tokens=64, repeats=3, warmup=1, dtype=None, progress=None,
+            forced=None, temp=None):
+    """Load one configuration, warm it up and measure it; returns medians and spread.
+
+    forced: per prompt, the tokens to decode after it (replay: forced decoding of a
+    text, see `replay_texts`); temp: sample at this temperature instead of greedy."""
     gc.collect()
     mx.clear_cache()
     mx.reset_peak_memory()
@@ -213,30 +308,43 @@ def measure(config: BenchConfig, model_path, prompts, *, max_tokens=64, repeats=
             start = {l: len(seq) for l, seq in recorder.sequences.items()}
             initial = [set(np.flatnonzero(L.slot_of >= 0).tolist()) for L in runtime.cache.layers]
         runs = []
-        for prompt in prompts:
+        for i, prompt in enumerate(prompts):
+            f = forced[i] if forced is not None else None
+            if temp:
+                mx.random.seed(i)
+            if recorder is not None:
+                recorder.mark()
             if runtime is None:
-                runs.append(_stock_run(model, prompt, max_tokens))
+                runs.append(_stock_run(model, prompt, max_tokens, f, temp))
             else:
-                runs.append(_chronos_run(model, runtime, prompt, max_tokens, config.sync))
+                runs.append(_chronos_run(model, runtime, prompt, max_tokens, config.sync, f, temp))
             if progress:
                 progress()
         if r >= warmup:
             results.append(_aggregate(runs))
-    out = {"name": config.name, "kind": config.kind, "load_s": load_s, **_summarise(results)}
+    out = {"name": config.name, "kind": config.kind, "load_s": load_s, **_summarise(results),
+           "decoding": "replay" if forced is not None else f"temp={temp}" if temp else "greedy"}
     if recorder is not None:
         slots = runtime.cache.num_slots
-        loads = sum(
-            belady_loads(seq[start.get(layer, 0):], slots, initial[layer])
-            for layer, seq in recorder.sequences.items()
-        )
+        loads = decode_loads = 0
+        for layer, seq in recorder.sequences.items():
+            first = start.get(layer, 0)
+            steps = belady_loads(seq[first:], slots, initial[layer], per_step=True)
+            loads += sum(steps)
+            prefill = recorder.prefill_steps(layer)
+            decode_loads += sum(n for j, n in enumerate(steps, first) if j not in prefill)
         tokens = repeats * len(prompts) * max_tokens
-        out["belady_bytes_read_per_token"] = loads * runtime.cache.bytes_on_disk_per_expert / tokens
+        per_expert = runtime.cache.bytes_on_disk_per_expert
+        out["belady_bytes_read_per_token"] = loads * per_expert / tokens
+        # Decode alone, per decode step (first token of each run is the prefill's).
+        out["belady_decode_bytes_read_per_token"] = decode_loads * per_expert / (repeats * len(prompts) * max(max_tokens - 1, 1))
         sim = runtime.reader.simulator
         if sim is not None:
             # Even an oracle cache must read this much: decode can't beat bandwidth / bytes.
             per_token = out["belady_bytes_read_per_token"]
             out["io_bound_tokens_per_s"] = sim.bandwidth / per_token if per_token else None
     if runtime is not None:
+        _load_rate(out, runtime)
         out.update(
             budget=config.budget,
             sync=config.sync,
@@ -253,7 +361,18 @@ def measure(config: BenchConfig, model_path, prompts, *, max_tokens=64, repeats=
     return out
 
 
-def measure_interleaved(configs, model_path, prompts, *, max_tokens=64, repeats=5, warmup=1, dtype=None):
+def _load_rate(row: dict, runtime) -> None:
+    """Chronos's effective load rate: decode bytes read per second stalled; and the
+    simulated drive's bandwidth when --io-sim is on (the roofline then uses it)."""
+    stall, read = row.get("stall_s_per_token"), row.get("decode_bytes_read_per_token")
+    row["effective_load_bytes_per_s"] = read / stall if stall and read else None
+    sim = runtime.reader.simulator if runtime.reader is not None else None
+    if sim is not None:
+        row["io_sim_bandwidth_bytes_per_s"] = sim.bandwidth
+
+
+def measure_interleaved(configs, model_path, prompts, *, max_tokens=64, repeats=5, warmup=1, dtype=None,
+                        forced=None, temp=None):
     """All configurations loaded at once and measured round-robin, repeat by repeat.
 
     On a machine with other load, drift then hits every configuration alike, so ratios
@@ -262,31 +381,51 @@ def measure_interleaved(configs, model_path, prompts, *, max_tokens=64, repeats=
     per_config = {cfg.name: [] for cfg in configs}
     for r in range(warmup + repeats):
         for cfg, model, runtime in loaded:
-            runs = [
-                _stock_run(model, p, max_tokens) if runtime is None else _chronos_run(model, runtime, p, max_tokens, cfg.sync)
-                for p in prompts
-            ]
+            runs = []
+            for i, p in enumerate(prompts):
+                f = forced[i] if forced is not None else None
+                if temp:
+                    mx.random.seed(i)
+                runs.append(_stock_run(model, p, max_tokens, f, temp) if runtime is None
+                            else _chronos_run(model, runtime, p, max_tokens, cfg.sync, f, temp))
             if r >= warmup:
                 per_config[cfg.name].append(_aggregate(runs))
     rows = []
     for cfg, model, runtime in loaded:
-        row = {"name": cfg.name, "kind": cfg.kind, **_summarise(per_config[cfg.name])}
+        row = {"name": cfg.name, "kind": cfg.kind, **_summarise(per_config[cfg.name]),
+               "decoding": "replay" if forced is not None else f"temp={temp}" if temp else "greedy"}
         if runtime is not None:
+            _load_rate(row, runtime)
             row.update(budget=cfg.budget, sync=cfg.sync, slots_per_layer=runtime.info.get("slots_per_layer"))
         rows.append(row)
     return rows
 
 
-def add_ratios(rows: list[dict]) -> list[dict]:
-    """Decode speed as a ratio to stock mlx_lm with everything resident, when it was measured."""
+def add_ratios(rows: list[dict], probe: dict | None = None) -> list[dict]:
+    """Decode speed as a ratio to stock mlx_lm with everything resident, when it was measured;
+    and beside each chronos row the I/O roofline: min(resident tokens/s, load rate ÷ decode
+    bytes read per token), the load rate being the probe's best (or --io-sim's bandwidth)."""
     ceiling = next((r["decode_tokens_per_s"] for r in rows if r["name"] == RESIDENT), None)
+    best = (probe or {}).get("best_bytes_per_s")
     for r in rows:
         r["ratio_to_resident"] = r["decode_tokens_per_s"] / ceiling if ceiling else None
+        if r.get("kind") != "chronos":
+            continue
+        rate = r.get("io_sim_bandwidth_bytes_per_s") or best
+        read = r.get("decode_bytes_read_per_token")
+        if rate:
+            r["roofline_load_bytes_per_s"] = rate
+            if r.get("effective_load_bytes_per_s"):
+                r["load_rate_to_roofline"] = r["effective_load_bytes_per_s"] / rate
+        bounds = [b for b in (ceiling, rate / read if rate and read else None) if b]
+        r["roofline_tokens_per_s"] = min(bounds) if bounds else None
+        r["ratio_to_roofline"] = r["decode_tokens_per_s"] / r["roofline_tokens_per_s"] if r["roofline_tokens_per_s"] else None
     return rows
 
 
-def report(rows: list[dict], **extra) -> dict:
-    return {"machine": machine_info(), **extra, "results": add_ratios(rows)}
+def report(rows: list[dict], probe: dict | None = None, **extra) -> dict:
+    return {"machine": machine_info(), **extra, **({"probe": probe} if probe else {}),
+            "results": add_ratios(rows, probe)}
 
 
 # --- what to compare ------------------------------------------------------------------
@@ -337,18 +476,33 @@ def plan_configs(budgets, *, info: dict, io_sim=None, direct_io=False, predictor
 
 
 class AccessRecorder:
-    """Observer that keeps each layer's sequence of used-expert sets (for Belady's bound)."""
+    """Observer that keeps each layer's sequence of used-expert sets (for Belady's bound).
+
+    `mark()` before each generation: a layer's first observation after it is the prefill."""
 
     def __init__(self):
         self.sequences: dict[int, list] = {}
+        self._marked = False
+        self._prefill: dict[int, set] = {}
+        self._seen: set = set()
+
+    def mark(self):
+        self._seen = set()
 
     def observe(self, layer, experts):
-        self.sequences.setdefault(layer, []).append(frozenset(int(e) for e in experts))
+        seq = self.sequences.setdefault(layer, [])
+        if layer not in self._seen:
+            self._seen.add(layer)
+            self._prefill.setdefault(layer, set()).add(len(seq))
+        seq.append(frozenset(int(e) for e in experts))
+
+    def prefill_steps(self, layer) -> set:
+        return self._prefill.get(layer, set())
 
 
-def belady_loads(sequence: list, slots: int, initial=()) -> int:
+def belady_loads(sequence: list, slots: int, initial=(), per_step: bool = False):
     """Loads Belady's optimal eviction needs for a sequence of expert sets in `slots` slots,
-    starting from the resident set `initial`."""
+    starting from the resident set `initial` (per step, as a list, with per_step=True)."""
     next_use: list[dict] = [dict() for _ in sequence]
     upcoming: dict = {}
     for t in range(len(sequence) - 1, -1, -1):
@@ -356,11 +510,13 @@ def belady_loads(sequence: list, slots: int, initial=()) -> int:
         for e in sequence[t]:
             upcoming[e] = t
     resident: set = set(list(initial)[:slots])
-    loads = 0
+    steps = []
     for t, need in enumerate(sequence):
+        loads = 0
         if len(need) > slots:  # a prefill batch streamed in waves: everything absent is read
             loads += len(need - resident)
             resident = set(sorted(need, key=lambda x: next_use[t].get(x, len(sequence) + 1))[:slots])
+            steps.append(loads)
             continue
         for e in need:
             if e in resident:
@@ -371,7 +527,8 @@ def belady_loads(sequence: list, slots: int, initial=()) -> int:
                 victim = max(evictable, key=lambda x: next_use[t].get(x, len(sequence) + 1))
                 resident.discard(victim)
             resident.add(e)
-    return loads
+        steps.append(loads)
+    return steps if per_step else sum(steps)
 
 
 def plot(result: dict, path) -> None:
@@ -404,5 +561,5 @@ def plot(result: dict, path) -> None:
     plt.close(fig)
 
 
-__all__ = ["BenchConfig", "measure", "report", "machine_info", "plan_configs", "plot", "belady_loads",
+__all__ = ["BenchConfig", "measure", "measure_interleaved", "replay_texts", "ReplaySampler", "position_cache", "report", "machine_info", "plan_configs", "plot", "belady_loads",
            "RESIDENT", "MMAP", "asdict"]

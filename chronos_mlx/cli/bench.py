@@ -17,14 +17,25 @@ BENCH_COLUMNS = [
     ("name", "config"),
     ("decode_tokens_per_s", "decode tok/s"),
     ("ratio_to_resident", "x resident"),
+    ("roofline_tokens_per_s", "roofline tok/s"),
+    ("ratio_to_roofline", "x roofline"),
     ("ttft_s", "TTFT s"),
-    ("stall_s_per_token", "stall ms/tok"),
-    ("bytes_read_per_token", "read/tok"),
     ("io_bound_tokens_per_s", "bound tok/s"),
-    ("hit_rate", "hits"),
     ("prediction_recall", "recall"),
     ("mlx_peak_memory_bytes", "peak mem"),
-]  # everything else (prefill, Belady bytes, syncs, spread...) is in --json
+]
+# Misses and I/O, a second table (one wide table would be squeezed on a terminal).
+IO_COLUMNS = [
+    ("name", "config"),
+    ("decode_hit_rate", "decode hits"),
+    ("stall_s_per_token", "stall ms/tok"),
+    ("decode_bytes_read_per_token", "read/tok"),
+    ("belady_decode_bytes_read_per_token", "Belady read/tok"),
+    ("effective_load_bytes_per_s", "load GB/s"),
+    ("load_rate_to_roofline", "x probe rate"),
+    ("host_syncs_per_token", "syncs/tok"),
+    ("recomputed_layers_per_token", "recomputed layers/tok"),
+]  # everything else (prefill, spread, prefetch...) is in --json
 
 
 def _bench_cell(key: str, row: dict) -> str:
@@ -35,6 +46,8 @@ def _bench_cell(key: str, row: dict) -> str:
         return f"{v:.1f}"
     if key == "stall_s_per_token":
         return f"{v * 1e3:.2f}"
+    if key == "effective_load_bytes_per_s":
+        return f"{v / 1e9:.2f}"
     if key.endswith("bytes") or "bytes_read" in key:
         return human_bytes(v)
     if isinstance(v, float):
@@ -76,6 +89,10 @@ def bench(
     dtype: Annotated[DtypeChoice, typer.Option("--dtype", help=DTYPE_HELP)] = "auto",
     io_sim: Annotated[Optional[str], typer.Option("--io-sim", help="Simulated SSD for chronos reads, e.g. 'bandwidth=5GB/s,latency=80us'.")] = None,
     direct_io: Annotated[bool, typer.Option("--direct-io", help="Bypass the page cache for chronos reads.")] = False,
+    replay: Annotated[bool, typer.Option("--replay/--greedy", help="Replay (default): force-decode each workload text's own next tokens, so every configuration decodes the same real text; --greedy: greedy decoding.")] = True,
+    temp: Annotated[Optional[float], typer.Option("--temp", min=0.0, help="Sample at this temperature instead (replaces replay; chronos recomputations draw again, so tokens may differ between configurations).")] = None,
+    routing: Annotated[str, typer.Option("--routing", help="'model': the checkpoint's routers; 'trained': trained-like routing for random-weight checkpoints, calibrated to the demo model on the same text (needs replay).")] = "model",
+    probe: Annotated[bool, typer.Option("--probe/--no-probe", help="Measure the read rate of expert-sized reads (1..N threads) first: the I/O roofline.")] = True,
 ):
     """Benchmark stock mlx_lm and chronos side by side, in one process, on the same prompts.
 
@@ -83,6 +100,12 @@ def bench(
     not fit), mlx_lm-mmap (lazy load), chronos-lru (on-demand loads), chronos-predict (async
     I/O + predictors), chronos-profile (profile + usage policy), chronos-all; each chronos one
     at every --budgets value. Each is warmed up and repeated; medians and spread are shown.
+
+    Decoding: replay by default (each workload text is cut into a prompt and the tokens that
+    follow it, which are forced one by one: real token statistics, the same tokens for every
+    configuration); --greedy or --temp T instead. Beside each chronos row: its effective load
+    rate (decode bytes read / stall), the I/O roofline min(resident tok/s, read rate / decode
+    bytes per token) from the read probe (or --io-sim's bandwidth) and the ratio to it.
 
     Example: chronos bench --workload it --budgets 1,0.5,0.25 --io-sim bandwidth=5GB/s,latency=80us --json out.json --png out.png
     """
@@ -115,11 +138,44 @@ def bench(
     for b in budget_list:  # too small a budget is an error now, not after an hour
         slots_for_budget(b, num_layers=info["moe_layers"], num_experts=info["num_experts"],
                          top_k=info["top_k"], bytes_per_expert=info["bytes_per_expert"])
-    prompt_ids = load_prompts(workload, model, limit=prompts, max_prompt_tokens=max_prompt_tokens, split="heldout")
+    if routing not in ("model", "trained"):
+        raise ChronosError(f"--routing must be 'model' or 'trained', not '{routing}'")
+    if temp is not None and temp > 0:
+        replay = False
+    if routing == "trained" and not replay:
+        raise ChronosError("--routing trained routes by the replayed text: use it with replay (no --greedy / --temp)")
+    forced = None
+    if replay:
+        prompt_ids, forced = B.replay_texts(workload, model, limit=prompts, max_prompt_tokens=max_prompt_tokens,
+                                            max_tokens=max_tokens, split="heldout")
+    else:
+        prompt_ids = load_prompts(workload, model, limit=prompts, max_prompt_tokens=max_prompt_tokens, split="heldout")
     configs, notices = B.plan_configs(
         budget_list, info=info, io_sim=io_sim, direct_io=direct_io, predictor=predictor, profile=profile,
         only=only.split(",") if only else None,
     )
+    routing_info = None
+    if routing == "trained":
+        from ..bench_routing import calibrate, routing_setup
+
+        err.print("calibrating trained-like routing against the demo model on the same text ...")
+        params = calibrate([p + f for p, f in zip(prompt_ids, forced)], [len(p) for p in prompt_ids],
+                           info["num_experts"], info["top_k"])
+        routing_info = {"routing": "trained", **B.asdict(params)}
+        for cfg in configs:
+            cfg.setup = routing_setup(params)
+        err.print(f"routing: popularity exponent {params.alpha:.3f}; LRU decode hit demo "
+                  + ", ".join(f"{b}: {params.targets[b]:.3f} / here {params.fitted[b]:.3f}" for b in params.targets))
+    probe_result = None
+    if probe:
+        from ..probe import format_probe, probe_read_bandwidth
+
+        chunk = info.get("bytes_per_expert_on_disk") or info["bytes_per_expert"]
+        try:
+            probe_result = probe_read_bandwidth(info["path"], chunk)
+            err.print(escape(format_probe(probe_result)))
+        except (OSError, ValueError) as e:
+            notices.append(f"read probe skipped: {e}")
     for n in notices:
         err.print(f"[yellow]note:[/yellow] {escape(n)}")
     rows = []
@@ -129,20 +185,25 @@ def bench(
         for cfg in configs:
             progress.update(task, description=f"{cfg.name:<28}")
             rows.append(B.measure(cfg, model, prompt_ids, max_tokens=max_tokens, repeats=repeats, warmup=warmup,
-                                  dtype=dtype_arg, progress=lambda: progress.advance(task)))
-    result = B.report(rows, command="chronos " + " ".join(sys.argv[1:]), model=info, workload=workload,
-                      io_sim=io_sim, direct_io=direct_io, max_tokens=max_tokens, prompts=len(prompt_ids),
-                      repeats=repeats, warmup=warmup, notices=notices,
-                      title=f"{model_name(info)} · {workload} · {io_sim or 'page cache'}")
-    table = Table(title=result["title"])
-    for _, head in BENCH_COLUMNS:
-        # names fold rather than being cut with "…"; figures never wrap
-        table.add_column(head, justify="left", overflow="fold", min_width=12) if head == "config" else table.add_column(
-            head, justify="right", no_wrap=True
-        )
-    for r in result["results"]:
-        table.add_row(*(_bench_cell(k, r) for k, _ in BENCH_COLUMNS))
-    out.print(table)
+                                  dtype=dtype_arg, progress=lambda: progress.advance(task), forced=forced, temp=temp))
+    decoding = "replay" if replay else f"temp={temp}" if temp else "greedy"
+    result = B.report(rows, probe=probe_result, command="chronos " + " ".join(sys.argv[1:]), model=info,
+                      workload=workload, io_sim=io_sim, direct_io=direct_io, max_tokens=max_tokens,
+                      prompts=len(prompt_ids), repeats=repeats, warmup=warmup, notices=notices, decoding=decoding,
+                      routing=routing_info or {"routing": "model"},
+                      title=f"{model_name(info)} · {workload} · {decoding} · {io_sim or 'page cache'}")
+    for columns, title in ((BENCH_COLUMNS, result["title"]), (IO_COLUMNS, "misses and I/O")):
+        table = Table(title=title)
+        for _, head in columns:
+            # names fold rather than being cut with "…"; figures never wrap
+            table.add_column(head, justify="left", overflow="fold", min_width=12) if head == "config" else table.add_column(
+                head, justify="right", no_wrap=True
+            )
+        for r in result["results"]:
+            if columns is IO_COLUMNS and r.get("kind") != "chronos":
+                continue
+            table.add_row(*(_bench_cell(k, r) for k, _ in columns))
+        out.print(table)
     if json_out:
         from ..profiles import atomic_write_text
 
