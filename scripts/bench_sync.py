@@ -2,10 +2,20 @@
 
     python scripts/bench_sync.py [--model DIR] [--budgets 1,0.5,0.25] [--max-tokens 64]
                                  [--repeats 3] [--prompts N] [--io-sim SPEC] [--json OUT]
+                                 [--greedy | --temp T] [--routing trained] [--no-probe]
 
 Configurations: stock mlx_lm (resident), then for each budget chronos in each --modes
 variant: a routing mode, optionally with a predictor after a colon (per-layer:gate,
 per-layer:lookahead, optimistic). Prints a markdown table; --json writes everything.
+
+Decoding is replay by default: each workload text is cut into a prompt (its first
+--max-prompt-tokens tokens) and the --max-tokens tokens that follow, which are forced one
+by one, so stock and chronos decode the same real text (--greedy: greedy; --temp T:
+sampling). --routing trained replaces a random-weight checkpoint's routers with a table
+keyed by position, calibrated so LRU hits like the trained demo model on the same text
+(chronos_mlx/bench_routing.py). Before measuring, a probe reads expert-sized ranges of the
+shards into MLX memory with 1..N threads; each chronos row shows its effective load rate
+and the I/O roofline min(resident tok/s, probe rate / decode bytes per token).
 """
 
 import argparse
@@ -15,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from chronos_mlx.bench import RESIDENT, BenchConfig, measure, measure_interleaved, report  # noqa: E402
+from chronos_mlx.bench import RESIDENT, BenchConfig, asdict, measure, measure_interleaved, replay_texts, report  # noqa: E402
 from chronos_mlx.workloads import load_prompts  # noqa: E402
 
 
@@ -31,32 +41,76 @@ def main():
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--modes", default="per-layer,optimistic")
     ap.add_argument("--interleave", action="store_true", help="load all, measure round-robin (noisy machines)")
+    ap.add_argument("--max-prompt-tokens", type=int, default=128)
+    ap.add_argument("--greedy", action="store_true", help="greedy decoding instead of replay")
+    ap.add_argument("--temp", type=float, default=None, help="sample at this temperature instead of replay")
+    ap.add_argument("--routing", default="model", choices=["model", "trained"],
+                    help="trained: trained-like routing for random-weight checkpoints (needs replay)")
+    ap.add_argument("--no-probe", action="store_true", help="skip the read-bandwidth probe")
+    ap.add_argument("--cpu", action="store_true", help="run MLX's CPU backend (also on a GPU host)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
-    prompts = load_prompts(args.workload, args.model, limit=args.prompts, max_prompt_tokens=128)
-    configs = [BenchConfig(RESIDENT, kind=RESIDENT)]
+    if args.cpu:
+        import mlx.core as mx
+
+        mx.set_default_device(mx.cpu)
+    replay = not args.greedy and not args.temp
+    if args.routing == "trained" and not replay:
+        ap.error("--routing trained needs replay (no --greedy / --temp)")
+    forced = None
+    if replay:
+        prompts, forced = replay_texts(args.workload, args.model, limit=args.prompts,
+                                       max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens)
+    else:
+        prompts = load_prompts(args.workload, args.model, limit=args.prompts, max_prompt_tokens=args.max_prompt_tokens)
+    from chronos_mlx.loader import plan_model
+
+    info = plan_model(args.model, args.dtype).info
+    setup, routing = None, {"routing": "model"}
+    if args.routing == "trained":
+        from chronos_mlx.bench_routing import calibrate, routing_setup
+
+        params = calibrate([p + f for p, f in zip(prompts, forced)], [len(p) for p in prompts],
+                           info["num_experts"], info["top_k"])
+        setup, routing = routing_setup(params), {"routing": "trained", **asdict(params)}
+        print(f"  routing: popularity exponent {params.alpha:.3f}; LRU decode hit demo / here: "
+              + ", ".join(f"{b}: {params.targets[b]:.3f} / {params.fitted[b]:.3f}" for b in params.targets),
+              file=sys.stderr, flush=True)
+    probe = None
+    if not args.no_probe:
+        from chronos_mlx.probe import format_probe, probe_read_bandwidth
+
+        probe = probe_read_bandwidth(info["path"], info.get("bytes_per_expert_on_disk") or info["bytes_per_expert"])
+        print("  " + format_probe(probe), file=sys.stderr, flush=True)
+    configs = [BenchConfig(RESIDENT, kind=RESIDENT, setup=setup)]
     for b in args.budgets.split(","):
         for variant in args.modes.split(","):
             mode, _, predictor = variant.partition(":")
             opts = {"io_sim": args.io_sim} if args.io_sim else {}
             if predictor:
                 opts["predictor"] = predictor
-            configs.append(BenchConfig(f"chronos-{variant}@{b}", budget=b, sync=mode, options=opts))
+            configs.append(BenchConfig(f"chronos-{variant}@{b}", budget=b, sync=mode, options=opts, setup=setup))
     rows = []
     if args.interleave:
         rows = measure_interleaved(configs, args.model, prompts, max_tokens=args.max_tokens,
-                                   repeats=args.repeats, dtype=args.dtype)
+                                   repeats=args.repeats, dtype=args.dtype, forced=forced, temp=args.temp)
     else:
         for cfg in configs:
-            rows.append(measure(cfg, args.model, prompts, max_tokens=args.max_tokens, repeats=args.repeats, dtype=args.dtype))
+            rows.append(measure(cfg, args.model, prompts, max_tokens=args.max_tokens, repeats=args.repeats, dtype=args.dtype,
+                                forced=forced, temp=args.temp))
             print(f"  measured {cfg.name}: {rows[-1]['decode_tokens_per_s']:.1f} tok/s", file=sys.stderr, flush=True)
         # The ceiling again at the end: drift between first and last shows the noise floor.
-        rows.append(measure(BenchConfig(RESIDENT + "-again", kind=RESIDENT), args.model, prompts,
-                            max_tokens=args.max_tokens, repeats=args.repeats, dtype=args.dtype))
-    out = report(rows, command=" ".join(sys.argv), io_sim=args.io_sim, max_tokens=args.max_tokens)
-    cols = ["name", "decode_tokens_per_s", "ratio_to_resident", "host_syncs_per_token", "recompute_rate",
-            "decode_hit_rate", "stall_s_per_token", "decode_bytes_read_per_token", "decode_misses_per_token",
+        rows.append(measure(BenchConfig(RESIDENT + "-again", kind=RESIDENT, setup=setup), args.model, prompts,
+                            max_tokens=args.max_tokens, repeats=args.repeats, dtype=args.dtype, forced=forced,
+                            temp=args.temp))
+    decoding = "replay" if replay else f"temp={args.temp}" if args.temp else "greedy"
+    out = report(rows, probe=probe, command=" ".join(sys.argv), io_sim=args.io_sim, max_tokens=args.max_tokens,
+                 decoding=decoding, routing=routing)
+    cols = ["name", "decode_tokens_per_s", "ratio_to_resident", "roofline_tokens_per_s", "ratio_to_roofline",
+            "host_syncs_per_token", "recompute_rate", "recomputed_layers_per_token",
+            "decode_hit_rate", "stall_s_per_token", "decode_bytes_read_per_token", "belady_decode_bytes_read_per_token",
+            "effective_load_bytes_per_s", "load_rate_to_roofline", "decode_misses_per_token",
             "prefetch_hits_per_token",
             "prediction_recall", "mlx_peak_memory_bytes"]
     print("| " + " | ".join(cols) + " |")

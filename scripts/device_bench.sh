@@ -1,10 +1,17 @@
 #!/usr/bin/env bash
 # One device-machine call: write a Qwen3-30B-A3B-geometry 4-bit model on the device's disk and
 # benchmark stock mlx_lm vs chronos side by side (see README "Benchmarks"). Writes into $OUT.
-#   LAYERS=48 BUDGETS=1.0,0.5 TOKENS=64 bash scripts/device_bench.sh
+#   LAYERS=48 BUDGETS=1.0,0.5,0.25 TOKENS=64 bash scripts/device_bench.sh
+# Decoding is replay (the workload's own text, forced token by token) and the random-weight
+# routers are replaced by trained-like routing calibrated to the demo model (ROUTING=model to
+# keep them); a read probe (1..N threads) gives each chronos row its I/O roofline.
+# EXTRA="--io-sim bandwidth=5GB/s,latency=80us" for an M-series SSD; CPU=1 runs MLX's CPU backend
+# (DTYPE=float32 there). The same with `chronos bench --routing trained` (replay and the probe are its defaults).
 set -euo pipefail
 LAYERS=${LAYERS:-48}
-BUDGETS=${BUDGETS:-1.0,0.5}
+BUDGETS=${BUDGETS:-1.0,0.5,0.25}
+ROUTING=${ROUTING:-trained}
+MODES=${MODES:-per-layer,optimistic}
 TOKENS=${TOKENS:-64}
 REPEATS=${REPEATS:-3}
 OUT=${OUT:-/tmp/out}
@@ -15,5 +22,7 @@ if [ ! -f "$MODEL/config.json" ]; then
   python3 scripts/make_synthetic_moe.py "$MODEL" --model-type qwen3_moe --geometry qwen3-30b-a3b \
     --layers "$LAYERS" --bits 4 --dtype bfloat16
 fi
+TAG=$LAYERS-$ROUTING${CPU:+-cpu}
 python3 scripts/bench_sync.py --model "$MODEL" --budgets "$BUDGETS" --max-tokens "$TOKENS" \
-  --repeats "$REPEATS" --prompts 2 ${EXTRA:-} --json "$OUT/bench-$LAYERS.json" | tee "$OUT/bench-$LAYERS.md"
+  --repeats "$REPEATS" --prompts 2 --modes "$MODES" --routing "$ROUTING" ${CPU:+--cpu} ${DTYPE:+--dtype $DTYPE} ${EXTRA:-} \
+  --json "$OUT/bench-$TAG.json" | tee "$OUT/bench-$TAG.md"
