@@ -165,6 +165,7 @@ def record_routing(model, sequences: list) -> list:
     """Each sequence's routing [L, T, k] in `model` (one forward pass over the whole
     text: causal, so the same as decoding it token by token)."""
     from mlx.utils import tree_unflatten
+    from mlx_lm.models.cache import make_prompt_cache
 
     from .traces import _Recorder, moe_modules
 
@@ -176,7 +177,8 @@ def record_routing(model, sequences: list) -> list:
     try:
         for seq in sequences:
             sink.clear()
-            mx.eval(model(mx.array([int(t) for t in seq])[None]))
+            # with a cache: positions come from it (trained-like routing reads them there)
+            mx.eval(model(mx.array([int(t) for t in seq])[None], cache=make_prompt_cache(model)))
             per_layer = sorted(sink, key=lambda s: s[0])
             out.append(np.stack([np.array(i).reshape(-1, i.shape[-1]) for _, _, i in per_layer]))
     finally:
