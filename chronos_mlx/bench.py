@@ -297,16 +297,13 @@ def measure(config: BenchConfig, model_path, prompts, *, max_tokens=64, repeats=
     t0 = time.perf_counter()
     model, runtime = _load(config, model_path, dtype)
     load_s = time.perf_counter() - t0
-    recorder = None
-    if runtime is not None and runtime.cache is not None and not all(L.full for L in runtime.cache.layers):
-        recorder = AccessRecorder()  # the routing, for Belady's bound at this budget
-        runtime.observers.append(recorder)
+    recorder = _recorder(runtime)  # the routing, for Belady's bound at this budget
     results = []
-    start = None
+    start = initial = None
     for r in range(warmup + repeats):
         if r == warmup and recorder is not None:  # Belady starts where the measured runs start
             start = {l: len(seq) for l, seq in recorder.sequences.items()}
-            initial = [set(np.flatnonzero(L.slot_of >= 0).tolist()) for L in runtime.cache.layers]
+            initial = _resident_sets(runtime)
         runs = []
         for i, prompt in enumerate(prompts):
             f = forced[i] if forced is not None else None
@@ -325,24 +322,7 @@ def measure(config: BenchConfig, model_path, prompts, *, max_tokens=64, repeats=
     out = {"name": config.name, "kind": config.kind, "load_s": load_s, **_summarise(results),
            "decoding": "replay" if forced is not None else f"temp={temp}" if temp else "greedy"}
     if recorder is not None:
-        slots = runtime.cache.num_slots
-        loads = decode_loads = 0
-        for layer, seq in recorder.sequences.items():
-            first = start.get(layer, 0)
-            steps = belady_loads(seq[first:], slots, initial[layer], per_step=True)
-            loads += sum(steps)
-            prefill = recorder.prefill_steps(layer)
-            decode_loads += sum(n for j, n in enumerate(steps, first) if j not in prefill)
-        tokens = repeats * len(prompts) * max_tokens
-        per_expert = runtime.cache.bytes_on_disk_per_expert
-        out["belady_bytes_read_per_token"] = loads * per_expert / tokens
-        # Decode alone, per decode step (first token of each run is the prefill's).
-        out["belady_decode_bytes_read_per_token"] = decode_loads * per_expert / (repeats * len(prompts) * max(max_tokens - 1, 1))
-        sim = runtime.reader.simulator
-        if sim is not None:
-            # Even an oracle cache must read this much: decode can't beat bandwidth / bytes.
-            per_token = out["belady_bytes_read_per_token"]
-            out["io_bound_tokens_per_s"] = sim.bandwidth / per_token if per_token else None
+        out.update(_belady(recorder, start, initial, runtime, repeats * len(prompts), max_tokens))
     if runtime is not None:
         _load_rate(out, runtime)
         out.update(
@@ -359,6 +339,44 @@ def measure(config: BenchConfig, model_path, prompts, *, max_tokens=64, repeats=
     gc.collect()
     mx.clear_cache()
     return out
+
+
+def _recorder(runtime):
+    """An AccessRecorder on a runtime whose cache can miss (None when everything is resident)."""
+    if runtime is None or runtime.cache is None or all(L.full for L in runtime.cache.layers):
+        return None
+    recorder = AccessRecorder()
+    runtime.observers.append(recorder)
+    return recorder
+
+
+def _belady(recorder, start, initial, runtime, runs: int, max_tokens: int) -> dict:
+    """Belady's bytes per token over the measured runs (all, and decode alone), and the
+    bound the simulated drive puts on decoding with an oracle cache."""
+    slots = runtime.cache.num_slots
+    loads = decode_loads = 0
+    for layer, seq in recorder.sequences.items():
+        first = start.get(layer, 0)
+        steps = belady_loads(seq[first:], slots, initial[layer], per_step=True)
+        loads += sum(steps)
+        prefill = recorder.prefill_steps(layer)
+        decode_loads += sum(n for j, n in enumerate(steps, first) if j not in prefill)
+    per_expert = runtime.cache.bytes_on_disk_per_expert
+    out = {
+        "belady_bytes_read_per_token": loads * per_expert / (runs * max_tokens),
+        # Decode alone, per decode step (each run's first token comes from the prefill).
+        "belady_decode_bytes_read_per_token": decode_loads * per_expert / (runs * max(max_tokens - 1, 1)),
+    }
+    sim = runtime.reader.simulator if runtime.reader is not None else None
+    if sim is not None:
+        # Even an oracle cache must read this much: decode can't beat bandwidth / bytes.
+        per_token = out["belady_bytes_read_per_token"]
+        out["io_bound_tokens_per_s"] = sim.bandwidth / per_token if per_token else None
+    return out
+
+
+def _resident_sets(runtime) -> list:
+    return [set(np.flatnonzero(L.slot_of >= 0).tolist()) for L in runtime.cache.layers]
 
 
 def _load_rate(row: dict, runtime) -> None:
@@ -379,13 +397,20 @@ def measure_interleaved(configs, model_path, prompts, *, max_tokens=64, repeats=
     between them stay meaningful (memory figures are not separable this way)."""
     loaded = [(cfg, *_load(cfg, model_path, dtype)) for cfg in configs]
     per_config = {cfg.name: [] for cfg in configs}
+    recorders = {cfg.name: _recorder(runtime) for cfg, _, runtime in loaded}
+    marks = {}
     for r in range(warmup + repeats):
         for cfg, model, runtime in loaded:
+            recorder = recorders[cfg.name]
+            if r == warmup and recorder is not None:
+                marks[cfg.name] = ({l: len(seq) for l, seq in recorder.sequences.items()}, _resident_sets(runtime))
             runs = []
             for i, p in enumerate(prompts):
                 f = forced[i] if forced is not None else None
                 if temp:
                     mx.random.seed(i)
+                if recorder is not None:
+                    recorder.mark()
                 runs.append(_stock_run(model, p, max_tokens, f, temp) if runtime is None
                             else _chronos_run(model, runtime, p, max_tokens, cfg.sync, f, temp))
             if r >= warmup:
@@ -395,6 +420,8 @@ def measure_interleaved(configs, model_path, prompts, *, max_tokens=64, repeats=
         row = {"name": cfg.name, "kind": cfg.kind, **_summarise(per_config[cfg.name]),
                "decoding": "replay" if forced is not None else f"temp={temp}" if temp else "greedy"}
         if runtime is not None:
+            if recorders[cfg.name] is not None:
+                row.update(_belady(recorders[cfg.name], *marks[cfg.name], runtime, repeats * len(prompts), max_tokens))
             _load_rate(row, runtime)
             row.update(budget=cfg.budget, sync=cfg.sync, slots_per_layer=runtime.info.get("slots_per_layer"))
         rows.append(row)
@@ -482,7 +509,6 @@ class AccessRecorder:
 
     def __init__(self):
         self.sequences: dict[int, list] = {}
-        self._marked = False
         self._prefill: dict[int, set] = {}
         self._seen: set = set()
 
