@@ -201,6 +201,20 @@ def demo_lru_hits(sequences: list, n_prompts: list, budgets=BUDGETS, model_path=
     return lru_hits(routing, n_prompts, model_num_experts(model), budgets)
 
 
+def calibrate_for_workload(workload, prompts: list, forced: list, num_experts: int, top_k: int, *,
+                           limit=None, max_prompt_tokens=128, max_tokens=64, split="heldout") -> RoutingParams:
+    """`calibrate` for replayed workload texts: `prompts`/`forced` are the benchmarked
+    model's tokens (`bench.replay_texts`); the demo model's target is measured on the same
+    texts cut the same way with its own tokenizer (synthetic checkpoints share it)."""
+    from . import DEFAULT_MODEL
+    from .bench import replay_texts
+
+    demo_prompts, demo_forced = replay_texts(workload, DEFAULT_MODEL, limit=limit, max_prompt_tokens=max_prompt_tokens,
+                                             max_tokens=max_tokens, split=split)
+    targets = demo_lru_hits([p + f for p, f in zip(demo_prompts, demo_forced)], [len(p) for p in demo_prompts])
+    return calibrate([p + f for p, f in zip(prompts, forced)], [len(p) for p in prompts], num_experts, top_k, targets)
+
+
 # --------------------------------------------------------------------------------------
 # Installing it in a loaded model
 # --------------------------------------------------------------------------------------

@@ -69,10 +69,11 @@ def main():
     info = plan_model(args.model, args.dtype).info
     setup, routing = None, {"routing": "model"}
     if args.routing == "trained":
-        from chronos_mlx.bench_routing import calibrate, routing_setup
+        from chronos_mlx.bench_routing import calibrate_for_workload, routing_setup
 
-        params = calibrate([p + f for p, f in zip(prompts, forced)], [len(p) for p in prompts],
-                           info["num_experts"], info["top_k"])
+        params = calibrate_for_workload(args.workload, prompts, forced, info["num_experts"], info["top_k"],
+                                        limit=args.prompts, max_prompt_tokens=args.max_prompt_tokens,
+                                        max_tokens=args.max_tokens)
         setup, routing = routing_setup(params), {"routing": "trained", **asdict(params)}
         print(f"  routing: popularity exponent {params.alpha:.3f}; LRU decode hit demo / here: "
               + ", ".join(f"{b}: {params.targets[b]:.3f} / {params.fitted[b]:.3f}" for b in params.targets),

@@ -156,11 +156,11 @@ def bench(
     )
     routing_info = None
     if routing == "trained":
-        from ..bench_routing import calibrate, routing_setup
+        from ..bench_routing import calibrate_for_workload, routing_setup
 
         err.print("calibrating trained-like routing against the demo model on the same text ...")
-        params = calibrate([p + f for p, f in zip(prompt_ids, forced)], [len(p) for p in prompt_ids],
-                           info["num_experts"], info["top_k"])
+        params = calibrate_for_workload(workload, prompt_ids, forced, info["num_experts"], info["top_k"], limit=prompts,
+                                        max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens)
         routing_info = {"routing": "trained", **B.asdict(params)}
         for cfg in configs:
             cfg.setup = routing_setup(params)
