@@ -221,7 +221,7 @@ def chat(
 
     [cyan]printf 'The Roman Empire\\n/stats\\n/quit\\n' | chronos chat --max-tokens 20[/cyan]
     """
-    model, tokenizer, runtime = load_model(opts)
+    model, tokenizer, runtime = load_model(opts, chat_template)
     from ..usage import ActivationStats
 
     usage_stats = ActivationStats.for_runtime(runtime) if runtime.cache is not None else None

@@ -269,12 +269,20 @@ def with_load_options(fn: Callable) -> Callable:
     return wrapper
 
 
-def load_model(opts: LoadOptions):
-    """`chronos_mlx.load` with a spinner on an interactive stderr; shows runtime.notice once."""
+def load_model(opts: LoadOptions, chat_template: Optional[bool] = None):
+    """`chronos_mlx.load` with a spinner on an interactive stderr; shows runtime.notice once.
+    `chat_template=True` (--chat-template) is checked against the tokenizer before anything
+    is loaded or printed."""
     import chronos_mlx
 
     name = opts.model or DEFAULT_MODEL.name
     check_load_options(opts)  # a bad option is an error now, before anything is loaded
+    if chat_template:
+        from mlx_lm.utils import load_tokenizer
+
+        from ..loader import resolve_model_path
+
+        use_template(load_tokenizer(resolve_model_path(opts.model)), True)
     opts = resolve_auto_budget(opts)
     if err.is_terminal:
         with err.status(f"loading {escape(str(name))} ...", spinner="dots"):

@@ -49,7 +49,7 @@ def generate(
     text = read_prompt(prompt, prompt_file)
     if not text:
         raise CliError("the prompt is empty")
-    model, tokenizer, runtime = load_model(opts)
+    model, tokenizer, runtime = load_model(opts, chat_template)
     if use_template(tokenizer, chat_template):
         ids = encode_messages(tokenizer, [{"role": "user", "content": text}])
     else:
