@@ -13,7 +13,6 @@ import json
 import socket
 import threading
 import time
-import urllib.request
 
 import mlx.core as mx
 import pytest

@@ -88,7 +88,7 @@ class ChronosServer(ThreadingHTTPServer):
         self.default_top_p = default_top_p
         self.info = info or {}
         self.created = int(time.time())
-        self.fingerprint = f"chronos-mlx"
+        self.fingerprint = "chronos-mlx"
         super().__init__(address, Handler)
 
 
