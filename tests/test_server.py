@@ -342,7 +342,6 @@ def test_a_long_new_prompt_does_not_stall_running_requests(stock):
 
 
 def test_chronos_serve_command_serves_with_a_memory_limit_and_stops_on_sigterm(tmp_path):
-    import os
     import re
     import signal
     import subprocess
