@@ -86,8 +86,12 @@ def generate_step(
     c = runtime.counters
     n_moe = len(runtime.cache.layers) if streaming else 0
 
-    def forward(tokens):
-        logits = model(tokens[None], cache=prompt_cache)[:, -1, :]
+    def forward(tokens, after=None):
+        try:
+            logits = model(tokens[None], cache=prompt_cache)[:, -1, :]
+        finally:
+            if after is not None:  # before the sampler, which may read the caches (replay)
+                after.restore()
         logprobs = logits - mx.logsumexp(logits, keepdims=True)
         return sampler(logprobs), logprobs.squeeze(0)
 
@@ -109,6 +113,7 @@ def generate_step(
         # With every expert resident nothing can miss, and nothing needs undoing.
         undoable = optimistic and (can_miss() or (behind is not None and behind.may_miss))
         checkpoint = Checkpoint(prompt_cache) if undoable else None
+        after = None
         with mx.stream(generation_stream):
             if state is not None:
                 state.outputs, state.touched = {}, {}
@@ -117,14 +122,14 @@ def generate_step(
             try:
                 if not (optimistic and speculate):
                     runtime.deferred_observations = [] if optimistic else None
-                    y, lp = forward(tokens)  # per-layer routing loads what it needs as it goes
+                    y, lp = forward(tokens, after)  # per-layer routing loads what it needs as it goes
                     mx.async_eval(y, lp)
                     step = _Step(tokens, y, lp, None, None, False, checkpoint)
                     step.observations = runtime.deferred_observations
                     return step
                 try:
                     with runtime.recording(ends) as record:
-                        y, lp = forward(tokens)
+                        y, lp = forward(tokens, after)
                 except SegmentMiss as miss:  # stopped at a segment end: redo from `miss.first`
                     step = _Step(tokens, None, None, record, None, True, checkpoint, ends=ends, miss=miss)
                 else:
