@@ -544,7 +544,7 @@ ARCHS.update({
         layers=3,
         config=lambda g: dict(
             enable_moe_block=True, num_kv_shared_layers=0, hidden_size_per_layer_input=0,
-            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            layer_types=["sliding_attention", "sliding_attention", "full_attention"],  # last is full
             final_logit_softcapping=30.0,
         ),
     ),
