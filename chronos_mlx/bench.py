@@ -170,9 +170,45 @@ def _stock_run(model, prompt, max_tokens, forced=None, temp=None):
             "tokens": tokens}
 
 
+# A chronos model driven by stock mlx_lm's own decode loop (per-layer routing: exact under
+# any caller): what a user of `mlx_lm.generate` on a `chronos_mlx.load`ed model gets.
+PLAIN = "mlx_lm"
+
+
+def _plain_run(model, runtime, prompt, max_tokens, forced=None, temp=None):
+    from mlx_lm.generate import generate_step
+
+    prompt_cache, sampler = _decoding(model, prompt, forced, temp)
+    runtime.reset_counters()
+    tic = time.perf_counter()
+    t_first, first, n, tokens = None, None, 0, []
+    for n, (tok, _) in enumerate(generate_step(mx.array(prompt), model, max_tokens=max_tokens, sampler=sampler,
+                                               prompt_cache=prompt_cache), 1):
+        if t_first is None:  # decode-only figures start here, like chronos's loop
+            t_first = time.perf_counter()
+            first = (runtime.cache_totals(), runtime.counters.io_wait_s, runtime.layer_syncs)
+        tokens.append(int(tok))
+    end = time.perf_counter()
+    after, s = runtime.cache_totals(), runtime.stats()
+    d = {k: after[k] - first[0][k] for k in after}
+    return {
+        "tokens": tokens, "ttft_s": t_first - tic, "decode_s": end - t_first, "decode_steps": n - 1,
+        "prompt_tokens": len(prompt), "stall_s": runtime.counters.io_wait_s - first[1],
+        "hits": s["hits"], "misses": s["misses"], "bytes_read": s["bytes_read"],
+        # Per-layer reads (+ the sampled token) per generated token, like the decode loop counts.
+        "host_syncs": runtime.layer_syncs + len(tokens), "recomputes": 0, "recomputed_layers": 0,
+        "prefetch_hits": s["prefetch_hits"], "decode_hits": d["hits"], "decode_misses": d["misses"],
+        "decode_bytes_read": d["bytes_read"], "decode_prefetch_hits": d["prefetch_hits"],
+        "prefetch_wasted_bytes": s["prefetch_wasted_bytes"], "prediction_recall": s["prediction_recall"],
+        "generated_tokens": len(tokens),
+    }
+
+
 def _chronos_run(model, runtime, prompt, max_tokens, sync, forced=None, temp=None):
     from .generate import generate_step
 
+    if sync == PLAIN:
+        return _plain_run(model, runtime, prompt, max_tokens, forced, temp)
     prompt_cache, sampler = _decoding(model, prompt, forced, temp)
     runtime.reset_counters()
     tokens = []

@@ -39,7 +39,8 @@ def main():
     ap.add_argument("--workload", default="en")
     ap.add_argument("--io-sim", default=None)
     ap.add_argument("--dtype", default=None)
-    ap.add_argument("--modes", default="per-layer,optimistic")
+    ap.add_argument("--modes", default="optimistic,per-layer,mlx_lm",
+                    help="chronos variants: optimistic (segments), per-layer, mlx_lm (the chronos model in stock mlx_lm's loop); :predictor appends one")
     ap.add_argument("--interleave", action="store_true", help="load all, measure round-robin (noisy machines)")
     ap.add_argument("--max-prompt-tokens", type=int, default=128)
     ap.add_argument("--greedy", action="store_true", help="greedy decoding instead of replay")
