@@ -435,6 +435,8 @@ def _sizes(g) -> dict:
         v_head_dim=g["head_dim"], swa_v_head_dim=g["head_dim"],
         # One routing group, so group-limited routing is valid with 8 experts.
         n_group=1, topk_group=1, num_expert_group=1,
+        # One shared expert wherever the architecture can have them.
+        n_shared_experts=1, num_shared_experts=1, num_shared_expert=1, moe_num_shared_experts=1,
     )
 
 
@@ -443,8 +445,7 @@ _REQUIRED = dict(
     rms_norm_eps=1e-6, norm_eps=1e-6, layer_norm_epsilon=1e-6, layernorm_epsilon=1e-6,
     post_norm_eps=1e-6, tie_word_embeddings=False, attention_bias=False, use_bias=False,
     mlp_bias=False, use_qkv_bias=False, use_qk_norm=False, norm_topk_prob=True,
-    routed_scaling_factor=1.0, n_shared_experts=1, num_shared_experts=1,
-    num_shared_expert=1, first_k_dense_replace=0, decoder_sparse_step=1,
+    routed_scaling_factor=1.0, first_k_dense_replace=0, decoder_sparse_step=1,
     mlp_only_layers=[], moe_layer_freq=1, rope_scaling=None, partial_rotary_factor=0.5,
     topk_method="noaux_tc", scoring_func="sigmoid",
 )
@@ -533,7 +534,7 @@ ARCHS.update({
     "deepseek_v41": Arch(config=lambda g: dict(q_lora_rank=2 * g["head_dim"], index_head_dim=32,
                                                index_n_heads=2, index_topk=8, o_groups=2, o_lora_rank=64)),
     "dots1": Arch(config=lambda g: dict(first_k_dense_replace=1)),
-    "ernie4_5_moe": Arch(config=lambda g: dict(moe_layer_start_index=1, moe_num_shared_experts=1)),
+    "ernie4_5_moe": Arch(config=lambda g: dict(moe_layer_start_index=1)),
     "exaone_moe": Arch(
         config=lambda g: dict(layer_types=_alternate(g["num_layers"]),
                               is_moe_layer=[i > 0 for i in range(g["num_layers"])])
