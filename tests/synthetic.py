@@ -600,7 +600,8 @@ ARCHS.update({
                               mla_scale_q_lora=True, mla_scale_kv_lora=True,
                               q_lora_rank=2 * g["head_dim"]),
     ),
-    "longcat_flash_ngram": Arch(config=lambda g: ARCHS["longcat_flash"].config(g)),
+    # N-gram embeddings are ngram_vocab_size_ratio x vocab rows: keep them small.
+    "longcat_flash_ngram": Arch(config=lambda g: dict(ARCHS["longcat_flash"].config(g), ngram_vocab_size_ratio=2)),
     "mellum": Arch(
         config=lambda g: dict(
             layer_types=_alternate(g["num_layers"]),
@@ -636,9 +637,9 @@ ARCHS.update({
             final_logit_softcapping=30.0, output_multiplier=1.0, moe_hidden_size=g["hidden_size"] // 2,
             num_shared_experts=0,
         ),
-        # transformers' config check wants the (absent) towers sized to the text model.
-        top=lambda g: dict(audio_config={"out_hidden_size": g["hidden_size"]},
-                           vision_config={"out_hidden_size": g["hidden_size"]}),
+        # transformers' config check wants the audio tower (which mlx-lm never builds)
+        # sized to the text model; no vision_config, so no vision tower.
+        top=lambda g: dict(audio_config={"out_hidden_size": g["hidden_size"]}),
         # mlx_lm's muse_spark chat-template module only formats responses: the
         # tokenizer must bring its own template.
         tokenizer={"chat_template": "{% for m in messages %}{{ m['content'] }}{% endfor %}"},

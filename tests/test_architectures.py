@@ -130,6 +130,12 @@ def test_tiny_config_exercises_the_architecture(arch_case, arch):
     assert {k for _, k in case["experts"]} <= {1, 2}
     # Sliding windows and attention chunks wrap within the prompt.
     assert all(w < PROMPT_LEN for w in case["windows"]), case["windows"]
+    # Hybrids keep attention layers, windowed models keep full-attention ones.
+    kinds = case["kinds"]
+    if kinds & {"ArraysCache", "MambaCache"}:
+        assert kinds & {"KVCache", "RotatingKVCache", "ChunkedKVCache"}, kinds
+    if kinds & {"RotatingKVCache", "ChunkedKVCache"}:
+        assert "KVCache" in kinds, kinds
 
 
 @pytest.mark.parametrize("arch", ARCHS)
