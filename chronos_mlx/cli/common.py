@@ -324,6 +324,13 @@ def check_load_options(opts: LoadOptions):
         from ..profiles import resolve_profile
 
         resolve_profile(opts.profile)
+    from ..config_check import check_config, check_tokenizer_files
+    from ..loader import resolve_model_path
+
+    path = resolve_model_path(opts.model)  # config and tokenizer files: before any other output
+    if (path / "config.json").exists():
+        check_config(path)
+    check_tokenizer_files(path)
 
 
 def attach_expert_verifier(runtime):
