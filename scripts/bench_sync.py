@@ -24,6 +24,10 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if "--cpu" in sys.argv:  # before mlx_lm is imported: its generate_step binds its stream's device then
+    import mlx.core as mx
+
+    mx.set_default_device(mx.cpu)
 
 from chronos_mlx.bench import RESIDENT, BenchConfig, asdict, measure, measure_interleaved, replay_texts, report  # noqa: E402
 from chronos_mlx.workloads import load_prompts  # noqa: E402
@@ -54,8 +58,11 @@ def main():
 
     if args.cpu:
         import mlx.core as mx
+        import mlx_lm.generate
 
         mx.set_default_device(mx.cpu)
+        # mlx_lm made its generation stream on the default device of import time.
+        mlx_lm.generate.generation_stream = mx.new_stream(mx.cpu)
     replay = not args.greedy and not args.temp
     if args.routing == "trained" and not replay:
         ap.error("--routing trained needs replay (no --greedy / --temp)")
