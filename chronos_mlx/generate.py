@@ -252,12 +252,17 @@ def generate_step(
     if intent is not None:
         runtime.prefetch_intent(intent.ranked())
 
-    planner = SegmentPlanner(
-        n_moe,
-        forced=None if segment_ends is None else frozenset(segment_ends),
-        # Before anything is measured: a layer misses about as often as experts are absent.
-        miss=np.full(n_moe, 1.0 - runtime.info.get("budget_fraction", 1.0)) if streaming else None,
-    )
+    # What the planner learned (miss rates, costs) carries over from one generation to the next.
+    planner = getattr(runtime, "segment_planner", None)
+    if segment_ends is not None or planner is None or planner.n_layers != n_moe:
+        planner = SegmentPlanner(
+            n_moe,
+            forced=None if segment_ends is None else frozenset(segment_ends),
+            # Before anything is measured: a layer misses about as often as experts are absent.
+            miss=np.full(n_moe, 1.0 - runtime.info.get("budget_fraction", 1.0)) if streaming else None,
+        )
+        if segment_ends is None:
+            runtime.segment_planner = planner
     step = launch(prompt, speculate=optimistic, ends=planner.ends() if optimistic else frozenset())
     # Per-layer reads of the decode steps (the first one is launched right below) count too.
     n, t_first, t_last, syncs_at_first, io_at_first = 0, None, 0.0, runtime.layer_syncs, 0.0

@@ -138,6 +138,7 @@ class Runtime:
         self.layer_syncs = 0
         self._record: StepRecord | None = None
         self.resume = None  # (resume.ResumeState, decoder index per MoE layer) when installable
+        self.segment_planner = None  # verification.SegmentPlanner: what the decode loop learned
 
     # --- routing (called by StreamingSwitch) -------------------------------------------
     def route(self, layer: int, indices: mx.array, x: mx.array | None = None):

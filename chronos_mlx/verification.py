@@ -14,7 +14,10 @@ whole-token optimism (no end; one read after the step) are the two extremes.
   seconds = base + sync x ends + layer x recomputed layers + recovery x recoveries
   (I/O waits excluded: loads cost the same wherever the ends are);
 and picks the ends minimising the expected cost with a small dynamic programme over
-layers. Now and then it tries a neighbouring plan so the model keeps seeing varied steps.
+layers. It also keeps the measured seconds per step of that plan and of "every layer an
+end" (what per-layer routing costs) and uses the latter while it is faster, so a wrong
+model never makes decoding slower than per-layer routing for long; each is re-measured
+now and then.
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ class SegmentPlanner:
     _steps: int = 0
     _plan: frozenset = frozenset()
     _coef: np.ndarray = field(default_factory=lambda: _PRIOR.copy())
+    _measured: dict = field(default_factory=dict)  # "every" / "planned" -> seconds per step
+    _calls: int = 0
 
     def __post_init__(self):
         if self.miss is None:
@@ -56,6 +61,11 @@ class SegmentPlanner:
             self.miss[layer] += self.decay * (float(layer in missed) - self.miss[layer])
 
     def observe_step(self, seconds: float, ends: int, recomputed_layers: int, recoveries: int):
+        # Measured, not modelled: seconds per step with every layer an end (what per-layer
+        # routing costs) and with the planned ends. The model can be wrong; this cannot.
+        kind = "every" if ends >= self.n_layers else "planned"
+        old = self._measured.get(kind)
+        self._measured[kind] = seconds if old is None else 0.8 * old + 0.2 * seconds
         x = np.array([1.0, ends, recomputed_layers, recoveries])
         # Recent steps weigh more: the machine and the cache change.
         self._xtx = 0.98 * self._xtx + np.outer(x, x)
@@ -72,17 +82,22 @@ class SegmentPlanner:
 
     # --- decisions -------------------------------------------------------------------------
     def ends(self) -> frozenset:
-        """The segment ends for the next step."""
+        """The segment ends for the next step: the cost model's plan, unless every layer as
+        an end (per-layer routing inside the step) has measured faster lately."""
         if self.forced is not None:
             return self.forced
-        self._steps_planned = getattr(self, "_steps_planned", 0) + 1
-        n = self._steps_planned
+        self._calls += 1
+        n = self._calls
         if n % self.replan_every == 1 or self.replan_every == 1:
             self._plan = plan_ends(self.miss, *self.coefficients()[1:])
-        if n % self.explore_every == 0:  # vary the features the cost model is fitted on
-            alt = frozenset(range(self.n_layers)) if len(self._plan) < self.n_layers // 2 else frozenset()
-            return alt
-        return self._plan
+        every = frozenset(range(self.n_layers))
+        choice = self._plan
+        t_every, t_plan = self._measured.get("every"), self._measured.get("planned")
+        if choice != every and t_every is not None and t_plan is not None and t_every < t_plan:
+            choice = every
+        if n % self.explore_every == 0:  # keep both measurements (and the model's features) fresh
+            choice = every if choice != every else (self._plan if self._plan != every else frozenset())
+        return choice
 
 
 def plan_ends(miss: np.ndarray, sync_s: float, layer_s: float, recovery_s: float) -> frozenset:

@@ -94,3 +94,14 @@ def test_tokens_are_stocks_wherever_the_segments_end(models, name):
             assert stats["recomputes"] > 0  # the misses were real
         if label == "every layer":
             assert stats["recomputes"] == 0  # every layer was routed before it computed
+
+
+def test_every_layer_an_end_is_used_while_it_measures_faster_than_the_plan():
+    planner = SegmentPlanner(4, miss=np.zeros(4), explore_every=1000)
+    assert planner.ends() == frozenset()  # nothing misses: the plan is one read after the step
+    planner.observe_step(0.010, ends=0, recomputed_layers=2, recoveries=1)  # the plan, measured
+    planner.observe_step(0.004, ends=4, recomputed_layers=0, recoveries=0)  # every layer, measured
+    assert planner.ends() == frozenset(range(4))
+    for _ in range(20):  # the plan gets cheaper (misses stopped)
+        planner.observe_step(0.002, ends=0, recomputed_layers=0, recoveries=0)
+    assert planner.ends() == frozenset()
