@@ -63,6 +63,7 @@ class _Step:
     observations: Optional[list] = None  # per-layer routing, reported once the step is kept
     ends: frozenset = frozenset()  # the segment ends it was launched with
     may_miss: bool = False  # some expert it could use was absent at launch
+    misses_at_launch: Optional[list] = None  # per-layer demand loads before a per-layer step
     miss: Optional[SegmentMiss] = None  # it stopped at a segment end: this layer missed
 
 
@@ -129,7 +130,8 @@ def generate_step(
         this one is undone)."""
         state = resumable[0] if resumable else None
         # With every expert resident nothing can miss, and nothing needs undoing.
-        undoable = optimistic and (can_miss() or (behind is not None and behind.may_miss))
+        # (A per-layer step cannot miss: it needs one only if the step behind it may be undone.)
+        undoable = optimistic and ((speculate and can_miss()) or (behind is not None and behind.may_miss))
         checkpoint = Checkpoint(prompt_cache) if undoable else None
         after = None
         with mx.stream(generation_stream()):
@@ -140,9 +142,11 @@ def generate_step(
             try:
                 if not (optimistic and speculate):
                     runtime.deferred_observations = [] if optimistic else None
+                    misses = [L.counters.misses for L in runtime.cache.layers] if optimistic else None
                     y, lp = forward(tokens, after)  # per-layer routing loads what it needs as it goes
                     step = _Step(tokens, y, lp, None, None, False, checkpoint)
                     step.observations = runtime.deferred_observations
+                    step.misses_at_launch = misses
                     return step
                 try:
                     with runtime.recording(ends) as record:
@@ -178,6 +182,10 @@ def generate_step(
                 if step.record is not None:
                     runtime.account_step(step.record, step.record.known, loaded)
                     planner.observe_misses(step.record.layers, step.record.missed_at_end)
+                elif step.misses_at_launch is not None:  # routed per layer: which layers loaded
+                    layers = runtime.cache.layers
+                    missed = {i for i, L in enumerate(layers) if L.counters.misses > step.misses_at_launch[i]}
+                    planner.observe_misses(range(len(layers)), missed)
                 return step, discarded
             if step.miss is None:
                 host = np.array(step.flat)
@@ -274,10 +282,12 @@ def generate_step(
             ends = planner.ends() if optimistic and can_miss() else frozenset()
             if step.y is None:  # it stopped at a segment end: finish it before building on it
                 step, _ = settle(step, None)
-            nxt = launch(step.y, speculate=optimistic, ends=ends, behind=step) if n != max_tokens else None
+            # Every layer an end is per-layer routing: take that path (no record, no checkpoint).
+            speculate = optimistic and len(ends) < n_moe
+            nxt = launch(step.y, speculate=speculate, ends=ends, behind=step) if n != max_tokens else None
             step, discarded = settle(step, nxt)
             if discarded and nxt is not None:
-                nxt = launch(step.y, speculate=optimistic, ends=ends)
+                nxt = launch(step.y, speculate=speculate, ends=ends)
             token = step.y.item()
             c.host_syncs += 1
             now = time.perf_counter()

@@ -35,7 +35,7 @@ _PRIOR = np.array([0.0, 1e-4, 1e-3, 5e-4])  # base, sync, layer, recovery
 class SegmentPlanner:
     n_layers: int
     decay: float = 0.1  # weight of the newest step in the miss estimates
-    replan_every: int = 8
+    replan_every: int = 16
     explore_every: int = 16
     miss: np.ndarray = None  # per MoE layer: chance of missing in a step
     forced: frozenset | None = None  # fixed ends (tests, benchmarks); None: plan
@@ -89,14 +89,20 @@ class SegmentPlanner:
         self._calls += 1
         n = self._calls
         if n % self.replan_every == 1 or self.replan_every == 1:
-            self._plan = plan_ends(self.miss, *self.coefficients()[1:])
+            _, sync_s, layer_s, recovery_s = self.coefficients()
+            # Redoing a layer costs at least its share of a whole step: the fit alone can
+            # drift towards "recomputation is free" when few steps recompute.
+            measured = [t for t in self._measured.values() if t is not None]
+            if measured:
+                layer_s = max(layer_s, min(measured) / max(self.n_layers, 1))
+            self._plan = plan_ends(self.miss, sync_s, layer_s, recovery_s)
         every = frozenset(range(self.n_layers))
         choice = self._plan
         t_every, t_plan = self._measured.get("every"), self._measured.get("planned")
         if choice != every and t_every is not None and t_plan is not None and t_every < t_plan:
             choice = every
-        if n % self.explore_every == 0:  # keep both measurements (and the model's features) fresh
-            choice = every if choice != every else (self._plan if self._plan != every else frozenset())
+        if n % self.explore_every == 0 and self._plan != every:  # keep both measurements fresh
+            choice = every if choice != every else self._plan
         return choice
 
 
