@@ -153,7 +153,9 @@ def _budgets(arch):
     # The smallest budget in both modes for every type; half the experts (fewer
     # misses, more reuse) optimistically, for every module once (time on 2 cores).
     cases = [("min", arch, sync) for sync in SYNCS]
-    return cases + ([] if arch in ALIASES else [(0.5, arch, "optimistic")])
+    # At 0.5 the routing is read back only after each step, so every miss is recovered by
+    # rolling back this architecture's caches and recomputing (the hardest path).
+    return cases + ([] if arch in ALIASES else [(0.5, arch, "optimistic, no segment ends")])
 
 
 @pytest.mark.parametrize("budget,arch,sync", [c for a in ARCHS for c in _budgets(a)])
@@ -163,7 +165,9 @@ def test_streamed_tokens_match_stock(arch_case, budget, arch, sync):
         (num_experts, top_k), = set(case["experts"])
         budget = top_k / num_experts
     model, _, runtime = chronos_mlx.load(case["path"], expert_budget=budget)
-    steps = list(generate_step(mx.array(case["prompt"]), model, runtime, max_tokens=MAX_TOKENS, sync=sync))
+    ends = () if sync.endswith("no segment ends") else None
+    steps = list(generate_step(mx.array(case["prompt"]), model, runtime, max_tokens=MAX_TOKENS,
+                               sync=sync.split(",")[0], segment_ends=ends))
     assert runtime.stats()["misses"] > 0  # experts were streamed, not all resident
     assert [int(t) for t, _ in steps] == case["tokens"]
     # Logprobs too: random weights can make greedy tokens insensitive to a wrong expert.
