@@ -241,6 +241,24 @@ def _chronos_run(model, runtime, prompt, max_tokens, sync, forced=None, temp=Non
     }
 
 
+def _run_prompts(model, runtime, sync, prompts, forced, temp, max_tokens, recorder=None, progress=None) -> list:
+    """One repeat of one configuration: every prompt once (stock when `runtime` is None)."""
+    runs = []
+    for i, prompt in enumerate(prompts):
+        f = forced[i] if forced is not None else None
+        if temp:
+            mx.random.seed(i)
+        if recorder is not None:
+            recorder.mark()
+        if runtime is None:
+            runs.append(_stock_run(model, prompt, max_tokens, f, temp))
+        else:
+            runs.append(_chronos_run(model, runtime, prompt, max_tokens, sync, f, temp))
+        if progress:
+            progress()
+    return runs
+
+
 def _aggregate(runs: list[dict]) -> dict:
     """One repeat over all prompts -> the stat names `generate --json` uses."""
     steps = sum(r["decode_steps"] for r in runs)
@@ -340,19 +358,7 @@ def measure(config: BenchConfig, model_path, prompts, *, max_tokens=64, repeats=
         if r == warmup and recorder is not None:  # Belady starts where the measured runs start
             start = {l: len(seq) for l, seq in recorder.sequences.items()}
             initial = _resident_sets(runtime)
-        runs = []
-        for i, prompt in enumerate(prompts):
-            f = forced[i] if forced is not None else None
-            if temp:
-                mx.random.seed(i)
-            if recorder is not None:
-                recorder.mark()
-            if runtime is None:
-                runs.append(_stock_run(model, prompt, max_tokens, f, temp))
-            else:
-                runs.append(_chronos_run(model, runtime, prompt, max_tokens, config.sync, f, temp))
-            if progress:
-                progress()
+        runs = _run_prompts(model, runtime, config.sync, prompts, forced, temp, max_tokens, recorder, progress)
         if r >= warmup:
             results.append(_aggregate(runs))
     out = {"name": config.name, "kind": config.kind, "load_s": load_s, **_summarise(results),
@@ -440,15 +446,7 @@ def measure_interleaved(configs, model_path, prompts, *, max_tokens=64, repeats=
             recorder = recorders[cfg.name]
             if r == warmup and recorder is not None:
                 marks[cfg.name] = ({l: len(seq) for l, seq in recorder.sequences.items()}, _resident_sets(runtime))
-            runs = []
-            for i, p in enumerate(prompts):
-                f = forced[i] if forced is not None else None
-                if temp:
-                    mx.random.seed(i)
-                if recorder is not None:
-                    recorder.mark()
-                runs.append(_stock_run(model, p, max_tokens, f, temp) if runtime is None
-                            else _chronos_run(model, runtime, p, max_tokens, cfg.sync, f, temp))
+            runs = _run_prompts(model, runtime, cfg.sync, prompts, forced, temp, max_tokens, recorder)
             if r >= warmup:
                 per_config[cfg.name].append(_aggregate(runs))
     rows = []
