@@ -521,7 +521,7 @@ def wait_until(t: float) -> None:
 def _preadv_full(fd: int, offset: int, views: list, path: Path):
     got, total = 0, sum(len(v) for v in views)
     while got < total:
-        n = os.preadv(fd, _skip(views, got), offset + got)
+        n = os.preadv(fd, _skip(views, got) if got else views, offset + got)
         if n <= 0:
             raise ShardError(f"{path}: read past end of file at offset {offset + got}")
         got += n
