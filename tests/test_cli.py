@@ -223,6 +223,32 @@ def test_chat_ends_cleanly_at_end_of_input(runner):
     assert result.exit_code == 0, result.output
 
 
+def test_chat_on_a_sliding_window_model_equals_stock_once_the_window_wrapped(runner, tmp_path):
+    """A wrapped window cannot be trimmed back exactly: the chat then feeds the whole
+    conversation again rather than continue from entries that are gone."""
+    import mlx_lm
+    from synthetic import write_synthetic_moe
+
+    path = write_synthetic_moe(tmp_path / "oss", "gpt_oss", bits=4, seed=9)  # sliding window of 8 tokens
+    model, tokenizer = mlx_lm.load(str(path))
+    model.set_dtype(mx.float32)
+    turns = ["The quick brown fox jumps over the lazy dog", "Then the dog barks at the fox", "And both sleep"]
+    expected, conversation = "", ""
+    for message in turns:
+        if conversation and not conversation.endswith("\n"):
+            conversation += "\n"
+        conversation += message
+        tokens = stock_greedy((model, tokenizer), conversation, 6)
+        shown = stock_text((model, tokenizer), tokens)
+        conversation = tokenizer.decode(tokenizer.encode(conversation) + tokens)
+        expected += shown if shown.endswith("\n") else shown + "\n"
+
+    result = runner.invoke(app, ["chat", "-m", str(path), "--max-tokens", "6", "-b", "0.5"], input="\n".join(turns) + "\n")
+
+    assert result.exit_code == 0, result.output
+    assert result.stdout == expected
+
+
 def test_chat_turns_equal_stock_mlx_lm_on_the_whole_conversation(runner, stock):
     """Without a chat template the turns are joined as plain text (a newline between a reply
     and the next message); each reply, computed from the reused KV cache, is mlx_lm's greedy

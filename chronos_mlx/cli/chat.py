@@ -85,6 +85,7 @@ class ChatSession:
             keep += 1
         keep = min(keep, len(ids) - 1)  # the model needs at least one token to run on
         self._trim_to(keep)
+        keep = min(keep, min(c.offset for c in self.cache))  # 0 when the cache was started afresh
         self.cached = list(ids[:keep])
         return ids[keep:]
 
@@ -106,9 +107,19 @@ class ChatSession:
         offset = min(c.offset for c in self.cache)
         keep = min(offset, trusted, len(tokens))
         self._trim_to(keep)
-        self.cached = tokens[:keep]
+        self.cached = tokens[: min(keep, min(c.offset for c in self.cache))]  # [] if started afresh
 
     def _trim_to(self, n: int):
+        """Keep the first `n` tokens' entries. A cache that can no longer be trimmed exactly
+        (a sliding window that wrapped) is started afresh instead: the next turn then feeds
+        the whole conversation, which is slower but computes exactly what stock would."""
+        from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache
+
+        if not any(c.offset > n for c in self.cache):
+            return
+        if not can_trim_prompt_cache(self.cache):
+            self.cache, self.cached = make_prompt_cache(self.model), []
+            return
         for c in self.cache:
             if c.offset > n:
                 c.trim(c.offset - n)
