@@ -111,13 +111,22 @@ _SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
 # configs
 
 
-def _cfg_qwen3_moe(g):
+def _base(g):
+    """The config keys every hand-written builder below shares."""
     return dict(
-        architectures=["Qwen3MoeForCausalLM"],
         hidden_size=g["hidden_size"],
         num_hidden_layers=g["num_layers"],
-        intermediate_size=g["intermediate_size"],
         num_attention_heads=g["num_heads"],
+        rope_theta=g["rope_theta"],
+        max_position_embeddings=g["max_position_embeddings"],
+    )
+
+
+def _cfg_qwen3_moe(g):
+    return dict(
+        **_base(g),
+        architectures=["Qwen3MoeForCausalLM"],
+        intermediate_size=g["intermediate_size"],
         num_key_value_heads=g["num_kv_heads"],
         head_dim=g["head_dim"],
         num_experts=g["num_experts"],
@@ -127,8 +136,6 @@ def _cfg_qwen3_moe(g):
         mlp_only_layers=[],
         norm_topk_prob=True,
         rms_norm_eps=1e-6,
-        rope_theta=g["rope_theta"],
-        max_position_embeddings=g["max_position_embeddings"],
         tie_word_embeddings=False,
         attention_bias=False,
         hidden_act="silu",
@@ -138,11 +145,9 @@ def _cfg_qwen3_moe(g):
 def _cfg_qwen2_moe(g):
     # Head dim is hidden_size // num_heads in this architecture.
     return dict(
+        **_base(g),
         architectures=["Qwen2MoeForCausalLM"],
-        hidden_size=g["hidden_size"],
-        num_hidden_layers=g["num_layers"],
         intermediate_size=g["intermediate_size"],
-        num_attention_heads=g["num_heads"],
         num_key_value_heads=g["num_kv_heads"],
         num_experts=g["num_experts"],
         num_experts_per_tok=g["top_k"],
@@ -151,8 +156,6 @@ def _cfg_qwen2_moe(g):
         decoder_sparse_step=1,
         norm_topk_prob=False,
         rms_norm_eps=1e-6,
-        rope_theta=g["rope_theta"],
-        max_position_embeddings=g["max_position_embeddings"],
         tie_word_embeddings=False,
         hidden_act="silu",
     )
@@ -160,17 +163,13 @@ def _cfg_qwen2_moe(g):
 
 def _cfg_mixtral(g):
     return dict(
+        **_base(g),
         architectures=["MixtralForCausalLM"],
-        hidden_size=g["hidden_size"],
-        num_hidden_layers=g["num_layers"],
         intermediate_size=g["moe_intermediate_size"],
-        num_attention_heads=g["num_heads"],
         num_key_value_heads=g["num_kv_heads"],
         num_local_experts=g["num_experts"],
         num_experts_per_tok=g["top_k"],
         rms_norm_eps=1e-5,
-        rope_theta=g["rope_theta"],
-        max_position_embeddings=g["max_position_embeddings"],
         tie_word_embeddings=False,
         hidden_act="silu",
     )
@@ -178,18 +177,14 @@ def _cfg_mixtral(g):
 
 def _cfg_phimoe(g):
     return dict(
+        **_base(g),
         architectures=["PhiMoEForCausalLM"],
-        hidden_size=g["hidden_size"],
-        num_hidden_layers=g["num_layers"],
         intermediate_size=g["moe_intermediate_size"],
-        num_attention_heads=g["num_heads"],
         num_key_value_heads=g["num_kv_heads"],
         num_local_experts=g["num_experts"],
         num_experts_per_tok=g["top_k"],
         rms_norm_eps=1e-5,
-        rope_theta=g["rope_theta"],
         rope_scaling=None,  # plain RoPE
-        max_position_embeddings=g["max_position_embeddings"],
         original_max_position_embeddings=g["max_position_embeddings"],
         router_jitter_noise=0.01,
         tie_word_embeddings=False,
@@ -198,19 +193,15 @@ def _cfg_phimoe(g):
 
 def _cfg_olmoe(g):
     return dict(
+        **_base(g),
         architectures=["OlmoeForCausalLM"],
-        hidden_size=g["hidden_size"],
-        num_hidden_layers=g["num_layers"],
         intermediate_size=g["moe_intermediate_size"],
-        num_attention_heads=g["num_heads"],
         num_key_value_heads=g["num_kv_heads"],
         head_dim=g["head_dim"],
         num_experts=g["num_experts"],
         num_experts_per_tok=g["top_k"],
         norm_topk_prob=False,
         rms_norm_eps=1e-5,
-        rope_theta=g["rope_theta"],
-        max_position_embeddings=g["max_position_embeddings"],
         attention_bias=False,
         tie_word_embeddings=False,
     )
@@ -219,17 +210,13 @@ def _cfg_olmoe(g):
 def _cfg_granitemoe(g):
     # Multipliers of ibm-granite/granite-3.0-1b-a400m.
     return dict(
+        **_base(g),
         architectures=["GraniteMoeForCausalLM"],
-        hidden_size=g["hidden_size"],
-        num_hidden_layers=g["num_layers"],
         intermediate_size=g["moe_intermediate_size"],
-        num_attention_heads=g["num_heads"],
         num_key_value_heads=g["num_kv_heads"],
         num_local_experts=g["num_experts"],
         num_experts_per_tok=g["top_k"],
         rms_norm_eps=1e-6,
-        rope_theta=g["rope_theta"],
-        max_position_embeddings=g["max_position_embeddings"],
         attention_bias=False,
         logits_scaling=6.0,
         attention_multiplier=0.015625,
@@ -243,12 +230,10 @@ def _cfg_deepseek_v2(g):
     # MLA sizes follow DeepSeek-V2-Lite's proportions to head_dim.
     hd = g["head_dim"]
     return dict(
+        **_base(g),
         architectures=["DeepseekV2ForCausalLM"],
-        hidden_size=g["hidden_size"],
-        num_hidden_layers=g["num_layers"],
         intermediate_size=g["intermediate_size"],
         moe_intermediate_size=g["moe_intermediate_size"],
-        num_attention_heads=g["num_heads"],
         num_key_value_heads=g["num_heads"],
         n_routed_experts=g["num_experts"],
         n_shared_experts=1,
@@ -263,13 +248,11 @@ def _cfg_deepseek_v2(g):
         qk_nope_head_dim=hd,
         v_head_dim=hd,
         rms_norm_eps=1e-6,
-        rope_theta=g["rope_theta"],
         rope_scaling={
             "type": "yarn",
             "factor": 1.0,
             "original_max_position_embeddings": g["max_position_embeddings"],
         },
-        max_position_embeddings=g["max_position_embeddings"],
         attention_bias=False,
         tie_word_embeddings=False,
     )
@@ -281,20 +264,16 @@ def _gpt_oss_layer_types(n):
 
 def _cfg_gpt_oss(g):
     return dict(
+        **_base(g),
         architectures=["GptOssForCausalLM"],
-        hidden_size=g["hidden_size"],
-        num_hidden_layers=g["num_layers"],
         intermediate_size=g["moe_intermediate_size"],
-        num_attention_heads=g["num_heads"],
         num_key_value_heads=g["num_kv_heads"],
         head_dim=g["head_dim"],
         num_local_experts=g["num_experts"],
         num_experts_per_tok=g["top_k"],
         rms_norm_eps=1e-5,
-        rope_theta=g["rope_theta"],
         rope_scaling=None,
         sliding_window=g["sliding_window"],
-        max_position_embeddings=g["max_position_embeddings"],
         layer_types=_gpt_oss_layer_types(g["num_layers"]),
         tie_word_embeddings=False,
     )
@@ -302,16 +281,12 @@ def _cfg_gpt_oss(g):
 
 def _cfg_llama(g):
     return dict(
+        **_base(g),
         architectures=["LlamaForCausalLM"],
-        hidden_size=g["hidden_size"],
-        num_hidden_layers=g["num_layers"],
         intermediate_size=g["intermediate_size"],
-        num_attention_heads=g["num_heads"],
         num_key_value_heads=g["num_kv_heads"],
         head_dim=g["head_dim"],
         rms_norm_eps=1e-5,
-        rope_theta=g["rope_theta"],
-        max_position_embeddings=g["max_position_embeddings"],
         tie_word_embeddings=False,
         hidden_act="silu",
     )
