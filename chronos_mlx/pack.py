@@ -29,6 +29,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from .errors import ModelError
+from .files import check_can_create
 from .profiles import atomic_write_text, check_fingerprint, fingerprint_of, load_profile, save_profile
 
 PACK_FILE = "chronos-pack.json"
@@ -167,13 +168,7 @@ def pack(model, profile, out_dir, *, seed: int = 0, overwrite: bool = False, on_
         raise ModelError("pack needs networkx: pip install 'chronos-mlx[layout]'") from None
     plan = plan_model(model)
     src, out = plan.path, Path(out_dir).expanduser()
-    probe = out
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    if not probe.is_dir():
-        raise ModelError(f"{out}: not a directory")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise ModelError(f"{probe}: cannot write there (permission denied)")
+    check_can_create(out, ModelError)
     if out.resolve() == src.resolve():
         raise ModelError(f"{out}: pack writes a new checkpoint; the output must not be the model itself")
     if out.exists() and any(out.iterdir()) and not overwrite:

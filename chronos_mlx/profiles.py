@@ -30,6 +30,7 @@ import mlx.core as mx
 import numpy as np
 
 from .errors import ProfileError
+from .files import check_can_create
 from .usage import ActivationStats
 
 PROFILE_FORMAT = "chronos-mlx-profile"
@@ -332,14 +333,7 @@ def check_writable(path: Path):
             data = None
         if not (isinstance(data, dict) and data.get("format") == PROFILE_FORMAT) and not _is_profile_file(path):
             raise ProfileError(f"{path}: exists and is not a chronos profile; not overwriting it (choose another --out)")
-    parent = path.parent
-    probe = parent
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    if not probe.is_dir():
-        raise ProfileError(f"{parent}: not a directory")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise ProfileError(f"{parent}: cannot write there (permission denied)")
+    check_can_create(path.parent, ProfileError, where=path.parent)
 
 
 def _is_profile_file(path: Path) -> bool:

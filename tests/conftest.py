@@ -25,6 +25,16 @@ def stock_greedy(path, prompt_ids, max_tokens, dtype=mx.float32):
     return ids, logprobs
 
 
+def stock_text(stock, tokens: list) -> str:
+    """The text mlx_lm's detokenizer makes of `tokens` (stock = (model, tokenizer))."""
+    detok = stock[1].detokenizer
+    detok.reset()
+    for t in tokens:
+        detok.add_token(t)
+    detok.finalize()
+    return detok.text
+
+
 @pytest.fixture(scope="session")
 def demo_prompt_ids():
     from mlx_lm.utils import load_tokenizer

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 import chronos_mlx
 from chronos_mlx.cli import common as cli
 from chronos_mlx.cli import app
+from conftest import stock_text
 
 PROMPT = "The Roman Empire"
 REQUIRED_STATS = (
@@ -61,13 +62,6 @@ def stock_greedy(stock, text: str, max_tokens: int) -> list:
     return tokens
 
 
-def stock_text(stock, tokens: list) -> str:
-    detok = stock[1].detokenizer
-    detok.reset()
-    for t in tokens:
-        detok.add_token(t)
-    detok.finalize()
-    return detok.text
 
 
 def run_json(runner, *args):

@@ -28,7 +28,7 @@ import chronos_mlx
 from chronos_mlx.cli import app
 from chronos_mlx.errors import ChronosError, ProfileError, ShardError
 
-from conftest import DEMO
+from conftest import DEMO, stock_text
 
 PROMPT = "The Roman Empire"
 SHARD = "model.safetensors"
@@ -769,13 +769,6 @@ def test_multi_turn_plain_chat_equals_generate_on_the_exact_conversation_text(ru
     assert replies[1] == stock_text(stock, stock_greedy(stock, conversation, 8))
 
 
-def stock_text(stock, tokens):
-    detok = stock[1].detokenizer
-    detok.reset()
-    for t in tokens:
-        detok.add_token(t)
-    detok.finalize()
-    return detok.text
 
 
 def test_pack_that_fails_at_the_end_leaves_no_complete_looking_output(tmp_path, monkeypatch):

@@ -52,18 +52,25 @@ class ChronosGroup(TyperGroup):
         sys.exit(rv if isinstance(rv, int) and not isinstance(rv, bool) else 0)
 
 
-app = typer.Typer(
-    name="chronos",
+def command_group(name: str, help: str, **kwargs) -> typer.Typer:
+    """A typer app (the CLI or one of its sub-command groups) with the CLI's shared settings."""
+    return typer.Typer(
+        name=name,
+        help=help,
+        no_args_is_help=True,
+        add_completion=False,
+        rich_markup_mode="rich",
+        pretty_exceptions_show_locals=False,
+        context_settings={"help_option_names": ["-h", "--help"]},
+        **kwargs,
+    )
+
+
+app = command_group(
+    "chronos",
+    "Run Mixture-of-Experts models whose experts do not fit in memory: expert weights are "
+    "streamed from the safetensors shards into a fixed budget, and the tokens are exactly "
+    "stock mlx_lm's.\n\n"
+    "Without [bold]--model[/bold] every command uses the small embedded demo model.",
     cls=ChronosGroup,
-    help=(
-        "Run Mixture-of-Experts models whose experts do not fit in memory: expert weights are "
-        "streamed from the safetensors shards into a fixed budget, and the tokens are exactly "
-        "stock mlx_lm's.\n\n"
-        "Without [bold]--model[/bold] every command uses the small embedded demo model."
-    ),
-    no_args_is_help=True,
-    add_completion=False,
-    rich_markup_mode="rich",
-    pretty_exceptions_show_locals=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
 )

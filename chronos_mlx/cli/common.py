@@ -559,14 +559,19 @@ def read_prompt(prompt: Optional[str], prompt_file: Optional[Path]) -> str:
             return sys.stdin.read()
         except UnicodeDecodeError:
             raise CliError("the prompt on stdin is not valid UTF-8 text") from None
+    return read_prompt_file(prompt_file)
+
+
+def read_prompt_file(path: Path, error: type[Exception] = CliError) -> str:
+    """The UTF-8 text of a prompt file; every way it cannot be read is one `error`."""
     try:
-        return prompt_file.read_text(encoding="utf-8")
+        return Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise CliError(f"{prompt_file}: no such prompt file") from None
+        raise error(f"{path}: no such prompt file") from None
     except IsADirectoryError:
-        raise CliError(f"{prompt_file}: is a directory, not a prompt file") from None
+        raise error(f"{path}: is a directory, not a prompt file") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise CliError(f"{prompt_file}: cannot read prompt file ({e})") from None
+        raise error(f"{path}: cannot read prompt file ({e})") from None
 
 
 TEMPLATE_HELP = (

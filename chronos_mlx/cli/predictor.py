@@ -22,20 +22,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ..errors import ChronosError
-from .common import err, out, user_errors as _user_errors
+from .app import command_group
+from .common import err, out, read_prompt_file, user_errors as _user_errors
 
 
-predictor_app = typer.Typer(
-    name="predictor",
-    help=(
-        "Expert predictors for prefetching: record routing traces from the model itself, train the "
-        "lookahead router, the Markov chain and the intent classifier, and measure how well they predict."
-    ),
-    no_args_is_help=True,
-    add_completion=False,
-    rich_markup_mode="rich",
-    pretty_exceptions_show_locals=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
+predictor_app = command_group(
+    "predictor",
+    "Expert predictors for prefetching: record routing traces from the model itself, train the "
+    "lookahead router, the Markov chain and the intent classifier, and measure how well they predict.",
 )
 
 
@@ -56,14 +50,7 @@ def read_prompts(files: list[Path], limit: Optional[int] = None) -> list[str]:
         raise PredictorCliError("give at least one --prompts FILE.jsonl")
     prompts = []
     for f in files:
-        try:
-            lines = Path(f).read_text(encoding="utf-8").splitlines()
-        except FileNotFoundError:
-            raise PredictorCliError(f"{f}: no such prompt file") from None
-        except IsADirectoryError:
-            raise PredictorCliError(f"{f}: is a directory, not a prompt file") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise PredictorCliError(f"{f}: cannot read prompt file ({e})") from None
+        lines = read_prompt_file(f, PredictorCliError).splitlines()
         taken = 0
         for n, line in enumerate(lines, 1):
             if not line.strip():

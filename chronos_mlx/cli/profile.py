@@ -17,16 +17,13 @@ from typing import Annotated, Optional
 
 import typer
 
-profile_app = typer.Typer(
-    name="profile",
-    help=(
-        "Workload profiles: which experts a workload uses. Record one from a prompts file, then "
-        "pass [bold]--profile NAME[/bold] to generate/chat/bench to pre-warm the expert cache and "
-        "seed the usage policy."
-    ),
-    no_args_is_help=True,
-    rich_markup_mode="rich",
-    context_settings={"help_option_names": ["-h", "--help"]},
+from .app import command_group
+
+profile_app = command_group(
+    "profile",
+    "Workload profiles: which experts a workload uses. Record one from a prompts file, then "
+    "pass [bold]--profile NAME[/bold] to generate/chat/bench to pre-warm the expert cache and "
+    "seed the usage policy.",
 )
 
 
@@ -81,9 +78,6 @@ def record(
 
     [cyan]chronos profile record --name italian --prompts it.jsonl --max-tokens 32[/cyan]
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from .common import LoadOptions, load_model
     from ..errors import ChronosError
     from ..profiles import check_name, check_writable, profile_path_for, recording_lock
     from ..workloads import read_prompts
