@@ -97,9 +97,17 @@ def generate_step(
     n_moe = len(runtime.cache.layers) if streaming else 0
 
     def forward(tokens, after=None):
+        defer_last = runtime.defer_last
+        runtime.defer_last = True  # the last MoE layer is gated too: its gate opens below
         try:
             logits = model(tokens[None], cache=prompt_cache)[:, -1, :]
+            if streaming:
+                runtime.open_gate()  # before anything starts the step
+        except BaseException:
+            runtime.drop_gate()
+            raise
         finally:
+            runtime.defer_last = defer_last
             if after is not None:  # before the sampler, which may read the caches (replay)
                 after.restore()
         logprobs = logits - mx.logsumexp(logits, keepdims=True)

@@ -380,6 +380,46 @@ class ShardReader:
             self.read_calls += len(runs)
         return done
 
+    def plain_reads(self, nbytes: int, paths) -> bool:
+        """Whether a batch of `nbytes` from `paths` is best read by the calling thread
+        alone with one pread per range (`pread`): no O_DIRECT bounce, and too small to
+        split across threads (see `_split`)."""
+        if not hasattr(os, "preadv") or nbytes >= 2 * self.min_bytes_per_thread and self.threads > 1:
+            return False
+        for path in paths:
+            if self._direct.get(path, self._want_direct):
+                return False
+        return True
+
+    def pread(self, path: Path, offset: int, out) -> None:
+        """Fill the writable buffer `out` from `path` at `offset` (no checks: see `check`)."""
+        fd = self._fds.get(path)
+        if fd is None:
+            fd = self._fd(path)
+        try:
+            n = os.preadv(fd, [out], offset)
+            if n < out.nbytes:  # a short read (rare): finish it
+                _preadv_full(fd, offset + n, _skip([memoryview(out).cast("B")], n), path)
+        except OSError as e:
+            raise ShardError(f"{path}: read failed at offset {offset} ({e.strerror or e})") from None
+
+    def pread_views(self, path: Path, offset: int, views: list) -> None:
+        """Fill consecutive buffers from one contiguous range of `path` (one vectored read)."""
+        try:
+            _preadv_full(self._fds.get(path) or self._fd(path), offset, views, path)
+        except OSError as e:
+            raise ShardError(f"{path}: read failed at offset {offset} ({e.strerror or e})") from None
+
+    def account(self, sizes: list, calls: int, started: float) -> list[float]:
+        """Count reads made with `pread` since `started`; returns when each of `sizes` counts
+        as arrived (now, or later under a SimulatedSSD)."""
+        with self._lock:
+            self.bytes_read += sum(sizes)
+            self.read_calls += calls
+        if self.simulator is not None:
+            return self.simulator.schedule(sizes, started)
+        return [started] * len(sizes)
+
     def _read_group(self, group: list):
         for r, fd in group:
             try:

@@ -131,9 +131,10 @@ class StreamingSwitch(nn.Module):
             y = mx.unflatten(y[inv_order], 0, indices.shape)
         else:
             y = self._experts(x, slots, False)
-        if self._runtime.mode == "sync" and not self._runtime.cache.layers[self._layer].full:
-            # Per-layer routing reads the next layer's indices soon: start this layer's
-            # experts now, so they compute while Python builds the next layer's graph.
+        if self._runtime.mode == "sync" and not self._runtime.gated(self._layer) and not self._runtime.cache.layers[self._layer].full:
+            # Routed on the spot: start this layer's experts now, so they compute while
+            # Python builds the next layer's graph. (A gated layer must not start before
+            # its gate opens.)
             mx.async_eval(y)
         return y.squeeze(-2)
 
