@@ -33,6 +33,16 @@ from chronos_mlx.bench import RESIDENT, BenchConfig, asdict, measure, measure_in
 from chronos_mlx.workloads import load_prompts  # noqa: E402
 
 
+def _unpipelined(setup):
+    def apply(model, runtime):
+        if setup is not None:
+            setup(model, runtime)
+        if runtime is not None:
+            runtime.pipelined = False
+
+    return apply
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None)
@@ -44,7 +54,7 @@ def main():
     ap.add_argument("--io-sim", default=None)
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--modes", default="optimistic,per-layer,mlx_lm",
-                    help="chronos variants: optimistic (segments), per-layer, mlx_lm (the chronos model in stock mlx_lm's loop); :predictor appends one")
+                    help="chronos variants: optimistic (segments), per-layer (gated), per-layer-stop (per-layer that stops graph construction at each layer, as before gates), mlx_lm (the chronos model in stock mlx_lm's loop); :predictor appends one")
     ap.add_argument("--interleave", action="store_true", help="load all, measure round-robin (noisy machines)")
     ap.add_argument("--max-prompt-tokens", type=int, default=128)
     ap.add_argument("--greedy", action="store_true", help="greedy decoding instead of replay")
@@ -99,7 +109,10 @@ def main():
             opts = {"io_sim": args.io_sim} if args.io_sim else {}
             if predictor:
                 opts["predictor"] = predictor
-            configs.append(BenchConfig(f"chronos-{variant}@{b}", budget=b, sync=mode, options=opts, setup=setup))
+            cfg_setup = setup
+            if mode == "per-layer-stop":  # per-layer routing that stops graph construction at each layer (before gates)
+                mode, cfg_setup = "per-layer", _unpipelined(setup)
+            configs.append(BenchConfig(f"chronos-{variant}@{b}", budget=b, sync=mode, options=opts, setup=cfg_setup))
     rows = []
     if args.interleave:
         rows = measure_interleaved(configs, args.model, prompts, max_tokens=args.max_tokens,
