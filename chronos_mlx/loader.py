@@ -260,7 +260,7 @@ def load(
     expert_budget=1.0,
     *,
     dtype=None,
-    policy: str = "lru",
+    policy: str = "usage",
     direct_io: bool = False,
     prewarm: bool = True,
     io_sim=None,

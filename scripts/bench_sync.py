@@ -63,6 +63,7 @@ def main():
                     help="trained: trained-like routing for random-weight checkpoints (needs replay)")
     ap.add_argument("--no-probe", action="store_true", help="skip the read-bandwidth probe")
     ap.add_argument("--cpu", action="store_true", help="run MLX's CPU backend (also on a GPU host)")
+    ap.add_argument("--policies", default="lru", help="cache policies to compare (lru, lfu, usage), each with every mode")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -105,14 +106,19 @@ def main():
     configs = [BenchConfig(RESIDENT, kind=RESIDENT, setup=setup)]
     for b in args.budgets.split(","):
         for variant in args.modes.split(","):
-            mode, _, predictor = variant.partition(":")
-            opts = {"io_sim": args.io_sim} if args.io_sim else {}
-            if predictor:
-                opts["predictor"] = predictor
-            cfg_setup = setup
-            if mode == "per-layer-stop":  # per-layer routing that stops graph construction at each layer (before gates)
-                mode, cfg_setup = "per-layer", _unpipelined(setup)
-            configs.append(BenchConfig(f"chronos-{variant}@{b}", budget=b, sync=mode, options=opts, setup=cfg_setup))
+            for policy in args.policies.split(","):
+                mode, _, predictor = variant.partition(":")
+                opts = {"io_sim": args.io_sim} if args.io_sim else {}
+                if predictor:
+                    opts["predictor"] = predictor
+                name = f"chronos-{variant}@{b}"
+                if policy != "lru":
+                    opts["policy"] = policy
+                    name = f"chronos-{variant}-{policy}@{b}"
+                cfg_setup = setup
+                if mode == "per-layer-stop":  # per-layer routing that stops graph construction at each layer (before gates)
+                    mode, cfg_setup = "per-layer", _unpipelined(setup)
+                configs.append(BenchConfig(name, budget=b, sync=mode, options=opts, setup=cfg_setup))
     rows = []
     if args.interleave:
         rows = measure_interleaved(configs, args.model, prompts, max_tokens=args.max_tokens,

@@ -55,7 +55,8 @@ def test_trained_routing_hits_like_the_demo_model(moe64, texts, calibrated, caps
     # ... and chronos's own decode hit rate (LRU cache, replayed text) at the same budgets.
     runtime_hits = {}
     for b in R.BUDGETS:
-        row = B.measure(B.BenchConfig(f"lru@{b}", budget=str(b), sync="per-layer", setup=R.routing_setup(params)),
+        row = B.measure(B.BenchConfig(f"lru@{b}", budget=str(b), sync="per-layer", options={"policy": "lru"},
+                                       setup=R.routing_setup(params)),
                         moe64, prompts, max_tokens=64, repeats=1, warmup=0, forced=forced)
         runtime_hits[b] = row["decode_hit_rate"]
         assert row["belady_decode_bytes_read_per_token"] <= row["decode_bytes_read_per_token"] + 1e-9

@@ -126,7 +126,7 @@ class LoadOptions:
             model=self.model,
             expert_budget=self.expert_budget,
             dtype=None if self.dtype == "auto" else self.dtype,
-            policy=("usage" if self.profile else "lru") if self.policy == "auto" else self.policy,
+            policy="usage" if self.policy == "auto" else self.policy,
             direct_io=self.direct_io,
             io_sim=self.io_sim,
         )
@@ -191,7 +191,8 @@ LOAD_OPTIONS = [
         "--policy",
         help=(
             "Which resident expert to evict when a missing one must be loaded: lru, lfu (with "
-            "aging), usage (decayed frequency, seeded by --profile). auto: usage with a profile, else lru."
+            "aging), usage (decayed frequency, seeded by --profile). auto: usage (it reads the fewest "
+            "bytes of the three on held-out text)."
         ),
     ),
     _option(
