@@ -1,9 +1,12 @@
 """Runtime: the state that ties a model's StreamingSwitch modules to its ExpertCache.
 
 Two ways to route a MoE layer:
-- "sync" (per layer): read the router's indices to the host, load what is missing, then
-  compute. Exact under any caller, including plain `mlx_lm.generate`; costs one host
-  round trip per MoE layer whose experts are not all resident.
+- "sync" (per layer): the layer's experts are computed only after the host has read the
+  router's indices and loaded what is missing. Through a gate (gates.py) by default: the
+  layer is built at once and decided when the next one is built, so graph construction
+  does not stop; a batch with more indices than slots is decided on the spot (waves).
+  Exact under any caller, including plain `mlx_lm.generate`; costs one host round trip
+  per MoE layer whose experts are not all resident.
 - "optimistic": remap the indices through the device-side expert->slot table and record
   them; the decode loop in `generate.py` reads all layers' indices back once per token
   and recomputes the token if any expert was absent. Layers whose experts are all resident
@@ -21,6 +24,7 @@ import mlx.core as mx
 import numpy as np
 
 from .cache import ExpertCache
+from .gates import close_gate, open_gate
 
 
 @dataclass
@@ -139,12 +143,12 @@ class Runtime:
         self._record: StepRecord | None = None
         self.resume = None  # (resume.ResumeState, decoder index per MoE layer) when installable
         self.segment_planner = None  # verification.SegmentPlanner: what the decode loop learned
-        # Per-layer routing gates each MoE layer (see `_gate`) instead of stopping there; the
+        # Per-layer routing gates each MoE layer (gates.py) instead of stopping there; the
         # last MoE layer of a pass is routed on the spot unless the caller opens its gate
         # (`defer_last`: chronos's decode loop does, before it starts the step).
         self.pipelined = True
         self.defer_last = False
-        self._pending_gate = None
+        self.gate = None  # gates.Gate: the MoE layer built but not yet decided
 
     @property
     def last_moe_layer(self) -> int:
@@ -167,7 +171,7 @@ class Runtime:
         if rec is None and self.pipelined and indices.size <= L.num_slots and (
             self.defer_last or layer != self.last_moe_layer
         ):
-            return self._gate(layer, L, indices, x)
+            return close_gate(self, layer, indices, x)
         if rec is not None:
             if layer not in rec.ends:
                 rec.layers.append(layer)
@@ -206,63 +210,19 @@ class Runtime:
         L.refresh()
         return self._exact_at_end(rec, layer, indices, host, L.table[indices])
 
-    # --- pipelined per-layer routing --------------------------------------------------------
-    def _gate(self, layer: int, L, indices: mx.array, x):
-        """Route `layer` exactly without stopping graph construction.
-
-        The layer's experts are built now, reading their slots through the layer's
-        gate table (device memory the host rewrites in place), and only the router's
-        indices are started. The host reads them back when the next MoE layer is built
-        (`open_gate`), loads what is missing and rewrites the table, and only then starts
-        the work that computes this layer's experts. So Python builds the next layer's
-        graph while the device computes up to this layer's router, and the device waits
-        only for the host's decision and loads, not for graph construction."""
-        scores = self._predict(layer, x) if self.predictor is not None and x is not None else None
-        mx.async_eval(indices, *([scores] if scores is not None else []))
-        self._pending_gate = (layer, indices, x, scores)
-        return L.gate_table[indices]
-
+    # --- per-layer routing through gates (gates.py) ------------------------------------------
     def open_gate(self):
-        """Decide the pending gated layer: read its indices, load its missing experts, point
-        its gate table at their slots. Must run before anything that computes its experts
-        is evaluated (the next layer's routing, or the decode loop after the forward)."""
-        gate = self._pending_gate
-        if gate is None:
-            return
-        self._pending_gate = None
-        layer, indices, x, scores = gate
-        L = self.cache.layers[layer]
-        # This runs once per MoE layer per token while the device waits: keep it lean.
-        if self._planned:
-            self.wait_planned(layer)
-        host = np.array(indices).reshape(-1)
-        self.layer_syncs += 1
-        if not self.observers:
-            pass
-        elif self.deferred_observations is not None:
-            self.deferred_observations.append((layer, host, x))
-        else:
-            self._observe(layer, host, x)
-        uniq = np.unique(host)
-        if self._predicted:
-            self._score_prediction(layer, uniq)
-        L.counters.hits += host.size - len(uniq)
-        if (L.slot_of[uniq] >= 0).all():  # mapped means complete; nothing evicts it meanwhile
-            L.counters.hits += len(uniq)
-        else:
-            self.load_for(layer, uniq)
-        self.cache.mark_used(layer, uniq)
-        self.cache.write_gate_table(layer)
-        if scores is not None:
-            self._prefetch(layer, scores)
+        """Decide the pending gated layer (gates.open_gate)."""
+        if self.gate is not None:
+            open_gate(self)
 
     def gated(self, layer: int) -> bool:
         """Whether `layer` waits at a gate (its experts must not be evaluated yet)."""
-        return self._pending_gate is not None and self._pending_gate[0] == layer
+        return self.gate is not None and self.gate.layer == layer
 
     def drop_gate(self):
         """Forget a gated layer whose forward pass was abandoned (nothing will compute it)."""
-        self._pending_gate = None
+        self.gate = None
 
     # --- segmented verification ------------------------------------------------------------
     def _verify_segment(self, rec: StepRecord, indices: mx.array):

@@ -1,4 +1,4 @@
-"""Runtime: per-layer routing through gates.
+"""Per-layer routing through gates (gates.py, used by Runtime.route).
 
 A gated MoE layer's experts are built before its router's choice is known (they read their
 slots through a device table) and computed only after the host has read that choice at the
@@ -69,7 +69,7 @@ def test_an_outside_caller_never_sees_a_gate_left_open_after_a_forward_pass(demo
     cache = make_prompt_cache(model)
     for token in demo_prompt_ids[:4]:
         model(mx.array([[token]]), cache=cache)
-        assert runtime._pending_gate is None
+        assert runtime.gate is None
 
 
 def test_a_caller_that_defers_the_last_layer_opens_its_gate_itself(demo_prompt_ids):
@@ -80,7 +80,7 @@ def test_a_caller_that_defers_the_last_layer_opens_its_gate_itself(demo_prompt_i
     logits = model(mx.array([demo_prompt_ids[:1]]), cache=make_prompt_cache(model))
     assert runtime.gated(runtime.last_moe_layer)
     runtime.open_gate()
-    assert runtime._pending_gate is None
+    assert runtime.gate is None
     mx.eval(logits)
 
 
