@@ -1,7 +1,8 @@
 """Eviction policies. A policy only orders experts of one layer; the cache does the rest.
 
 Interface: `touch(experts)` on every use, `added(e)` / `removed(e)` as slots change, and
-`victim(protected)` names the resident expert to evict, never one in `protected`.
+`victim(protected)` names the resident expert to evict, never one in `protected`;
+`victims(n, protected)` the first n of them at once (a demand batch evicts several).
 
 Policies choose *which* resident expert to evict and nothing else, so every policy gives
 exactly the same tokens; only hit rates differ.
@@ -51,6 +52,16 @@ class LRUPolicy:
                 return e
         raise RuntimeError("every resident expert is protected: no victim")
 
+    def victims(self, n: int, protected) -> list:
+        """Up to `n` experts to evict, first victim first (as n calls of `victim` would)."""
+        out = []
+        for e in self._order:
+            if len(out) == n:
+                break
+            if e not in protected:
+                out.append(e)
+        return out
+
 
 def _ids(experts) -> np.ndarray:
     return np.fromiter(experts, dtype=np.int64)
@@ -77,12 +88,28 @@ class _ScoredPolicy:
         return mask
 
     def _pick(self, mask: np.ndarray, key: np.ndarray) -> int:
-        cand = np.flatnonzero(mask)
-        if not len(cand):
+        ranked = self._rank(mask, key, 1)
+        if not ranked:
             raise RuntimeError("every resident expert is protected: no victim")
-        # Lowest key; among equal keys the least recently used.
-        order = np.lexsort((self.last_use[cand], key[cand]))
-        return int(cand[order[0]])
+        return ranked[0]
+
+    def _rank(self, mask: np.ndarray, key: np.ndarray, n: int, first=None) -> list:
+        """The `n` first candidates in eviction order: lowest key, then least recently used
+        (`first`, a boolean per expert, goes before everything: evicted first when True)."""
+        cand = np.flatnonzero(mask)
+        keys = (self.last_use[cand], key[cand]) if first is None else (self.last_use[cand], key[cand], ~first[cand])
+        return cand[np.lexsort(keys)[:n]].tolist()
+
+    def victims(self, n: int, protected) -> list:
+        """Up to `n` experts to evict, first victim first (as n calls of `victim` would:
+        evicting one changes no other's rank)."""
+        return self._rank(self._candidates(protected), self._victim_key(), n, self._victim_first())
+
+    def _victim_key(self) -> np.ndarray:
+        return self.key
+
+    def _victim_first(self):
+        return None
 
 
 class LFUDAPolicy(_ScoredPolicy):
@@ -192,6 +219,12 @@ class UsagePolicy(_ScoredPolicy):
         mask = self._candidates(protected)
         unpinned = mask & ~self.pinned
         return self._pick(unpinned if unpinned.any() else mask, self.live + self.prior)
+
+    def _victim_key(self) -> np.ndarray:
+        return self.live + self.prior
+
+    def _victim_first(self):
+        return ~self.pinned  # unpinned experts go first, pinned only when nothing else is left
 
 
 POLICIES = {"lru": LRUPolicy, "lfu": LFUDAPolicy, "usage": UsagePolicy}

@@ -272,7 +272,7 @@ def test_a_keyboard_interrupt_anywhere_in_a_batch_leaves_the_cache_consistent(sl
         "read": (cache, "_read_experts"),
         "wait": (cache_mod, "wait_until"),
         "map": (cache, "_map"),
-        "reserve": (cache, "_take_slot"),
+        "reserve": (cache, "_take_slots"),
     }
     obj, name = targets[where]
     real = getattr(obj, name)

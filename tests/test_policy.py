@@ -82,6 +82,30 @@ def test_victim_is_never_protected_and_always_resident(name):
             policy.victim(set(resident))
 
 
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_a_batch_of_victims_is_what_one_victim_at_a_time_would_evict(name):
+    """A demand batch evicts several experts at once (`victims`): same experts, same order
+    as asking for one victim, evicting it, and asking again."""
+    import copy
+
+    rng = np.random.default_rng(1)
+    policy = make_policy(name, 32)
+    if name == "usage":
+        policy.seed(rng.random(32), num_slots=12, pin=True)
+    for e in rng.choice(32, 20, replace=False).tolist():
+        policy.added(e)
+    for _ in range(200):
+        policy.touch(rng.choice(32, 4, replace=False).tolist())
+    for n in (1, 3, 8):
+        protected = set(rng.choice(32, 5, replace=False).tolist())
+        one_by_one, p = [], copy.deepcopy(policy)
+        for _ in range(n):
+            v = p.victim(protected)
+            one_by_one.append(v)
+            p.removed(v)
+        assert policy.victims(n, protected) == one_by_one
+
+
 def test_unknown_policy_is_a_clear_error():
     with pytest.raises(ChronosError, match="choose from lru, lfu, usage"):
         make_policy("fifo", 8)
