@@ -292,9 +292,6 @@ class ShardReader:
         self._direct: dict[Path, bool] = {}
         self._want_direct = direct
         self._mmaps: dict[Path, mmap.mmap] = {}
-        self._views: dict[Path, memoryview] = {}
-        self._mapped_bytes = 0
-        self.drop_mapped_every = 64 << 20
         self._lock = threading.Lock()
         self._bounce = threading.local()
         self.bytes_read = 0
@@ -413,28 +410,6 @@ class ShardReader:
         except OSError as e:
             raise ShardError(f"{path}: read failed at offset {offset} ({e.strerror or e})") from None
 
-    def mapped(self, path: Path) -> memoryview:
-        """The whole shard as a read-only memoryview of its mmap (nothing is read until a slice
-        is copied; see `copied`). Callers `check` the shard first: a file truncated under a
-        mapping would fault instead of failing cleanly."""
-        mv = self._views.get(path)
-        if mv is None:
-            mv = self._views[path] = memoryview(self._mmap(path))
-        return mv
-
-    def copied(self, nbytes: int) -> None:
-        """`nbytes` were copied out of mappings: once enough have been, the mapped pages are
-        dropped from this process (they stay in the page cache), so the resident size keeps
-        measuring the model and the slots, not the shards read through."""
-        self._mapped_bytes += nbytes
-        if self._mapped_bytes >= self.drop_mapped_every:
-            self._mapped_bytes = 0
-            for mm in list(self._mmaps.values()):
-                try:
-                    mm.madvise(mmap.MADV_DONTNEED)
-                except (AttributeError, OSError, ValueError):  # no madvise here: the OS reclaims them
-                    pass
-
     def account(self, sizes: list, calls: int, started: float) -> list[float]:
         """Count reads made with `pread` since `started`; returns when each of `sizes` counts
         as arrived (now, or later under a SimulatedSSD)."""
@@ -519,9 +494,6 @@ class ShardReader:
             for fd in self._fds.values():
                 os.close(fd)
             self._fds.clear()
-            for mv in self._views.values():
-                mv.release()
-            self._views.clear()
             for mm in self._mmaps.values():
                 mm.close()
             self._mmaps.clear()
