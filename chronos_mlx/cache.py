@@ -527,30 +527,41 @@ class ExpertCache:
         L = self.layers[layer]
         wanted = [int(e) for e in experts]
         keep = set(wanted) | set(protect)
-        with self._lock:
-            for e, (slot, fut, is_prefetch) in list(L.pending.items()):
-                if is_prefetch and e not in keep and fut.cancel():
-                    L.pending.pop(e)
-                    L.expert_in[slot] = -1
-                    L.counters.prefetch_cancelled += 1
-            items = []
-            for e in wanted:
-                if len(items) >= limit:
-                    break
-                if L.slot_of[e] >= 0 or e in L.pending:
-                    continue
-                slot = self._take_slot(L, keep)
-                if slot is None:
-                    break
-                L.expert_in[slot] = -2
-                items.append((e, slot))
-            batch = self._reserve(L, items, prefetch=True)
-        if batch:
-            if self.pool is None:
-                self._run_batch(L, batch, prefetch=True)
-            else:
-                self.pool.submit(self._run_batch, L, batch, True)
+        # Claiming slots, registering their loads and starting them is one section Ctrl-C
+        # cannot cut (a Ctrl-C held until its end must not find loads registered but never
+        # started); only the wait for a simulated drive is outside it.
+        deadline = 0.0
+        with deferred_sigint():
+            with self._lock:
+                batch = self._claim_for_prefetch(L, wanted, keep, limit)
+            if batch:
+                if self.pool is None:
+                    deadline = self._run_batch(L, batch, prefetch=True, wait=False)
+                else:
+                    self.pool.submit(self._run_batch, L, batch, True)
+        wait_until(deadline)
         return len(batch)
+
+    def _claim_for_prefetch(self, L: LayerSlots, wanted: list, keep: set, limit: int) -> list:
+        """Cancel unwanted prefetches not started, claim slots for up to `limit` of `wanted`
+        and register their loads. Lock held."""
+        for e, (slot, fut, is_prefetch) in list(L.pending.items()):
+            if is_prefetch and e not in keep and fut.cancel():
+                L.pending.pop(e)
+                L.expert_in[slot] = -1
+                L.counters.prefetch_cancelled += 1
+        items = []
+        for e in wanted:
+            if len(items) >= limit:
+                break
+            if L.slot_of[e] >= 0 or e in L.pending:
+                continue
+            slot = self._take_slot(L, keep)
+            if slot is None:
+                break
+            L.expert_in[slot] = -2
+            items.append((e, slot))
+        return self._reserve(L, items, prefetch=True)
 
     def write_gate_table(self, layer: int):
         """Point the layer's gate table at where its experts are now (absent: slot 0).
