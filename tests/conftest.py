@@ -35,6 +35,17 @@ def stock_text(stock, tokens: list) -> str:
     return detok.text
 
 
+def synthetic_models(root, cases: dict) -> dict:
+    """{name: checkpoint path}: the demo model for (None), else a small random checkpoint
+    written under `root` for (model_type, seed) (4-bit, the writer's defaults)."""
+    from synthetic import write_synthetic_moe
+
+    return {
+        name: DEMO if case is None else write_synthetic_moe(root / name.split()[0], case[0], bits=4, seed=case[1])
+        for name, case in cases.items()
+    }
+
+
 @pytest.fixture(scope="session")
 def demo_prompt_ids():
     from mlx_lm.utils import load_tokenizer

@@ -111,27 +111,25 @@ _SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
 # configs
 
 
-def _base(g):
-    """The config keys every hand-written builder below shares."""
+def _base(g, *names):
+    """The config keys every hand-written builder below shares, plus `names` taken from the
+    geometry under mlx-lm's usual spelling (`_sizes`: "head_dim", "num_local_experts", ...)."""
+    sizes = _sizes(g)
     return dict(
         hidden_size=g["hidden_size"],
         num_hidden_layers=g["num_layers"],
         num_attention_heads=g["num_heads"],
         rope_theta=g["rope_theta"],
         max_position_embeddings=g["max_position_embeddings"],
+        **{n: sizes[n] for n in names},
     )
 
 
 def _cfg_qwen3_moe(g):
     return dict(
-        **_base(g),
+        **_base(g, "num_experts_per_tok", "intermediate_size", "num_key_value_heads", "head_dim", "num_experts",
+                "moe_intermediate_size"),
         architectures=["Qwen3MoeForCausalLM"],
-        intermediate_size=g["intermediate_size"],
-        num_key_value_heads=g["num_kv_heads"],
-        head_dim=g["head_dim"],
-        num_experts=g["num_experts"],
-        num_experts_per_tok=g["top_k"],
-        moe_intermediate_size=g["moe_intermediate_size"],
         decoder_sparse_step=1,
         mlp_only_layers=[],
         norm_topk_prob=True,
@@ -145,14 +143,9 @@ def _cfg_qwen3_moe(g):
 def _cfg_qwen2_moe(g):
     # Head dim is hidden_size // num_heads in this architecture.
     return dict(
-        **_base(g),
+        **_base(g, "num_experts_per_tok", "intermediate_size", "num_key_value_heads", "num_experts",
+                "moe_intermediate_size", "shared_expert_intermediate_size"),
         architectures=["Qwen2MoeForCausalLM"],
-        intermediate_size=g["intermediate_size"],
-        num_key_value_heads=g["num_kv_heads"],
-        num_experts=g["num_experts"],
-        num_experts_per_tok=g["top_k"],
-        moe_intermediate_size=g["moe_intermediate_size"],
-        shared_expert_intermediate_size=g["shared_expert_intermediate_size"],
         decoder_sparse_step=1,
         norm_topk_prob=False,
         rms_norm_eps=1e-6,
@@ -163,12 +156,9 @@ def _cfg_qwen2_moe(g):
 
 def _cfg_mixtral(g):
     return dict(
-        **_base(g),
+        **_base(g, "num_experts_per_tok", "num_key_value_heads", "num_local_experts"),
         architectures=["MixtralForCausalLM"],
         intermediate_size=g["moe_intermediate_size"],
-        num_key_value_heads=g["num_kv_heads"],
-        num_local_experts=g["num_experts"],
-        num_experts_per_tok=g["top_k"],
         rms_norm_eps=1e-5,
         tie_word_embeddings=False,
         hidden_act="silu",
@@ -177,12 +167,9 @@ def _cfg_mixtral(g):
 
 def _cfg_phimoe(g):
     return dict(
-        **_base(g),
+        **_base(g, "num_experts_per_tok", "num_key_value_heads", "num_local_experts"),
         architectures=["PhiMoEForCausalLM"],
         intermediate_size=g["moe_intermediate_size"],
-        num_key_value_heads=g["num_kv_heads"],
-        num_local_experts=g["num_experts"],
-        num_experts_per_tok=g["top_k"],
         rms_norm_eps=1e-5,
         rope_scaling=None,  # plain RoPE
         original_max_position_embeddings=g["max_position_embeddings"],
@@ -193,13 +180,9 @@ def _cfg_phimoe(g):
 
 def _cfg_olmoe(g):
     return dict(
-        **_base(g),
+        **_base(g, "num_experts_per_tok", "num_key_value_heads", "head_dim", "num_experts"),
         architectures=["OlmoeForCausalLM"],
         intermediate_size=g["moe_intermediate_size"],
-        num_key_value_heads=g["num_kv_heads"],
-        head_dim=g["head_dim"],
-        num_experts=g["num_experts"],
-        num_experts_per_tok=g["top_k"],
         norm_topk_prob=False,
         rms_norm_eps=1e-5,
         attention_bias=False,
@@ -210,12 +193,9 @@ def _cfg_olmoe(g):
 def _cfg_granitemoe(g):
     # Multipliers of ibm-granite/granite-3.0-1b-a400m.
     return dict(
-        **_base(g),
+        **_base(g, "num_experts_per_tok", "num_key_value_heads", "num_local_experts"),
         architectures=["GraniteMoeForCausalLM"],
         intermediate_size=g["moe_intermediate_size"],
-        num_key_value_heads=g["num_kv_heads"],
-        num_local_experts=g["num_experts"],
-        num_experts_per_tok=g["top_k"],
         rms_norm_eps=1e-6,
         attention_bias=False,
         logits_scaling=6.0,
@@ -230,14 +210,10 @@ def _cfg_deepseek_v2(g):
     # MLA sizes follow DeepSeek-V2-Lite's proportions to head_dim.
     hd = g["head_dim"]
     return dict(
-        **_base(g),
+        **_base(g, "num_experts_per_tok", "intermediate_size", "moe_intermediate_size", "n_routed_experts"),
         architectures=["DeepseekV2ForCausalLM"],
-        intermediate_size=g["intermediate_size"],
-        moe_intermediate_size=g["moe_intermediate_size"],
         num_key_value_heads=g["num_heads"],
-        n_routed_experts=g["num_experts"],
         n_shared_experts=1,
-        num_experts_per_tok=g["top_k"],
         routed_scaling_factor=1.0,
         topk_method="greedy",
         moe_layer_freq=1,
@@ -264,13 +240,9 @@ def _gpt_oss_layer_types(n):
 
 def _cfg_gpt_oss(g):
     return dict(
-        **_base(g),
+        **_base(g, "num_experts_per_tok", "num_key_value_heads", "head_dim", "num_local_experts"),
         architectures=["GptOssForCausalLM"],
         intermediate_size=g["moe_intermediate_size"],
-        num_key_value_heads=g["num_kv_heads"],
-        head_dim=g["head_dim"],
-        num_local_experts=g["num_experts"],
-        num_experts_per_tok=g["top_k"],
         rms_norm_eps=1e-5,
         rope_scaling=None,
         sliding_window=g["sliding_window"],
@@ -281,11 +253,8 @@ def _cfg_gpt_oss(g):
 
 def _cfg_llama(g):
     return dict(
-        **_base(g),
+        **_base(g, "intermediate_size", "num_key_value_heads", "head_dim"),
         architectures=["LlamaForCausalLM"],
-        intermediate_size=g["intermediate_size"],
-        num_key_value_heads=g["num_kv_heads"],
-        head_dim=g["head_dim"],
         rms_norm_eps=1e-5,
         tie_word_embeddings=False,
         hidden_act="silu",

@@ -7,9 +7,8 @@ from mlx_lm.models.cache import make_prompt_cache
 
 import chronos_mlx
 from chronos_mlx.generate import generate_step, stream_generate
-from synthetic import write_synthetic_moe
 
-from conftest import DEMO
+from conftest import DEMO, synthetic_models
 
 
 def _stock(path, prompt, n):
@@ -33,12 +32,8 @@ def _kv(cache):
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("gen")
-    return {
-        "demo": DEMO,
-        "mixtral": write_synthetic_moe(root / "mixtral", "mixtral", bits=4, seed=5),
-        "qwen2_moe": write_synthetic_moe(root / "qwen2", "qwen2_moe", bits=4, seed=6),
-    }
+    cases = {"demo": None, "mixtral": ("mixtral", 5), "qwen2_moe": ("qwen2_moe", 6)}
+    return synthetic_models(tmp_path_factory.mktemp("gen"), cases)
 
 
 @pytest.mark.parametrize("name", ["demo", "mixtral", "qwen2_moe"])

@@ -16,9 +16,8 @@ import pytest
 import chronos_mlx
 from chronos_mlx.generate import generate_step
 from chronos_mlx.verification import SegmentPlanner, plan_ends
-from synthetic import write_synthetic_moe
 
-from conftest import DEMO
+from conftest import synthetic_models
 
 TOKENS = 12
 
@@ -58,13 +57,13 @@ def test_the_planner_learns_which_layers_miss_and_what_a_step_costs():
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("segments")
-    return {
-        "plain (demo)": DEMO,
-        "shared expert (qwen2_moe)": write_synthetic_moe(root / "qwen2", "qwen2_moe", bits=4, seed=6),
-        "hybrid (qwen3_next)": write_synthetic_moe(root / "next", "qwen3_next", bits=4, seed=7),
-        "sliding window (gpt_oss)": write_synthetic_moe(root / "oss", "gpt_oss", bits=4, seed=8),
+    cases = {
+        "plain (demo)": None,
+        "shared expert (qwen2_moe)": ("qwen2_moe", 6),
+        "hybrid (qwen3_next)": ("qwen3_next", 7),
+        "sliding window (gpt_oss)": ("gpt_oss", 8),
     }
+    return synthetic_models(tmp_path_factory.mktemp("segments"), cases)
 
 
 def _stock(path, prompt):
