@@ -60,14 +60,15 @@ def open_gate(runtime) -> None:
         runtime.deferred_observations.append((layer, host, gate.x))
     else:
         runtime._observe(layer, host, gate.x)
-    uniq = np.unique(host)
+    uniq = set(host.tolist())  # a handful of ids: Python sets beat numpy's per-call cost here
     if runtime._predicted:
-        runtime._score_prediction(layer, uniq)
+        runtime._score_prediction(layer, np.fromiter(uniq, np.int64))
     L.counters.hits += host.size - len(uniq)
-    if (L.slot_of[uniq] >= 0).all():  # mapped means complete, and nothing evicts it meanwhile
+    slot_of = L.slot_of
+    if all(slot_of[e] >= 0 for e in uniq):  # mapped means complete, and nothing evicts it meanwhile
         L.counters.hits += len(uniq)
     else:
-        runtime.load_for(layer, uniq)
+        runtime.load_for(layer, sorted(uniq))
     runtime.cache.mark_used(layer, uniq)
     runtime.cache.write_gate_table(layer)
     if gate.scores is not None:

@@ -331,7 +331,7 @@ class Runtime:
         L = self.cache.layers[layer]
         L.counters.misses += loaded
         if count_hits:
-            L.counters.hits += len(np.unique(experts)) - loaded
+            L.counters.hits += len(set(np.asarray(experts).reshape(-1).tolist())) - loaded
         self.counters.io_wait_s += time.perf_counter() - t0 if loaded else 0.0
         return got
 

@@ -66,6 +66,7 @@ class ShardIndex:
     file_sizes: dict[Path, int] = field(default_factory=dict)
     # (size, mtime_ns, ctime_ns, inode, device) of each shard when it was indexed
     signatures: dict[Path, tuple] = field(default_factory=dict)
+    _expected: dict = field(default_factory=dict, repr=False)  # path -> (its str, its signature)
 
     @classmethod
     def open(cls, model_dir) -> "ShardIndex":
@@ -98,6 +99,16 @@ class ShardIndex:
 
         One `stat` (about a microsecond): size, modification and status-change times in
         nanoseconds, inode and device. Any difference is a ShardError, never garbage."""
+        expected = self._expected.get(path)
+        if expected is not None:  # the common case, lean: it runs before every batch of reads
+            try:
+                st = os.stat(expected[0])
+                if (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev) == expected[1]:
+                    return
+            except OSError:
+                pass  # explained below
+        elif path in self.signatures:
+            self._expected[path] = (os.fspath(path), self.signatures[path])
         try:
             sig = stat_signature(path)
         except FileNotFoundError:
