@@ -142,7 +142,7 @@ class _TensorReads:
     rows: list  # per slot: its bytes
     high: np.ndarray | None  # per slot: the upper halves of its float32s (bf16_high_halves)
     followed: list = None  # per expert: the next expert's bytes follow it in the same file
-    stage: np.ndarray = None  # [capacity, nbytes] staging rows for converted reads
+    stage: np.ndarray = None  # [capacity, nbytes] the main thread's staging rows for converted reads
     stage_rows: list = None
     stage_halves: np.ndarray = None
 
@@ -155,12 +155,18 @@ class _TensorReads:
                 i = j
         return out
 
-    def staging(self, k: int) -> list:
+    def staging(self, k: int):
+        """([k] staging rows, the same as uint16 [k, n/2]) for converted reads. The main
+        thread reuses one buffer; other threads (prefetch reads of the same layer may run
+        beside a demand load) get their own."""
+        if threading.current_thread() is not threading.main_thread():
+            stage = np.empty((k, self.nbytes), dtype=np.uint8)
+            return [memoryview(r) for r in stage], stage.view(np.uint16)
         if self.stage is None or len(self.stage) < k:
             self.stage = np.empty((max(k, 8), self.nbytes), dtype=np.uint8)
             self.stage_rows = [memoryview(r) for r in self.stage]
             self.stage_halves = self.stage.view(np.uint16)
-        return self.stage_rows
+        return self.stage_rows, self.stage_halves
 
 
 @dataclass
@@ -699,7 +705,10 @@ class ExpertCache:
         try:
             for t in plan:
                 fds, offsets, n = t.fds, t.offsets, t.nbytes
-                dest = t.rows if t.high is None else t.staging(k)
+                if t.high is None:
+                    dest = t.rows
+                else:
+                    dest, halves = t.staging(k)
                 slot_or_row = [s for _, s in items] if t.high is None else range(k)
                 if adjacent:  # one read per run of neighbours on disk
                     for i, j in t.runs(experts):
@@ -712,7 +721,7 @@ class ExpertCache:
                             raise EOFError
                     calls += k
                 if t.high is not None:
-                    t.high[[s for _, s in items]] = t.stage_halves[:k]
+                    t.high[[s for _, s in items]] = halves[:k]
         except EOFError:
             raise ShardError(f"{t.paths}: a shard ends before the expert data it lists (truncated?)") from None
         except OSError as e:

@@ -11,6 +11,10 @@ then runs the gather_qmm products that read them and waits. Ways of writing:
   pages the GPU just read migrate back and forth.
 - functional: the bytes are copied into a fresh MLX array and scattered into the slots by
   the device (`slots[ids] = staged`): one host-to-device copy, the device does the rest.
+- load: `mx.load` of a virtual safetensors file whose tensors are the experts' byte ranges
+  in the real file (`VirtualSafetensors` below): MLX reads them into host memory and copies them to
+  the device itself (on CUDA: a plain host-to-device copy into device memory), then the
+  device scatters them into the slots.
 - compute: the products only (no writes), to subtract.
 
 Prints per-iteration time and the effective write rate, host bytes / (time - compute).
@@ -19,7 +23,10 @@ Prints per-iteration time and the effective write rate, host bytes / (time - com
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import os
+import struct
 import time
 
 import mlx.core as mx
@@ -73,10 +80,103 @@ def products(p, x, idx):
     return mx.gather_qmm(a, *p["down"], rhs_indices=idx, transpose=True, group_size=64, bits=4)
 
 
+class VirtualSafetensors(io.RawIOBase):
+    """A read-only safetensors "file" assembled from byte ranges of other files.
+
+    `mx.load` of it makes MLX do what its checkpoint loader does: read into host memory and
+    copy to device memory (on CUDA one host-to-device copy, not managed pages faulted over).
+
+    `tensors` maps a name to (safetensors dtype, shape of one item, [(fd, offset, nbytes)
+    per item]); the tensor is the items stacked: [len(items), *shape]."""
+
+    def __init__(self, tensors: dict):
+        super().__init__()
+        header, segments, pos = {}, [], 0
+        for name, (dtype, shape, items) in tensors.items():
+            size = sum(n for _, _, n in items)
+            header[name] = {"dtype": dtype, "shape": [len(items), *shape], "data_offsets": [pos, pos + size]}
+            for fd, off, n in items:
+                segments.append((pos, fd, off, n))
+                pos += n
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)
+        self._head = struct.pack("<Q", len(blob)) + blob
+        self._segments = segments  # (virtual data position, fd, file offset, nbytes), in order
+        self._size = len(self._head) + pos
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        base = {0: 0, 1: self._pos, 2: self._size}[whence]
+        self._pos = base + offset
+        return self._pos
+
+    def readinto(self, out) -> int:
+        mv = memoryview(out).cast("B")
+        want = min(len(mv), self._size - self._pos)
+        done = 0
+        head = len(self._head)
+        while done < want:
+            pos = self._pos + done
+            if pos < head:
+                n = min(want - done, head - pos)
+                mv[done : done + n] = self._head[pos : pos + n]
+                done += n
+                continue
+            data_pos = pos - head
+            seg = self._find(data_pos)
+            start, fd, off, size = self._segments[seg]
+            skip = data_pos - start
+            n = min(want - done, size - skip)
+            got = os.preadv(fd, [mv[done : done + n]], off + skip)
+            if got <= 0:
+                raise OSError(f"short read at offset {off + skip}")
+            done += got
+        self._pos += done
+        return done
+
+    def _find(self, data_pos: int) -> int:
+        lo, hi = 0, len(self._segments) - 1
+        while lo < hi:  # the last segment starting at or before data_pos
+            mid = (lo + hi + 1) // 2
+            if self._segments[mid][0] <= data_pos:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
+
+def pool_file(pool, path="/tmp/slot_write_probe.bin"):
+    """The pool's experts written back to back, and each (param, tensor) range per expert."""
+    ranges, pos = [], 0
+    with open(path, "wb") as f:
+        for e in pool:
+            r = {}
+            for n in SHAPES:
+                r[n] = []
+                for a in e[n]:
+                    f.write(a.tobytes())
+                    r[n].append((pos, a.nbytes))
+                    pos += a.nbytes
+            ranges.append(r)
+    return path, ranges
+
+
 def run(method: str, slots: int, k: int, iters: int, seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
     p = make(slots)
     pool = host_experts(16, rng)
+    if method == "load":
+        path, ranges = pool_file(pool)
+        fd = os.open(path, os.O_RDONLY)
     x = mx.random.normal((k, 1, 1, 2048)).astype(mx.bfloat16)
     views = None
     if method == "inplace":
@@ -100,6 +200,18 @@ def run(method: str, slots: int, k: int, iters: int, seed: int = 0) -> dict:
                     if j:
                         staged = mx.view(staged, mx.bfloat16)
                     p[n][j][ids] = staged
+        elif method == "load":
+            picks = [int(i) for i in rng.integers(0, len(pool), k)]
+            tensors = {}
+            for n, (r, c) in SHAPES.items():
+                groups = c * 8 // 64
+                for j, (dt, shape) in enumerate([("U32", (r, c)), ("BF16", (r, groups)), ("BF16", (r, groups))]):
+                    tensors[f"{n}.{j}"] = (dt, shape, [(fd, *ranges[e][n][j]) for e in picks])
+            loaded = mx.load(VirtualSafetensors(tensors), format="safetensors")
+            ids = mx.array(sl.astype(np.uint32))
+            for n in SHAPES:
+                for j in range(3):
+                    p[n][j][ids] = loaded[f"{n}.{j}"]
         idx = mx.array(sl.astype(np.uint32)).reshape(k, 1, 1)
         y = products(p, x, idx)
         mx.eval(y)
@@ -120,7 +232,7 @@ def main():
     args = ap.parse_args()
     if args.cpu:
         mx.set_default_device(mx.cpu)
-    rows = [run(m, args.slots, args.k, args.iters) for m in ("compute", "inplace", "functional", "compute", "inplace", "functional")]
+    rows = [run(m, args.slots, args.k, args.iters) for m in ("compute", "inplace", "functional", "load", "compute", "inplace", "functional", "load")]
     base = min(r["ms_per_iter"] for r in rows if r["method"] == "compute")
     for r in rows:
         extra = r["ms_per_iter"] - base

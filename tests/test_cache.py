@@ -55,6 +55,55 @@ def test_converted_parameters_equal_stock_after_a_batch_read(runtime):
         assert np.array_equal(p.view[L.slot_of[e]], np.array(stock[e].astype(mx.float32)))
 
 
+def test_slots_reused_by_small_demand_loads_hold_every_parameter_exactly(runtime):
+    # Decode-sized loads (a few experts, most not neighbours on disk) go through the lean
+    # path: bf16 scales reach float32 slots by writing only their upper halves, which is
+    # exact only while nothing else is ever left in the lower ones. Cycle far more experts
+    # through the 16 slots than fit, then compare every parameter with stock's values.
+    cache = runtime.cache
+    L = cache.layers[5]
+    rng = np.random.default_rng(3)
+    for _ in range(40):
+        wanted = rng.choice(64, int(rng.integers(1, 5)), replace=False)
+        cache.ensure(5, wanted)
+        cache.mark_used(5, wanted)
+    stock = mx.load(str(DEMO / "model.safetensors"))
+    for name, p in L.params.items():
+        truth = stock[f"model.layers.5.mlp.switch_mlp.{name}"]
+        for e in np.flatnonzero(L.slot_of >= 0):
+            want = np.array(truth[int(e)].astype(p.slots.dtype))
+            assert np.array_equal(p.view[L.slot_of[e]], want.view(p.view.dtype)), (name, e)
+    assert L.counters.evictions > 20
+
+
+def test_a_prefetch_read_beside_a_demand_read_of_the_same_layer_never_mixes_their_bytes(runtime):
+    # A prefetch's reads (pool or planner thread) may run while the main thread loads other
+    # experts of the same layer into other slots: converted parameters are staged, and each
+    # thread must stage into its own rows.
+    cache = runtime.cache
+    L = cache.layers[4]
+    p = L.params["gate_proj.scales"]  # bf16 on disk, float32 in the slots: staged
+    truth = mx.load(str(DEMO / "model.safetensors"))["model.layers.4.mlp.switch_mlp.gate_proj.scales"]
+    want = {e: np.array(truth[e].astype(mx.float32)) for e in range(8)}
+    bad, stop = [], threading.Event()
+
+    def other_thread():
+        while not stop.is_set():
+            cache._read_small(L, [(0, 0), (1, 1), (2, 2), (3, 3)])
+            bad.extend(s for s, e in enumerate(range(4)) if not np.array_equal(p.view[s], want[e]))
+
+    t = threading.Thread(target=other_thread)
+    t.start()
+    try:
+        for _ in range(300):
+            cache._read_small(L, [(4, 4), (5, 5), (6, 6), (7, 7)])
+            bad.extend(s for s in range(4, 8) if not np.array_equal(p.view[s], want[s]))
+    finally:
+        stop.set()
+        t.join()
+    assert not bad
+
+
 def test_lru_evicts_the_least_recently_used_and_never_what_is_requested(runtime):
     cache = runtime.cache
     cache.ensure(0, list(range(16)))  # full (loaded in parallel: their order is arbitrary)

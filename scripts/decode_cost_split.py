@@ -1,0 +1,97 @@
+"""Where decode time goes under misses: host reads, load bookkeeping, copies (issue 12).
+
+    python scripts/decode_cost_split.py [--model DIR] [--budget 0.5] [--rounds 5] [--json OUT]
+
+Four configurations, interleaved round by round on the same replayed text (2 prompts):
+- stock: mlx_lm with the whole model resident;
+- reads-only: chronos at budget 1.0 with an observer attached, so every MoE layer's routing
+  is read back to the host (gated, per layer) although nothing can miss;
+- no-copies: chronos at --budget, per layer, with every expert read replaced by nothing (the
+  slots keep stale bytes: its tokens are wrong, its time is the loads' bookkeeping only);
+- budget: chronos at --budget, per layer, as shipped.
+Reports each one's fastest and median round in ms/token. Differences: reads-only - stock is
+what per-layer host reads cost; no-copies - reads-only the loads' bookkeeping; budget -
+no-copies their reads and copies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+import mlx.core as mx
+
+
+class _Watcher:
+    def observe(self, layer, experts):
+        pass
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--budget", type=float, default=0.5)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--workload", default="en")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+
+    from mlx_lm import load as stock_load
+
+    import chronos_mlx
+    from chronos_mlx import bench, loader
+    from chronos_mlx.cache import ExpertCache
+
+    prompts, forced = bench.replay_texts(args.workload, args.model, limit=2, max_prompt_tokens=16,
+                                         max_tokens=args.max_tokens)
+    stock, _ = stock_load(str(loader.resolve_model_path(args.model)))
+    target = loader.compute_dtype(None)
+    if target is not None:
+        stock.set_dtype(target)
+    mx.eval(stock.parameters())
+    resident = chronos_mlx.load(args.model, expert_budget=1.0)
+    resident[2].observers = [_Watcher()]
+    partial = chronos_mlx.load(args.model, expert_budget=args.budget)
+    hollow = chronos_mlx.load(args.model, expert_budget=args.budget)
+    real_read = ExpertCache._read_small
+
+    def no_read(self, L, items, checked=False):
+        return [0.0] * len(items)
+
+    def run(kind):
+        steps = seconds = 0.0
+        for p, f in zip(prompts, forced):
+            if kind == "stock":
+                r = bench._stock_run(stock, p, args.max_tokens, f)
+            else:
+                model, _, rt = {"reads-only": resident, "no-copies": hollow, "budget": partial}[kind]
+                ExpertCache._read_small = no_read if kind == "no-copies" else real_read
+                try:
+                    r = bench._chronos_run(model, rt, p, args.max_tokens, "per-layer", f)
+                finally:
+                    ExpertCache._read_small = real_read
+            steps += r["decode_steps"]
+            seconds += r["decode_s"]
+        return seconds / steps * 1e3
+
+    kinds = ["stock", "reads-only", "no-copies", "budget"]
+    for k in kinds:  # warm-up
+        run(k)
+    times = {k: [] for k in kinds}
+    for _ in range(args.rounds):
+        for k in kinds:
+            times[k].append(run(k))
+    out = {"budget": args.budget, "rounds": args.rounds, "ms_per_token": times}
+    for k in kinds:
+        best, med = min(times[k]), statistics.median(times[k])
+        print(f"{k:>10}: fastest {best:6.2f}  median {med:6.2f} ms/token   ratio to stock (fastest) "
+              f"{min(times['stock']) / best:.3f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
