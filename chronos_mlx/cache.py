@@ -191,7 +191,7 @@ class LayerSlots:
     policy: object
     slot_of: np.ndarray = None  # expert -> slot, -1 when absent
     expert_in: np.ndarray = None  # slot -> expert, -1 when free
-    table: mx.array = None  # device copy of slot_of, absent mapped to 0
+    _table: mx.array = None  # device copy of `table_map` (absent mapped to 0), built when first used
     identity: bool = False  # slot e holds expert e for every e: indices need no remap
     counters: LayerCounters = field(default_factory=LayerCounters)
     dirty: bool = True  # slot_of changed since `table` was built
@@ -199,7 +199,7 @@ class LayerSlots:
     pending: dict = field(default_factory=dict)  # expert -> (slot, Future, is_prefetch)
     prefetched: set = field(default_factory=set)  # loaded by a prediction, not used yet
     last_used: set = field(default_factory=set)
-    table_map: np.ndarray = None
+    table_map: np.ndarray = None  # slot_of as of the last refresh
     lock: object = None  # the cache's lock
     # Per-layer routing's expert->slot map: one device array rewritten in place by the host
     # (`write_gate_table`) before any computation that reads it is started.
@@ -210,20 +210,29 @@ class LayerSlots:
     read_plan: list = None  # _TensorReads per parameter (built at the first small read)
 
     def refresh(self):
-        """Rebuild the device table after loads (on the thread that builds the graph).
+        """Take a new snapshot of the expert->slot map after loads (on the thread that builds
+        the graph); the device table is made from it when first used.
 
-        `table_map` is the host copy the table was built from, taken under the cache lock:
-        background loads may change `slot_of` at any time, the table only changes here."""
+        `table_map` is the host copy the table is built from, taken under the cache lock:
+        background loads may change `slot_of` at any time, the table only changes here.
+        Gated per-layer routing never uses this table (it has its own, written in place), so
+        it is not built for every layer that loaded."""
         if self.dirty:
             with self.lock:
                 self.dirty = False
                 snap = self.slot_of.copy()
             self.table_map = snap
-            self.table = mx.array(np.maximum(snap, 0).astype(np.uint32))
+            self._table = None
             self.identity = self.num_slots == self.num_experts and bool(
                 (snap == np.arange(self.num_experts)).all()
             )
             self.full = bool((snap >= 0).all())
+
+    @property
+    def table(self) -> mx.array:
+        if self._table is None:
+            self._table = mx.array(np.maximum(self.table_map, 0).astype(np.uint32))
+        return self._table
 
     def resident(self, experts) -> np.ndarray:
         return self.slot_of[experts] >= 0

@@ -163,15 +163,15 @@ class Runtime:
         self.open_gate()  # the layer before this one loads what it needs before this one runs
         self.wait_planned(layer)
         L.refresh()
-        mapped = indices if L.identity else L.table[indices]
         if L.full and not self.observers:  # nothing can miss and nobody watches: no host read
             L.counters.hits += indices.size
-            return mapped
+            return indices if L.identity else L.table[indices]
         rec = self._record if self.mode == "optimistic" else None
         if rec is None and self.pipelined and indices.size <= L.num_slots and (
             self.defer_last or layer != self.last_moe_layer
         ):
             return close_gate(self, layer, indices, x)
+        mapped = indices if L.identity else L.table[indices]
         if rec is not None:
             if layer not in rec.ends:
                 rec.layers.append(layer)
