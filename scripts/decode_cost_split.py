@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 import statistics
 
 import mlx.core as mx
@@ -89,8 +90,7 @@ def main():
         print(f"{k:>10}: fastest {best:6.2f}  median {med:6.2f} ms/token   ratio to stock (fastest) "
               f"{min(times['stock']) / best:.3f}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+        Path(args.json).write_text(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 import time
 
 import numpy as np
@@ -70,8 +71,7 @@ def main():
     print(f"demand path: {out['demand']['us_per_call']:7.1f} us/call  {out['demand']['us_per_expert']:6.1f} us/expert"
           f"  ({out['demand']['experts_per_call']:.2f} experts loaded per call)")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+        Path(args.json).write_text(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":

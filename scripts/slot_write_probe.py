@@ -28,6 +28,7 @@ import json
 import os
 import struct
 import time
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -240,8 +241,7 @@ def main():
         print(f"{r['method']:>10}: {r['ms_per_iter']:8.3f} ms/iter"
               + (f"  {r['bytes_per_iter'] / 1e6:6.1f} MB  {r['write_GBps']:.2f} GB/s" if r["write_GBps"] else ""), flush=True)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": str(mx.default_device()), "args": vars(args), "rows": rows}, f, indent=1)
+        Path(args.json).write_text(json.dumps({"device": str(mx.default_device()), "args": vars(args), "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":
