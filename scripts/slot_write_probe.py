@@ -15,6 +15,8 @@ then runs the gather_qmm products that read them and waits. Ways of writing:
   in the real file (`VirtualSafetensors` below): MLX reads them into host memory and copies them to
   the device itself (on CUDA: a plain host-to-device copy into device memory), then the
   device scatters them into the slots.
+- prefetch: in place, then the written rows migrated to the GPU in bulk with the CUDA
+  driver's cuMemPrefetchAsync (through ctypes; CUDA only) before the products run.
 - compute: the products only (no writes), to subtract.
 
 Prints per-iteration time and the effective write rate, host bytes / (time - compute).
@@ -155,6 +157,22 @@ class VirtualSafetensors(io.RawIOBase):
         return lo
 
 
+def _driver():
+    """The CUDA driver's cuMemPrefetchAsync and cuCtxSynchronize (ctypes), or None."""
+    import ctypes
+
+    try:
+        lib = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+    prefetch = lib.cuMemPrefetchAsync
+    prefetch.argtypes = [ctypes.c_uint64, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
+    prefetch.restype = ctypes.c_int
+    sync = lib.cuCtxSynchronize
+    sync.restype = ctypes.c_int
+    return prefetch, sync
+
+
 def pool_file(pool, path="/tmp/slot_write_probe.bin"):
     """The pool's experts written back to back, and each (param, tensor) range per expert."""
     ranges, pos = [], 0
@@ -180,19 +198,29 @@ def run(method: str, slots: int, k: int, iters: int, seed: int = 0) -> dict:
         fd = os.open(path, os.O_RDONLY)
     x = mx.random.normal((k, 1, 1, 2048)).astype(mx.bfloat16)
     views = None
-    if method == "inplace":
+    if method in ("inplace", "prefetch"):
         views = {n: [_host_view(a) for a in arrs] for n, arrs in p.items()}
+    driver = _driver() if method == "prefetch" else None
+    if method == "prefetch" and driver is None:
+        return {"method": method, "ms_per_iter": float("nan"), "bytes_per_iter": 0, "error": "no libcuda.so.1"}
     times = []
     nbytes = 0
     for it in range(iters + 3):
         sl = rng.choice(slots, k, replace=False)
         src = [pool[int(i)] for i in rng.integers(0, len(pool), k)]
         t0 = time.perf_counter()
-        if method == "inplace":
+        if method in ("inplace", "prefetch"):
             for s, e in zip(sl.tolist(), src):
                 for n in SHAPES:
                     for v, data in zip(views[n], e[n]):
                         v[s] = data
+                        if driver is not None:
+                            err = driver[0](v[s].ctypes.data, v[s].nbytes, 0, None)
+                            if err:
+                                return {"method": method, "ms_per_iter": float("nan"), "bytes_per_iter": 0,
+                                        "error": f"cuMemPrefetchAsync returned {err}"}
+            if driver is not None:
+                driver[1]()
         elif method == "functional":
             ids = mx.array(sl.astype(np.uint32))
             for n in SHAPES:
@@ -229,13 +257,19 @@ def main():
     ap.add_argument("--k", type=int, default=8)
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--cpu", action="store_true")
+    ap.add_argument("--methods", default="compute,inplace,functional,load",
+                    help="ways of writing to compare (also: prefetch, CUDA only)")
     ap.add_argument("--json")
     args = ap.parse_args()
     if args.cpu:
         mx.set_default_device(mx.cpu)
-    rows = [run(m, args.slots, args.k, args.iters) for m in ("compute", "inplace", "functional", "load", "compute", "inplace", "functional", "load")]
+    methods = args.methods.split(",")
+    rows = [run(m, args.slots, args.k, args.iters) for m in methods + methods]
     base = min(r["ms_per_iter"] for r in rows if r["method"] == "compute")
     for r in rows:
+        if "error" in r:
+            print(f"{r['method']:>10}: {r['error']}")
+            continue
         extra = r["ms_per_iter"] - base
         r["write_GBps"] = r["bytes_per_iter"] / (extra / 1e3) / 1e9 if r["bytes_per_iter"] and extra > 0 else None
         print(f"{r['method']:>10}: {r['ms_per_iter']:8.3f} ms/iter"
