@@ -104,6 +104,31 @@ def test_a_prefetch_read_beside_a_demand_read_of_the_same_layer_never_mixes_thei
     assert not bad
 
 
+def test_short_reads_are_finished_not_mistaken_for_the_end_of_the_file(runtime, monkeypatch):
+    # preadv may return fewer bytes than asked (a signal, a network file system): the
+    # demand path finishes the read instead of failing or leaving a slot half written.
+    import os
+
+    real = os.preadv
+
+    def half(fd, buffers, offset):
+        first = memoryview(buffers[0]).cast("B")
+        return real(fd, [first[: max(1, len(first) // 2)]], offset)
+
+    monkeypatch.setattr(os, "preadv", half)
+    cache = runtime.cache
+    cache.ensure(3, [7, 8])  # neighbours on disk: one vectored read per tensor
+    cache.ensure(3, [20, 40])  # apart: one read per tensor per expert
+    monkeypatch.setattr(os, "preadv", real)
+    L = cache.layers[3]
+    stock = mx.load(str(DEMO / "model.safetensors"))
+    for name, p in L.params.items():
+        truth = stock[f"model.layers.3.mlp.switch_mlp.{name}"]
+        for e in (7, 8, 20, 40):
+            want = np.array(truth[e].astype(p.slots.dtype))
+            assert np.array_equal(p.view[L.slot_of[e]], want.view(p.view.dtype)), (name, e)
+
+
 def test_lru_evicts_the_least_recently_used_and_never_what_is_requested(runtime):
     cache = runtime.cache
     cache.ensure(0, list(range(16)))  # full (loaded in parallel: their order is arbitrary)
