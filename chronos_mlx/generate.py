@@ -287,11 +287,14 @@ def generate_step(
     try:
         while True:
             # Like mlx_lm, the step after the last yielded token runs too (its KV entries stay).
-            ends = planner.ends() if optimistic and can_miss() else frozenset()
+            # With every expert resident nothing can miss: the step is built like a plain
+            # mlx_lm step (no record, no resume outputs, nothing for the planner to learn).
+            may_miss = optimistic and can_miss()
+            ends = planner.ends() if may_miss else frozenset()
             if step.y is None:  # it stopped at a segment end: finish it before building on it
                 step, _ = settle(step, None)
             # Every layer an end is per-layer routing: take that path (no record, no checkpoint).
-            speculate = optimistic and len(ends) < n_moe
+            speculate = may_miss and len(ends) < n_moe
             nxt = launch(step.y, speculate=speculate, ends=ends, behind=step) if n != max_tokens else None
             step, discarded = settle(step, nxt)
             if discarded and nxt is not None:
@@ -299,7 +302,7 @@ def generate_step(
             token = step.y.item()
             c.host_syncs += 1
             now = time.perf_counter()
-            if t_first is not None and nxt is not None and optimistic:
+            if t_first is not None and nxt is not None and may_miss:
                 # This interval mostly ran `nxt` (its segment ends block on its compute)
                 # and any recovery of `step`; loads cost the same under any plan.
                 planner.observe_step(

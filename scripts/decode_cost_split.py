@@ -84,13 +84,20 @@ def main():
     for _ in range(args.rounds):
         for k in kinds:
             times[k].append(run(k))
-    out = {"budget": args.budget, "rounds": args.rounds, "ms_per_token": times}
-    for k in kinds:
-        best, med = min(times[k]), statistics.median(times[k])
-        print(f"{k:>10}: fastest {best:6.2f}  median {med:6.2f} ms/token   ratio to stock (fastest) "
-              f"{min(times['stock']) / best:.3f}")
+    print(_table(times))
     if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=1))
+        Path(args.json).write_text(json.dumps({"budget": args.budget, "rounds": args.rounds, "ms_per_token": times},
+                                              indent=1))
+
+
+def _table(times: dict) -> str:
+    """Fastest and median round of each configuration, and the fastest against stock's."""
+    rows = []
+    for k, v in times.items():
+        best = min(v)
+        rows.append(f"{k:>10}: fastest {best:6.2f}  median {statistics.median(v):6.2f} ms/token   "
+                    f"ratio to stock (fastest) {min(times['stock']) / best:.3f}")
+    return "\n".join(rows)
 
 
 if __name__ == "__main__":

@@ -86,6 +86,25 @@ def test_everything_resident_costs_one_host_read_per_token(demo_prompt_ids):
     assert stats["host_syncs_per_token"] <= 2
 
 
+def test_with_every_expert_resident_decode_steps_are_built_like_plain_mlx_lm_steps(demo_prompt_ids):
+    # Nothing can miss, so nothing is recorded for a verification that cannot fail: no step
+    # record, no resume outputs, nothing for the segment planner (Python work per token is
+    # what limits decoding where compute is fast). The prompt step may still be speculative.
+    model, _, runtime = chronos_mlx.load(None, expert_budget=1.0)
+    entered = []
+    real = runtime.recording
+
+    def recording(ends=frozenset()):
+        entered.append(ends)
+        return real(ends)
+
+    runtime.recording = recording
+    got = [int(t) for t, _ in generate_step(mx.array(demo_prompt_ids), model, runtime, max_tokens=16)]
+    assert len(entered) <= 1
+    assert got == [int(t) for t, _ in generate_step(mx.array(demo_prompt_ids), model, runtime, max_tokens=16,
+                                                     sync="per-layer")]
+
+
 def test_per_layer_routing_reads_indices_once_per_moe_layer(demo_prompt_ids):
     model, _, runtime = chronos_mlx.load(None, expert_budget=0.5)
     list(generate_step(mx.array(demo_prompt_ids), model, runtime, max_tokens=8, sync="per-layer"))
