@@ -214,6 +214,9 @@ class LayerSlots:
     files: list = field(default_factory=list)  # the shards its experts are in
     gate_stale: bool = True  # slot_of changed since the gate table was written
     read_plan: list = None  # _TensorReads per parameter (built at the first small read)
+    # `_read_small` converts only bf16 on disk to float32 slots (the upper halves); any
+    # other conversion (float16 on disk read at float32, ...) takes `_read_experts`.
+    lean: bool = True
 
     def refresh(self):
         """Take a new snapshot of the expert->slot map after loads (on the thread that builds
@@ -268,6 +271,7 @@ class ExpertCache:
                 p.plan()
                 params[pname] = p
             layer = LayerSlots(num_experts, num_slots, params, make_policy(policy, num_experts))
+            layer.lean = all(not p.convert or p.bf16_high_halves() is not None for p in params.values())
             layer.lock = self._lock
             layer.files = sorted({sl.path for p in params.values() for sl in p.source.slices})
             layer.slot_of = np.full(num_experts, -1, dtype=np.int64)
@@ -658,7 +662,7 @@ class ExpertCache:
         k = len(items)
         if not k:
             return []
-        if self.verifier is None and self.reader.plain_reads(k * self.bytes_on_disk_per_expert, L.files):
+        if self.verifier is None and L.lean and self.reader.plain_reads(k * self.bytes_on_disk_per_expert, L.files):
             return self._read_small(L, items, checked)
         order = sorted(range(k), key=lambda i: items[i][0])
         experts = [items[i][0] for i in order]
