@@ -25,6 +25,7 @@ from .policy import make_policy
 from .interrupts import LoadInterrupted, deferred_sigint
 from .errors import ShardError
 from .shards import ReadRun, ShardReader, _preadv_full, _skip, wait_until
+from .upload import MAX_STAGING, device_upload, slot_address
 
 MX_DTYPES = {
     "U8": mx.uint8,
@@ -98,6 +99,7 @@ class SlotParam:
     followed: list = None
     convert: bool = False  # disk dtype differs from the resident one
     slot_bytes: list = None
+    addr: int = 0  # slot 0's first byte (a device copy's destination; slots are contiguous)
 
     def plan(self):
         slices = self.source.slices
@@ -108,6 +110,7 @@ class SlotParam:
         ] + [False]
         self.convert = MX_DTYPES.get(self.source.dtype) != self.dtype
         self.slot_bytes = [memoryview(self.view[s]).cast("B") for s in range(len(self.view))]
+        self.addr = slot_address(self.view)
 
     def bf16_high_halves(self):
         """The slots' upper 16 bits of each float32 [slots, n] when this parameter is bf16 on
@@ -148,6 +151,7 @@ class _TensorReads:
     rows: list  # per slot: its bytes
     high: np.ndarray | None  # per slot: the upper halves of its float32s (bf16_high_halves)
     followed: list = None  # per expert: the next expert's bytes follow it in the same file
+    addr: int = 0  # slot 0's first byte, for device copies (slot s at addr + s * nbytes)
     stage: np.ndarray = None  # [capacity, nbytes] the main thread's staging rows for converted reads
     stage_rows: list = None
     stage_halves: np.ndarray = None
@@ -257,6 +261,9 @@ class ExpertCache:
         self.reader = reader
         self.pool = pool
         self.verifier = None  # verify.ExpertVerifier (--verify-experts): checks each expert's first read
+        # On CUDA reads land in page-locked staging and the copy engine writes the slots
+        # (upload.py); elsewhere (Apple silicon, CPU) straight into the slots. None: the latter.
+        self.upload = device_upload()
         self.layers: list[LayerSlots] = []
         self._lock = threading.RLock()
         for spec in layers:
@@ -669,6 +676,9 @@ class ExpertCache:
         slots = [items[i][1] for i in order]
         # Batch positions where a new read starts for a parameter laid out like this one.
         runs, spans, converts, param_bufs = [], [], [], []
+        up, copies, pos = self._upload_for(k), [], 0
+        if up is not None:
+            staged = memoryview(up.staging(k * self.bytes_on_disk_per_expert))
         for p in L.params.values():
             n = p.source.nbytes
             if p.convert:
@@ -676,6 +686,10 @@ class ExpertCache:
                 mv = memoryview(raw)
                 bufs = [mv[i * n : (i + 1) * n] for i in range(k)]
                 converts.append((raw, p))
+            elif up is not None:  # the copy engine writes the slots once all is read
+                bufs = [staged[pos + i * n : pos + (i + 1) * n] for i in range(k)]
+                copies += [(p.addr + s * n, pos + i * n, n) for i, s in enumerate(slots)]
+                pos += k * n
             else:
                 bufs = [p.slot_bytes[s] for s in slots]
             param_bufs.append((p, bufs))
@@ -694,6 +708,8 @@ class ExpertCache:
                 self.verifier.check(
                     layer, e, [(p.paths[e], p.offsets[e], bufs[i], tag) for (p, bufs), tag in zip(param_bufs, tags)]
                 )
+        if copies:
+            up.copy(copies)
         for raw, p in converts:
             out = np.empty((k, *p.source.shape), dtype=p.view.dtype)
             convert_into(raw, p.source.dtype, p.dtype, out)
@@ -721,14 +737,21 @@ class ExpertCache:
         experts = [e for e, _ in items]
         adjacent = any(b == a + 1 for a, b in zip(experts, experts[1:]))
         preadv, calls, t = os.preadv, 0, None
+        up, copies, pos = self._upload_for(k), [], 0
+        if up is not None:
+            staged = memoryview(up.staging(k * self.bytes_on_disk_per_expert))
         try:
             for t in plan:
                 fds, offsets, n = t.fds, t.offsets, t.nbytes
-                if t.high is None:
-                    dest = t.rows
-                else:
+                if t.high is not None:
                     dest, halves = t.staging(k)
-                slot_or_row = [s for _, s in items] if t.high is None else range(k)
+                elif up is not None:  # into staging; the copy engine writes the slots below
+                    dest = [staged[pos + i * n : pos + (i + 1) * n] for i in range(k)]
+                    copies += [(t.addr + s * n, pos + i * n, n) for i, (_, s) in enumerate(items)]
+                    pos += k * n
+                else:
+                    dest = t.rows
+                slot_or_row = [s for _, s in items] if t.high is None and up is None else range(k)
                 if adjacent:  # one read per run of neighbours on disk
                     for i, j in t.runs(experts):
                         views = [dest[r] for r in slot_or_row[i:j]]
@@ -746,7 +769,17 @@ class ExpertCache:
                     t.high[[s for _, s in items]] = halves[:k]
         except OSError as e:
             raise ShardError(f"{t.paths if t else L.files}: read failed ({e.strerror or e})") from None
+        if copies:
+            up.copy(copies)
         return self.reader.account([self.bytes_on_disk_per_expert] * k, calls, started)
+
+    def _upload_for(self, k: int):
+        """The device upload for a batch of `k` experts, or None: host writes (no device
+        copies here, or the batch is larger than a thread's staging: a whole layer at start-up)."""
+        up = self.upload
+        if up is None or k * self.bytes_on_disk_per_expert > MAX_STAGING:
+            return None
+        return up
 
     def _make_read_plan(self, L: LayerSlots) -> list:
         reader = self.reader
@@ -759,6 +792,7 @@ class ExpertCache:
                 p.slot_bytes,
                 p.bf16_high_halves() if p.convert else None,
                 p.followed,
+                p.addr,
             )
             for p in L.params.values()
         ]

@@ -17,6 +17,14 @@ then runs the gather_qmm products that read them and waits. Ways of writing:
   device scatters them into the slots.
 - prefetch: in place, then the written rows migrated to the GPU in bulk with the CUDA
   driver's cuMemPrefetchAsync (through ctypes; CUDA only) before the products run.
+- memcpy: the bytes staged in ordinary host memory, then copied into the slot's address by
+  the CUDA driver (cuMemcpyHtoD; CUDA only): the copy engine writes the device's pages,
+  nothing migrates.
+- pinned: the same from page-locked staging (cuMemHostAlloc), as a reader thread would
+  keep one per thread.
+- async: every copy of the batch queued with cuMemcpyHtoDAsync from one page-locked
+  buffer on a stream of its own, then one wait.
+- dma: as async, with the bytes already in the page-locked buffer (the copies alone).
 - compute: the products only (no writes), to subtract.
 
 Prints per-iteration time and the effective write rate, host bytes / (time - compute).
@@ -173,6 +181,64 @@ def _driver():
     return prefetch, sync
 
 
+class _Copier:
+    """Host -> slot copies through the CUDA driver (ctypes): cuMemcpyHtoD into the managed
+    address MLX gave the slot array, from pageable or page-locked staging."""
+
+    def __init__(self, pinned_bytes: int = 0):
+        import ctypes
+
+        self.ct = ctypes
+        lib = ctypes.CDLL("libcuda.so.1")
+        self.lib = lib
+        lib.cuMemcpyHtoD_v2.argtypes = [ctypes.c_uint64, ctypes.c_void_p, ctypes.c_size_t]
+        lib.cuMemHostAlloc.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t, ctypes.c_uint]
+        ctx = ctypes.c_void_p()
+        lib.cuCtxGetCurrent(ctypes.byref(ctx))
+        if not ctx.value:  # MLX made the primary context current on its own threads only
+            dev = ctypes.c_int()
+            lib.cuInit(0)
+            lib.cuDeviceGet(ctypes.byref(dev), 0)
+            lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev)
+            lib.cuCtxSetCurrent(ctx)
+        self.staging = None
+        if pinned_bytes:
+            ptr = ctypes.c_void_p()
+            err = lib.cuMemHostAlloc(ctypes.byref(ptr), pinned_bytes, 0)
+            if err:
+                raise OSError(f"cuMemHostAlloc returned {err}")
+            self.staging = np.ctypeslib.as_array((ctypes.c_uint8 * pinned_bytes).from_address(ptr.value))
+
+    def copy_async(self, dst: np.ndarray, src: np.ndarray, at: int, staged: bool = False):
+        """Stage at byte `at` of the pinned buffer (unless `staged`: already there) and
+        queue the copy; `sync` waits for all."""
+        buf = self.staging[at : at + src.nbytes]
+        if not staged:
+            buf[:] = src.reshape(-1).view(np.uint8)
+        err = self.lib.cuMemcpyHtoDAsync_v2(self.ct.c_uint64(dst.ctypes.data), self.ct.c_void_p(buf.ctypes.data),
+                                            self.ct.c_size_t(src.nbytes), self.stream)
+        if err:
+            raise OSError(f"cuMemcpyHtoDAsync returned {err}")
+        return at + src.nbytes
+
+    def make_stream(self):
+        s = self.ct.c_void_p()
+        self.lib.cuStreamCreate(self.ct.byref(s), 1)  # non-blocking
+        self.stream = s
+
+    def sync(self):
+        self.lib.cuStreamSynchronize(self.stream)
+
+    def copy(self, dst: np.ndarray, src: np.ndarray):
+        if self.staging is not None:
+            buf = self.staging[: src.nbytes]
+            buf[:] = src.reshape(-1).view(np.uint8)  # stands in for pread into the staging rows
+            src = buf
+        err = self.lib.cuMemcpyHtoD_v2(dst.ctypes.data, src.ctypes.data, src.nbytes)
+        if err:
+            raise OSError(f"cuMemcpyHtoD returned {err}")
+
+
 def pool_file(pool, path="/tmp/slot_write_probe.bin"):
     """The pool's experts written back to back, and each (param, tensor) range per expert."""
     ranges, pos = [], 0
@@ -198,7 +264,15 @@ def run(method: str, slots: int, k: int, iters: int, seed: int = 0) -> dict:
         fd = os.open(path, os.O_RDONLY)
     x = mx.random.normal((k, 1, 1, 2048)).astype(mx.bfloat16)
     views = None
-    if method in ("inplace", "prefetch"):
+    copier = None
+    if method in ("memcpy", "pinned", "async", "dma"):
+        try:
+            copier = _Copier(pinned_bytes={"memcpy": 0, "pinned": 4 << 20, "async": 32 << 20, "dma": 32 << 20}[method])
+            if method in ("async", "dma"):
+                copier.make_stream()
+        except OSError as e:
+            return {"method": method, "ms_per_iter": float("nan"), "bytes_per_iter": 0, "error": str(e)}
+    if method in ("inplace", "prefetch", "memcpy", "pinned", "async", "dma"):
         views = {n: [_host_view(a) for a in arrs] for n, arrs in p.items()}
     driver = _driver() if method == "prefetch" else None
     if method == "prefetch" and driver is None:
@@ -208,6 +282,13 @@ def run(method: str, slots: int, k: int, iters: int, seed: int = 0) -> dict:
     for it in range(iters + 3):
         sl = rng.choice(slots, k, replace=False)
         src = [pool[int(i)] for i in rng.integers(0, len(pool), k)]
+        if method == "dma":  # staged before the clock starts: the copy engine's rate alone
+            at = 0
+            for e in src:
+                for n in SHAPES:
+                    for data in e[n]:
+                        copier.staging[at : at + data.nbytes] = data.reshape(-1).view(np.uint8)
+                        at += data.nbytes
         t0 = time.perf_counter()
         if method in ("inplace", "prefetch"):
             for s, e in zip(sl.tolist(), src):
@@ -221,6 +302,18 @@ def run(method: str, slots: int, k: int, iters: int, seed: int = 0) -> dict:
                                         "error": f"cuMemPrefetchAsync returned {err}"}
             if driver is not None:
                 driver[1]()
+        elif method in ("async", "dma"):
+            at = 0
+            for s, e in zip(sl.tolist(), src):
+                for n in SHAPES:
+                    for v, data in zip(views[n], e[n]):
+                        at = copier.copy_async(v[s], data, at, staged=method == "dma")
+            copier.sync()
+        elif copier is not None:
+            for s, e in zip(sl.tolist(), src):
+                for n in SHAPES:
+                    for v, data in zip(views[n], e[n]):
+                        copier.copy(v[s], data)
         elif method == "functional":
             ids = mx.array(sl.astype(np.uint32))
             for n in SHAPES:
@@ -248,7 +341,15 @@ def run(method: str, slots: int, k: int, iters: int, seed: int = 0) -> dict:
             times.append(time.perf_counter() - t0)
             nbytes += 0 if method == "compute" else k * sum(a.nbytes for n in SHAPES for a in src[0][n])
     t = float(np.median(times))
-    return {"method": method, "ms_per_iter": t * 1e3, "bytes_per_iter": nbytes / iters}
+    out = {"method": method, "ms_per_iter": t * 1e3, "bytes_per_iter": nbytes / iters}
+    if method != "compute":  # the last iteration's experts are in their slots, bit for bit
+        for n in SHAPES:
+            for j in range(3):
+                got = np.array(mx.view(p[n][j][mx.array(sl.astype(np.uint32))], mx.uint32 if j == 0 else mx.uint16))
+                want = np.stack([e[n][j] for e in src]) if method != "load" else None
+                if want is not None and not np.array_equal(got, want):
+                    out["error"] = f"{n}.{j}: the slots do not hold what was written"
+    return out
 
 
 def main():
@@ -258,7 +359,7 @@ def main():
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--cpu", action="store_true")
     ap.add_argument("--methods", default="compute,inplace,functional,load",
-                    help="ways of writing to compare (also: prefetch, CUDA only)")
+                    help="ways of writing to compare (also: prefetch, memcpy, pinned, async, dma: CUDA only)")
     ap.add_argument("--json")
     args = ap.parse_args()
     if args.cpu:

@@ -1,0 +1,128 @@
+"""Putting expert bytes where a CUDA GPU reads them.
+
+On Apple silicon (and MLX's CPU backend) the slot arrays are plain shared memory: reads
+land in them directly and there is nothing to do. MLX's CUDA backend allocates managed
+memory: a host write pulls each page over to the host and the GPU's next read faults it
+back, page by page (an H200 took 1.2-1.4 GB/s that way, `scripts/slot_write_probe.py`).
+There the reads land in page-locked staging memory of the reading thread and the GPU's
+copy engine writes the slots (`cuMemcpyHtoDAsync` of the CUDA driver, through ctypes):
+16-18 GB/s for the copies alone on that machine, nothing migrates.
+
+`device_upload()` is the one platform switch: a `DeviceUpload` on CUDA, None elsewhere
+(and where the driver cannot be loaded, or CHRONOS_DEVICE_COPY=0): then the plain host
+writes are used.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+
+import mlx.core as mx
+import numpy as np
+
+# Page-locked staging per reading thread is at most this large; a batch above it (a
+# whole layer at start-up) is written by the host, as without a device.
+MAX_STAGING = 64 << 20
+
+
+class DeviceUpload:
+    """Copies from page-locked staging into slot memory through the CUDA driver.
+
+    Each thread that reads experts has its own staging buffer and stream (demand loads on
+    the main thread, prefetches on pool threads run side by side); `copy` returns once
+    every copy it queued is complete, so a slot written this way is like one the host
+    wrote: the caller maps the expert afterwards."""
+
+    def __init__(self, lib):
+        """`lib`: the CUDA driver (`_driver()`), or anything with the same few calls."""
+        self._lib = lib
+        self._local = threading.local()
+        self.copies = 0
+        self.bytes = 0
+
+    def _check(self, err: int, what: str):
+        if err:
+            raise OSError(f"CUDA driver: {what} returned error {err}")
+
+    def _thread_state(self):
+        """This thread's (stream, staging array): the primary context made current first
+        (MLX makes it current only on the threads it runs on)."""
+        st = self._local.__dict__
+        if "stream" not in st:
+            lib = self._lib
+            ctx = ctypes.c_void_p()
+            self._check(lib.cuCtxGetCurrent(ctypes.byref(ctx)), "cuCtxGetCurrent")
+            if not ctx.value:
+                dev = ctypes.c_int()
+                self._check(lib.cuDeviceGet(ctypes.byref(dev), 0), "cuDeviceGet")
+                self._check(lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev), "cuDevicePrimaryCtxRetain")
+                self._check(lib.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
+            stream = ctypes.c_void_p()
+            self._check(lib.cuStreamCreate(ctypes.byref(stream), 1), "cuStreamCreate")  # non-blocking
+            st["stream"], st["staging"], st["ptr"] = stream, None, None
+        return st
+
+    def staging(self, nbytes: int) -> np.ndarray:
+        """This thread's page-locked staging, at least `nbytes` (uint8)."""
+        st = self._thread_state()
+        buf = st["staging"]
+        if buf is None or len(buf) < nbytes:
+            size = max(1 << 20, 1 << (max(nbytes, 1) - 1).bit_length())
+            ptr = ctypes.c_void_p()
+            self._check(self._lib.cuMemHostAlloc(ctypes.byref(ptr), size, 0), "cuMemHostAlloc")
+            if st["ptr"] is not None:
+                self._lib.cuMemFreeHost(st["ptr"])
+            st["ptr"] = ptr
+            st["staging"] = buf = np.ctypeslib.as_array((ctypes.c_uint8 * size).from_address(ptr.value))
+        return buf
+
+    def copy(self, copies: list):
+        """Queue [(slot address, offset in this thread's staging, nbytes)] and wait for them.
+        Copies that continue each other on both sides go as one."""
+        st = self._thread_state()
+        base = st["staging"].ctypes.data
+        stream = st["stream"]
+        fn = self._lib.cuMemcpyHtoDAsync_v2
+        merged = []
+        for dst, off, n in sorted(copies):
+            if merged and merged[-1][0] + merged[-1][2] == dst and merged[-1][1] + merged[-1][2] == off:
+                merged[-1][2] += n
+            else:
+                merged.append([dst, off, n])
+        for dst, off, n in merged:
+            self._check(fn(dst, base + off, n, stream), "cuMemcpyHtoDAsync")
+        self._check(self._lib.cuStreamSynchronize(stream), "cuStreamSynchronize")
+        self.copies += len(merged)
+        self.bytes += sum(n for _, _, n in merged)
+
+
+def _driver():
+    """libcuda with the signatures of the calls DeviceUpload makes (ctypes would otherwise
+    pass 64-bit addresses as 32-bit ints)."""
+    lib = ctypes.CDLL("libcuda.so.1")
+    lib.cuMemcpyHtoDAsync_v2.argtypes = [ctypes.c_uint64, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    lib.cuMemHostAlloc.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t, ctypes.c_uint]
+    lib.cuMemFreeHost.argtypes = [ctypes.c_void_p]
+    lib.cuStreamSynchronize.argtypes = [ctypes.c_void_p]
+    lib.cuStreamCreate.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_uint]
+    return lib
+
+
+def slot_address(view: np.ndarray) -> int:
+    """The address of a slot array's first byte (managed memory: the same on host and device)."""
+    return view.ctypes.data
+
+
+def device_upload() -> DeviceUpload | None:
+    """A DeviceUpload when the default device is a CUDA GPU, else None (host writes)."""
+    if os.environ.get("CHRONOS_DEVICE_COPY", "1") == "0":
+        return None
+    try:
+        if mx.default_device() != mx.gpu or not mx.cuda.is_available():
+            return None
+        lib = _driver()
+    except (AttributeError, OSError):
+        return None
+    return DeviceUpload(lib)
