@@ -688,7 +688,7 @@ class ExpertCache:
                 converts.append((raw, p))
             elif up is not None:  # the copy engine writes the slots once all is read
                 bufs = [staged[pos + i * n : pos + (i + 1) * n] for i in range(k)]
-                copies += [(p.addr + s * n, pos + i * n, n) for i, s in enumerate(slots)]
+                copies += [(p.addr, p.addr + s * n, pos + i * n, n) for i, s in enumerate(slots)]
                 pos += k * n
             else:
                 bufs = [p.slot_bytes[s] for s in slots]
@@ -747,7 +747,7 @@ class ExpertCache:
                     dest, halves = t.staging(k)
                 elif up is not None:  # into staging; the copy engine writes the slots below
                     dest = [staged[pos + i * n : pos + (i + 1) * n] for i in range(k)]
-                    copies += [(t.addr + s * n, pos + i * n, n) for i, (_, s) in enumerate(items)]
+                    copies += [(t.addr, t.addr + s * n, pos + i * n, n) for i, (_, s) in enumerate(items)]
                     pos += k * n
                 else:
                     dest = t.rows

@@ -79,23 +79,26 @@ class DeviceUpload:
         return buf
 
     def copy(self, copies: list):
-        """Queue [(slot address, offset in this thread's staging, nbytes)] and wait for them.
-        Copies that continue each other on both sides go as one."""
+        """Queue [(slot array address, destination address, offset in this thread's staging,
+        nbytes)] and wait for them. Copies that continue each other on both sides within one
+        slot array go as one; never across arrays (MLX may place two arrays back to back,
+        and one copy must not span two allocations: the driver refuses it)."""
         st = self._thread_state()
         base = st["staging"].ctypes.data
         stream = st["stream"]
         fn = self._lib.cuMemcpyHtoDAsync_v2
         merged = []
-        for dst, off, n in sorted(copies):
-            if merged and merged[-1][0] + merged[-1][2] == dst and merged[-1][1] + merged[-1][2] == off:
-                merged[-1][2] += n
+        for array, dst, off, n in sorted(copies):
+            last = merged[-1] if merged else None
+            if last and last[0] == array and last[1] + last[3] == dst and last[2] + last[3] == off:
+                last[3] += n
             else:
-                merged.append([dst, off, n])
-        for dst, off, n in merged:
+                merged.append([array, dst, off, n])
+        for _, dst, off, n in merged:
             self._check(fn(dst, base + off, n, stream), "cuMemcpyHtoDAsync")
         self._check(self._lib.cuStreamSynchronize(stream), "cuStreamSynchronize")
         self.copies += len(merged)
-        self.bytes += sum(n for _, _, n in merged)
+        self.bytes += sum(n for *_, n in merged)
 
 
 def _driver():

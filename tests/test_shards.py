@@ -91,6 +91,28 @@ def test_a_large_batch_is_read_by_several_threads_with_the_same_bytes():
     assert {n for n in seen if n.startswith("small-")} == {"small-" + threading.current_thread().name}
 
 
+def test_one_long_run_is_cut_so_that_several_threads_read_it():
+    # Experts adjacent on disk are one run; one expert's big tensors too. Cut into pieces,
+    # it spreads over the reader threads instead of capping the batch at one per run.
+    import threading
+
+    index = ShardIndex.open(DEMO)
+    name = "model.layers.5.mlp.switch_mlp.up_proj.weight"
+    expert = locate_expert_tensor(index, {}, name, 64, (128, 48))
+    truth = np.array(mx.load(str(DEMO / "model.safetensors"))[name])
+    reader = ShardReader(index)
+    reader.threads, reader.min_bytes_per_thread = 4, 128 << 10
+    seen, pieces = set(), []
+    read_group = reader._read_group
+    reader._read_group = lambda group: (seen.add(threading.current_thread().name), pieces.extend(group), read_group(group))
+    out = np.empty((64, 128, 48), dtype=np.uint32)  # all 64 experts: one 1.5 MB run
+    reader.read_batch([(expert.slices[e].path, expert.slices[e].offset, out[e]) for e in range(64)])
+    assert np.array_equal(out, truth)
+    assert reader.read_calls == 1  # counted as the one run it is
+    assert len(pieces) == 12 and len(seen) >= 2
+    assert sum(r.nbytes for r, _ in pieces) == out.nbytes
+
+
 def test_simulated_ssd_overlaps_the_latency_of_a_batch_and_queues_its_bytes():
     ssd = SimulatedSSD(bandwidth=1e9, latency=100e-6)
     done = ssd.schedule([1_000_000, 2_000_000], started=10.0)

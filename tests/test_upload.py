@@ -93,9 +93,21 @@ def test_copies_that_continue_each_other_on_both_sides_go_as_one():
     stage[:48] = np.arange(48, dtype=np.uint8)
     dst = np.zeros(48, dtype=np.uint8)
     base = dst.ctypes.data
-    up.copy([(base + 16, 16, 16), (base, 0, 16), (base + 32, 40, 8)])
+    up.copy([(base, base + 16, 16, 16), (base, base, 0, 16), (base, base + 32, 40, 8)])
     assert driver.copies == [32, 8]  # slots 0 and 1 from rows 0 and 1: one copy
     assert dst[:32].tolist() == list(range(32)) and dst[32:40].tolist() == list(range(40, 48))
+
+
+def test_copies_into_two_slot_arrays_that_happen_to_be_neighbours_stay_apart():
+    # MLX may allocate two slot arrays back to back; the CUDA driver refuses a copy that
+    # spans two allocations (seen on the H200 at budget 1.0).
+    driver = MemmoveDriver()
+    up = DeviceUpload(driver)
+    up.staging(64)[:32] = 7
+    dst = np.zeros(32, dtype=np.uint8)
+    a, b = dst.ctypes.data, dst.ctypes.data + 16  # "two arrays", adjacent in memory
+    up.copy([(a, a, 0, 16), (b, b, 16, 16)])
+    assert driver.copies == [16, 16]
 
 
 def test_each_reading_thread_stages_into_its_own_page_locked_buffer():
