@@ -43,6 +43,16 @@ def _unpipelined(setup):
     return apply
 
 
+def _print_profile(prof, name: str, n: int):
+    import io
+    import pstats
+
+    for key in ("tottime", "cumulative"):
+        buf = io.StringIO()
+        pstats.Stats(prof, stream=buf).sort_stats(key).print_stats(n)
+        print(f"--- {name}: by {key}\n" + buf.getvalue().split("\n\n", 1)[-1], file=sys.stderr, flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None)
@@ -64,6 +74,9 @@ def main():
     ap.add_argument("--no-probe", action="store_true", help="skip the read-bandwidth probe")
     ap.add_argument("--cpu", action="store_true", help="run MLX's CPU backend (also on a GPU host)")
     ap.add_argument("--policies", default="lru", help="cache policies to compare (lru, lfu, usage), each with every mode")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="run each chronos configuration under cProfile and print its N most costly "
+                         "functions (own time and with callees) to stderr (not with --interleave)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -125,8 +138,17 @@ def main():
                                    repeats=args.repeats, dtype=args.dtype, forced=forced, temp=args.temp)
     else:
         for cfg in configs:
+            prof = None
+            if args.profile and cfg.kind != RESIDENT:
+                import cProfile
+
+                prof = cProfile.Profile()
+                prof.enable()
             rows.append(measure(cfg, args.model, prompts, max_tokens=args.max_tokens, repeats=args.repeats, dtype=args.dtype,
                                 forced=forced, temp=args.temp))
+            if prof is not None:
+                prof.disable()
+                _print_profile(prof, cfg.name, args.profile)
             print(f"  measured {cfg.name}: {rows[-1]['decode_tokens_per_s']:.1f} tok/s", file=sys.stderr, flush=True)
         # The ceiling again at the end: drift between first and last shows the noise floor.
         rows.append(measure(BenchConfig(RESIDENT + "-again", kind=RESIDENT, setup=setup), args.model, prompts,
