@@ -669,6 +669,9 @@ class ExpertCache:
         k = len(items)
         if not k:
             return []
+        per = max(1, MAX_STAGING // self.bytes_on_disk_per_expert)
+        if self.upload is not None and k > per:  # device copies: in pieces that fit a thread's staging
+            return [t for i in range(0, k, per) for t in self._read_experts(L, items[i : i + per], checked)]
         if self.verifier is None and L.lean and self.reader.plain_reads(k * self.bytes_on_disk_per_expert, L.files):
             return self._read_small(L, items, checked)
         order = sorted(range(k), key=lambda i: items[i][0])
@@ -775,9 +778,10 @@ class ExpertCache:
 
     def _upload_for(self, k: int):
         """The device upload for a batch of `k` experts, or None: host writes (no device
-        copies here, or the batch is larger than a thread's staging: a whole layer at start-up)."""
+        copies here, or a batch larger than a thread's staging; `_read_experts` cuts batches
+        to fit, and one expert always does)."""
         up = self.upload
-        if up is None or k * self.bytes_on_disk_per_expert > MAX_STAGING:
+        if up is None or (k > 1 and k * self.bytes_on_disk_per_expert > MAX_STAGING):
             return None
         return up
 

@@ -86,6 +86,28 @@ def test_uploaded_slots_hold_the_experts_bytes_from_the_shard(path):
             assert np.array_equal(got, ref), (name, e)
 
 
+def test_a_batch_larger_than_the_staging_is_copied_in_pieces(monkeypatch):
+    # A whole layer (start-up at budget 1.0, a prefill wave) goes through the copy engine
+    # too, a staging buffer's worth at a time, never through host writes.
+    import chronos_mlx.cache as cache_module
+
+    _, _, rt = chronos_mlx.load(None, expert_budget=0.5, dtype="bfloat16")
+    driver = _with_memmove_upload(rt)
+    cache = rt.cache
+    monkeypatch.setattr(cache_module, "MAX_STAGING", 5 * cache.bytes_on_disk_per_expert)
+    wanted = [e for e in range(64) if cache.layers[4].slot_of[e] < 0][:23]
+    cache.ensure(4, wanted)
+    assert driver.syncs == 5  # 23 experts, 5 a piece
+    stock = mx.load(str(DEMO / "model.safetensors"))
+    L = cache.layers[4]
+    for name, p in L.params.items():
+        want = stock[f"model.layers.4.mlp.switch_mlp.{name}"]
+        for e in wanted:
+            got = np.array(mx.view(p.slots[int(L.slot_of[e])], mx.uint16 if p.dtype == mx.bfloat16 else p.dtype))
+            ref = np.array(mx.view(want[e], mx.uint16) if want.dtype == mx.bfloat16 else want[e])
+            assert np.array_equal(got, ref), (name, e)
+
+
 def test_copies_that_continue_each_other_on_both_sides_go_as_one():
     driver = MemmoveDriver()
     up = DeviceUpload(driver)
