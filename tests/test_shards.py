@@ -67,18 +67,27 @@ def test_a_batch_reads_adjacent_ranges_with_one_call_into_separate_buffers():
     assert len(done) == 4 and all(isinstance(t, float) for t in done)
 
 
-def test_a_large_batch_is_read_by_several_threads_with_the_same_bytes():
+def _watched_reader(name: str, threads: int, min_bytes: int):
+    """A reader of the demo that records which threads read which groups: (reader, index,
+    the tensor's experts, its stock values, thread names, groups)."""
     import threading
 
     index = ShardIndex.open(DEMO)
-    name = "model.layers.2.mlp.switch_mlp.gate_proj.weight"
     expert = locate_expert_tensor(index, {}, name, 64, (128, 48))
     truth = np.array(mx.load(str(DEMO / "model.safetensors"))[name])
     reader = ShardReader(index)
-    reader.threads, reader.min_bytes_per_thread = 4, 1  # every batch is big enough to split
+    reader.threads, reader.min_bytes_per_thread = threads, min_bytes
     seen, groups = set(), []
     read_group = reader._read_group
     reader._read_group = lambda group: (seen.add(threading.current_thread().name), groups.append(group), read_group(group))
+    return reader, index, expert, truth, seen, groups
+
+
+def test_a_large_batch_is_read_by_several_threads_with_the_same_bytes():
+    import threading
+
+    # min_bytes 1: every batch is big enough to split
+    reader, index, expert, truth, seen, groups = _watched_reader("model.layers.2.mlp.switch_mlp.gate_proj.weight", 4, 1)
     outs = {e: np.empty((128, 48), dtype=np.uint32) for e in range(0, 64, 2)}  # none adjacent
     reader.read_batch([(expert.slices[e].path, expert.slices[e].offset, out) for e, out in outs.items()])
     for e, out in outs.items():
@@ -94,23 +103,14 @@ def test_a_large_batch_is_read_by_several_threads_with_the_same_bytes():
 def test_one_long_run_is_cut_so_that_several_threads_read_it():
     # Experts adjacent on disk are one run; one expert's big tensors too. Cut into pieces,
     # it spreads over the reader threads instead of capping the batch at one per run.
-    import threading
-
-    index = ShardIndex.open(DEMO)
-    name = "model.layers.5.mlp.switch_mlp.up_proj.weight"
-    expert = locate_expert_tensor(index, {}, name, 64, (128, 48))
-    truth = np.array(mx.load(str(DEMO / "model.safetensors"))[name])
-    reader = ShardReader(index)
-    reader.threads, reader.min_bytes_per_thread = 4, 128 << 10
-    seen, pieces = set(), []
-    read_group = reader._read_group
-    reader._read_group = lambda group: (seen.add(threading.current_thread().name), pieces.extend(group), read_group(group))
+    reader, _, expert, truth, seen, groups = _watched_reader("model.layers.5.mlp.switch_mlp.up_proj.weight", 4, 128 << 10)
     out = np.empty((64, 128, 48), dtype=np.uint32)  # all 64 experts: one 1.5 MB run
     reader.read_batch([(expert.slices[e].path, expert.slices[e].offset, out[e]) for e in range(64)])
     assert np.array_equal(out, truth)
     assert reader.read_calls == 1  # counted as the one run it is
+    pieces = [r for g in groups for r, _ in g]
     assert len(pieces) == 12 and len(seen) >= 2
-    assert sum(r.nbytes for r, _ in pieces) == out.nbytes
+    assert sum(r.nbytes for r in pieces) == out.nbytes
 
 
 def test_simulated_ssd_overlaps_the_latency_of_a_batch_and_queues_its_bytes():
