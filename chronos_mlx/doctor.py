@@ -236,6 +236,7 @@ def diagnose(
 
     from .loader import compute_dtype, plan_model
     from .memory import machine_memory
+    from .upload import expert_write_path
 
     remote = None
     if _is_repo_id(model):
@@ -301,6 +302,7 @@ def diagnose(
         "memory_bandwidth_bytes_per_s": mem_bw,
         "read": read,
         "platform": sys.platform,
+        "expert_writes": expert_write_path(),
     }
     rec: dict = {"fits": True, "error": None}
     try:

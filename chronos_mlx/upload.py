@@ -129,3 +129,12 @@ def device_upload() -> DeviceUpload | None:
     except (AttributeError, OSError):
         return None
     return DeviceUpload(lib)
+
+
+def expert_write_path() -> str:
+    """How expert bytes reach what the kernels read on this machine's default device, in words."""
+    if device_upload() is not None:
+        return "CUDA copy engine from page-locked staging (the slots are managed memory)"
+    if mx.default_device() == mx.gpu:
+        return "read straight into the slots (unified memory)"
+    return "read straight into the slots (MLX's CPU backend)"

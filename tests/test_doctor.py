@@ -33,6 +33,7 @@ SCHEMA = {
     },
     "machine": {
         "total_bytes": int, "available_bytes": int, "available_source": str, "memory_bandwidth_bytes_per_s": float,
+        "expert_writes": str,
         "read": {"file": str, "bytes": int, "seconds": float, "bytes_per_s": float, "page_cache_dropped": bool, "note": str},
     },
     "recommendation": {"fits": bool, "budget": str, "fraction": float, "slots_per_layer": int, "expert_budget_bytes": int, "line": str},
@@ -65,6 +66,7 @@ def test_doctor_json_schema_and_figures(runner):
     assert needs["bytes_per_expert"] == info["bytes_per_expert"]
     assert needs["kv_bytes_per_1k_tokens"] == kv_bytes_per_token(plan.config, 4) * 1000
     assert report["weights_read"] is False
+    assert report["machine"]["expert_writes"] == "read straight into the slots (MLX's CPU backend)"
     rec = report["recommendation"]
     assert rec["fits"] and rec["fraction"] == 1.0  # the demo model fits this machine
     lo, hi = report["speed"]["expected_tokens_per_s"]
@@ -98,7 +100,8 @@ def test_doctor_says_what_fails_when_the_model_cannot_fit(runner):
 def test_doctor_prints_a_readable_report(runner):
     result = runner.invoke(app, ["doctor"])
     assert result.exit_code == 0
-    for words in ("what the model needs", "this machine", "read bandwidth", "recommended", "expected decode speed"):
+    for words in ("what the model needs", "this machine", "read bandwidth", "recommended", "expected decode speed",
+                  "expert loads"):
         assert words in result.stdout
 
 

@@ -91,6 +91,7 @@ def doctor(
     if read:
         grid.add_row("read bandwidth", f"{_bw(read['bytes_per_s'])} ({human_bytes(read['bytes'])} of {escape(read['file'])}; {read['note']})")
     grid.add_row("memory bandwidth", _bw(mach["memory_bandwidth_bytes_per_s"]))
+    grid.add_row("expert loads", escape(mach["expert_writes"]))
     out.print()
     out.print(grid)
 
