@@ -204,6 +204,11 @@ def _plain_run(model, runtime, prompt, max_tokens, forced=None, temp=None):
     }
 
 
+# A cProfile.Profile (scripts/bench_sync.py --profile): chronos runs enable it for their
+# decode steps only (after the first token), so a profile is not buried under loading and prefill.
+DECODE_PROFILER = None
+
+
 def _chronos_run(model, runtime, prompt, max_tokens, sync, forced=None, temp=None):
     from .generate import generate_step
 
@@ -212,9 +217,16 @@ def _chronos_run(model, runtime, prompt, max_tokens, sync, forced=None, temp=Non
     prompt_cache, sampler = _decoding(model, prompt, forced, temp)
     runtime.reset_counters()
     tokens = []
-    for tok, _ in generate_step(mx.array(prompt), model, runtime, max_tokens=max_tokens, sync=sync, sampler=sampler,
-                                prompt_cache=prompt_cache):
-        tokens.append(int(tok))
+    prof = DECODE_PROFILER
+    try:
+        for tok, _ in generate_step(mx.array(prompt), model, runtime, max_tokens=max_tokens, sync=sync, sampler=sampler,
+                                    prompt_cache=prompt_cache):
+            if prof is not None and not tokens:
+                prof.enable()
+            tokens.append(int(tok))
+    finally:
+        if prof is not None:
+            prof.disable()
     c = runtime.counters
     s = runtime.stats()
     return {

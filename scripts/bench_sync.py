@@ -75,8 +75,8 @@ def main():
     ap.add_argument("--cpu", action="store_true", help="run MLX's CPU backend (also on a GPU host)")
     ap.add_argument("--policies", default="lru", help="cache policies to compare (lru, lfu, usage), each with every mode")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
-                    help="run each chronos configuration under cProfile and print its N most costly "
-                         "functions (own time and with callees) to stderr (not with --interleave)")
+                    help="profile each chronos configuration's decode steps (cProfile, main thread) and print "
+                         "its N most costly functions (own time and with callees) to stderr (not with --interleave)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -142,12 +142,13 @@ def main():
             if args.profile and cfg.kind != RESIDENT:
                 import cProfile
 
-                prof = cProfile.Profile()
-                prof.enable()
+                import chronos_mlx.bench
+
+                prof = chronos_mlx.bench.DECODE_PROFILER = cProfile.Profile()  # decode steps only
             rows.append(measure(cfg, args.model, prompts, max_tokens=args.max_tokens, repeats=args.repeats, dtype=args.dtype,
                                 forced=forced, temp=args.temp))
             if prof is not None:
-                prof.disable()
+                chronos_mlx.bench.DECODE_PROFILER = None
                 _print_profile(prof, cfg.name, args.profile)
             print(f"  measured {cfg.name}: {rows[-1]['decode_tokens_per_s']:.1f} tok/s", file=sys.stderr, flush=True)
         # The ceiling again at the end: drift between first and last shows the noise floor.
