@@ -264,6 +264,7 @@ class ExpertCache:
         # On CUDA reads land in page-locked staging and the copy engine writes the slots
         # (upload.py); elsewhere (Apple silicon, CPU) straight into the slots. None: the latter.
         self.upload = device_upload()
+        self.upload_error = None  # why device copies stopped, if the driver refused them
         self.layers: list[LayerSlots] = []
         self._lock = threading.RLock()
         for spec in layers:
@@ -679,9 +680,8 @@ class ExpertCache:
         slots = [items[i][1] for i in order]
         # Batch positions where a new read starts for a parameter laid out like this one.
         runs, spans, converts, param_bufs = [], [], [], []
-        up, copies, pos = self._upload_for(k), [], 0
-        if up is not None:
-            staged = memoryview(up.staging(k * self.bytes_on_disk_per_expert))
+        up, staged = self._upload_for(k)
+        copies, pos = [], 0
         for p in L.params.values():
             n = p.source.nbytes
             if p.convert:
@@ -712,7 +712,7 @@ class ExpertCache:
                     layer, e, [(p.paths[e], p.offsets[e], bufs[i], tag) for (p, bufs), tag in zip(param_bufs, tags)]
                 )
         if copies:
-            up.copy(copies)
+            self._copy_to_device(up, copies)
         for raw, p in converts:
             out = np.empty((k, *p.source.shape), dtype=p.view.dtype)
             convert_into(raw, p.source.dtype, p.dtype, out)
@@ -740,9 +740,8 @@ class ExpertCache:
         experts = [e for e, _ in items]
         adjacent = any(b == a + 1 for a, b in zip(experts, experts[1:]))
         preadv, calls, t = os.preadv, 0, None
-        up, copies, pos = self._upload_for(k), [], 0
-        if up is not None:
-            staged = memoryview(up.staging(k * self.bytes_on_disk_per_expert))
+        up, staged = self._upload_for(k)
+        copies, pos = [], 0
         try:
             for t in plan:
                 fds, offsets, n = t.fds, t.offsets, t.nbytes
@@ -773,17 +772,27 @@ class ExpertCache:
         except OSError as e:
             raise ShardError(f"{t.paths if t else L.files}: read failed ({e.strerror or e})") from None
         if copies:
-            up.copy(copies)
+            self._copy_to_device(up, copies)
         return self.reader.account([self.bytes_on_disk_per_expert] * k, calls, started)
 
     def _upload_for(self, k: int):
-        """The device upload for a batch of `k` experts, or None: host writes (no device
-        copies here, or a batch larger than a thread's staging; `_read_experts` cuts batches
-        to fit, and one expert always does)."""
+        """(device upload, this thread's staging bytes) for a batch of `k` experts, or
+        (None, None): host writes (no device copies here, a batch larger than a thread's
+        staging — `_read_experts` cuts batches to fit, and one expert always does — or a
+        driver that refused: `upload_error`)."""
         up = self.upload
         if up is None or (k > 1 and k * self.bytes_on_disk_per_expert > MAX_STAGING):
-            return None
-        return up
+            return None, None
+        try:
+            return up, memoryview(up.staging(k * self.bytes_on_disk_per_expert))
+        except OSError as e:  # no page-locked memory to be had: host writes from now on
+            self.upload, self.upload_error = None, str(e)
+            return None, None
+
+    def _copy_to_device(self, up, copies: list):
+        up.copy(copies)  # on a driver error the host wrote them instead
+        if up.failed is not None:
+            self.upload, self.upload_error = None, up.failed
 
     def _make_read_plan(self, L: LayerSlots) -> list:
         reader = self.reader

@@ -436,6 +436,9 @@ class Runtime:
             "expert_budget_bytes": self.cache.resident_bytes if self.cache else 0,
             "slots_per_layer": self.cache.num_slots if self.cache else 0,
             "direct_io": bool(self.reader and self.reader.direct_io_active),
+            # CUDA: expert bytes written by the copy engine; why it stopped, if it did (upload.py)
+            "device_copy_bytes": self.cache.upload.bytes if self.cache and self.cache.upload else 0,
+            "device_copy_error": self.cache.upload_error if self.cache else None,
             "per_layer": [
                 {
                     "hits": L.counters.hits,

@@ -41,6 +41,9 @@ class DeviceUpload:
         self._local = threading.local()
         self.copies = 0
         self.bytes = 0
+        # The driver's first refusal, in words: from then on the cache writes from the host
+        # (`ExpertCache._upload_for`), which is slower on CUDA but always works.
+        self.failed: str | None = None
 
     def _check(self, err: int, what: str):
         if err:
@@ -94,9 +97,18 @@ class DeviceUpload:
                 last[3] += n
             else:
                 merged.append([array, dst, off, n])
-        for _, dst, off, n in merged:
-            self._check(fn(dst, base + off, n, stream), "cuMemcpyHtoDAsync")
-        self._check(self._lib.cuStreamSynchronize(stream), "cuStreamSynchronize")
+        try:
+            for _, dst, off, n in merged:
+                self._check(fn(dst, base + off, n, stream), "cuMemcpyHtoDAsync")
+            self._check(self._lib.cuStreamSynchronize(stream), "cuStreamSynchronize")
+        except OSError as e:
+            # The bytes are in the staging: the host writes them (managed memory is host
+            # memory too), so the load completes; later loads take the host path.
+            self._lib.cuStreamSynchronize(stream)  # nothing queued may still be copying
+            for _, dst, off, n in merged:
+                ctypes.memmove(dst, base + off, n)
+            self.failed = str(e)
+            return
         self.copies += len(merged)
         self.bytes += sum(n for *_, n in merged)
 

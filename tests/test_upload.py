@@ -152,3 +152,31 @@ def test_decoding_through_device_copies_equals_stock_mlx_lm(budget, demo_prompt_
     got = [t for t, _ in generate_step(mx.array(demo_prompt_ids), model, rt, max_tokens=12)]
     assert got == ids
     assert driver.copies  # the misses were written by the copies, not by the host
+
+
+class RefusingDriver(MemmoveDriver):
+    """A driver that refuses copies (or page-locked memory) after the first `allow` calls."""
+
+    def __init__(self, allow_copies=10**9, allow_alloc=True):
+        super().__init__()
+        self.allow_copies, self.allow_alloc = allow_copies, allow_alloc
+
+    def cuMemcpyHtoDAsync_v2(self, dst, src, n, stream):
+        if len(self.copies) >= self.allow_copies:
+            return 1  # CUDA_ERROR_INVALID_VALUE
+        return super().cuMemcpyHtoDAsync_v2(dst, src, n, stream)
+
+    def cuMemHostAlloc(self, ptr, size, flags):
+        return super().cuMemHostAlloc(ptr, size, flags) if self.allow_alloc else 2  # out of memory
+
+
+@pytest.mark.parametrize("refusal", ["copies", "page-locked memory"])
+def test_a_driver_that_refuses_leaves_the_loads_to_the_host_and_the_tokens_stock(refusal, demo_prompt_ids):
+    model, _, rt = chronos_mlx.load(None, expert_budget=0.25)
+    driver = RefusingDriver(allow_copies=5) if refusal == "copies" else RefusingDriver(allow_alloc=False)
+    rt.cache.upload = DeviceUpload(driver)
+    ids, _ = stock_greedy(DEMO, demo_prompt_ids, 12)
+    got = [t for t, _ in generate_step(mx.array(demo_prompt_ids), model, rt, max_tokens=12)]
+    assert got == ids
+    assert rt.cache.upload is None  # host writes from the first refusal on
+    assert "error" in rt.stats()["device_copy_error"]
