@@ -1,4 +1,4 @@
-"""Connect predictors (predictors.py) to a running model: what `--predictor` selects.
+"""Connect predictors (predictors/) to a running model: what `--predictor` selects.
 
 - gate: layer l+1's router on layer l's MoE input (needs no training);
 - markov / lookahead: trained with `chronos predictor train`, found next to the profiles;

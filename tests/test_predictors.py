@@ -200,7 +200,7 @@ def test_evaluation_counts_recall_and_precision(setup):
             L, T, _ = seq.experts.shape
             out = np.zeros((L, T, len(self.targets), self.num_experts), np.float32)
             for j, (dl, dt) in enumerate(self.targets):
-                from chronos_mlx.predictors import _multi_hot
+                from chronos_mlx.predictors.base import _multi_hot
 
                 out[: L - dl, : T - dt, j] = _multi_hot(seq.experts[dl:, dt:].astype(np.int64), self.num_experts)
             return out
