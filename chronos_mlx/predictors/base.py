@@ -4,12 +4,14 @@ the checked reading and writing of predictor files."""
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx.utils import tree_flatten
 
 from ..errors import ProfileError
 from ..traces import check_fingerprint, model_fingerprint, SequenceTrace
@@ -26,10 +28,8 @@ TARGET_NAMES = {(1, 0): "next layer", (2, 0): "2 layers ahead", (0, 1): "next to
 FORMAT_VERSION = 1
 
 
-
 def target_name(t: Target) -> str:
     return TARGET_NAMES.get(tuple(t), f"layer+{t[0]}, token+{t[1]}")
-
 
 
 class Predictor:
@@ -71,13 +71,11 @@ class Predictor:
         return out
 
 
-
 def top_ids(scores: np.ndarray, k: int) -> np.ndarray:
     """The k best ids along the last axis, best first (ties: lower id first)."""
     k = min(k, scores.shape[-1])
     order = np.argsort(-scores, axis=-1, kind="stable")
     return order[..., :k]
-
 
 
 def _as_ids(expert_ids, top_k: int) -> np.ndarray:
@@ -87,13 +85,11 @@ def _as_ids(expert_ids, top_k: int) -> np.ndarray:
     return a.reshape(1, -1).astype(np.int64)
 
 
-
 def _multi_hot(ids: np.ndarray, E: int) -> np.ndarray:
     """[..., k] ids -> [..., E] float32 0/1."""
     out = np.zeros(ids.shape[:-1] + (E,), dtype=np.float32)
     np.put_along_axis(out, ids.astype(np.int64), 1.0, axis=-1)
     return out
-
 
 
 def _read_npz(path: Path, kind: str, keys) -> tuple[dict, dict]:
@@ -110,13 +106,11 @@ def _read_npz(path: Path, kind: str, keys) -> tuple[dict, dict]:
     return header, arrays
 
 
-
 def _check_model(header: dict, model, fingerprint: Optional[dict], path) -> None:
     if fingerprint is None and model is not None:
         fingerprint = model_fingerprint(model)
     if fingerprint is not None:
         check_fingerprint(header.get("fingerprint", {}), fingerprint, f"{Path(path).name}")
-
 
 
 def _dense_router(router) -> mx.array:
@@ -129,12 +123,10 @@ def _dense_router(router) -> mx.array:
     return w.astype(mx.float32)
 
 
-
 def _write_json(path: Path, obj) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
     tmp.replace(path)
-
 
 
 def _read_json(path: Path, kind: str) -> dict:
@@ -149,7 +141,6 @@ def _read_json(path: Path, kind: str) -> dict:
     return cfg
 
 
-
 def _read_safetensors(path: Path) -> dict:
     if not path.exists():
         raise ProfileError(f"{path}: no such predictor file")
@@ -157,3 +148,36 @@ def _read_safetensors(path: Path) -> dict:
         return mx.load(str(path))
     except Exception as e:
         raise ProfileError(f"{path}: corrupt or truncated predictor weights ({type(e).__name__})") from None
+
+
+def _save_network(net: nn.Module, path, kind: str, config, dtype=None) -> Path:
+    """A trained predictor network's weights (`path`, safetensors, cast to `dtype` if given)
+    and its config (same name, .json), each written atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    weights = {k: v.astype(dtype) if dtype is not None else v for k, v in tree_flatten(net.parameters())}
+    tmp = path.with_name(path.stem + ".tmp.safetensors")
+    mx.save_safetensors(str(tmp), weights, metadata={"kind": kind})
+    tmp.replace(path)
+    _write_json(path.with_suffix(".json"), dict(asdict(config), kind=kind, version=FORMAT_VERSION))
+    return path
+
+
+def _load_network(cls, config_cls, path, kind: str, model=None, fingerprint: Optional[dict] = None, dtype=None):
+    """The network `_save_network` wrote, built from its config and checked against `model`
+    (or its fingerprint): ProfileError for a missing, corrupt or mismatched file."""
+    path = Path(path)
+    cfg = _read_json(path.with_suffix(".json"), kind)
+    _check_model(cfg, model, fingerprint, path)
+    try:
+        net = cls(config_cls(**{k: v for k, v in cfg.items() if k not in ("kind", "version")}))
+    except TypeError as e:
+        raise ProfileError(f"{path.with_suffix('.json')}: bad {kind} config ({e})") from None
+    weights = _read_safetensors(path)
+    if dtype is not None:
+        weights = {k: v.astype(dtype) for k, v in weights.items()}
+    try:
+        net.load_weights(list(weights.items()), strict=True)
+    except ValueError as e:
+        raise ProfileError(f"{path}: weights do not match its config ({e})") from None
+    return net

@@ -57,11 +57,9 @@ def evaluate_predictors(
     return res
 
 
-
 def prompt_baseline_scores(summary: PromptSummary) -> np.ndarray:
     """The trivial intent baseline: the prompt's own most-used experts (recent use breaks ties)."""
     return summary.hist + 1e-3 * summary.recent
-
 
 
 def evaluate_intent(

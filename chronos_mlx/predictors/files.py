@@ -18,7 +18,6 @@ MARKOV_FILE = "markov.npz"
 INTENT_FILE = "intent.safetensors"
 
 
-
 def profiles_root() -> Path:
     """$CHRONOS_PROFILE_DIR if set, else the shipped <repo>/profiles."""
     import os
@@ -29,12 +28,10 @@ def profiles_root() -> Path:
     return shipped_profiles_root()
 
 
-
 def shipped_profiles_root() -> Path:
     import chronos_mlx
 
     return Path(chronos_mlx.__file__).resolve().parent.parent / "profiles"
-
 
 
 def model_name(spec=None) -> str:
@@ -50,11 +47,9 @@ def model_name(spec=None) -> str:
     return str(spec).rstrip("/").split("/")[-1]
 
 
-
 def predictor_dir(spec=None) -> Path:
     """Where `chronos predictor train` saves a model's predictors: <profiles>/<model-name>/predictors/."""
     return profiles_root() / model_name(spec) / "predictors"
-
 
 
 def find_predictor_dir(spec=None) -> Optional[Path]:
@@ -66,7 +61,6 @@ def find_predictor_dir(spec=None) -> Optional[Path]:
         if any((d / f).exists() for f in (LOOKAHEAD_FILE, MARKOV_FILE, INTENT_FILE)):
             return d
     return None
-
 
 
 def load_predictors(directory, model=None, fingerprint: Optional[dict] = None) -> dict:

@@ -3,7 +3,7 @@ its training."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -13,11 +13,8 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten
 import numpy as np
 
-from ..errors import ProfileError
 from ..traces import RoutingTrace
-from .base import (
-    FORMAT_VERSION, _as_ids, _check_model, _multi_hot, _read_json, _read_safetensors, _write_json, top_ids,
-)
+from .base import _as_ids, _load_network, _multi_hot, _save_network, top_ids
 
 
 @dataclass
@@ -30,7 +27,6 @@ class IntentConfig:
     hidden_rank: int = 0  # > 0: add a low-rank term from the pooled MoE inputs
     fingerprint: dict = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
-
 
 
 @dataclass
@@ -57,7 +53,6 @@ class PromptSummary:
         """[L, E, 4]: hist, recent, log(hist + 0.01), log(recent + 0.01)."""
         h, r = self.hist, self.recent
         return np.stack([h, r, np.log(h + 0.01), np.log(r + 0.01)], axis=-1).astype(np.float32)
-
 
 
 class IntentClassifier(nn.Module):
@@ -153,32 +148,15 @@ class IntentClassifier(nn.Module):
 
     # -- files -----------------------------------------------------------------------
     def save(self, path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.stem + ".tmp.safetensors")
-        mx.save_safetensors(str(tmp), dict(tree_flatten(self.parameters())), metadata={"kind": "intent"})
-        tmp.replace(path)
-        _write_json(path.with_suffix(".json"), dict(asdict(self.config), kind="intent", version=FORMAT_VERSION))
-        return path
+        return _save_network(self, path, "intent", self.config)
 
     @classmethod
     def load(cls, path, model=None, fingerprint: Optional[dict] = None) -> "IntentClassifier":
-        path = Path(path)
-        cfg = _read_json(path.with_suffix(".json"), "intent")
-        _check_model(cfg, model, fingerprint, path)
-        try:
-            ic = cls(IntentConfig(**{k: v for k, v in cfg.items() if k not in ("kind", "version")}))
-        except TypeError as e:
-            raise ProfileError(f"{path.with_suffix('.json')}: bad intent config ({e})") from None
-        try:
-            ic.load_weights(list(_read_safetensors(path).items()), strict=True)
-        except ValueError as e:
-            raise ProfileError(f"{path}: weights do not match its config ({e})") from None
+        ic = _load_network(cls, IntentConfig, path, "intent", model, fingerprint)
         if ic.config.hidden_rank:
             ic.freeze(keys=["mu", "inv_sigma"], recurse=False)
         mx.eval(ic.parameters())
         return ic
-
 
 
 def intent_samples(trace: RoutingTrace, recent: int = 16, augment: int = 0, seed: int = 0):
@@ -207,7 +185,6 @@ def intent_samples(trace: RoutingTrace, recent: int = 16, augment: int = 0, seed
             uses = _multi_hot(ex[:, c:end].astype(np.int64), E).sum(1)
             out.append((s, uses.astype(np.float32), w))
     return out
-
 
 
 def train_intent(

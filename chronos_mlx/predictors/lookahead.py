@@ -3,7 +3,7 @@ and next tokens' experts, and its training."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -13,12 +13,8 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten
 import numpy as np
 
-from ..errors import ProfileError
 from ..traces import RoutingTrace
-from .base import (
-    FORMAT_VERSION, LOOKAHEAD_TARGETS, Predictor, Target, _check_model, _dense_router, _read_json,
-    _read_safetensors, _write_json,
-)
+from .base import LOOKAHEAD_TARGETS, Predictor, Target, _dense_router, _load_network, _save_network
 
 
 @dataclass
@@ -38,7 +34,6 @@ class LookaheadConfig:
             self.rank = default_rank(self.hidden_size, self.num_experts, len(self.targets))
 
 
-
 def default_rank(hidden_size: int, num_experts: int, n_targets: int) -> int:
     """Bottleneck width: about half the hidden size, at most 256.
 
@@ -47,7 +42,6 @@ def default_rank(hidden_size: int, num_experts: int, n_targets: int) -> int:
     D 2048, 128 experts: 0.1 % of its weights).
     """
     return int(min(256, max(32, hidden_size // 2)))
-
 
 
 class LookaheadRouter(nn.Module, Predictor):
@@ -188,35 +182,14 @@ class LookaheadRouter(nn.Module, Predictor):
         """`path` (.safetensors, weights in float16; computed in float32 after loading) plus
         its config next to it (same name, .json)."""
         self.fold_standardisation()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        weights = {k: v.astype(mx.float16) for k, v in tree_flatten(self.parameters())}  # half the file
-        tmp = path.with_name(path.stem + ".tmp.safetensors")
-        mx.save_safetensors(str(tmp), weights, metadata={"kind": "lookahead"})
-        tmp.replace(path)
-        cfg = dict(asdict(self.config), kind="lookahead", version=FORMAT_VERSION)
-        _write_json(path.with_suffix(".json"), cfg)
-        return path
+        return _save_network(self, path, "lookahead", self.config, mx.float16)  # half the file
 
     @classmethod
     def load(cls, path, model=None, fingerprint: Optional[dict] = None) -> "LookaheadRouter":
         """Load a saved router; with `model` (or its `fingerprint`), refuse one trained for another model."""
-        path = Path(path)
-        cfg = _read_json(path.with_suffix(".json"), "lookahead")
-        _check_model(cfg, model, fingerprint, path)
-        cfg = {k: v for k, v in cfg.items() if k not in ("kind", "version")}
-        try:
-            router = cls(LookaheadConfig(**cfg))
-        except TypeError as e:
-            raise ProfileError(f"{path.with_suffix('.json')}: bad lookahead config ({e})") from None
-        weights = {k: v.astype(mx.float32) for k, v in _read_safetensors(path).items()}
-        try:
-            router.load_weights(list(weights.items()), strict=True)
-        except ValueError as e:
-            raise ProfileError(f"{path}: weights do not match its config ({e})") from None
+        router = _load_network(cls, LookaheadConfig, path, "lookahead", model, fingerprint, mx.float32)
         mx.eval(router.parameters())
         return router
-
 
 
 def lookahead_dataset(trace: RoutingTrace, targets=LOOKAHEAD_TARGETS):
@@ -235,13 +208,11 @@ def lookahead_dataset(trace: RoutingTrace, targets=LOOKAHEAD_TARGETS):
     return np.concatenate(xs, axis=1), np.concatenate(ys, axis=1)
 
 
-
 def _labels_to_dense(y: mx.array, E: int):
     """[L, B, nT, k] ids (-1 = none) -> multi-hot [L, B, nT, E] and mask [L, B, nT]."""
     valid = y[..., 0] >= 0
     hot = (y[..., None] == mx.arange(E)).any(axis=-2).astype(mx.float32)
     return hot, valid.astype(mx.float32)
-
 
 
 def lookahead_loss(router: LookaheadRouter, x, y, loss: str = "bce"):
@@ -257,7 +228,6 @@ def lookahead_loss(router: LookaheadRouter, x, y, loss: str = "bce"):
     return (per * mask).sum() / mx.maximum(mask.sum(), 1.0)
 
 
-
 def _adamw_step(params: dict, grads: dict, state: dict, lr: float, wd: float, b1=0.9, b2=0.999, eps=1e-8):
     """One AdamW step (bias-corrected, decoupled weight decay) on numpy arrays, in place."""
     state["t"] = t = state.get("t", 0) + 1
@@ -271,7 +241,6 @@ def _adamw_step(params: dict, grads: dict, state: dict, lr: float, wd: float, b1
         v += (1 - b2) * (g * g)
         p = params[k]
         p -= lr * ((m / c1) / (np.sqrt(v / c2) + eps) + wd * p)
-
 
 
 def _np_lookahead_step(p: dict, x: np.ndarray, hot: np.ndarray, mask: np.ndarray, loss: str, grad: bool = True):
@@ -306,7 +275,6 @@ def _np_lookahead_step(p: dict, x: np.ndarray, hot: np.ndarray, mask: np.ndarray
     return value, g
 
 
-
 def _dense_labels_np(y: np.ndarray, E: int):
     """[..., k] ids (-1 = none) -> multi-hot [..., E] float32 and mask [...] float32."""
     valid = y[..., 0] >= 0
@@ -314,7 +282,6 @@ def _dense_labels_np(y: np.ndarray, E: int):
     np.put_along_axis(hot, np.maximum(y, 0).astype(np.int64), 1.0, axis=-1)
     hot *= valid[..., None]
     return hot, valid.astype(np.float32)
-
 
 
 def train_lookahead(
