@@ -49,11 +49,11 @@ class DeviceUpload:
         if err:
             raise OSError(f"CUDA driver: {what} returned error {err}")
 
-    def _thread_state(self):
-        """This thread's (stream, staging array): the primary context made current first
-        (MLX makes it current only on the threads it runs on)."""
-        st = self._local.__dict__
-        if "stream" not in st:
+    def _thread_state(self) -> "_ThreadStaging":
+        """This thread's stream and staging: the primary context made current first (MLX
+        makes it current only on the threads it runs on)."""
+        st = self._local.__dict__.get("state")
+        if st is None:
             lib = self._lib
             ctx = ctypes.c_void_p()
             self._check(lib.cuCtxGetCurrent(ctypes.byref(ctx)), "cuCtxGetCurrent")
@@ -64,22 +64,20 @@ class DeviceUpload:
                 self._check(lib.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
             stream = ctypes.c_void_p()
             self._check(lib.cuStreamCreate(ctypes.byref(stream), 1), "cuStreamCreate")  # non-blocking
-            st["stream"], st["staging"], st["ptr"] = stream, None, None
+            st = self._local.state = _ThreadStaging(lib, stream)
         return st
 
     def staging(self, nbytes: int) -> np.ndarray:
         """This thread's page-locked staging, at least `nbytes` (uint8)."""
         st = self._thread_state()
-        buf = st["staging"]
-        if buf is None or len(buf) < nbytes:
+        if st.buf is None or len(st.buf) < nbytes:
             size = max(1 << 20, 1 << (max(nbytes, 1) - 1).bit_length())
             ptr = ctypes.c_void_p()
             self._check(self._lib.cuMemHostAlloc(ctypes.byref(ptr), size, 0), "cuMemHostAlloc")
-            if st["ptr"] is not None:
-                self._lib.cuMemFreeHost(st["ptr"])
-            st["ptr"] = ptr
-            st["staging"] = buf = np.ctypeslib.as_array((ctypes.c_uint8 * size).from_address(ptr.value))
-        return buf
+            st.free_buffer()
+            st.ptr = ptr
+            st.buf = np.ctypeslib.as_array((ctypes.c_uint8 * size).from_address(ptr.value))
+        return st.buf
 
     def copy(self, copies: list):
         """Queue [(slot array address, destination address, offset in this thread's staging,
@@ -87,8 +85,8 @@ class DeviceUpload:
         slot array go as one; never across arrays (MLX may place two arrays back to back,
         and one copy must not span two allocations: the driver refuses it)."""
         st = self._thread_state()
-        base = st["staging"].ctypes.data
-        stream = st["stream"]
+        base = st.buf.ctypes.data
+        stream = st.stream
         fn = self._lib.cuMemcpyHtoDAsync_v2
         merged = []
         for array, dst, off, n in sorted(copies):
@@ -113,6 +111,28 @@ class DeviceUpload:
         self.bytes += sum(n for *_, n in merged)
 
 
+class _ThreadStaging:
+    """One thread's stream and page-locked buffer, given back to the driver when the thread
+    ends (its thread-local state goes): a server that starts threads leaks nothing. `copy`
+    has waited for every copy before returning, so nothing still reads the buffer then."""
+
+    def __init__(self, lib, stream):
+        self.lib, self.stream, self.ptr, self.buf = lib, stream, None, None
+
+    def free_buffer(self):
+        self.buf = None
+        if self.ptr is not None:
+            self.lib.cuMemFreeHost(self.ptr)
+            self.ptr = None
+
+    def __del__(self):
+        try:
+            self.free_buffer()
+            self.lib.cuStreamDestroy_v2(self.stream)
+        except Exception:  # interpreter shutdown: the process gives everything back anyway
+            pass
+
+
 def _driver():
     """libcuda with the signatures of the calls DeviceUpload makes (ctypes would otherwise
     pass 64-bit addresses as 32-bit ints)."""
@@ -122,6 +142,7 @@ def _driver():
     lib.cuMemFreeHost.argtypes = [ctypes.c_void_p]
     lib.cuStreamSynchronize.argtypes = [ctypes.c_void_p]
     lib.cuStreamCreate.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_uint]
+    lib.cuStreamDestroy_v2.argtypes = [ctypes.c_void_p]
     return lib
 
 

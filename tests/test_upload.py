@@ -22,6 +22,7 @@ class MemmoveDriver:
 
     def __init__(self):
         self.buffers, self.copies, self.syncs = [], [], 0
+        self.freed, self.destroyed = [], 0
         self.lock = threading.Lock()
 
     def cuCtxGetCurrent(self, ctx):
@@ -39,6 +40,11 @@ class MemmoveDriver:
         return 0
 
     def cuMemFreeHost(self, ptr):
+        self.freed.append(ptr.value)
+        return 0
+
+    def cuStreamDestroy_v2(self, stream):
+        self.destroyed += 1
         return 0
 
     def cuMemcpyHtoDAsync_v2(self, dst, src, n, stream):
@@ -132,7 +138,7 @@ def test_copies_into_two_slot_arrays_that_happen_to_be_neighbours_stay_apart():
     assert driver.copies == [16, 16]
 
 
-def test_each_reading_thread_stages_into_its_own_page_locked_buffer():
+def test_each_reading_thread_stages_into_its_own_page_locked_buffer_given_back_when_it_ends():
     driver = MemmoveDriver()
     up = DeviceUpload(driver)
     mine = up.staging(1 << 20)
@@ -142,6 +148,19 @@ def test_each_reading_thread_stages_into_its_own_page_locked_buffer():
     t.join()
     assert mine.ctypes.data != theirs[0].ctypes.data
     assert up.staging(100).ctypes.data == mine.ctypes.data  # reused, not reallocated
+    theirs.clear()
+    import gc
+
+    gc.collect()
+    assert driver.freed == [driver.buffers[1].ctypes.data] and driver.destroyed == 1  # the ended thread's
+
+
+def test_a_larger_batch_replaces_the_staging_and_gives_the_old_one_back():
+    driver = MemmoveDriver()
+    up = DeviceUpload(driver)
+    small = up.staging(100).ctypes.data
+    big = up.staging(3 << 20)
+    assert len(big) == 4 << 20 and driver.freed == [small]
 
 
 @pytest.mark.parametrize("budget", [0.25, 0.5])
