@@ -192,17 +192,20 @@ def test_prewarm_fills_free_slots_from_a_background_thread_without_evicting(runt
     assert int((L.slot_of >= 0).sum()) == 16
 
 
-def test_a_float16_checkpoint_run_at_float32_gets_converted_values_from_small_loads(tmp_path, demo_prompt_ids):
+@pytest.mark.parametrize("bits", [None, 4])
+def test_a_float16_checkpoint_run_at_float32_gets_converted_values_from_small_loads(tmp_path, demo_prompt_ids, bits):
     # Small decode loads take the lean path, which converts only bf16 to float32; a float16
-    # checkpoint computed at float32 must be converted by the general path (it once got
-    # the raw float16 bytes in its float32 slots), and decode exactly like stock.
+    # checkpoint computed at float32 (float16 weights, or 4-bit with float16 scales and
+    # biases, as many mlx-community conversions have) must be converted by the general
+    # path (it once got the raw float16 bytes in its float32 slots), and decode exactly
+    # like stock.
     import glob
 
     from synthetic import write_synthetic_moe
 
     from conftest import stock_greedy
 
-    path = write_synthetic_moe(tmp_path / "f16", "qwen3_moe", bits=None, dtype="float16")
+    path = write_synthetic_moe(tmp_path / "f16", "qwen3_moe", bits=bits, dtype="float16")
     model, _, rt = chronos_mlx.load(str(path), expert_budget=0.5, dtype="float32")
     rt.cache.ensure(0, [1, 3])  # two experts: a small, lean-sized load
     stock = {}
@@ -212,7 +215,7 @@ def test_a_float16_checkpoint_run_at_float32_gets_converted_values_from_small_lo
     for name, p in L.params.items():
         want = stock[f"model.layers.0.mlp.switch_mlp.{name}"]
         for e in (1, 3):
-            assert np.array_equal(p.view[L.slot_of[e]], np.array(want[e].astype(mx.float32))), name
+            assert np.array_equal(p.view[L.slot_of[e]], np.array(want[e].astype(p.slots.dtype)).view(p.view.dtype)), name
     prompt = list(demo_prompt_ids)
     ids, _ = stock_greedy(path, prompt, 6)
     from chronos_mlx.generate import generate_step
