@@ -556,7 +556,7 @@ class ExpertCache:
 
         Slots are reserved and the experts mapped under the lock, so background prefetches
         of other layers never see a half-written slot; no futures are needed because no
-        other thread decides about this layer meanwhile (see Runtime.wait_planned)."""
+        other thread decides about this layer meanwhile (see prefetch.wait_planned)."""
         t0 = time.perf_counter()
         with deferred_sigint():
             with self._lock:

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
+from .prefetch import predict, score_prediction, submit_guesses, wait_planned
+
 
 @dataclass
 class Gate:
@@ -33,7 +35,7 @@ def close_gate(runtime, layer: int, indices: mx.array, x) -> mx.array:
     """Build `layer` behind a gate: start its router's ids (and the predictor's guesses);
     return its slot ids as the gate table will map them. `runtime.gate` holds it until
     `open_gate`."""
-    scores = runtime._predict(layer, x) if runtime.predictor is not None and x is not None else None
+    scores = predict(runtime, layer, x) if runtime.predictor is not None and x is not None else None
     mx.async_eval(indices, *([scores] if scores is not None else []))
     runtime.gate = Gate(layer, indices, x, scores)
     return runtime.cache.layers[layer].gate_table[indices]
@@ -51,7 +53,7 @@ def open_gate(runtime) -> None:
     L = runtime.cache.layers[layer]
     # This runs once per MoE layer per token while the device waits: keep it lean.
     if runtime._planned:
-        runtime.wait_planned(layer)
+        wait_planned(runtime, layer)
     host = np.array(gate.indices).reshape(-1)
     runtime.layer_syncs += 1
     if not runtime.observers:
@@ -62,7 +64,7 @@ def open_gate(runtime) -> None:
         runtime._observe(layer, host, gate.x)
     uniq = set(host.tolist())  # a handful of ids: Python sets beat numpy's per-call cost here
     if runtime._predicted:
-        runtime._score_prediction(layer, np.fromiter(uniq, np.int64))
+        score_prediction(runtime, layer, np.fromiter(uniq, np.int64))
     L.counters.hits += host.size - len(uniq)
     slot_of = L.slot_of
     if all(slot_of[e] >= 0 for e in uniq):  # mapped means complete, and nothing evicts it meanwhile
@@ -72,4 +74,4 @@ def open_gate(runtime) -> None:
     runtime.cache.mark_used(layer, uniq)
     runtime.cache.write_gate_table(layer)
     if gate.scores is not None:
-        runtime._prefetch(layer, gate.scores)
+        submit_guesses(runtime, layer, gate.scores)

@@ -22,6 +22,7 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import make_prompt_cache
 
+from .prefetch import prefetch_intent
 from .resume import kept_caches, resume_point
 from .rollback import Checkpoint, checkpointable
 from .runtime import Runtime, SegmentMiss, StepRecord
@@ -266,7 +267,7 @@ def generate_step(
         if intent is not None:
             runtime.observers.remove(intent)
     if intent is not None:
-        runtime.prefetch_intent(intent.ranked())
+        prefetch_intent(runtime, intent.ranked())
 
     # What the planner learned (miss rates, costs) carries over from one generation to the next.
     planner = getattr(runtime, "segment_planner", None)

@@ -25,6 +25,7 @@ import numpy as np
 
 from .cache import ExpertCache
 from .gates import close_gate, open_gate
+from .prefetch import predict, score_prediction, submit_guesses, wait_planned
 
 
 @dataclass
@@ -161,7 +162,7 @@ class Runtime:
         `x` is the layer's input hidden state, which a predictor may use to prefetch."""
         L = self.cache.layers[layer]
         self.open_gate()  # the layer before this one loads what it needs before this one runs
-        self.wait_planned(layer)
+        wait_planned(self, layer)
         L.refresh()
         if L.full and not self.observers:  # nothing can miss and nobody watches: no host read
             L.counters.hits += indices.size
@@ -180,7 +181,7 @@ class Runtime:
                 return mapped
             self._verify_segment(rec, indices)  # raises SegmentMiss on a miss before here
             rec.loads_before = L.counters.misses
-        scores = self._predict(layer, x) if self.predictor is not None and x is not None else None
+        scores = predict(self, layer, x) if self.predictor is not None and x is not None else None
         if scores is not None:
             mx.eval(indices, scores)  # one host round trip for both
         host = np.array(indices).reshape(-1)
@@ -192,11 +193,11 @@ class Runtime:
         else:
             self._observe(layer, host, x)
         uniq = np.unique(host)
-        self._score_prediction(layer, uniq)
+        score_prediction(self, layer, uniq)
         if L.full:
             L.counters.hits += host.size
             self.cache.mark_used(layer, uniq)
-            self._prefetch(layer, scores)
+            submit_guesses(self, layer, scores)
             return self._exact_at_end(rec, layer, indices, host, mapped)
         # Repeated uses of an expert within the batch are hits; load_for counts the rest.
         L.counters.hits += host.size - len(uniq)
@@ -206,7 +207,7 @@ class Runtime:
             return None  # the module streams the batch through in waves
         self.load_for(layer, uniq)
         self.cache.mark_used(layer, uniq)
-        self._prefetch(layer, scores)
+        submit_guesses(self, layer, scores)
         L.refresh()
         return self._exact_at_end(rec, layer, indices, host, L.table[indices])
 
@@ -255,77 +256,13 @@ class Runtime:
         rec.verified = len(rec.layers)
         return mapped
 
-    # --- prediction and prefetch ---------------------------------------------------------
-    def _predict(self, layer: int, x: mx.array):
-        """Expert scores [n_targets, E] for the predictor's targets, on its own stream.
-
-        Ranking them is left to the planner thread (numpy): every op evaluated here is
-        paid for at each layer's host read."""
-        with mx.stream(self.predict_stream):  # from the last position (prefill: the last prompt token)
-            return self.predictor.scores(layer, x.reshape(-1, x.shape[-1])[-1:]).astype(mx.float32)
-
-    def wait_planned(self, layer: int):
-        """Let prefetch decisions that target `layer` finish before its slots are read."""
-        fut = self._planned.pop(layer, None)
-        if fut is not None:
-            fut.result()
-
-    def _prefetch(self, layer: int, scores):
-        """Hand the scores computed at `layer` to the planner thread (see `_plan_prefetch`)."""
-        if scores is None:
-            return
-        fut = self._planner.submit(self._plan_prefetch, layer, np.array(scores))
-        n_layers = len(self.cache.layers)
-        for dl, dt in self.predictor.targets:
-            if _safe_target(layer, layer + dl, dt, n_layers):
-                self._planned[layer + dl] = fut
-
-    def _plan_prefetch(self, layer: int, scores: np.ndarray):
-        """Start loads of predicted experts for layers nothing queued is reading now.
-
-        At layer l's host read every earlier layer of this token has run and no later
-        layer has started, so later layers of this token and earlier-or-equal layers of
-        the next token are safe targets (their slots are not being read); each of them
-        waits for this decision before its next routing (`wait_planned`)."""
-        n_layers = len(self.cache.layers)
-        m = min(self.guesses, scores.shape[-1])
-        guesses = np.argsort(-scores, axis=-1, kind="stable")[..., :m]
-        for (dl, dt), ranked in zip(self.predictor.targets, guesses):
-            target = layer + dl
-            if not _safe_target(layer, target, dt, n_layers):
-                continue
-            T = self.cache.layers[target]
-            if dt == 0:
-                # Nothing queued reads a later layer's slots, and the guesses rank what it
-                # will use better than its last token's experts do: they may fill it.
-                limit, protect = T.num_slots, ()
-            else:
-                # The target's current experts are in use: room for them and for one
-                # token's worth of demand.
-                limit = min(T.num_slots - len(T.last_used), T.num_slots - self.info.get("top_k", 1))
-                protect = T.last_used
-            if limit > 0:
-                self.cache.prefetch(target, ranked, limit, protect=protect)
-                self._predicted[(target, dt)] = set(int(e) for e in ranked)
-
-    def _score_prediction(self, layer: int, used: np.ndarray):
-        """prediction_recall: how many used experts the last prediction for this layer named."""
-        guess = self._predicted.pop((layer, 0), None)
-        if guess is None:
-            guess = self._predicted.pop((layer, 1), None)
-        else:
-            self._predicted.pop((layer, 1), None)
-        if guess is not None:
-            self.recall_hits += sum(1 for e in used.tolist() if e in guess)
-            self.recall_total += len(used)
-
     def load_for(self, layer: int, experts, protect=None, count_hits: bool = True) -> list:
         """Load the missing ones of `experts` now (the caller waits): an I/O stall.
 
         Every expert loaded on demand counts as a miss; with `count_hits` the others count
         as hits. Returns the experts loaded."""
         t0 = time.perf_counter()
-        self.wait_planned(layer)
+        wait_planned(self, layer)
         got = self.cache.ensure(layer, experts, protect)
         loaded = len(got)
         L = self.cache.layers[layer]
@@ -373,19 +310,6 @@ class Runtime:
             observer.observe(layer, indices)
             if x is not None and hasattr(observer, "observe_hidden"):
                 observer.observe_hidden(layer, x)
-
-    def prefetch_intent(self, ranked) -> None:
-        """Before decoding: bring in what the intent predictor expects the generation to use.
-
-        Called between prefill and the first decode step, when nothing queued reads any
-        slot. Keeps room for one token's experts and what each layer used last."""
-        top_k = self.info.get("top_k", 1)
-        for layer, experts in enumerate(ranked):
-            T = self.cache.layers[layer]
-            limit = T.num_slots - max(top_k, len(T.last_used))
-            if limit > 0:
-                self.cache.prefetch(layer, experts, limit, protect=T.last_used)
-                self._predicted[(layer, 1)] = set(int(e) for e in experts[: max(limit, top_k)])
 
     def cache_totals(self) -> dict:
         """Hits, misses, bytes read and prefetch hits so far, summed over layers."""
@@ -460,19 +384,6 @@ class Runtime:
 
             for L in self.cache.layers:
                 L.counters = LayerCounters()
-
-
-def _safe_target(layer: int, target: int, dt: int, n_layers: int) -> bool:
-    """Whether guesses made at `layer` are prefetched into `target` (of this token when
-    dt == 0, else of the next).
-
-    Only the next layer of this token, and layer 0 of the next token (which no guess of
-    the same token reaches): guesses further ahead are worse and would be superseded by
-    the next layer's own, costing reads (measured: 2x the bytes, no fewer misses). A later
-    layer of the next token would also compete with this token's use of its slots."""
-    if dt == 0:
-        return target == layer + 1 < n_layers
-    return dt == 1 and target == 0 <= layer
 
 
 def peak_rss_bytes() -> int:
