@@ -25,8 +25,8 @@ from mlx_lm.models.cache import make_prompt_cache
 from .prefetch import prefetch_intent
 from .resume import kept_caches, resume_point
 from .rollback import Checkpoint, checkpointable
-from .runtime import Runtime, SegmentMiss, StepRecord
-from .verification import SegmentPlanner
+from .runtime import Runtime
+from .verification import SegmentMiss, SegmentPlanner, StepRecord
 
 SYNC_MODES = ("optimistic", "per-layer")  # optimistic: segments chosen per step (verification.py)
 _STREAMS: dict = {}

@@ -275,8 +275,6 @@ def load(
     `io_sim` ("bandwidth=5GB/s,latency=80us") delays reads like an SSD of that speed;
     `io_threads` reader threads load experts in the background (0: inline reads).
     """
-    from mlx_lm.utils import load_tokenizer
-
     plan = plan_model(model, dtype)
     target = compute_dtype(dtype)
     tokenizer = load_tokenizer_checked(plan.path, eos_token_ids=plan.config.get("eos_token_id"))

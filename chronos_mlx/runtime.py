@@ -18,7 +18,7 @@ from __future__ import annotations
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import mlx.core as mx
 import numpy as np
@@ -26,66 +26,7 @@ import numpy as np
 from .cache import ExpertCache
 from .gates import close_gate, open_gate
 from .prefetch import predict, score_prediction, submit_guesses, wait_planned
-
-
-@dataclass
-class StepRecord:
-    """The router indices of one forward pass, by MoE layer, for one host read."""
-
-    layers: list = field(default_factory=list)
-    indices: list = field(default_factory=list)
-    # Each layer's expert->slot map as the computation saw it: loads made after the
-    # launch (by a step built meanwhile) must not make a wrong computation look right.
-    slot_maps: list = field(default_factory=list)
-    # Segmented verification: MoE layers that end a segment (their indices and those of
-    # the segment before them are read back there), how many entries are verified, and
-    # the layers routed exactly at an end (counted and loaded there, not at the end).
-    ends: frozenset = frozenset()
-    verified: int = 0
-    routed_exact: set = field(default_factory=set)
-    known: list = field(default_factory=list)  # (layer, host indices) read back at ends
-    missed_at_end: set = field(default_factory=set)  # end layers that had to load experts
-    loads_before: int | None = None
-
-    def flat(self, start: int = 0):
-        """The indices of the entries from `start` on, for one host read (None: none)."""
-        if len(self.indices) <= start:
-            return None
-        return mx.concatenate([i.reshape(-1) for i in self.indices[start:]])
-
-    def split(self, host: np.ndarray):
-        return self.split_from(0, host)
-
-    def split_from(self, start: int, host: np.ndarray):
-        """(layer, its indices) for the entries from `start` on, out of `flat(start)` read back."""
-        out, pos = [], 0
-        for layer, inds in zip(self.layers[start:], self.indices[start:]):
-            out.append((layer, host[pos : pos + inds.size]))
-            pos += inds.size
-        return out
-
-    def absent(self, host: np.ndarray) -> dict:
-        """{layer: experts it used} for every layer that used an expert absent at launch."""
-        return self.absent_in(self.split(host), self.slot_maps)
-
-    @staticmethod
-    def absent_in(pairs, slot_maps) -> dict:
-        out = {}
-        for (layer, inds), slot_of in zip(pairs, slot_maps):
-            if (slot_of[inds] < 0).any():
-                out[layer] = np.unique(inds)
-        return out
-
-
-class SegmentMiss(Exception):
-    """Raised at a segment end inside a forward pass: an earlier layer of the segment ran
-    on an absent expert, so the pass stops there and is redone from that layer."""
-
-    def __init__(self, first: int, needed: dict, known: list):
-        super().__init__(first)
-        self.first = first  # first MoE layer that missed
-        self.needed = needed  # {layer: experts it asked for} from the first miss on
-        self.known = known  # (layer, host indices) of the exact layers before it
+from .verification import SegmentMiss, StepRecord, exact_at_end, verify_segment
 
 
 @dataclass
@@ -179,7 +120,7 @@ class Runtime:
                 rec.indices.append(indices)
                 rec.slot_maps.append(L.table_map)
                 return mapped
-            self._verify_segment(rec, indices)  # raises SegmentMiss on a miss before here
+            verify_segment(rec, indices)  # raises SegmentMiss on a miss before here
             rec.loads_before = L.counters.misses
         scores = predict(self, layer, x) if self.predictor is not None and x is not None else None
         if scores is not None:
@@ -198,7 +139,7 @@ class Runtime:
             L.counters.hits += host.size
             self.cache.mark_used(layer, uniq)
             submit_guesses(self, layer, scores)
-            return self._exact_at_end(rec, layer, indices, host, mapped)
+            return exact_at_end(self.cache.layers[layer], rec, layer, indices, host, mapped)
         # Repeated uses of an expert within the batch are hits; load_for counts the rest.
         L.counters.hits += host.size - len(uniq)
         if len(uniq) > L.num_slots:
@@ -209,7 +150,7 @@ class Runtime:
         self.cache.mark_used(layer, uniq)
         submit_guesses(self, layer, scores)
         L.refresh()
-        return self._exact_at_end(rec, layer, indices, host, L.table[indices])
+        return exact_at_end(L, rec, layer, indices, host, L.table[indices])
 
     # --- per-layer routing through gates (gates.py) ------------------------------------------
     def open_gate(self):
@@ -224,37 +165,6 @@ class Runtime:
     def drop_gate(self):
         """Forget a gated layer whose forward pass was abandoned (nothing will compute it)."""
         self.gate = None
-
-    # --- segmented verification ------------------------------------------------------------
-    def _verify_segment(self, rec: StepRecord, indices: mx.array):
-        """At a segment end: read back the indices of the layers since the last end (with
-        this layer's, one round trip) and stop the pass if any of them missed."""
-        pending = rec.indices[rec.verified :]
-        mx.eval(*pending, indices)
-        pairs = [(l, np.array(i).reshape(-1)) for l, i in zip(rec.layers[rec.verified :], pending)]
-        needed = StepRecord.absent_in(pairs, rec.slot_maps[rec.verified :])
-        if needed:
-            first = min(needed)
-            rec.known += [(l, h) for l, h in pairs if l < first]
-            # From the first miss on, layers ran on wrong inputs: their experts are guesses.
-            raise SegmentMiss(first, {l: np.unique(h) for l, h in pairs if l >= first}, rec.known)
-        rec.known += pairs
-        rec.verified = len(rec.layers)
-
-    def _exact_at_end(self, rec, layer, indices, host, mapped):
-        """A segment-end layer was routed exactly: it joins the step's record as verified."""
-        if rec is None:
-            return mapped
-        L = self.cache.layers[layer]
-        rec.layers.append(layer)
-        rec.indices.append(indices)
-        rec.slot_maps.append(L.table_map)
-        rec.routed_exact.add(layer)
-        if rec.loads_before is not None and L.counters.misses > rec.loads_before:
-            rec.missed_at_end.add(layer)  # it would have missed: for the segment planner
-        rec.known.append((layer, host))
-        rec.verified = len(rec.layers)
-        return mapped
 
     def load_for(self, layer: int, experts, protect=None, count_hits: bool = True) -> list:
         """Load the missing ones of `experts` now (the caller waits): an I/O stall.

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import mlx.core as mx
 import numpy as np
 
 # Priors until measured (seconds): a host round trip and one MoE layer's compute. A miss
@@ -138,3 +139,96 @@ def plan_ends(miss: np.ndarray, sync_s: float, layer_s: float, recovery_s: float
         ends.append(choice[i])
         i = choice[i] + 1
     return frozenset(ends)
+
+
+# --- what a step records for its host reads -------------------------------------------------
+@dataclass
+class StepRecord:
+    """The router indices of one forward pass, by MoE layer, for one host read."""
+
+    layers: list = field(default_factory=list)
+    indices: list = field(default_factory=list)
+    # Each layer's expert->slot map as the computation saw it: loads made after the
+    # launch (by a step built meanwhile) must not make a wrong computation look right.
+    slot_maps: list = field(default_factory=list)
+    # Segmented verification: MoE layers that end a segment (their indices and those of
+    # the segment before them are read back there), how many entries are verified, and
+    # the layers routed exactly at an end (counted and loaded there, not at the end).
+    ends: frozenset = frozenset()
+    verified: int = 0
+    routed_exact: set = field(default_factory=set)
+    known: list = field(default_factory=list)  # (layer, host indices) read back at ends
+    missed_at_end: set = field(default_factory=set)  # end layers that had to load experts
+    loads_before: int | None = None
+
+    def flat(self, start: int = 0):
+        """The indices of the entries from `start` on, for one host read (None: none)."""
+        if len(self.indices) <= start:
+            return None
+        return mx.concatenate([i.reshape(-1) for i in self.indices[start:]])
+
+    def split(self, host: np.ndarray):
+        return self.split_from(0, host)
+
+    def split_from(self, start: int, host: np.ndarray):
+        """(layer, its indices) for the entries from `start` on, out of `flat(start)` read back."""
+        out, pos = [], 0
+        for layer, inds in zip(self.layers[start:], self.indices[start:]):
+            out.append((layer, host[pos : pos + inds.size]))
+            pos += inds.size
+        return out
+
+    def absent(self, host: np.ndarray) -> dict:
+        """{layer: experts it used} for every layer that used an expert absent at launch."""
+        return self.absent_in(self.split(host), self.slot_maps)
+
+    @staticmethod
+    def absent_in(pairs, slot_maps) -> dict:
+        out = {}
+        for (layer, inds), slot_of in zip(pairs, slot_maps):
+            if (slot_of[inds] < 0).any():
+                out[layer] = np.unique(inds)
+        return out
+
+
+class SegmentMiss(Exception):
+    """Raised at a segment end inside a forward pass: an earlier layer of the segment ran
+    on an absent expert, so the pass stops there and is redone from that layer."""
+
+    def __init__(self, first: int, needed: dict, known: list):
+        super().__init__(first)
+        self.first = first  # first MoE layer that missed
+        self.needed = needed  # {layer: experts it asked for} from the first miss on
+        self.known = known  # (layer, host indices) of the exact layers before it
+
+# --- at a segment end (called by Runtime.route) ----------------------------------------------
+def verify_segment(rec: StepRecord, indices: mx.array):
+    """At a segment end: read back the indices of the layers since the last end (with
+    this layer's, one round trip) and stop the pass if any of them missed."""
+    pending = rec.indices[rec.verified :]
+    mx.eval(*pending, indices)
+    pairs = [(l, np.array(i).reshape(-1)) for l, i in zip(rec.layers[rec.verified :], pending)]
+    needed = StepRecord.absent_in(pairs, rec.slot_maps[rec.verified :])
+    if needed:
+        first = min(needed)
+        rec.known += [(l, h) for l, h in pairs if l < first]
+        # From the first miss on, layers ran on wrong inputs: their experts are guesses.
+        raise SegmentMiss(first, {l: np.unique(h) for l, h in pairs if l >= first}, rec.known)
+    rec.known += pairs
+    rec.verified = len(rec.layers)
+
+
+def exact_at_end(L, rec, layer, indices, host, mapped):
+    """A segment-end layer (`L`, its LayerSlots) was routed exactly: it joins the step's
+    record as verified. Returns `mapped` (its slot ids)."""
+    if rec is None:
+        return mapped
+    rec.layers.append(layer)
+    rec.indices.append(indices)
+    rec.slot_maps.append(L.table_map)
+    rec.routed_exact.add(layer)
+    if rec.loads_before is not None and L.counters.misses > rec.loads_before:
+        rec.missed_at_end.add(layer)  # it would have missed: for the segment planner
+    rec.known.append((layer, host))
+    rec.verified = len(rec.layers)
+    return mapped
