@@ -24,6 +24,7 @@ class MemmoveDriver:
         self.buffers, self.copies, self.syncs = [], [], 0
         self.freed, self.destroyed = [], 0
         self.lock = threading.Lock()
+        self.threads = set()  # names of the threads that copied
 
     def cuCtxGetCurrent(self, ctx):
         ctx._obj.value = 1
@@ -51,6 +52,7 @@ class MemmoveDriver:
         ctypes.memmove(dst, src, n)
         with self.lock:
             self.copies.append(n)
+            self.threads.add(threading.current_thread().name)
         return 0
 
     def cuStreamSynchronize(self, stream):
@@ -171,6 +173,21 @@ def test_decoding_through_device_copies_equals_stock_mlx_lm(budget, demo_prompt_
     got = [t for t, _ in generate_step(mx.array(demo_prompt_ids), model, rt, max_tokens=12)]
     assert got == ids
     assert driver.copies  # the misses were written by the copies, not by the host
+
+
+def test_prefetch_threads_copy_through_their_own_staging_beside_demand_loads(demo_prompt_ids):
+    # The gate predictor's guesses are loaded on pool threads while the main thread loads
+    # what a layer missed: each copies from its own staging, and the tokens stay stock's.
+    from chronos_mlx.predict_runtime import attach_predictor
+
+    model, _, rt = chronos_mlx.load(None, expert_budget=0.25, io_sim="bandwidth=2GB/s,latency=200us")
+    attach_predictor(model, rt, "gate")
+    driver = _with_memmove_upload(rt)
+    ids, _ = stock_greedy(DEMO, demo_prompt_ids, 12)
+    got = [t for t, _ in generate_step(mx.array(demo_prompt_ids), model, rt, max_tokens=12, sync="per-layer")]
+    assert got == ids
+    assert rt.stats()["prefetch_hits"] > 0
+    assert threading.main_thread().name in driver.threads and len(driver.threads) >= 2
 
 
 class RefusingDriver(MemmoveDriver):
