@@ -646,7 +646,22 @@ class ExpertCache:
             return
         with self._lock:
             L.gate_stale = False
-            np.maximum(L.slot_of, 0, out=L.gate_view, casting="unsafe")
+            up = self.upload
+            if up is None:
+                np.maximum(L.slot_of, 0, out=L.gate_view, casting="unsafe")
+                return
+            # CUDA: a host write would pull the table's page over to the host and the next
+            # layer's kernel would fault it back, every token; the copy engine writes it.
+            n = L.gate_view.nbytes
+            try:
+                staged = up.staging(n)
+            except OSError as e:
+                self.upload, self.upload_error = None, str(e)
+                np.maximum(L.slot_of, 0, out=L.gate_view, casting="unsafe")
+                return
+            np.maximum(L.slot_of, 0, out=staged[:n].view(L.gate_view.dtype), casting="unsafe")
+            addr = slot_address(L.gate_view)
+            self._copy_to_device(up, [(addr, addr, 0, n)])
 
     def mark_used(self, layer: int, experts):
         """Experts a computation used: prefetch hits are counted, the policy informed."""

@@ -175,6 +175,21 @@ def test_decoding_through_device_copies_equals_stock_mlx_lm(budget, demo_prompt_
     assert driver.copies  # the misses were written by the copies, not by the host
 
 
+def test_gate_tables_are_written_by_the_copy_engine_too(demo_prompt_ids):
+    # Per-layer routing rewrites a layer's gate table whenever its experts moved; on CUDA a
+    # host write there would bounce the page between host and GPU every token.
+    model, _, rt = chronos_mlx.load(None, expert_budget=0.25)
+    driver = _with_memmove_upload(rt)
+    table_bytes = rt.cache.layers[0].gate_view.nbytes
+    ids, _ = stock_greedy(DEMO, demo_prompt_ids, 12)
+    got = [t for t, _ in generate_step(mx.array(demo_prompt_ids), model, rt, max_tokens=12, sync="per-layer")]
+    assert got == ids
+    assert table_bytes in driver.copies
+    for L in rt.cache.layers:  # each table as the host would have written it
+        if not L.gate_stale:
+            assert np.array_equal(np.array(L.gate_table), np.maximum(L.slot_of, 0))
+
+
 def test_prefetch_threads_copy_through_their_own_staging_beside_demand_loads(demo_prompt_ids):
     # The gate predictor's guesses are loaded on pool threads while the main thread loads
     # what a layer missed: each copies from its own staging, and the tokens stay stock's.
