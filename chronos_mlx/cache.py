@@ -653,13 +653,11 @@ class ExpertCache:
             # CUDA: a host write would pull the table's page over to the host and the next
             # layer's kernel would fault it back, every token; the copy engine writes it.
             n = L.gate_view.nbytes
-            try:
-                staged = up.staging(n)
-            except OSError as e:
-                self.upload, self.upload_error = None, str(e)
+            up, staged = self._staging(n)
+            if up is None:
                 np.maximum(L.slot_of, 0, out=L.gate_view, casting="unsafe")
                 return
-            np.maximum(L.slot_of, 0, out=staged[:n].view(L.gate_view.dtype), casting="unsafe")
+            np.maximum(L.slot_of, 0, out=np.frombuffer(staged[:n], dtype=L.gate_view.dtype), casting="unsafe")
             addr = slot_address(L.gate_view)
             self._copy_to_device(up, [(addr, addr, 0, n)])
 
@@ -795,11 +793,17 @@ class ExpertCache:
         (None, None): host writes (no device copies here, a batch larger than a thread's
         staging — `_read_experts` cuts batches to fit, and one expert always does — or a
         driver that refused: `upload_error`)."""
+        if k > 1 and k * self.bytes_on_disk_per_expert > MAX_STAGING:
+            return None, None
+        return self._staging(k * self.bytes_on_disk_per_expert)
+
+    def _staging(self, nbytes: int):
+        """(device upload, this thread's page-locked staging as bytes) or (None, None)."""
         up = self.upload
-        if up is None or (k > 1 and k * self.bytes_on_disk_per_expert > MAX_STAGING):
+        if up is None:
             return None, None
         try:
-            return up, memoryview(up.staging(k * self.bytes_on_disk_per_expert))
+            return up, memoryview(up.staging(nbytes))
         except OSError as e:  # no page-locked memory to be had: host writes from now on
             self.upload, self.upload_error = None, str(e)
             return None, None

@@ -22,8 +22,8 @@ import threading
 import mlx.core as mx
 import numpy as np
 
-# Page-locked staging per reading thread is at most this large; a batch above it (a
-# whole layer at start-up) is written by the host, as without a device.
+# Page-locked staging per reading thread is at most this large (one expert larger than it
+# still fits); bigger batches (a prefill wave, a whole layer at start-up) go in pieces.
 MAX_STAGING = 64 << 20
 
 
