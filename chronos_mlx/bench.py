@@ -39,6 +39,8 @@ class BenchConfig:
 def machine_info() -> dict:
     import mlx_lm
 
+    from .upload import expert_write_path
+
     info = {
         "platform": platform.platform(),
         "machine": platform.machine(),
@@ -49,6 +51,7 @@ def machine_info() -> dict:
         "mlx": mx.__version__,
         "mlx_lm": mlx_lm.__version__,
         "device": str(mx.default_device()),
+        "expert_writes": expert_write_path(),
     }
     try:
         info["device_info"] = {k: str(v) for k, v in mx.device_info().items()}
@@ -388,6 +391,10 @@ def measure(config: BenchConfig, model_path, prompts, *, max_tokens=64, repeats=
             **{k: v for k, v in config.options.items() if isinstance(v, (str, int, float, bool))},
         )
         out["direct_io"] = bool(runtime.reader and runtime.reader.direct_io_active)  # what took effect
+        if runtime.cache is not None:  # CUDA: what the copy engine wrote, and why it stopped if it did
+            stats = runtime.stats()
+            out["device_copy_bytes"] = stats["device_copy_bytes"]
+            out["device_copy_error"] = stats["device_copy_error"]
     out["mlx_peak_memory_bytes"] = mx.get_peak_memory()
     del model, runtime
     gc.collect()

@@ -32,13 +32,14 @@ def test_bench_writes_one_report_with_the_generate_json_stat_names(tiny, tmp_pat
     names = [r["name"] for r in report["results"]]
     assert names[:2] == ["mlx_lm-resident", "mlx_lm-mmap"]
     assert "chronos-lru@1.0" in names and "chronos-lru@0.25" in names
-    for key in ("platform", "mlx", "device", "memory_bytes"):
+    for key in ("platform", "mlx", "device", "memory_bytes", "expert_writes"):
         assert key in report["machine"]
     lru = next(r for r in report["results"] if r["name"] == "chronos-lru@0.25")
     for key in ("decode_tokens_per_s", "ttft_s", "hit_rate", "stall_s_per_token", "bytes_read_per_token",
                 "ratio_to_resident", "prediction_recall", "mlx_peak_memory_bytes", "belady_bytes_read_per_token"):
         assert key in lru
     assert lru["belady_bytes_read_per_token"] <= lru["bytes_read_per_token"]  # nobody beats the oracle
+    assert lru["device_copy_bytes"] == 0 and lru["device_copy_error"] is None  # no CUDA here: host writes
     assert (tmp_path / "r.png").stat().st_size > 1000
 
 
