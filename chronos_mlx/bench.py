@@ -189,7 +189,7 @@ def _plain_run(model, runtime, prompt, max_tokens, forced=None, temp=None):
                                                prompt_cache=prompt_cache), 1):
         if t_first is None:  # decode-only figures start here, like chronos's loop
             t_first = time.perf_counter()
-            first = (runtime.cache_totals(), runtime.counters.io_wait_s, runtime.layer_syncs)
+            first = (runtime.cache_totals(), runtime.counters.io_wait_s, runtime.layer_syncs, runtime.counters.sync_wait_s)
         tokens.append(int(tok))
     end = time.perf_counter()
     after, s = runtime.cache_totals(), runtime.stats()
@@ -197,6 +197,7 @@ def _plain_run(model, runtime, prompt, max_tokens, forced=None, temp=None):
     return {
         "tokens": tokens, "ttft_s": t_first - tic, "decode_s": end - t_first, "decode_steps": n - 1,
         "prompt_tokens": len(prompt), "stall_s": runtime.counters.io_wait_s - first[1],
+        "sync_wait_s": runtime.counters.sync_wait_s - first[3], "recovery_wait_s": 0.0,
         "hits": s["hits"], "misses": s["misses"], "bytes_read": s["bytes_read"],
         # Per-layer reads (+ the sampled token) per generated token, like the decode loop counts.
         "host_syncs": runtime.layer_syncs + len(tokens), "recomputes": 0, "recomputed_layers": 0,
@@ -239,6 +240,8 @@ def _chronos_run(model, runtime, prompt, max_tokens, sync, forced=None, temp=Non
         "decode_steps": c.decode_steps,
         "prompt_tokens": len(prompt),
         "stall_s": c.stall_s,
+        "sync_wait_s": c.decode_sync_wait_s,
+        "recovery_wait_s": c.decode_recovery_wait_s,
         "hits": s["hits"],
         "misses": s["misses"],
         "bytes_read": s["bytes_read"],
@@ -291,6 +294,10 @@ def _aggregate(runs: list[dict]) -> dict:
         d_hits, d_misses = sum(r["decode_hits"] for r in runs), sum(r["decode_misses"] for r in runs)
         out.update(
             stall_s_per_token=sum(r["stall_s"] for r in runs) / max(steps, 1),
+            # Where the rest of a decode step waits: routing read back (the device computing
+            # up to it) and steps thrown away after a miss.
+            sync_wait_s_per_token=sum(r["sync_wait_s"] for r in runs) / max(steps, 1),
+            recovery_wait_s_per_token=sum(r["recovery_wait_s"] for r in runs) / max(steps, 1),
             # Prefill and decode (comparable with Belady's bound, which sees both) ...
             bytes_read_per_token=sum(r["bytes_read"] for r in runs) / max(tokens, 1),
             hit_rate=hits / (hits + misses) if hits + misses else 1.0,

@@ -14,6 +14,7 @@ loads, not for graph construction.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from time import perf_counter
 
 import mlx.core as mx
 import numpy as np
@@ -54,7 +55,9 @@ def open_gate(runtime) -> None:
     # This runs once per MoE layer per token while the device waits: keep it lean.
     if runtime._planned:
         wait_planned(runtime, layer)
+    t0 = perf_counter()
     host = np.array(gate.indices).reshape(-1)
+    runtime.counters.sync_wait_s += perf_counter() - t0
     runtime.layer_syncs += 1
     if not runtime.observers:
         pass

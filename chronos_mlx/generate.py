@@ -197,7 +197,9 @@ def generate_step(
                     planner.observe_misses(range(len(layers)), missed)
                 return step, discarded
             if step.miss is None:
+                t0 = time.perf_counter()
                 host = np.array(step.flat)
+                c.sync_wait_s += time.perf_counter() - t0
                 c.host_syncs += 1
                 rec = step.record
                 tail = rec.split_from(rec.verified, host)
@@ -229,7 +231,9 @@ def generate_step(
                     after = Checkpoint(prompt_cache, only=kept_caches(layer0, step.touched))
                     start = (layer0, step.outputs, step.touched, after)
             step.checkpoint.restore()
-            c.io_wait_s += time.perf_counter() - t0  # waiting out the wrong steps
+            # Waiting out the wrong steps: not I/O, and part of what this plan costs (the
+            # planner's step times leave out only the loads).
+            c.recovery_wait_s += time.perf_counter() - t0
             # Layers up to the first miss routed exactly; later ones may have routed on
             # wrong inputs, so their loads are guesses (the recompute checks them).
             # A layer that needs more experts than it has slots can only be computed in
@@ -319,6 +323,7 @@ def generate_step(
                 c.ttft_s = t_first - tic
                 c.prefill_s += t_first - tic
                 io_at_first = c.io_wait_s
+                waits_at_first = (c.sync_wait_s, c.recovery_wait_s)
                 cache_at_first = runtime.cache_totals()
             c.generated_tokens += 1
             yield token, step.logprobs
@@ -337,6 +342,8 @@ def generate_step(
             c.decode_s += time.perf_counter() - t_first
             c.decode_steps += n - 1
             c.stall_s += c.io_wait_s - io_at_first
+            c.decode_sync_wait_s += c.sync_wait_s - waits_at_first[0]
+            c.decode_recovery_wait_s += c.recovery_wait_s - waits_at_first[1]
             now_totals = runtime.cache_totals()
             c.decode_hits += now_totals["hits"] - cache_at_first["hits"]
             c.decode_misses += now_totals["misses"] - cache_at_first["misses"]

@@ -41,6 +41,10 @@ class DecodeCounters:
     decode_steps: int = 0
     io_wait_s: float = 0.0  # all time blocked on expert loads (prefill included)
     stall_s: float = 0.0  # the part of it spent while decoding
+    sync_wait_s: float = 0.0  # blocked reading routing back (the device computing up to it)
+    recovery_wait_s: float = 0.0  # waiting out steps that missed (their work is thrown away)
+    decode_sync_wait_s: float = 0.0  # the parts of these two spent while decoding
+    decode_recovery_wait_s: float = 0.0
     host_syncs: int = 0
     recomputes: int = 0
     recomputed_layers: int = 0
@@ -120,12 +124,14 @@ class Runtime:
                 rec.indices.append(indices)
                 rec.slot_maps.append(L.table_map)
                 return mapped
-            verify_segment(rec, indices)  # raises SegmentMiss on a miss before here
+            verify_segment(rec, indices, self.counters)  # raises SegmentMiss on a miss before here
             rec.loads_before = L.counters.misses
         scores = predict(self, layer, x) if self.predictor is not None and x is not None else None
         if scores is not None:
             mx.eval(indices, scores)  # one host round trip for both
+        t0 = time.perf_counter()
         host = np.array(indices).reshape(-1)
+        self.counters.sync_wait_s += time.perf_counter() - t0
         self.layer_syncs += 1
         if rec is not None:  # a segment end: reported with the step once it is kept
             pass
@@ -262,6 +268,8 @@ class Runtime:
             "bytes_read": sum(L.counters.bytes_read for L in layers),
             "stall_s": c.stall_s,
             "io_wait_s": c.io_wait_s,
+            "decode_sync_wait_s": c.decode_sync_wait_s,
+            "decode_recovery_wait_s": c.decode_recovery_wait_s,
             "host_syncs_per_token": c.host_syncs / c.generated_tokens if c.generated_tokens else 0.0,
             "recomputed_layers": c.recomputed_layers,
             "recomputes": c.recomputes,

@@ -23,6 +23,7 @@ now and then.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from time import perf_counter
 
 import mlx.core as mx
 import numpy as np
@@ -202,11 +203,15 @@ class SegmentMiss(Exception):
         self.known = known  # (layer, host indices) of the exact layers before it
 
 # --- at a segment end (called by Runtime.route) ----------------------------------------------
-def verify_segment(rec: StepRecord, indices: mx.array):
+def verify_segment(rec: StepRecord, indices: mx.array, counters=None):
     """At a segment end: read back the indices of the layers since the last end (with
-    this layer's, one round trip) and stop the pass if any of them missed."""
+    this layer's, one round trip) and stop the pass if any of them missed. The wait is
+    added to `counters.sync_wait_s`."""
     pending = rec.indices[rec.verified :]
+    t0 = perf_counter()
     mx.eval(*pending, indices)
+    if counters is not None:
+        counters.sync_wait_s += perf_counter() - t0
     pairs = [(l, np.array(i).reshape(-1)) for l, i in zip(rec.layers[rec.verified :], pending)]
     needed = StepRecord.absent_in(pairs, rec.slot_maps[rec.verified :])
     if needed:

@@ -29,6 +29,7 @@ IO_COLUMNS = [
     ("name", "config"),
     ("decode_hit_rate", "decode hits"),
     ("stall_s_per_token", "stall ms/tok"),
+    ("sync_wait_s_per_token", "routing wait ms/tok"),
     ("decode_bytes_read_per_token", "read/tok"),
     ("belady_decode_bytes_read_per_token", "Belady read/tok"),
     ("effective_load_bytes_per_s", "load GB/s"),
@@ -44,7 +45,7 @@ def _bench_cell(key: str, row: dict) -> str:
         return "-"
     if key == "decode_tokens_per_s":
         return f"{v:.1f}"
-    if key == "stall_s_per_token":
+    if key in ("stall_s_per_token", "sync_wait_s_per_token"):
         return f"{v * 1e3:.2f}"
     if key == "effective_load_bytes_per_s":
         return f"{v / 1e9:.2f}"
