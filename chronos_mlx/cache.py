@@ -10,7 +10,6 @@ without a host round trip.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import sys
 import threading
@@ -266,9 +265,6 @@ class ExpertCache:
         # (upload.py); elsewhere (Apple silicon, CPU) straight into the slots. None: the latter.
         self.upload = device_upload()
         self.upload_error = None  # why device copies stopped, if the driver refused them
-        # Device copies of a threaded read start as each thread finishes its share (False:
-        # one copy of the whole batch after every read, for comparison in benchmarks).
-        self.overlap_copies = True
         self.layers: list[LayerSlots] = []
         self._lock = threading.RLock()
         for spec in layers:
@@ -716,22 +712,9 @@ class ExpertCache:
             f = p.followed
             bounds = [0] + [i for i in range(1, k) if not (experts[i] == experts[i - 1] + 1 and f[experts[i - 1]])] + [k]
             for a, b in zip(bounds[:-1], bounds[1:]):
-                run = ReadRun(p.paths[experts[a]], p.offsets[experts[a]], bufs[a:b], (b - a) * n)
-                if up is not None and not p.convert:
-                    run.copies = copies[len(copies) - k + a : len(copies) - k + b]
-                runs.append(run)
+                runs.append(ReadRun(p.paths[experts[a]], p.offsets[experts[a]], bufs[a:b], (b - a) * n))
                 spans.append((a, b))
-        after = None
-        if copies and self.overlap_copies and self.verifier is None:
-            # Each reading thread copies what it has read at once: the copy engine works
-            # while the other threads still read (a demand load waits for both).
-            base = ctypes.addressof(ctypes.c_char.from_buffer(staged))
-            copies = None
-
-            def after(done_runs):
-                up.copy([c for r in done_runs for c in r.copies], base)
-
-        done = self.reader.read_runs(runs, after=after)  # checks each shard is unchanged first (one stat)
+        done = self.reader.read_runs(runs)  # checks each shard is unchanged first (one stat)
         if self.verifier is not None:  # before anything is converted or mapped
             from .verify import expert_tag
 
@@ -743,8 +726,6 @@ class ExpertCache:
                 )
         if copies:
             self._copy_to_device(up, copies)
-        elif after is not None and up.failed is not None:
-            self.upload, self.upload_error = None, up.failed
         for raw, p in converts:
             out = np.empty((k, *p.source.shape), dtype=p.view.dtype)
             convert_into(raw, p.source.dtype, p.dtype, out)

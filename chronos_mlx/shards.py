@@ -359,17 +359,14 @@ class ShardReader:
                 done[i] = t
         return done
 
-    def read_runs(self, runs: list, checked: bool = False, after=None) -> list[float]:
+    def read_runs(self, runs: list, checked: bool = False) -> list[float]:
         """Read `runs` (each a contiguous file range scattered into its buffers) as one
         submission.
 
         The kernel is told about every range first (`advise_willneed`), so a drive has
         them all in flight together instead of one latency after another; each run is one
-        vectored `preadv`. `after(runs)`, if given, is called by each reading thread with
-        the runs (or pieces of runs) it has just read, before it takes on anything else:
-        what must follow the bytes (a copy to the device) overlaps the other threads'
-        reads. Returns, per run, the `time.perf_counter()` from which its bytes count as
-        arrived: now, or later under a SimulatedSSD (callers `wait_until`)."""
+        vectored `preadv`. Returns, per run, the `time.perf_counter()` from which its
+        bytes count as arrived: now, or later under a SimulatedSSD (callers `wait_until`)."""
         started = time.perf_counter()
         if not checked:
             for path in {r.path for r in runs}:
@@ -383,15 +380,15 @@ class ShardReader:
         if len(groups) > 1:
             # Several reads in flight: a drive (and a page-cache copy) only reaches its rate
             # that way. pread releases the GIL; this thread takes the first group itself.
-            futures = [self._pool().submit(self._read_group, g, after) for g in groups[1:]]
+            futures = [self._pool().submit(self._read_group, g) for g in groups[1:]]
             try:
-                self._read_group(groups[0], after)
+                self._read_group(groups[0])
             finally:
                 errors = [f.exception() for f in futures]
             if any(errors):
                 raise next(e for e in errors if e)
         else:
-            self._read_group(groups[0] if groups else [], after)
+            self._read_group(groups[0] if groups else [])
         if self.simulator is not None:
             done = self.simulator.schedule([r.nbytes for r in runs], started)
         else:
@@ -441,12 +438,7 @@ class ShardReader:
             return self.simulator.schedule(sizes, started)
         return [started] * len(sizes)
 
-    def _read_group(self, group: list, after=None):
-        self._read_pieces(group)
-        if after is not None and group:
-            after([r for r, _ in group])
-
-    def _read_pieces(self, group: list):
+    def _read_group(self, group: list):
         for r, fd in group:
             try:
                 if self._direct[r.path] and sys.platform.startswith("linux"):
@@ -552,9 +544,6 @@ class ReadRun:
     views: list  # byte memoryviews, filled in order
     nbytes: int
     ids: list = field(default_factory=list)  # which requests (read_batch) they serve
-    # What must follow the bytes, for `read_runs(after=...)`: [(array, dst, staging offset,
-    # nbytes)] device copies covering the run's bytes in order (see ExpertCache._read_experts).
-    copies: list = field(default_factory=list)
 
 
 def _merge_runs(requests) -> list[ReadRun]:
@@ -610,7 +599,7 @@ def _preadv_full(fd: int, offset: int, views: list, path: Path):
 
 def _chunks(run: ReadRun, size: int) -> list:
     """`run` cut into consecutive ReadRuns of about `size` bytes (its buffers sliced where a
-    cut falls inside one; its copies cut the same way)."""
+    cut falls inside one)."""
     out, views, got, start = [], [], 0, run.offset
     for v in run.views:
         while len(v):
@@ -624,25 +613,6 @@ def _chunks(run: ReadRun, size: int) -> list:
                 views, got = [], 0
     if got:
         out.append(ReadRun(run.path, start, views, got))
-    if run.copies:
-        pos = 0
-        for piece in out:
-            piece.copies = cut_copies(run.copies, pos, pos + piece.nbytes)
-            pos += piece.nbytes
-    return out
-
-
-def cut_copies(copies: list, start: int, end: int) -> list:
-    """The part of `copies` [(array, dst, offset, nbytes)], which cover a run's bytes in
-    order, that covers its bytes [start, end)."""
-    out, pos = [], 0
-    for array, dst, off, n in copies:
-        a, b = max(start, pos), min(end, pos + n)
-        if a < b:
-            out.append((array, dst + a - pos, off + a - pos, b - a))
-        pos += n
-        if pos >= end:
-            break
     return out
 
 

@@ -39,7 +39,6 @@ class DeviceUpload:
         """`lib`: the CUDA driver (`_driver()`), or anything with the same few calls."""
         self._lib = lib
         self._local = threading.local()
-        self._count_lock = threading.Lock()
         self.copies = 0
         self.bytes = 0
         # The driver's first refusal, in words: from then on the cache writes from the host
@@ -80,16 +79,13 @@ class DeviceUpload:
             st.buf = np.ctypeslib.as_array((ctypes.c_uint8 * size).from_address(ptr.value))
         return st.buf
 
-    def copy(self, copies: list, base: int | None = None):
-        """Queue [(slot array address, destination address, offset in the staging, nbytes)]
-        on this thread's stream and wait for them. The staging is this thread's, or the
-        page-locked memory at `base` (another thread's, whose reads this thread shares).
-        Copies that continue each other on both sides within one slot array go as one;
-        never across arrays (MLX may place two arrays back to back, and one copy must not
-        span two allocations: the driver refuses it)."""
+    def copy(self, copies: list):
+        """Queue [(slot array address, destination address, offset in this thread's staging,
+        nbytes)] and wait for them. Copies that continue each other on both sides within one
+        slot array go as one; never across arrays (MLX may place two arrays back to back,
+        and one copy must not span two allocations: the driver refuses it)."""
         st = self._thread_state()
-        if base is None:
-            base = st.buf.ctypes.data
+        base = st.buf.ctypes.data
         stream = st.stream
         fn = self._lib.cuMemcpyHtoDAsync_v2
         merged = []
@@ -111,9 +107,8 @@ class DeviceUpload:
                 ctypes.memmove(dst, base + off, n)
             self.failed = str(e)
             return
-        with self._count_lock:  # reader threads copy side by side
-            self.copies += len(merged)
-            self.bytes += sum(n for *_, n in merged)
+        self.copies += len(merged)
+        self.bytes += sum(n for *_, n in merged)
 
 
 class _ThreadStaging:

@@ -43,17 +43,6 @@ def _unpipelined(setup):
     return apply
 
 
-def _copies_after_reads(setup):
-    """CUDA: one device copy of each load after all its reads (as before copies overlapped them)."""
-    def apply(model, runtime):
-        if setup is not None:
-            setup(model, runtime)
-        if runtime is not None:
-            runtime.cache.overlap_copies = False
-
-    return apply
-
-
 def _print_profile(prof, name: str, n: int):
     import io
     import pstats
@@ -75,7 +64,7 @@ def main():
     ap.add_argument("--io-sim", default=None)
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--modes", default="optimistic,per-layer,mlx_lm",
-                    help="chronos variants: optimistic (segments), per-layer (gated), per-layer-stop (per-layer that stops graph construction at each layer, as before gates), MODE-copy-after (CUDA: a load's device copies after all its reads, not overlapping them), mlx_lm (the chronos model in stock mlx_lm's loop); :predictor appends one")
+                    help="chronos variants: optimistic (segments), per-layer (gated), per-layer-stop (per-layer that stops graph construction at each layer, as before gates), mlx_lm (the chronos model in stock mlx_lm's loop); :predictor appends one")
     ap.add_argument("--interleave", action="store_true", help="load all, measure round-robin (noisy machines)")
     ap.add_argument("--max-prompt-tokens", type=int, default=128)
     ap.add_argument("--greedy", action="store_true", help="greedy decoding instead of replay")
@@ -142,8 +131,6 @@ def main():
                 cfg_setup = setup
                 if mode == "per-layer-stop":  # per-layer routing that stops graph construction at each layer (before gates)
                     mode, cfg_setup = "per-layer", _unpipelined(setup)
-                elif mode.endswith("-copy-after"):  # CUDA: device copies after all of a load's reads
-                    mode, cfg_setup = mode[: -len("-copy-after")], _copies_after_reads(setup)
                 configs.append(BenchConfig(name, budget=b, sync=mode, options=opts, setup=cfg_setup))
     rows = []
     if args.interleave:

@@ -79,9 +79,7 @@ def _watched_reader(name: str, threads: int, min_bytes: int):
     reader.threads, reader.min_bytes_per_thread = threads, min_bytes
     seen, groups = set(), []
     read_group = reader._read_group
-    reader._read_group = lambda group, after=None: (
-        seen.add(threading.current_thread().name), groups.append(group), read_group(group, after)
-    )
+    reader._read_group = lambda group: (seen.add(threading.current_thread().name), groups.append(group), read_group(group))
     return reader, index, expert, truth, seen, groups
 
 
@@ -97,7 +95,7 @@ def test_a_large_batch_is_read_by_several_threads_with_the_same_bytes():
     assert len(groups) == 4 and len(seen) >= 2  # four groups, on the caller and reader threads
     assert sorted(r.offset for g in groups for r, _ in g) == sorted(expert.slices[e].offset for e in outs)
     small = ShardReader(index)  # default threshold: a few small experts stay on the caller
-    small._read_group = lambda group, after=None: (seen.add("small-" + threading.current_thread().name), None)
+    small._read_group = lambda group: (seen.add("small-" + threading.current_thread().name), None)
     small.read_batch([(expert.slices[e].path, expert.slices[e].offset, outs[e]) for e in (0, 2)])
     assert {n for n in seen if n.startswith("small-")} == {"small-" + threading.current_thread().name}
 
@@ -113,43 +111,6 @@ def test_one_long_run_is_cut_so_that_several_threads_read_it():
     pieces = [r for g in groups for r, _ in g]
     assert len(pieces) == 12 and len(seen) >= 2
     assert sum(r.nbytes for r in pieces) == out.nbytes
-
-
-def test_each_reading_thread_hands_what_it_read_to_after_at_once():
-    # What must follow the bytes (a device copy) starts on the thread that read them,
-    # while the other threads still read; a run cut into pieces has its copies cut too.
-    import threading
-
-    from chronos_mlx.shards import ReadRun
-
-    reader, _, expert, truth, seen, groups = _watched_reader("model.layers.5.mlp.switch_mlp.up_proj.weight", 4, 128 << 10)
-    out = np.empty((64, 128, 48), dtype=np.uint32)
-    s = expert.slices[0]
-    run = ReadRun(s.path, s.offset, [memoryview(out).cast("B")], out.nbytes)
-    run.copies = [("array", 1000 + i * out[0].nbytes, i * out[0].nbytes, out[0].nbytes) for i in range(64)]
-    handed, lock = [], threading.Lock()
-
-    def after(runs):
-        with lock:
-            handed.append((threading.current_thread().name, [c for r in runs for c in r.copies]))
-
-    reader.read_runs([run], after=after)
-    assert np.array_equal(out, truth)
-    assert len(handed) == len(groups) and len({name for name, _ in handed}) >= 2
-    got = sorted(c for _, cs in handed for c in cs)
-    # Every byte copied once, each piece to where its bytes go.
-    assert sum(c[3] for c in got) == out.nbytes
-    assert all(dst - 1000 == off for _, dst, off, _ in got)
-    assert [off for _, _, off, _ in got] == sorted(set(off for _, _, off, _ in got))
-
-
-def test_cut_copies_keeps_the_part_of_each_copy_inside_the_range():
-    from chronos_mlx.shards import cut_copies
-
-    copies = [("a", 100, 0, 10), ("a", 300, 10, 10), ("b", 500, 20, 5)]
-    assert cut_copies(copies, 0, 25) == copies
-    assert cut_copies(copies, 5, 12) == [("a", 105, 5, 5), ("a", 300, 10, 2)]
-    assert cut_copies(copies, 22, 25) == [("b", 502, 22, 3)]
 
 
 def test_simulated_ssd_overlaps_the_latency_of_a_batch_and_queues_its_bytes():

@@ -116,30 +116,6 @@ def test_a_batch_larger_than_the_staging_is_copied_in_pieces(monkeypatch):
             assert np.array_equal(got, ref), (name, e)
 
 
-def test_reader_threads_copy_their_share_as_soon_as_they_have_read_it():
-    # A large demand load is read by several threads; each queues the copies of what it
-    # read (from the loading thread's staging) on its own stream at once, so the copy
-    # engine works while the others still read. The slots end up with the shard's bytes.
-    _, _, rt = chronos_mlx.load(None, expert_budget=0.25, dtype="bfloat16")
-    driver = _with_memmove_upload(rt)
-    cache = rt.cache
-    cache.reader.plain_reads = lambda nbytes, paths: False
-    cache.reader.threads, cache.reader.min_bytes_per_thread = 4, 64 << 10
-    wanted = [e for e in range(64) if cache.layers[2].slot_of[e] < 0][:12]
-    cache.ensure(2, wanted)
-    assert len(driver.threads) >= 2 and driver.syncs >= 2  # copied from several threads
-    assert rt.cache.upload is not None and driver.buffers  # one staging: the loading thread's
-    assert len(driver.buffers) == 1
-    stock = mx.load(str(DEMO / "model.safetensors"))
-    L = cache.layers[2]
-    for name, p in L.params.items():
-        want = stock[f"model.layers.2.mlp.switch_mlp.{name}"]
-        for e in wanted:
-            got = np.array(mx.view(p.slots[int(L.slot_of[e])], mx.uint16 if p.dtype == mx.bfloat16 else p.dtype))
-            ref = np.array(mx.view(want[e], mx.uint16) if want.dtype == mx.bfloat16 else want[e])
-            assert np.array_equal(got, ref), (name, e)
-
-
 def test_copies_that_continue_each_other_on_both_sides_go_as_one():
     driver = MemmoveDriver()
     up = DeviceUpload(driver)
