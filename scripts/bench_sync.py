@@ -73,7 +73,8 @@ def main():
                     help="trained: trained-like routing for random-weight checkpoints (needs replay)")
     ap.add_argument("--no-probe", action="store_true", help="skip the read-bandwidth probe")
     ap.add_argument("--cpu", action="store_true", help="run MLX's CPU backend (also on a GPU host)")
-    ap.add_argument("--policies", default="lru", help="cache policies to compare (lru, lfu, usage), each with every mode")
+    ap.add_argument("--policies", default="usage",
+                    help="cache policies to compare (lru, lfu, usage; usage is chronos's default), each with every mode")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="profile each chronos configuration's decode steps (cProfile, main thread) and print "
                          "its N most costly functions (own time and with callees) to stderr (not with --interleave)")
@@ -125,8 +126,8 @@ def main():
                 if predictor:
                     opts["predictor"] = predictor
                 name = f"chronos-{variant}@{b}"
-                if policy != "lru":
-                    opts["policy"] = policy
+                opts["policy"] = policy
+                if policy != "usage":  # rows without a suffix: the default policy
                     name = f"chronos-{variant}-{policy}@{b}"
                 cfg_setup = setup
                 if mode == "per-layer-stop":  # per-layer routing that stops graph construction at each layer (before gates)
