@@ -284,7 +284,9 @@ def generate_step(
         )
         if segment_ends is None:
             runtime.segment_planner = planner
-    step = launch(prompt, speculate=optimistic, ends=planner.ends() if optimistic else frozenset())
+    ends = planner.ends() if optimistic else frozenset()
+    step = launch(prompt, speculate=optimistic, ends=ends)
+    previous_ends = len(ends)
     # Per-layer reads of the decode steps (the first one is launched right below) count too.
     n, t_first, t_last, syncs_at_first, io_at_first = 0, None, 0.0, runtime.layer_syncs, 0.0
     mark = (0.0, 0, 0)  # io wait, recomputed layers, recomputes at the last token
@@ -315,9 +317,10 @@ def generate_step(
                     ends=len(ends),
                     recomputed_layers=c.recomputed_layers - mark[1],
                     recoveries=c.recomputes - mark[2],
+                    previous_ends=previous_ends,
                 )
             mark = (c.io_wait_s, c.recomputed_layers, c.recomputes)
-            t_last = now
+            t_last, previous_ends = now, len(ends)
             if t_first is None:
                 t_first = time.perf_counter()
                 c.ttft_s = t_first - tic

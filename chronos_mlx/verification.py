@@ -62,10 +62,20 @@ class SegmentPlanner:
         for layer in checked:
             self.miss[layer] += self.decay * (float(layer in missed) - self.miss[layer])
 
-    def observe_step(self, seconds: float, ends: int, recomputed_layers: int, recoveries: int):
+    def observe_step(self, seconds: float, ends: int, recomputed_layers: int, recoveries: int,
+                     previous_ends: int | None = None):
+        """One decode interval: `seconds` (loads left out) of a step launched with `ends`
+        segment ends, after settling the one before it (launched with `previous_ends`).
+
+        An interval holds the verification of the step before and the launch of this one;
+        a per-layer step does its work while it is launched, an optimistic one while the
+        next interval verifies it. So an interval whose two steps are of different kinds
+        holds two steps' work or none, and is not a sample of either kind."""
+        kind = "every" if ends >= self.n_layers else "planned"
+        if previous_ends is not None and kind != ("every" if previous_ends >= self.n_layers else "planned"):
+            return
         # Measured, not modelled: seconds per step with every layer an end (what per-layer
         # routing costs) and with the planned ends. The model can be wrong; this cannot.
-        kind = "every" if ends >= self.n_layers else "planned"
         old = self._measured.get(kind)
         self._measured[kind] = seconds if old is None else 0.8 * old + 0.2 * seconds
         x = np.array([1.0, ends, recomputed_layers, recoveries])
@@ -103,7 +113,8 @@ class SegmentPlanner:
         t_every, t_plan = self._measured.get("every"), self._measured.get("planned")
         if choice != every and t_every is not None and t_plan is not None and t_every < t_plan:
             choice = every
-        if n % self.explore_every == 0 and self._plan != every:  # keep both measurements fresh
+        # Keep both measurements fresh: two steps in a row the other way (see observe_step).
+        if n > 1 and n % self.explore_every in (0, 1) and self._plan != every:
             choice = every if choice != every else self._plan
         return choice
 

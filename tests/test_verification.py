@@ -104,3 +104,27 @@ def test_every_layer_an_end_is_used_while_it_measures_faster_than_the_plan():
     for _ in range(20):  # the plan gets cheaper (misses stopped)
         planner.observe_step(0.002, ends=0, recomputed_layers=0, recoveries=0)
     assert planner.ends() == frozenset()
+
+
+def test_an_interval_holding_steps_of_two_kinds_is_no_sample_of_either():
+    # An interval verifies the step before and launches the next: a per-layer step works
+    # while launched, an optimistic one while verified. Switching kinds puts two steps'
+    # work (or none) in one interval; counted, it made per-layer routing look twice as dear
+    # as it is each time it was explored, and kept a plan that recomputed.
+    planner = SegmentPlanner(4, miss=np.zeros(4), explore_every=1000)
+    planner.ends()
+    planner.observe_step(0.004, ends=4, recomputed_layers=0, recoveries=0, previous_ends=4)  # every layer
+    planner.observe_step(0.010, ends=0, recomputed_layers=2, recoveries=1, previous_ends=0)  # the plan
+    for _ in range(5):
+        planner.observe_step(0.020, ends=4, recomputed_layers=2, recoveries=1, previous_ends=0)  # both
+        planner.observe_step(0.0001, ends=0, recomputed_layers=0, recoveries=0, previous_ends=4)  # neither
+    assert planner.ends() == frozenset(range(4))
+
+
+def test_the_planner_explores_the_other_kind_two_steps_in_a_row():
+    planner = SegmentPlanner(4, miss=np.full(4, 0.001), explore_every=4)
+    every = frozenset(range(4))
+    plan = planner.ends()
+    assert plan != every
+    chosen = [planner.ends() == every for _ in range(2, 12)]  # calls 2..11
+    assert chosen == [False, False, True, True, False, False, True, True, False, False]
