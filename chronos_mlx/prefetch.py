@@ -11,6 +11,8 @@ expects a generation to use, between prefill and the first decode step. Function
 
 from __future__ import annotations
 
+import time
+
 import mlx.core as mx
 import numpy as np
 
@@ -25,10 +27,13 @@ def predict(runtime, layer: int, x: mx.array):
 
 
 def wait_planned(runtime, layer: int):
-    """Let prefetch decisions that target `layer` finish before its slots are read."""
+    """Let prefetch decisions that target `layer` finish before its slots are read (time
+    blocked here counts as stall: it is prediction's cost on the critical path)."""
     fut = runtime._planned.pop(layer, None)
     if fut is not None:
+        t0 = time.perf_counter()
         fut.result()
+        runtime.counters.io_wait_s += time.perf_counter() - t0
 
 
 def submit_guesses(runtime, layer: int, scores):

@@ -179,13 +179,17 @@ class Runtime:
         as hits. Returns the experts loaded."""
         t0 = time.perf_counter()
         wait_planned(self, layer)
+        wanted = set(np.asarray(experts).reshape(-1).tolist())
+        L = self.cache.layers[layer]
+        absent = not all(L.slot_of[e] >= 0 for e in wanted)
         got = self.cache.ensure(layer, experts, protect)
         loaded = len(got)
-        L = self.cache.layers[layer]
         L.counters.misses += loaded
         if count_hits:
-            L.counters.hits += len(set(np.asarray(experts).reshape(-1).tolist())) - loaded
-        self.counters.io_wait_s += time.perf_counter() - t0 if loaded else 0.0
+            L.counters.hits += len(wanted) - loaded
+        # A stall whenever something was absent: read now, or waited for while a prefetch
+        # read it (which loads nothing here but is time blocked all the same).
+        self.counters.io_wait_s += time.perf_counter() - t0 if absent else 0.0
         return got
 
     # --- optimistic execution (called by the decode loop) ------------------------------

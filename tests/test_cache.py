@@ -168,6 +168,15 @@ def test_a_prefetched_expert_is_waited_for_not_read_twice(runtime):
     assert cache.layers[3].counters.prefetch_hits == 1
 
 
+def test_waiting_for_a_prefetch_in_flight_counts_as_a_stall_though_nothing_is_loaded(runtime):
+    # What a prediction costs on the critical path must show in the stall: a demand that
+    # waits for a prefetch still reading loads nothing itself, yet the decode step waits.
+    runtime.cache.reader.simulator = SimulatedSSD(bandwidth=10e6, latency=20e-3)
+    runtime.cache.prefetch(3, [7], limit=1)
+    assert runtime.load_for(3, [7]) == []
+    assert runtime.counters.io_wait_s >= 0.01
+
+
 def test_a_slot_being_written_is_not_visible_in_the_table(runtime):
     cache = runtime.cache
     cache.reader.simulator = SimulatedSSD(bandwidth=1e6, latency=0.2)  # 0.2 s and more per read

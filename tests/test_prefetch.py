@@ -35,7 +35,8 @@ def test_a_layer_waits_for_the_decision_that_targets_it():
     done = threading.Event()
     with ThreadPoolExecutor(1) as pool:
         fut = pool.submit(lambda: (time.sleep(0.05), done.set()))
-        rt = SimpleNamespace(_planned={4: fut})
+        rt = SimpleNamespace(_planned={4: fut}, counters=SimpleNamespace(io_wait_s=0.0))
         wait_planned(rt, 4)
         assert done.is_set() and rt._planned == {}
+        assert rt.counters.io_wait_s >= 0.04  # prediction's cost on the critical path: a stall
         wait_planned(rt, 5)  # nothing planned: returns at once
