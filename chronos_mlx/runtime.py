@@ -1,21 +1,13 @@
 """Runtime: the state that ties a model's StreamingSwitch modules to its ExpertCache.
 
-Two ways to route a MoE layer:
-- "sync" (per layer): the layer's experts are computed only after the host has read the
-  router's indices and loaded what is missing. Through a gate (gates.py) by default: the
-  layer is built at once and decided when the next one is built, so graph construction
-  does not stop; a batch with more indices than slots is decided on the spot (waves).
-  Exact under any caller, including plain `mlx_lm.generate`; costs one host round trip
-  per MoE layer whose experts are not all resident.
-- "optimistic": remap the indices through the device-side expert->slot table and record
-  them; the decode loop in `generate.py` reads all layers' indices back once per token
-  and recomputes the token if any expert was absent. Layers whose experts are all resident
-  never need either.
+The expert cache, the routing mode ("sync": per layer, or "optimistic" while the decode
+loop records a step), the predictor and its planner thread, the pending gate, the step
+record and the counters. What is done with them lives beside it: routing.py (a layer's
+ids to slots, demand loads), gates.py, prefetch.py, verification.py and generate.py.
 """
 
 from __future__ import annotations
 
-import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,9 +16,9 @@ import mlx.core as mx
 import numpy as np
 
 from .cache import ExpertCache
-from .gates import close_gate, open_gate
-from .prefetch import predict, score_prediction, submit_guesses, wait_planned
-from .verification import SegmentMiss, StepRecord, exact_at_end, verify_segment
+from .gates import open_gate
+from .routing import account_step, load_for, route
+from .verification import StepRecord
 
 
 @dataclass
@@ -102,61 +94,9 @@ class Runtime:
 
     # --- routing (called by StreamingSwitch) -------------------------------------------
     def route(self, layer: int, indices: mx.array, x: mx.array | None = None):
-        """Slot indices for the router's expert `indices`, or None when waves are needed.
-
-        `x` is the layer's input hidden state, which a predictor may use to prefetch."""
-        L = self.cache.layers[layer]
-        self.open_gate()  # the layer before this one loads what it needs before this one runs
-        wait_planned(self, layer)
-        L.refresh()
-        if L.full and not self.observers:  # nothing can miss and nobody watches: no host read
-            L.counters.hits += indices.size
-            return indices if L.identity else L.table[indices]
-        rec = self._record if self.mode == "optimistic" else None
-        if rec is None and self.pipelined and indices.size <= L.num_slots and (
-            self.defer_last or layer != self.last_moe_layer
-        ):
-            return close_gate(self, layer, indices, x)
-        mapped = indices if L.identity else L.table[indices]
-        if rec is not None:
-            if layer not in rec.ends:
-                rec.layers.append(layer)
-                rec.indices.append(indices)
-                rec.slot_maps.append(L.table_map)
-                return mapped
-            verify_segment(rec, indices, self.counters)  # raises SegmentMiss on a miss before here
-            rec.loads_before = L.counters.misses
-        scores = predict(self, layer, x) if self.predictor is not None and x is not None else None
-        if scores is not None:
-            mx.eval(indices, scores)  # one host round trip for both
-        t0 = time.perf_counter()
-        host = np.array(indices).reshape(-1)
-        self.counters.sync_wait_s += time.perf_counter() - t0
-        self.layer_syncs += 1
-        if rec is not None:  # a segment end: reported with the step once it is kept
-            pass
-        elif self.deferred_observations is not None:  # a decode step that may yet be discarded
-            self.deferred_observations.append((layer, host, x))
-        else:
-            self._observe(layer, host, x)
-        uniq = np.unique(host)
-        score_prediction(self, layer, uniq)
-        if L.full:
-            L.counters.hits += host.size
-            self.cache.mark_used(layer, uniq)
-            submit_guesses(self, layer, scores)
-            return exact_at_end(self.cache.layers[layer], rec, layer, indices, host, mapped)
-        # Repeated uses of an expert within the batch are hits; load_for counts the rest.
-        L.counters.hits += host.size - len(uniq)
-        if len(uniq) > L.num_slots:
-            if rec is not None:  # only waves can compute it: per-layer routing does
-                raise SegmentMiss(layer, {layer: uniq}, rec.known)
-            return None  # the module streams the batch through in waves
-        self.load_for(layer, uniq)
-        self.cache.mark_used(layer, uniq)
-        submit_guesses(self, layer, scores)
-        L.refresh()
-        return exact_at_end(L, rec, layer, indices, host, L.table[indices])
+        """Slot indices for the router's expert `indices`, or None when waves are needed
+        (routing.route)."""
+        return route(self, layer, indices, x)
 
     # --- per-layer routing through gates (gates.py) ------------------------------------------
     def open_gate(self):
@@ -173,24 +113,8 @@ class Runtime:
         self.gate = None
 
     def load_for(self, layer: int, experts, protect=None, count_hits: bool = True) -> list:
-        """Load the missing ones of `experts` now (the caller waits): an I/O stall.
-
-        Every expert loaded on demand counts as a miss; with `count_hits` the others count
-        as hits. Returns the experts loaded."""
-        t0 = time.perf_counter()
-        wait_planned(self, layer)
-        wanted = set(np.asarray(experts).reshape(-1).tolist())
-        L = self.cache.layers[layer]
-        absent = not all(L.slot_of[e] >= 0 for e in wanted)
-        got = self.cache.ensure(layer, experts, protect)
-        loaded = len(got)
-        L.counters.misses += loaded
-        if count_hits:
-            L.counters.hits += len(wanted) - loaded
-        # A stall whenever something was absent: read now, or waited for while a prefetch
-        # read it (which loads nothing here but is time blocked all the same).
-        self.counters.io_wait_s += time.perf_counter() - t0 if absent else 0.0
-        return got
+        """Load the missing ones of `experts` now, the caller waiting (routing.load_for)."""
+        return load_for(self, layer, experts, protect, count_hits)
 
     # --- optimistic execution (called by the decode loop) ------------------------------
     @contextmanager
@@ -205,21 +129,8 @@ class Runtime:
             self.mode, self._record = prev_mode, prev_rec
 
     def account_step(self, record: StepRecord, pairs: list, loaded: dict | None = None, before=None):
-        """A verified optimistic step (or its layers `before` a miss), as (layer, host
-        indices) pairs: uses of experts not loaded for it were hits. Layers routed exactly
-        at a segment end were counted there."""
-        for layer, inds in pairs:
-            if before is not None and layer >= before:
-                continue
-            if layer in record.routed_exact:
-                self._observe(layer, inds)
-                continue
-            L = self.cache.layers[layer]
-            uniq = np.unique(inds)
-            got = (loaded or {}).get(layer, ())
-            L.counters.hits += inds.size - sum(1 for e in uniq.tolist() if e in got)
-            self.cache.mark_used(layer, uniq)
-            self._observe(layer, inds)
+        """Count a verified optimistic step's hits (routing.account_step)."""
+        account_step(self, record, pairs, loaded, before)
 
     def observe_kept(self, observations: list):
         for layer, indices, x in observations:
