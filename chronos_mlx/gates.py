@@ -19,7 +19,7 @@ from time import perf_counter
 import mlx.core as mx
 import numpy as np
 
-from .prefetch import predict, score_prediction, submit_guesses, wait_planned
+from .prefetch import predict, score_prediction, submit_guesses
 
 
 @dataclass
@@ -53,8 +53,6 @@ def open_gate(runtime) -> None:
     layer = gate.layer
     L = runtime.cache.layers[layer]
     # This runs once per MoE layer per token while the device waits: keep it lean.
-    if runtime._planned:
-        wait_planned(runtime, layer)
     t0 = perf_counter()
     host = np.array(gate.indices).reshape(-1)
     runtime.counters.sync_wait_s += perf_counter() - t0

@@ -25,12 +25,12 @@ def trained_predictors(model, runtime) -> dict:
 def default_predictor(model, runtime) -> str:
     """`none`: prediction has not yet paid for itself in a measured benchmark.
 
-    Side by side with a simulated 5 GB/s SSD (README, Benchmarks), the gate and lookahead
-    predictors cut the decode stall 2.3-3x, but decoding came out slower than on-demand
-    loading on both backends measured: on the 2-core CPU the reader and planner threads
-    compete with compute, and on the H200 the prefetched experts' extra reads and the
-    guesses' per-layer evaluation cost more than the stall they remove. `--predictor`
-    selects one explicitly; the default changes when a benchmark says so."""
+    Side by side (docs/benchmarks.md) the gate predictor cuts the decode stall 2-3x, but
+    decoding came out slower than on-demand loading on every backend measured: on the 2-core
+    CPU its extra reads (2.8x the bytes) and scoring compete with compute, on the 16-core CPU
+    backend and the H200 the same held before its decisions moved onto the main thread (not
+    re-measured since). `--predictor` selects one explicitly; the default changes when a
+    benchmark says so."""
     return "none"
 
 

@@ -24,7 +24,7 @@ import mlx.core as mx
 import numpy as np
 
 from .gates import close_gate
-from .prefetch import predict, score_prediction, submit_guesses, wait_planned
+from .prefetch import predict, score_prediction, submit_guesses
 from .verification import SegmentMiss, StepRecord, exact_at_end, verify_segment
 
 
@@ -34,7 +34,6 @@ def route(runtime, layer: int, indices: mx.array, x: mx.array | None = None):
     `x` is the layer's input hidden state, which a predictor may use to prefetch."""
     L = runtime.cache.layers[layer]
     runtime.open_gate()  # the layer before this one loads what it needs before this one runs
-    wait_planned(runtime, layer)
     L.refresh()
     if L.full and not runtime.observers:  # nothing can miss and nobody watches: no host read
         L.counters.hits += indices.size
@@ -92,7 +91,6 @@ def load_for(runtime, layer: int, experts, protect=None, count_hits: bool = True
     Every expert loaded on demand counts as a miss; with `count_hits` the others count
     as hits. Returns the experts loaded."""
     t0 = time.perf_counter()
-    wait_planned(runtime, layer)
     wanted = set(np.asarray(experts).reshape(-1).tolist())
     L = runtime.cache.layers[layer]
     absent = not all(L.slot_of[e] >= 0 for e in wanted)

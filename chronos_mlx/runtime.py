@@ -1,14 +1,13 @@
 """Runtime: the state that ties a model's StreamingSwitch modules to its ExpertCache.
 
 The expert cache, the routing mode ("sync": per layer, or "optimistic" while the decode
-loop records a step), the predictor and its planner thread, the pending gate, the step
+loop records a step), the predictor, the pending gate, the step
 record and the counters. What is done with them lives beside it: routing.py (a layer's
 ids to slots, demand loads), gates.py, prefetch.py, verification.py and generate.py.
 """
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -69,10 +68,6 @@ class Runtime:
         self.guesses = 16
         self.predict_stream = mx.new_stream(mx.default_device())
         self._predicted: dict = {}
-        # Prefetch decisions (victims, slots, reads) run on their own thread, off the
-        # critical path; a layer waits for the decisions that target it before routing.
-        self._planner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chronos-plan")
-        self._planned: dict = {}  # target layer -> Future of the latest decision touching it
         self.recall_hits = 0
         self.recall_total = 0
         self.notice = None

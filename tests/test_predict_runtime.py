@@ -34,27 +34,6 @@ def test_every_predictor_gives_stock_tokens(demo_prompt_ids, reference, predicto
         assert 0.0 < stats["prediction_recall"] <= 1.0
 
 
-def test_a_planner_that_falls_behind_the_model_never_changes_the_output(demo_prompt_ids, reference, monkeypatch):
-    """Prefetch decisions evict and fill slots of the layers they target; a layer waits for
-    them before it is routed, however late they are."""
-    import time
-
-    model, _, runtime = chronos_mlx.load(None, expert_budget=0.25, io_sim="bandwidth=1GB/s,latency=500us")
-    attach_predictor(model, runtime, "lookahead")
-    from chronos_mlx import prefetch
-
-    plan = prefetch.plan
-
-    def slow_plan(runtime, layer, guesses):
-        time.sleep(0.005)
-        plan(runtime, layer, guesses)
-
-    monkeypatch.setattr(prefetch, "plan", slow_plan)
-    got = [int(t) for t, _ in generate_step(mx.array(demo_prompt_ids), model, runtime, max_tokens=8, sync="per-layer")]
-    assert got == reference[:8]
-    assert runtime.stats()["prefetch_hits"] > 0
-
-
 def test_unknown_or_untrained_predictors_are_clear_errors(tmp_path):
     model, _, runtime = chronos_mlx.load(None, expert_budget=0.25)
     with pytest.raises(ChronosError, match="unknown predictor"):

@@ -1,15 +1,15 @@
-"""prefetch: which layers a guess may fill, how guesses are scored, and that a layer waits
-for the decisions that target it. (Decoding with predictors, exact against stock mlx_lm,
-is in test_predict_runtime.py.)"""
+"""prefetch: which layers a guess may fill, how guesses are scored, and that the guesses made
+at a host read are claimed there and then. (Decoding with predictors, exact against stock
+mlx_lm, is in test_predict_runtime.py.)"""
 
 import threading
-import time
-from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
 import numpy as np
 
-from chronos_mlx.prefetch import safe_target, score_prediction, wait_planned
+import chronos_mlx
+from chronos_mlx.io import SimulatedSSD
+from chronos_mlx.prefetch import safe_target, score_prediction, submit_guesses
 
 
 def test_guesses_go_only_to_the_next_layer_and_to_layer_0_of_the_next_token():
@@ -31,12 +31,17 @@ def test_recall_counts_the_used_experts_the_latest_guess_named():
     assert rt.recall_total == 4
 
 
-def test_a_layer_waits_for_the_decision_that_targets_it():
-    done = threading.Event()
-    with ThreadPoolExecutor(1) as pool:
-        fut = pool.submit(lambda: (time.sleep(0.05), done.set()))
-        rt = SimpleNamespace(_planned={4: fut}, counters=SimpleNamespace(io_wait_s=0.0))
-        wait_planned(rt, 4)
-        assert done.is_set() and rt._planned == {}
-        assert rt.counters.io_wait_s >= 0.04  # prediction's cost on the critical path: a stall
-        wait_planned(rt, 5)  # nothing planned: returns at once
+def test_guesses_are_claimed_at_the_host_read_and_read_in_the_background():
+    # Decisions (ranking, victims, slots) are taken on the calling thread at once, so the
+    # targeted layer never waits for a decision; only the reads run on reader threads.
+    _, _, rt = chronos_mlx.load(None, expert_budget=0.25)
+    rt.cache.reader.simulator = SimulatedSSD(bandwidth=10e6, latency=0.05)  # reads stay in flight
+    rt.predictor = SimpleNamespace(targets=[(1, 0)])  # guesses for the next layer of this token
+    scores = np.zeros((1, 64), dtype=np.float32)
+    scores[0, [5, 9, 40]] = [3.0, 2.0, 1.0]
+    submit_guesses(rt, 2, scores)
+    L = rt.cache.layers[3]
+    assert {5, 9, 40} <= set(L.pending)  # claimed before submit_guesses returned
+    assert {n for n in (t.name for t in threading.enumerate()) if n.startswith("chronos-plan")} == set()
+    rt.load_for(3, [5, 9, 40])
+    assert all(L.slot_of[e] >= 0 for e in (5, 9, 40)) and L.counters.misses == 0  # the prefetches served them
