@@ -65,7 +65,7 @@ class Runtime:
         # Set by the decode loop while it builds a step it may discard: per-layer routing
         # is then reported to observers only once the step is kept.
         self.deferred_observations: list | None = None
-        self.guesses = 16
+        self.guesses = 16  # per layer; attach_predictor sets the model's top-k
         self.predict_stream = mx.new_stream(mx.default_device())
         self._predicted: dict = {}
         self.recall_hits = 0
