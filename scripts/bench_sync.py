@@ -43,6 +43,20 @@ def _unpipelined(setup):
     return apply
 
 
+def _with_guesses(setup, guesses):
+    """Prefetch `guesses` experts a layer (default: the model's top-k, set by attach_predictor)."""
+    if guesses is None:
+        return setup
+
+    def apply(model, runtime):
+        if setup is not None:
+            setup(model, runtime)
+        if runtime is not None:
+            runtime.guesses = int(guesses)
+
+    return apply
+
+
 def _print_profile(prof, name: str, n: int):
     import io
     import pstats
@@ -78,6 +92,8 @@ def main():
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="profile each chronos configuration's decode steps (cProfile, main thread) and print "
                          "its N most costly functions (own time and with callees) to stderr (not with --interleave)")
+    ap.add_argument("--guesses", default=None, metavar="N[,N...]",
+                    help="with a predictor: prefetch this many guesses a layer (one configuration each; default top-k)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -132,7 +148,9 @@ def main():
                 cfg_setup = setup
                 if mode == "per-layer-stop":  # per-layer routing that stops graph construction at each layer (before gates)
                     mode, cfg_setup = "per-layer", _unpipelined(setup)
-                configs.append(BenchConfig(name, budget=b, sync=mode, options=opts, setup=cfg_setup))
+                for guesses in (args.guesses.split(",") if predictor and args.guesses else [None]):
+                    configs.append(BenchConfig(name if guesses is None else f"{name}-g{guesses}", budget=b, sync=mode,
+                                               options=opts, setup=_with_guesses(cfg_setup, guesses)))
     rows = []
     if args.interleave:
         rows = measure_interleaved(configs, args.model, prompts, max_tokens=args.max_tokens,
