@@ -149,18 +149,19 @@ class StreamingSwitch(nn.Module):
         *_, M = indices.shape
         flat = np.array(indices).reshape(-1).astype(np.int64)
         order = np.argsort(flat, kind="stable")
-        experts = flat[order]
-        uniq, starts = np.unique(experts, return_index=True)
+        uniq, starts, counts = np.unique(flat[order], return_index=True, return_counts=True)
+        # The most used experts go in the last (full) wave: they stay resident for the
+        # decode steps that follow a prefill (the order of waves changes no output row).
+        by_use = np.argsort(counts, kind="stable")
         cap = self._runtime.cache.layers[self._layer].num_slots
+        waves = [by_use[max(0, end - cap) : end] for end in range(len(uniq), 0, -cap)][::-1]
         x_rows = x.flatten(0, -3)
         outs, perm = [], []
-        for w0 in range(0, len(uniq), cap):
-            wave = uniq[w0 : w0 + cap]
-            a = starts[w0]
-            b = starts[w0 + cap] if w0 + cap < len(uniq) else len(flat)
+        for members in waves:
+            wave = uniq[members]
             self._runtime.load_for(self._layer, wave)
             self._runtime.cache.mark_used(self._layer, wave)
-            rows = order[a:b]
+            rows = np.concatenate([order[starts[i] : starts[i] + counts[i]] for i in members])
             slot_ids = self._runtime.cache.slots_for(self._layer, flat[rows])
             by_slot = np.argsort(slot_ids, kind="stable")
             rows, slot_ids = rows[by_slot], slot_ids[by_slot]
