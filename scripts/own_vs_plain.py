@@ -91,7 +91,6 @@ def main():
               f"plain loop {row['plain_ratio']:.3f}x (own ahead in {row['own_ahead_in_rounds']}/{args.rounds} "
               f"rounds; per round own {min(ratios['own']):.2f}-{max(ratios['own']):.2f}, plain "
               f"{min(ratios['plain']):.2f}-{max(ratios['plain']):.2f}); tokens identical: {identical}", flush=True)
-        del model, rt
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))
 
