@@ -260,6 +260,10 @@ class ExpertCache:
         `pool` (io.IOPool) runs reads on background threads; without one reads are inline."""
         self.reader = reader
         self.pool = pool
+        # Without a pool, prefetches the main thread claims may wait here until the device
+        # has been given work (`run_deferred`): read at once, they would delay its launch.
+        self.defer_prefetch = False
+        self.deferred: list = []  # [(LayerSlots, batch)] claimed, not yet read
         self.verifier = None  # verify.ExpertVerifier (--verify-experts): checks each expert's first read
         # On CUDA reads land in page-locked staging and the copy engine writes the slots
         # (upload.py); elsewhere (Apple silicon, CPU) straight into the slots. None: the latter.
@@ -482,6 +486,8 @@ class ExpertCache:
         no queued computation still reads the slot of an expert that may be evicted.
         """
         L = self.layers[layer]
+        if self.deferred and threading.current_thread() is threading.main_thread():
+            self.run_deferred()  # nothing is left waiting on a read no one will start
         # Python sets and lists: a decode step asks for a handful of experts per layer, and
         # numpy's per-call cost is what that would pay (this runs for every MoE layer).
         experts = sorted(set(np.asarray(experts, dtype=np.int64).reshape(-1).tolist()))
@@ -614,12 +620,24 @@ class ExpertCache:
             with self._lock:
                 batch = self._claim_for_prefetch(L, wanted, keep, limit)
             if batch:
-                if self.pool is None:
-                    deadline = self._run_batch(L, batch, prefetch=True, wait=False)
-                else:
+                if self.pool is not None:
                     self.pool.submit(self._run_batch, L, batch, True)
+                elif self.defer_prefetch and threading.current_thread() is threading.main_thread():
+                    self.deferred.append((L, batch))
+                else:
+                    deadline = self._run_batch(L, batch, prefetch=True, wait=False)
         wait_until(deadline)
         return len(batch)
+
+    def run_deferred(self):
+        """Read the prefetches `prefetch` deferred, on this (the main) thread. Called right
+        after the device was given work, so the reads overlap its compute without a reader
+        thread (no hand-off, no second thread taking the GIL from the one building graphs).
+        A demand load that wants an expert still deferred takes its slot back (`ensure`
+        cancels loads not started); such items are skipped here."""
+        while self.deferred:
+            L, batch = self.deferred.pop(0)
+            self._run_batch(L, batch, prefetch=True)
 
     def _claim_for_prefetch(self, L: LayerSlots, wanted: list, keep: set, limit: int) -> list:
         """Cancel unwanted prefetches not started, claim slots for up to `limit` of `wanted`

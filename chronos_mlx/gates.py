@@ -38,6 +38,8 @@ def close_gate(runtime, layer: int, indices: mx.array, x) -> mx.array:
     `open_gate`."""
     scores = predict(runtime, layer, x) if runtime.predictor is not None and x is not None else None
     mx.async_eval(indices, *([scores] if scores is not None else []))
+    if runtime.cache.deferred:  # the device has work now: inline prefetch reads overlap it
+        runtime.cache.run_deferred()
     runtime.gate = Gate(layer, indices, x, scores)
     return runtime.cache.layers[layer].gate_table[indices]
 
@@ -46,6 +48,8 @@ def open_gate(runtime) -> None:
     """Decide the pending gated layer: read its ids, load its missing experts, point its gate
     table at their slots. Must run before anything that computes its experts is evaluated
     (the next layer's routing, or the decode loop after the pass)."""
+    if runtime.cache.deferred:  # whatever is still deferred lands before any demand load
+        runtime.cache.run_deferred()
     gate = runtime.gate
     if gate is None:
         return

@@ -128,6 +128,8 @@ def generate_step(
         step = build(tokens, speculate, start, ends, behind)
         if step.y is not None:
             mx.async_eval(step.y, step.logprobs, *([step.flat] if step.flat is not None else []))
+        if streaming and runtime.cache.deferred:  # inline prefetch reads overlap the step
+            runtime.cache.run_deferred()
         return step
 
     def build(tokens, speculate: bool, start=None, ends=frozenset(), behind=None) -> _Step:

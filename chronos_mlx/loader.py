@@ -313,6 +313,7 @@ def load(
     if io_threads is None:  # waiting on a (simulated) drive is cheap in threads; copying is not
         io_threads = 16 if (reader.simulator is not None or direct_io) else 4
     runtime.cache = ExpertCache(plan.layers, slots, reader, policy, pool=IOPool(io_threads) if io_threads else None)
+    runtime.cache.defer_prefetch = not io_threads  # inline reads: after the launch they overlap (cache.run_deferred)
     info.update(
         slots_per_layer=slots,
         expert_budget=str(expert_budget),

@@ -136,6 +136,8 @@ class StreamingSwitch(nn.Module):
             # Python builds the next layer's graph. (A gated layer must not start before
             # its gate opens.)
             mx.async_eval(y)
+            if self._runtime.cache.deferred:  # inline prefetch reads overlap these experts
+                self._runtime.cache.run_deferred()
         return y.squeeze(-2)
 
     def _waves(self, x, indices):

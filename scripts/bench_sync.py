@@ -94,6 +94,9 @@ def main():
                          "its N most costly functions (own time and with callees) to stderr (not with --interleave)")
     ap.add_argument("--guesses", default=None, metavar="N[,N...]",
                     help="with a predictor: prefetch this many guesses a layer (one configuration each; default top-k)")
+    ap.add_argument("--io-threads", metavar="N[,N...]",
+                    help="reader threads for prefetches (one configuration each; 0: read on the main thread right "
+                         "after the next launch; default 4, 16 with --io-sim)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -149,8 +152,13 @@ def main():
                 if mode == "per-layer-stop":  # per-layer routing that stops graph construction at each layer (before gates)
                     mode, cfg_setup = "per-layer", _unpipelined(setup)
                 for guesses in (args.guesses.split(",") if predictor and args.guesses else [None]):
-                    configs.append(BenchConfig(name if guesses is None else f"{name}-g{guesses}", budget=b, sync=mode,
-                                               options=opts, setup=_with_guesses(cfg_setup, guesses)))
+                    for threads in (args.io_threads.split(",") if args.io_threads else [None]):
+                        label = name if guesses is None else f"{name}-g{guesses}"
+                        o = dict(opts)
+                        if threads is not None:
+                            label, o["io_threads"] = f"{label}-t{threads}", int(threads)
+                        configs.append(BenchConfig(label, budget=b, sync=mode, options=o,
+                                                   setup=_with_guesses(cfg_setup, guesses)))
     rows = []
     if args.interleave:
         rows = measure_interleaved(configs, args.model, prompts, max_tokens=args.max_tokens,

@@ -45,3 +45,16 @@ def test_default_is_none_when_every_expert_fits():
     attach_predictor(model, runtime, "all")
     assert runtime.predictor is None and runtime.intent is None
     assert default_predictor(model, runtime) in PREDICTORS
+
+
+@pytest.mark.parametrize("sync", ["per-layer", "optimistic"])
+def test_inline_prefetch_reads_after_each_launch_give_stock_tokens(demo_prompt_ids, reference, sync):
+    # No reader threads: the guesses are read on the main thread right after the device
+    # was given work (cache.run_deferred), into slots nothing queued reads.
+    model, _, runtime = chronos_mlx.load(None, expert_budget=0.25, io_threads=0)
+    attach_predictor(model, runtime, "gate")
+    got = [int(t) for t, _ in generate_step(mx.array(demo_prompt_ids), model, runtime, max_tokens=TOKENS, sync=sync)]
+    assert got == reference
+    assert not runtime.cache.deferred
+    if sync == "per-layer":
+        assert runtime.stats()["prefetch_hits"] > 0

@@ -45,3 +45,37 @@ def test_guesses_are_claimed_at_the_host_read_and_read_in_the_background():
     assert {n for n in (t.name for t in threading.enumerate()) if n.startswith("chronos-plan")} == set()
     rt.load_for(3, [5, 9, 40])
     assert all(L.slot_of[e] >= 0 for e in (5, 9, 40)) and L.counters.misses == 0  # the prefetches served them
+
+
+def test_without_reader_threads_guesses_wait_for_the_next_launch_then_read_inline():
+    # io_threads=0: no reader thread. Read at once, the guesses would delay the launch of
+    # the work the device could do meanwhile; they are claimed at once and read right after
+    # the next launch (gates.close_gate, generate.launch) on the main thread.
+    _, _, rt = chronos_mlx.load(None, expert_budget=0.25, io_threads=0, prewarm=False)
+    assert rt.cache.pool is None and rt.cache.defer_prefetch
+    rt.predictor, rt.guesses = SimpleNamespace(targets=[(1, 0)]), 3
+    scores = np.zeros((1, 64), dtype=np.float32)
+    scores[0, [5, 9, 40]] = [3.0, 2.0, 1.0]
+    submit_guesses(rt, 2, scores)
+    L = rt.cache.layers[3]
+    assert {5, 9, 40} <= set(L.pending) and rt.cache.deferred  # claimed, not read
+    assert all(L.slot_of[e] < 0 for e in (5, 9, 40))
+    before = L.counters.bytes_read
+    rt.cache.run_deferred()
+    assert not rt.cache.deferred and not L.pending
+    assert all(L.slot_of[e] >= 0 for e in (5, 9, 40))
+    assert L.counters.bytes_read - before == 3 * rt.cache.bytes_on_disk_per_expert
+
+
+def test_a_demand_load_never_waits_for_a_deferred_read():
+    # A demand that wants a deferred guess (or needs its slot) reads the deferred batch
+    # first, so nothing waits on a read no one would start.
+    _, _, rt = chronos_mlx.load(None, expert_budget=0.25, io_threads=0, prewarm=False)
+    rt.predictor, rt.guesses = SimpleNamespace(targets=[(1, 0)]), 2
+    scores = np.zeros((1, 64), dtype=np.float32)
+    scores[0, [5, 9]] = [3.0, 2.0]
+    submit_guesses(rt, 2, scores)
+    got = rt.load_for(3, [5, 9, 11])
+    L = rt.cache.layers[3]
+    assert got == [11] and not rt.cache.deferred
+    assert all(L.slot_of[e] >= 0 for e in (5, 9, 11))
