@@ -21,9 +21,15 @@ def predict(runtime, layer: int, x: mx.array):
     """Expert scores [n_targets, E] for the predictor's targets, on its own stream.
 
     Ranking them is left to numpy (`plan`): every op evaluated here is paid for at each
-    layer's host read."""
-    with mx.stream(runtime.predict_stream):  # from the last position (prefill: the last prompt token)
-        return runtime.predictor.scores(layer, x.reshape(-1, x.shape[-1])[-1:]).astype(mx.float32)
+    layer's host read. None where no target of the predictor lies ahead of `layer`."""
+    p = runtime.predictor
+    if p.num_layers and not any(dt or layer + dl < p.num_layers for dl, dt in p.targets):
+        return None
+    x = x.reshape(-1, x.shape[-1])
+    if x.shape[0] > 1:
+        x = x[-1:]  # the last position (prefill: the last prompt token)
+    with mx.stream(runtime.predict_stream):
+        return p.scores(layer, x).astype(mx.float32)
 
 
 def submit_guesses(runtime, layer: int, scores):

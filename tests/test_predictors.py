@@ -101,6 +101,17 @@ def test_cross_layer_gate_is_the_next_layers_router(setup):
     np.testing.assert_allclose(s[gate.row(0, 1)], np.array(routers[1].logits(x)), rtol=1e-5, atol=1e-5)
 
 
+def test_the_runtimes_next_layer_gate_scores_like_the_general_one(setup):
+    # The runtime asks one target, (1, 0), at every host read: a shorter path, same numbers.
+    model, _, trace = setup
+    general = CrossLayerGatePredictor.from_model(model)
+    single = CrossLayerGatePredictor.from_model(model, targets=((1, 0),))
+    x = mx.array(trace.sequences[1].hidden[2, -1].astype(np.float32))
+    np.testing.assert_array_equal(np.array(single.scores(2, x)), np.array(general.scores(2, x))[[general.row(1, 0)]])
+    last = single.num_layers - 1  # nothing ahead: zeros, as in the general form
+    assert not np.array(single.scores(last, x)).any()
+
+
 def test_scores_run_on_a_stream_of_their_own(setup):
     model, _, trace = setup
     preds = _all(model, trace)

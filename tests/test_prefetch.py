@@ -79,3 +79,19 @@ def test_a_demand_load_never_waits_for_a_deferred_read():
     L = rt.cache.layers[3]
     assert got == [11] and not rt.cache.deferred
     assert all(L.slot_of[e] >= 0 for e in (5, 9, 11))
+
+
+def test_no_scores_are_computed_where_no_target_lies_ahead():
+    # The runtime's gate guesses only the next layer: at the last MoE layer there is nothing
+    # to guess, and nothing is computed or read back there.
+    import mlx.core as mx
+
+    from chronos_mlx.predict_runtime import attach_predictor
+    from chronos_mlx.prefetch import predict
+
+    model, _, rt = chronos_mlx.load(None, expert_budget=0.25, prewarm=False)
+    attach_predictor(model, rt, "gate")
+    x = mx.zeros((1, 1, model.args.hidden_size))
+    n = len(rt.cache.layers)
+    assert predict(rt, n - 1, x) is None
+    assert predict(rt, 0, x).shape == (1, 64)
