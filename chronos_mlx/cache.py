@@ -236,9 +236,10 @@ class LayerSlots:
                 snap = self.slot_of.copy()
             self.table_map = snap
             self._table = None
-            self.identity = self.num_slots == self.num_experts and bool(
-                (snap == np.arange(self.num_experts)).all()
-            )
+            if self.num_slots < self.num_experts:  # the common case under a budget: no numpy
+                self.identity = self.full = False
+                return
+            self.identity = bool((snap == np.arange(self.num_experts)).all())
             self.full = bool((snap >= 0).all())
 
     @property
