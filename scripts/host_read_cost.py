@@ -1,0 +1,117 @@
+"""What reading a MoE layer's routing back to the host costs stock mlx_lm itself (issue 12).
+
+    python scripts/host_read_cost.py [--model DIR] [--rounds 5] [--max-tokens 48] [--json OUT]
+
+Stock mlx_lm's model and decode loop (the next token's graph built and started before the
+current one is read), the whole model resident, with one change per configuration inside every
+MoE layer, just before its experts are computed:
+- stock: none;
+- async_eval: the router's expert ids are started (`mx.async_eval`);
+- host read: ... and read back to the host (`np.array`), as per-layer routing must;
+- host read + remap: ... and remapped through a device table (`table[ids]`), as chronos does.
+Nothing is loaded and the tokens are stock's: the differences are the cost of knowing the routing,
+on this backend. Round-robin over the configurations; medians of ms/token and of each round's
+ratio to stock.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import mlx.core as mx  # noqa: E402
+import numpy as np  # noqa: E402
+
+CONFIGS = ("stock", "async_eval", "host read", "host read + remap")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument("--json", help="write the per-round ms/token here")
+    args = ap.parse_args()
+
+    from mlx_lm import load
+    from mlx_lm.models.cache import make_prompt_cache
+    from mlx_lm.models.switch_layers import SwitchGLU, SwitchMLP
+
+    from chronos_mlx.loader import compute_dtype, resolve_model_path
+
+    model, _ = load(str(resolve_model_path(args.model)))
+    target = compute_dtype(None)
+    if target is not None:
+        model.set_dtype(target)
+    mx.eval(model.parameters())
+    mode = {"v": 0}
+    tables = {}
+
+    def wrap(cls):
+        original = cls.__call__
+
+        def call(self, x, indices):
+            v = mode["v"]
+            if v >= 1:
+                mx.async_eval(indices)
+            if v >= 2:
+                np.array(indices)
+            if v == 3:
+                n = self.num_experts if hasattr(self, "num_experts") else int(indices.max().item()) + 1
+                if n not in tables:
+                    tables[n] = mx.arange(n).astype(mx.uint32)
+                    mx.eval(tables[n])
+                indices = tables[n][indices]
+            return original(self, x, indices)
+
+        cls.__call__ = call
+
+    for cls in (SwitchGLU, SwitchMLP):
+        wrap(cls)
+    stream = mx.new_stream(mx.default_device())
+
+    def step(tok, cache):
+        with mx.stream(stream):
+            return mx.argmax(model(tok[None], cache=cache)[:, -1, :], axis=-1)
+
+    def decode(n: int) -> float:
+        """ms per token, mlx_lm's pipelining: start token i+1 before reading token i."""
+        cache = make_prompt_cache(model)
+        with mx.stream(stream):
+            mx.eval(model(mx.array([[1, 2, 3, 4]]), cache=cache))
+        nxt = step(mx.array([5]), cache)
+        mx.async_eval(nxt)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            after = step(nxt, cache)
+            mx.async_eval(after)
+            nxt.item()
+            nxt = after
+        nxt.item()
+        return (time.perf_counter() - t0) / n * 1e3
+
+    times = {k: [] for k in CONFIGS}
+    for i, k in enumerate(CONFIGS):  # warm-up
+        mode["v"] = i
+        decode(4)
+    for _ in range(args.rounds):
+        for i, k in enumerate(CONFIGS):
+            mode["v"] = i
+            times[k].append(decode(args.max_tokens))
+    for k in CONFIGS:
+        ratio = statistics.median(a / b for a, b in zip(times["stock"], times[k]))
+        print(f"{k:>18}: {statistics.median(times[k]):6.2f} ms/token   ratio to stock {ratio:.3f}")
+    if args.json:
+        import json
+
+        Path(args.json).write_text(json.dumps({"device": str(mx.default_device()), "rounds": args.rounds,
+                                               "max_tokens": args.max_tokens, "ms_per_token": times}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
