@@ -14,10 +14,12 @@ whole-token optimism (no end; one read after the step) are the two extremes.
   seconds = base + sync x ends + layer x recomputed layers + recovery x recoveries
   (I/O waits excluded: loads cost the same wherever the ends are);
 and picks the ends minimising the expected cost with a small dynamic programme over
-layers. It also keeps the measured seconds per step of that plan and of "every layer an
-end" (what per-layer routing costs) and uses the latter while it is faster, so a wrong
+layers. It also keeps the measured seconds per step for each number of ends (every layer an
+end is what per-layer routing costs) and routes per layer while that is faster, so a wrong
 model never makes decoding slower than per-layer routing for long; each is re-measured
-now and then.
+now and then. A fit that finds host reads free (its samples all per-layer, say) plans an
+end at every layer; a plan priced with the prior's read cost is then measured against it,
+so such a fit cannot keep a step that rarely misses reading back every layer.
 """
 
 from __future__ import annotations
@@ -45,8 +47,9 @@ class SegmentPlanner:
     _xty: np.ndarray = None
     _steps: int = 0
     _plan: frozenset = frozenset()
+    _alt: frozenset = frozenset()  # the plan explored against per-layer routing (see `ends`)
     _coef: np.ndarray = field(default_factory=lambda: _PRIOR.copy())
-    _measured: dict = field(default_factory=dict)  # "every" / "planned" -> seconds per step
+    _measured: dict = field(default_factory=dict)  # number of segment ends -> seconds per step
     _calls: int = 0
 
     def __post_init__(self):
@@ -71,11 +74,13 @@ class SegmentPlanner:
         a per-layer step does its work while it is launched, an optimistic one while the
         next interval verifies it. So an interval whose two steps are of different kinds
         holds two steps' work or none, and is not a sample of either kind."""
-        kind = "every" if ends >= self.n_layers else "planned"
-        if previous_ends is not None and kind != ("every" if previous_ends >= self.n_layers else "planned"):
+        kind = min(ends, self.n_layers)
+        if previous_ends is not None and kind != min(previous_ends, self.n_layers):
             return
         # Measured, not modelled: seconds per step with every layer an end (what per-layer
-        # routing costs) and with the planned ends. The model can be wrong; this cannot.
+        # routing costs) and with each number of ends planned (plans of one size cost alike;
+        # a plan that recomputed a lot early on does not stand for a different one later).
+        # The model can be wrong; this cannot.
         old = self._measured.get(kind)
         self._measured[kind] = seconds if old is None else 0.8 * old + 0.2 * seconds
         x = np.array([1.0, ends, recomputed_layers, recoveries])
@@ -108,14 +113,28 @@ class SegmentPlanner:
             if measured:
                 layer_s = max(layer_s, min(measured) / max(self.n_layers, 1))
             self._plan = plan_ends(self.miss, sync_s, layer_s, recovery_s)
+            # The fit can find host reads free when its samples hardly vary in their number of
+            # ends (all per-layer, say): then every layer is an end and, were that the only
+            # plan, nothing else would ever be measured. The alternative is planned with at
+            # least the prior's cost of a read, and measured like any plan.
+            self._alt = self._plan
+            if self._plan == frozenset(range(self.n_layers)):
+                self._alt = plan_ends(self.miss, max(sync_s, _PRIOR[1]), layer_s, recovery_s)
         every = frozenset(range(self.n_layers))
-        choice = self._plan
-        t_every, t_plan = self._measured.get("every"), self._measured.get("planned")
-        if choice != every and t_every is not None and t_plan is not None and t_every < t_plan:
-            choice = every
+        plan = self._alt
+        choice = plan
+        t_every, t_plan = self._measured.get(self.n_layers), self._measured.get(len(plan))
+        explore = n > 1 and n % self.explore_every in (0, 1)
+        if plan != every:
+            if t_every is not None and t_plan is not None:
+                if t_every < t_plan:
+                    choice = every
+            elif self._plan == every:  # the fit says per layer; its alternative is measured below
+                choice = every
+                explore = explore or (t_every is not None and n % 4 in (0, 1))  # soon, not in 16 steps
         # Keep both measurements fresh: two steps in a row the other way (see observe_step).
-        if n > 1 and n % self.explore_every in (0, 1) and self._plan != every:
-            choice = every if choice != every else self._plan
+        if explore and plan != every:
+            choice = every if choice != every else plan
         return choice
 
 

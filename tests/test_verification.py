@@ -128,3 +128,24 @@ def test_the_planner_explores_the_other_kind_two_steps_in_a_row():
     assert plan != every
     chosen = [planner.ends() == every for _ in range(2, 12)]  # calls 2..11
     assert chosen == [False, False, True, True, False, False, True, True, False, False]
+
+
+def test_a_fit_that_finds_host_reads_free_does_not_lock_in_per_layer_routing():
+    # Samples that all have every layer an end cannot tell a host read's cost from the rest
+    # of a step: the fit calls reads free and plans an end at every layer. Measured on the
+    # 2-core box at a budget of 63/64 (almost nothing misses): the own loop then read back
+    # every layer of every token forever, at 0.87x of stock. The planner still measures a
+    # plan with fewer ends, soon, and takes it once it is the faster one.
+    planner = SegmentPlanner(8, miss=np.full(8, 1e-3), replan_every=1)
+    every = frozenset(range(8))
+    planner.coefficients = lambda: np.array([0.02, 0.0, 2e-3, 0.0])  # base, sync (free!), layer, recovery
+    for _ in range(30):
+        planner.observe_step(0.020, ends=8, recomputed_layers=0, recoveries=0, previous_ends=8)
+    assert plan_ends(planner.miss, *planner.coefficients()[1:]) == every  # what the fit alone would do
+    chosen = [planner.ends() for _ in range(6)]
+    fewer = [c for c in chosen if c != every]
+    assert fewer, "the alternative was never tried"
+    k = len(fewer[0])
+    for _ in range(3):  # it measures faster
+        planner.observe_step(0.016, ends=k, recomputed_layers=0, recoveries=0, previous_ends=k)
+    assert [len(planner.ends()) for _ in range(3)].count(k) >= 2
