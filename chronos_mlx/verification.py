@@ -17,9 +17,11 @@ and picks the ends minimising the expected cost with a small dynamic programme o
 layers. It also keeps the measured seconds per step for each number of ends (every layer an
 end is what per-layer routing costs) and routes per layer while that is faster, so a wrong
 model never makes decoding slower than per-layer routing for long; each is re-measured
-now and then. A fit that finds host reads free (its samples all per-layer, say) plans an
-end at every layer; a plan priced with the prior's read cost is then measured against it,
-so such a fit cannot keep a step that rarely misses reading back every layer.
+now and then (the clearly slower kind a quarter as often: exploring costs the gap). A read
+is priced at least at what per-layer routing measured over the plan with the fewest ends,
+per extra end; a fit that still finds reads free (its samples all per-layer, say) plans an
+end at every layer, and then a plan priced with the prior's read cost is measured against
+it, so such a fit cannot keep a step that rarely misses reading back every layer.
 """
 
 from __future__ import annotations
@@ -112,6 +114,13 @@ class SegmentPlanner:
             measured = [t for t in self._measured.values() if t is not None]
             if measured:
                 layer_s = max(layer_s, min(measured) / max(self.n_layers, 1))
+            # A read costs at least what per-layer routing measured over the plan with the
+            # fewest ends, per extra end (that plan's recomputations only lower the bound).
+            t_every = self._measured.get(self.n_layers)
+            fewer = [k for k in self._measured if k < self.n_layers]
+            if t_every is not None and fewer:
+                k = min(fewer)
+                sync_s = max(sync_s, (t_every - self._measured[k]) / (self.n_layers - k))
             self._plan = plan_ends(self.miss, sync_s, layer_s, recovery_s)
             # The fit can find host reads free when its samples hardly vary in their number of
             # ends (all per-layer, say): then every layer is an end and, were that the only
@@ -124,7 +133,12 @@ class SegmentPlanner:
         plan = self._alt
         choice = plan
         t_every, t_plan = self._measured.get(self.n_layers), self._measured.get(len(plan))
-        explore = n > 1 and n % self.explore_every in (0, 1)
+        # Exploring costs the difference between the two: the clearly slower one is
+        # re-measured a quarter as often.
+        every_n = self.explore_every
+        if t_every is not None and t_plan is not None and max(t_every, t_plan) > 1.25 * min(t_every, t_plan):
+            every_n *= 4
+        explore = n > 1 and n % every_n in (0, 1)
         if plan != every:
             if t_every is not None and t_plan is not None:
                 if t_every < t_plan:
