@@ -7,6 +7,8 @@ reference; chronos must match them at the smallest legal budget (nearly every
 step misses) in both sync modes, and at half the experts.
 """
 
+import json
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -173,3 +175,28 @@ def test_streamed_tokens_match_stock(arch_case, budget, arch, sync):
     # Logprobs too: random weights can make greedy tokens insensitive to a wrong expert.
     for (_, lp), ref in zip(steps, case["logprobs"]):
         np.testing.assert_allclose(np.array(lp), np.array(ref), atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def float_gpt_oss(tmp_path_factory):
+    return write_synthetic_moe(tmp_path_factory.mktemp("float") / "gpt_oss", "gpt_oss", bits=None, seed=3)
+
+
+@pytest.mark.parametrize("mode", ["mxfp4", "nvfp4", "mxfp8"])
+def test_microscaled_quantization_streams_exactly(float_gpt_oss, tmp_path, mode):
+    """mlx-community's gpt-oss checkpoints are mxfp4 (uint8 power-of-two scales, no biases);
+    `mlx_lm.convert --q-mode` writes them, and chronos streams them like affine ones."""
+    from mlx_lm import convert
+
+    path = tmp_path / mode
+    convert(str(float_gpt_oss), str(path), quantize=True, q_mode=mode)
+    prompt = _prompt()
+    tokens, logprobs = stock_greedy(path, prompt, MAX_TOKENS)
+    model, _, runtime = chronos_mlx.load(path, expert_budget=1 / 4)  # top-2 of 8: one token's experts
+    assert json.loads((path / "config.json").read_text())["quantization"]["mode"] == mode
+    for sync in SYNCS:
+        steps = list(generate_step(mx.array(prompt), model, runtime, max_tokens=MAX_TOKENS, sync=sync))
+        assert [int(t) for t, _ in steps] == tokens, sync
+        for (_, lp), ref in zip(steps, logprobs):
+            np.testing.assert_allclose(np.array(lp), np.array(ref), atol=1e-4)
+    assert runtime.stats()["misses"] > 0
