@@ -72,11 +72,15 @@ def open_gate(runtime) -> None:
         score_prediction(runtime, layer, np.fromiter(uniq, np.int64))
     L.counters.hits += host.size - len(uniq)
     slot_of = L.slot_of
+    cache = runtime.cache
     if all(slot_of[e] >= 0 for e in uniq):  # mapped means complete, and nothing evicts it meanwhile
         L.counters.hits += len(uniq)
+        cache.mark_used(layer, uniq)
+        cache.write_gate_table(layer)
     else:
-        runtime.load_for(layer, sorted(uniq))
-    runtime.cache.mark_used(layer, uniq)
-    runtime.cache.write_gate_table(layer)
+        with cache.one_copy_wait():  # CUDA: the experts' copies and the table's, one stream wait
+            runtime.load_for(layer, sorted(uniq))
+            cache.mark_used(layer, uniq)
+            cache.write_gate_table(layer)
     if gate.scores is not None:
         submit_guesses(runtime, layer, gate.scores)

@@ -241,12 +241,13 @@ def generate_step(
             # A layer that needs more experts than it has slots can only be computed in
             # waves, which per-layer routing does.
             too_many = False
-            for layer, experts in needed.items():
-                if len(experts) > runtime.cache.layers[layer].num_slots:
-                    too_many = True
-                    continue
-                got = runtime.load_for(layer, experts, count_hits=False)
-                loaded.setdefault(layer, set()).update(got)
+            with runtime.cache.one_copy_wait():  # CUDA: one stream wait for every layer's copies
+                for layer, experts in needed.items():
+                    if len(experts) > runtime.cache.layers[layer].num_slots:
+                        too_many = True
+                        continue
+                    got = runtime.load_for(layer, experts, count_hits=False)
+                    loaded.setdefault(layer, set()).update(got)
             c.recomputes += 1
             c.recomputed_layers += n_moe - (first if start else 0)
             # Retry optimistically with the same ends (cheap where a host round trip is

@@ -33,7 +33,10 @@ class DeviceUpload:
     Each thread that reads experts has its own staging buffer and stream (demand loads on
     the main thread, prefetches on pool threads run side by side); `copy` returns once
     every copy it queued is complete, so a slot written this way is like one the host
-    wrote: the caller maps the expert afterwards."""
+    wrote: the caller maps the expert afterwards. `copy(..., wait=False)` leaves them
+    queued for the thread's next `copy` or `wait` (a stream wait costs ~0.1 ms on an H200:
+    a loading layer's experts and its gate table then share one); until then the thread
+    stages nothing new (`staging` waits first) and nothing may compute with those slots."""
 
     def __init__(self, lib):
         """`lib`: the CUDA driver (`_driver()`), or anything with the same few calls."""
@@ -70,22 +73,29 @@ class DeviceUpload:
     def staging(self, nbytes: int) -> np.ndarray:
         """This thread's page-locked staging, at least `nbytes` (uint8)."""
         st = self._thread_state()
+        if st.queued:  # copies still read the staging: they finish before it is rewritten
+            self.wait()
         if st.buf is None or len(st.buf) < nbytes:
-            size = max(1 << 20, 1 << (max(nbytes, 1) - 1).bit_length())
-            ptr = ctypes.c_void_p()
-            self._check(self._lib.cuMemHostAlloc(ctypes.byref(ptr), size, 0), "cuMemHostAlloc")
-            st.free_buffer()
-            st.ptr = ptr
-            st.buf = np.ctypeslib.as_array((ctypes.c_uint8 * size).from_address(ptr.value))
+            st.ptr, st.buf = self._alloc(max(1 << 20, 1 << (max(nbytes, 1) - 1).bit_length()), st.ptr)
         return st.buf
 
-    def copy(self, copies: list):
-        """Queue [(slot array address, destination address, offset in this thread's staging,
-        nbytes)] and wait for them. Copies that continue each other on both sides within one
+    def _alloc(self, size: int, old):
+        """(pointer, uint8 array) of `size` page-locked bytes; `old` (a pointer or None) is
+        given back once the new one is had."""
+        ptr = ctypes.c_void_p()
+        self._check(self._lib.cuMemHostAlloc(ctypes.byref(ptr), size, 0), "cuMemHostAlloc")
+        if old is not None:
+            self._lib.cuMemFreeHost(old)
+        return ptr, np.ctypeslib.as_array((ctypes.c_uint8 * size).from_address(ptr.value))
+
+    def copy(self, copies: list, wait: bool = True, source: np.ndarray | None = None):
+        """Queue [(slot array address, destination address, offset in `source` — this
+        thread's staging by default — nbytes)] and, with `wait`, wait for them and for any
+        this thread left queued. Copies that continue each other on both sides within one
         slot array go as one; never across arrays (MLX may place two arrays back to back,
         and one copy must not span two allocations: the driver refuses it)."""
         st = self._thread_state()
-        base = st.buf.ctypes.data
+        base = (st.buf if source is None else source).ctypes.data
         stream = st.stream
         fn = self._lib.cuMemcpyHtoDAsync_v2
         merged = []
@@ -95,35 +105,68 @@ class DeviceUpload:
                 last[3] += n
             else:
                 merged.append([array, dst, off, n])
+        pending = st.queued + [(dst, base + off, n) for _, dst, off, n in merged]
         try:
             for _, dst, off, n in merged:
                 self._check(fn(dst, base + off, n, stream), "cuMemcpyHtoDAsync")
-            self._check(self._lib.cuStreamSynchronize(stream), "cuStreamSynchronize")
+            st.queued = pending
+            if wait:
+                self.wait()
         except OSError as e:
-            # The bytes are in the staging: the host writes them (managed memory is host
-            # memory too), so the load completes; later loads take the host path.
-            self._lib.cuStreamSynchronize(stream)  # nothing queued may still be copying
-            for _, dst, off, n in merged:
-                ctypes.memmove(dst, base + off, n)
-            self.failed = str(e)
+            self._write_from_host(st, pending, str(e))
             return
         self.copies += len(merged)
         self.bytes += sum(n for *_, n in merged)
 
+    def wait(self):
+        """Wait for the copies this thread left queued (`copy(..., wait=False)`)."""
+        st = self._thread_state()
+        if not st.queued:
+            return
+        try:
+            self._check(self._lib.cuStreamSynchronize(st.stream), "cuStreamSynchronize")
+        except OSError as e:
+            self._write_from_host(st, st.queued, str(e))
+            return
+        st.queued = []
+
+    def _write_from_host(self, st, pending: list, error: str):
+        # The bytes are still in the staging: the host writes them (managed memory is host
+        # memory too), so the loads complete; later loads take the host path.
+        self._lib.cuStreamSynchronize(st.stream)  # nothing queued may still be copying
+        for dst, src, n in pending:
+            ctypes.memmove(dst, src, n)
+        st.queued = []
+        self.failed = error
+
+    def table_staging(self, nbytes: int) -> np.ndarray:
+        """A second, small page-locked buffer of this thread (uint8, at least `nbytes`):
+        gate tables staged here can queue behind expert copies still reading `staging`."""
+        st = self._thread_state()
+        if st.table is None or len(st.table) < nbytes:
+            if st.table is not None and st.queued:  # queued copies may read the one given back
+                self.wait()
+            st.table_ptr, st.table = self._alloc(max(4096, nbytes), st.table_ptr)
+        return st.table
+
 
 class _ThreadStaging:
     """One thread's stream and page-locked buffer, given back to the driver when the thread
-    ends (its thread-local state goes): a server that starts threads leaks nothing. `copy`
-    has waited for every copy before returning, so nothing still reads the buffer then."""
+    ends (its thread-local state goes): a server that starts threads leaks nothing. A thread
+    waits for what it queued before it stages again or ends its step, so nothing still reads
+    the buffers then."""
 
     def __init__(self, lib, stream):
         self.lib, self.stream, self.ptr, self.buf = lib, stream, None, None
+        self.table_ptr, self.table = None, None  # `table_staging`
+        self.queued: list = []  # (dst, src, nbytes) copies queued but not waited for
 
     def free_buffer(self):
-        self.buf = None
-        if self.ptr is not None:
-            self.lib.cuMemFreeHost(self.ptr)
-            self.ptr = None
+        self.buf = self.table = None
+        for ptr in (self.ptr, self.table_ptr):
+            if ptr is not None:
+                self.lib.cuMemFreeHost(ptr)
+        self.ptr = self.table_ptr = None
 
     def __del__(self):
         try:

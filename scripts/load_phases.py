@@ -1,19 +1,22 @@
 """Where a demand load's time goes, phase by phase, on this machine's write path (issue 12).
 
     python scripts/load_phases.py [--model DIR] [--budget 0.5] [--experts 1,2,4] [--calls 200]
-                                  [--threads 1,4,16] [--json OUT]
+                                  [--threads 1,4,16] [--waits one,each] [--json OUT]
 
 Loads `--experts` absent experts per call into one layer after another (as per-layer routing
 does under misses, without decoding in between) and times, per call: the whole `load_for`,
 the reads (`ShardReader.read_runs` or the lean `_read_small`), and on CUDA the device copies
 (`DeviceUpload.copy`: the experts' and the gate table's). For each reader thread count (at
-most the reader's own). Prints milliseconds per call and the effective rate; what is not
-reads or copies is bookkeeping.
+most the reader's own) and each way of waiting for the copies: `one` (the experts' and
+the table's copies share one stream wait, as per-layer routing does) or `each` (a wait
+after each). Prints milliseconds per call and the effective rate; what is not reads or
+copies is bookkeeping.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import threading
 import time
@@ -52,13 +55,14 @@ class _Timer:
         return timed
 
 
-def measure(rt, k: int, calls: int, rng) -> dict:
+def measure(rt, k: int, calls: int, rng, one_wait: bool = True) -> dict:
     cache = rt.cache
     reads, small, copies = _Timer(), _Timer(), _Timer()
     cache.reader.read_runs = reads.wrap(cache.reader.read_runs)
     cache._read_small = small.wrap(cache._read_small)
     if cache.upload is not None:
         cache.upload.copy = copies.wrap(cache.upload.copy)
+        cache.upload.wait = copies.wrap(cache.upload.wait)
     n_layers = len(cache.layers)
     total, loaded = 0.0, 0
     for i in range(calls):
@@ -67,16 +71,18 @@ def measure(rt, k: int, calls: int, rng) -> dict:
         absent = np.flatnonzero(L.slot_of < 0)
         want = rng.choice(absent, min(k, len(absent)), replace=False).tolist()
         t = time.perf_counter()
-        got = rt.load_for(layer, want)
-        rt.cache.mark_used(layer, want)
-        rt.cache.write_gate_table(layer)
+        with cache.one_copy_wait() if one_wait else contextlib.nullcontext():
+            got = rt.load_for(layer, want)
+            rt.cache.mark_used(layer, want)
+            rt.cache.write_gate_table(layer)
         total += time.perf_counter() - t
         loaded += len(got)
     del cache.reader.read_runs, cache._read_small
     if cache.upload is not None:
-        del cache.upload.copy
+        del cache.upload.copy, cache.upload.wait
     nbytes = loaded * cache.bytes_on_disk_per_expert
     return {
+        "waits": "one" if one_wait else "each",
         "experts_per_call": k,
         "ms_per_call": total / calls * 1e3,
         "reads_ms_per_call": (reads.main + small.main) / calls * 1e3,
@@ -93,6 +99,7 @@ def main():
     ap.add_argument("--experts", default="1,2,4")
     ap.add_argument("--threads", default="1,4,16")
     ap.add_argument("--calls", type=int, default=200)
+    ap.add_argument("--waits", default="one,each", help="one: a load's copies share one stream wait; each: a wait per copy")
     ap.add_argument("--json")
     args = ap.parse_args()
 
@@ -107,11 +114,13 @@ def main():
     for threads in [int(t) for t in args.threads.split(",")]:
         rt.cache.reader.threads = min(threads, default_threads)
         for k in [int(x) for x in args.experts.split(",")]:
-            measure(rt, k, max(10, args.calls // 10), rng)  # warm-up
-            row = {"threads": rt.cache.reader.threads, **measure(rt, k, args.calls, rng)}
-            rows.append(row)
-            print(" ".join(f"{key}={v:.3f}" if isinstance(v, float) else f"{key}={v}" for key, v in row.items()),
-                  flush=True)
+            for waits in args.waits.split(","):
+                one = waits == "one"
+                measure(rt, k, max(10, args.calls // 10), rng, one)  # warm-up
+                row = {"threads": rt.cache.reader.threads, **measure(rt, k, args.calls, rng, one)}
+                rows.append(row)
+                print(" ".join(f"{key}={v:.3f}" if isinstance(v, float) else f"{key}={v}" for key, v in row.items()),
+                      flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"budget": args.budget, "rows": rows}, indent=2))
 
