@@ -21,6 +21,8 @@ and the I/O roofline min(resident tok/s, probe rate / decode bytes per token).
 import argparse
 import json
 import sys
+
+import numpy as np
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -67,6 +69,27 @@ def _print_profile(prof, name: str, n: int):
         print(f"--- {name}: by {key}\n" + buf.getvalue().split("\n\n", 1)[-1], file=sys.stderr, flush=True)
 
 
+def _trace_planner() -> list:
+    """Record what every SegmentPlanner decides and measures: [event, planner id, ...]."""
+    from chronos_mlx.verification import SegmentPlanner
+
+    events, ends, observe = [], SegmentPlanner.ends, SegmentPlanner.observe_step
+
+    def traced_ends(self):
+        got = ends(self)
+        events.append(["ends", id(self), len(got), len(self._plan), len(self._alt),
+                       {int(k): v for k, v in self._measured.items()}, self.coefficients().tolist(),
+                       float(np.mean(self.miss))])
+        return got
+
+    def traced_observe(self, seconds, ends, recomputed_layers, recoveries, previous_ends=None):
+        events.append(["step", id(self), seconds, ends, recomputed_layers, recoveries, previous_ends])
+        return observe(self, seconds, ends, recomputed_layers, recoveries, previous_ends)
+
+    SegmentPlanner.ends, SegmentPlanner.observe_step = traced_ends, traced_observe
+    return events
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None)
@@ -97,8 +120,11 @@ def main():
     ap.add_argument("--io-threads", metavar="N[,N...]",
                     help="reader threads for prefetches (one configuration each; 0: read on the main thread right "
                          "after the next launch; default 4, 16 with --io-sim)")
+    ap.add_argument("--planner-trace", metavar="FILE",
+                    help="write every segment planner decision and step measurement to FILE (JSON)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    trace = _trace_planner() if args.planner_trace else None
 
     if args.cpu:
         import mlx.core as mx
@@ -182,6 +208,8 @@ def main():
         rows.append(measure(BenchConfig(RESIDENT + "-again", kind=RESIDENT, setup=setup), args.model, prompts,
                             max_tokens=args.max_tokens, repeats=args.repeats, dtype=args.dtype, forced=forced,
                             temp=args.temp))
+    if trace is not None:
+        Path(args.planner_trace).write_text(json.dumps(trace))
     decoding = "replay" if replay else f"temp={args.temp}" if args.temp else "greedy"
     out = report(rows, probe=probe, command=" ".join(sys.argv), io_sim=args.io_sim, max_tokens=args.max_tokens,
                  decoding=decoding, routing=routing)
