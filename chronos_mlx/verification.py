@@ -52,29 +52,22 @@ class SegmentPlanner:
     _alt: frozenset = frozenset()  # the plan explored against per-layer routing (see `ends`)
     _coef: np.ndarray = field(default_factory=lambda: _PRIOR.copy())
     _measured: dict = field(default_factory=dict)  # number of segment ends -> seconds per step
+    _clean: dict = field(default_factory=dict)  # the same, steps that recomputed nothing
+    _alt_redo: float = 0.0  # expected recomputation seconds of `_alt` (at its planning)
     _calls: int = 0
-    _seen: np.ndarray = None  # per MoE layer: verified steps observed
 
     def __post_init__(self):
         if self.miss is None:
             self.miss = np.zeros(self.n_layers)
-        self._seen = np.zeros(self.n_layers)
         # A weak prior that keeps the fit defined before the features vary.
         self._xtx = np.eye(4) * 1e-2
         self._xty = self._xtx @ _PRIOR
 
     # --- measurements --------------------------------------------------------------------
     def observe_misses(self, checked: list, missed: set):
-        """After verifying layers `checked` of a step: which of them missed.
-
-        The starting estimate counts as one step: the first steps move it as a plain mean
-        would, later ones by `decay` (a prior of 3 % misses a layer, say, is 1 % after two
-        steps without one instead of 2.4 %: a short generation does not spend itself
-        reading back layers that do not miss)."""
+        """After verifying layers `checked` of a step: which of them missed."""
         for layer in checked:
-            w = max(self.decay, 1.0 / (self._seen[layer] + 2.0))
-            self._seen[layer] += 1
-            self.miss[layer] += w * (float(layer in missed) - self.miss[layer])
+            self.miss[layer] += self.decay * (float(layer in missed) - self.miss[layer])
 
     def observe_step(self, seconds: float, ends: int, recomputed_layers: int, recoveries: int,
                      previous_ends: int | None = None):
@@ -94,6 +87,11 @@ class SegmentPlanner:
         # The model can be wrong; this cannot.
         old = self._measured.get(kind)
         self._measured[kind] = seconds if old is None else 0.8 * old + 0.2 * seconds
+        if not recomputed_layers and not recoveries:
+            # What the plan costs apart from misses: misses change (the first steps after a
+            # prefill miss far more), so a plan is judged by this plus its expected redo.
+            old = self._clean.get(kind)
+            self._clean[kind] = seconds if old is None else 0.8 * old + 0.2 * seconds
         x = np.array([1.0, ends, recomputed_layers, recoveries])
         # Recent steps weigh more: the machine and the cache change.
         self._xtx = 0.98 * self._xtx + np.outer(x, x)
@@ -128,10 +126,10 @@ class SegmentPlanner:
             # A read costs at least what per-layer routing measured over the plan with the
             # fewest ends, per extra end (that plan's recomputations only lower the bound).
             t_every = self._measured.get(self.n_layers)
-            fewer = [k for k in self._measured if k < self.n_layers]
+            fewer = [k for k in self._clean if k < self.n_layers]
             if t_every is not None and fewer:
                 k = min(fewer)
-                sync_s = max(sync_s, (t_every - self._measured[k]) / (self.n_layers - k))
+                sync_s = max(sync_s, (t_every - self._clean[k]) / (self.n_layers - k))
             self._plan = plan_ends(self.miss, sync_s, layer_s, recovery_s)
             # The fit can find host reads free when its samples hardly vary in their number of
             # ends (all per-layer, say): then every layer is an end and, were that the only
@@ -140,10 +138,15 @@ class SegmentPlanner:
             self._alt = self._plan
             if self._plan == frozenset(range(self.n_layers)):
                 self._alt = plan_ends(self.miss, max(sync_s, _PRIOR[1]), layer_s, recovery_s)
+            self._alt_redo = expected_redo(self.miss, self._alt, layer_s, recovery_s)
         every = frozenset(range(self.n_layers))
         plan = self._alt
         choice = plan
-        t_every, t_plan = self._measured.get(self.n_layers), self._measured.get(len(plan))
+        t_every = self._measured.get(self.n_layers)
+        # A plan's steps without misses, plus what its misses are expected to cost now; a
+        # plan measured only with recomputations (misses everywhere) by those steps.
+        t_plan = self._clean.get(len(plan))
+        t_plan = self._measured.get(len(plan)) if t_plan is None else t_plan + self._alt_redo
         # Exploring costs the difference between the two: the clearly slower one is
         # re-measured a quarter as often.
         every_n = self.explore_every
@@ -161,6 +164,24 @@ class SegmentPlanner:
         if explore and plan != every:
             choice = every if choice != every else plan
         return choice
+
+
+def expected_redo(miss: np.ndarray, ends, layer_s: float, recovery_s: float) -> float:
+    """Expected seconds of recomputation a step with segment `ends` pays for its misses
+    (the cost `plan_ends` minimises, less the round trips): a layer that misses inside a
+    segment redoes it up to the segment's end; after the last end, to the step's end and
+    the step launched behind it."""
+    miss = np.asarray(miss, dtype=float)
+    n = len(miss)
+    end_of = np.full(n, 2 * n - 1)  # past the last end: this step's layers and the next's
+    nxt = 2 * n - 1
+    for layer in range(n - 1, -1, -1):
+        if layer in ends:
+            nxt = layer
+        end_of[layer] = nxt
+    layers = np.arange(n)
+    inside = end_of != layers  # an end layer is routed exactly: it cannot miss
+    return float(np.sum(miss * inside * ((end_of - layers + 1) * layer_s + recovery_s)))
 
 
 def plan_ends(miss: np.ndarray, sync_s: float, layer_s: float, recovery_s: float) -> frozenset:

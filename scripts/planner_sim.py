@@ -26,16 +26,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from chronos_mlx.verification import SegmentPlanner  # noqa: E402
 
 
-def simulate(n, base, read, layer, miss, steps, seed, early_miss=None, recovery=0.002, prior=None):
+def simulate(n, base, read, layer, miss, steps, seed, early_miss=None, recovery=0.002, prior=None, gate=None,
+             early_steps=10):
     rng = np.random.default_rng(seed)
     planner = SegmentPlanner(n, miss=np.full(n, miss if prior is None else prior))
     previous, sizes, total = None, [], 0.0
     for t in range(steps):
         ends = planner.ends()
         k = len(ends)
-        p = early_miss if early_miss is not None and t < 10 else miss
+        p = early_miss if early_miss is not None and t < early_steps else miss
         missed = [l for l in range(n) if rng.random() < p]
-        cost = base + read * k + rng.normal(0, 0.03 * base)
+        # Per-layer routing (every layer an end) takes the gated path: its own cost a layer.
+        cost = base + (gate if k >= n and gate is not None else read) * k + rng.normal(0, 0.03 * base)
         redo = recoveries = 0
         bad = [l for l in missed if l not in ends] if k < n else []
         if bad:
@@ -61,7 +63,10 @@ def main():
     ap.add_argument("--read-ms", type=float, default=0.4, help="what each segment end adds")
     ap.add_argument("--layer-ms", type=float, default=0.4, help="recomputing one layer")
     ap.add_argument("--miss", type=float, default=0.002, help="chance a layer misses in a step")
-    ap.add_argument("--early-miss", type=float, default=None)
+    ap.add_argument("--early-miss", type=float, default=None, help="chance a layer misses in the first steps")
+    ap.add_argument("--early-steps", type=int, default=10)
+    ap.add_argument("--gate-ms", type=float, default=None,
+                    help="what each layer adds when every layer is an end (per-layer routing's gates; default --read-ms)")
     ap.add_argument("--prior", type=float, default=None, help="the planner's starting miss estimate (default --miss)")
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--seeds", type=int, default=5)
@@ -69,12 +74,14 @@ def main():
     args = ap.parse_args()
     n, ms = args.layers, 1e-3
     runs = [simulate(n, args.base_ms * ms, args.read_ms * ms, args.layer_ms * ms, args.miss, args.steps, s,
-                     args.early_miss, prior=args.prior) for s in range(args.seeds)]
+                     args.early_miss, prior=args.prior, gate=None if args.gate_ms is None else args.gate_ms * ms,
+                     early_steps=args.early_steps) for s in range(args.seeds)]
     if args.trace:
         print(" ".join(str(k) for k in runs[0][0]))
     share = np.mean([np.mean([k >= n for k in sizes]) for sizes, _ in runs])
     mean = np.mean([m for _, m in runs]) / ms
-    print(f"per-layer steps {share:.2f}; mean step {mean:.1f} ms (per layer {args.base_ms + args.read_ms * n:.1f}, "
+    print(f"per-layer steps {share:.2f}; mean step {mean:.1f} ms (per layer "
+          f"{args.base_ms + (args.read_ms if args.gate_ms is None else args.gate_ms) * n:.1f}, "
           f"no end {args.base_ms:.1f} plus recomputations)")
 
 
