@@ -1,6 +1,6 @@
 """How many decode misses could a better eviction policy save? (issue 12, "fewer bytes")
 
-    python scripts/eviction_bounds.py [--budget 0.5] [--workload en] [--prompts 8] [--json OUT]
+    python scripts/eviction_bounds.py [--budget 0.5] [--workload en] [--prompts 8] [--greedy] [--json OUT]
 
 Records the demo model's (or --model's) routing on replayed workload text (every layer's
 experts at every step, all experts resident), then replays it per layer through a cache of
@@ -28,8 +28,10 @@ class _Recorder:
         self.steps.append((layer, sorted(set(np.asarray(experts).reshape(-1).tolist()))))
 
 
-def record(model_path, workload, prompts, max_prompt_tokens, max_tokens):
-    """Per prompt, per MoE layer: the experts of each step (the prefill first)."""
+def record(model_path, workload, prompts, max_prompt_tokens, max_tokens, greedy=False):
+    """Per prompt, per MoE layer: the experts of each step (the prefill first). Replayed
+    workload text, or with `greedy` the model's own greedy continuation of the prompt (what
+    `chronos chat` decodes: a small model's greedy text often cycles)."""
     import chronos_mlx
     from chronos_mlx import bench
 
@@ -40,7 +42,7 @@ def record(model_path, workload, prompts, max_prompt_tokens, max_tokens):
     for p, f in zip(texts, forced):
         rec = _Recorder()
         rt.observers = [rec]
-        bench._chronos_run(model, rt, p, max_tokens, "per-layer", f)
+        bench._chronos_run(model, rt, p, max_tokens, "per-layer", None if greedy else f)
         layers = [[] for _ in rt.cache.layers]
         for layer, experts in rec.steps:
             layers[layer].append(experts)
@@ -110,12 +112,15 @@ def main():
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--max-prompt-tokens", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=96)
+    ap.add_argument("--greedy", action="store_true", help="the model's greedy continuation instead of the workload text")
+    ap.add_argument("--policies", default="lru,lfu,usage,next-token,next-2-tokens,belady")
     ap.add_argument("--json")
     args = ap.parse_args()
-    traces, num_experts = record(args.model, args.workload, args.prompts, args.max_prompt_tokens, args.max_tokens)
+    traces, num_experts = record(args.model, args.workload, args.prompts, args.max_prompt_tokens, args.max_tokens,
+                                 args.greedy)
     slots = max(1, round(args.budget * num_experts))
     tokens = sum(len(layers[0]) - 1 for layers in traces)
-    names = ["lru", "lfu", "usage", "next-token", "next-2-tokens", "belady"]
+    names = args.policies.split(",")
     out = {"budget": args.budget, "slots": slots, "decode_tokens": tokens, "misses_per_token": {}}
     for name in names:
         total = sum(misses(seq, slots, num_experts, name) for layers in traces for seq in layers)
