@@ -74,6 +74,14 @@ def convert_into(raw: np.ndarray, disk: str, dtype: mx.Dtype, out: np.ndarray):
         raise ValueError(f"cannot convert {disk} experts to {dtype}")
 
 
+def id_list(experts) -> list:
+    """Expert ids as a list of Python ints (a list, set or tuple as is: a decode step's
+    handful of ids would pay numpy's per-call cost for nothing)."""
+    if isinstance(experts, (list, tuple, set, frozenset)):
+        return [int(e) for e in experts]
+    return np.asarray(experts, dtype=np.int64).reshape(-1).tolist()
+
+
 def _numpy_view(arr: mx.array) -> np.ndarray:
     """A writable numpy view sharing `arr`'s buffer (bfloat16 is viewed as uint16)."""
     if arr.dtype == mx.bfloat16:
@@ -339,7 +347,9 @@ class ExpertCache:
     def _take_slots(self, L: LayerSlots, n: int, protect: set) -> list:
         """Up to `n` slots: free ones first, then those of the policy's victims (evicted now,
         ranked once for all of them). Lock held; the caller marks them reserved."""
-        slots = np.flatnonzero(L.expert_in == -1)[:n].tolist()
+        # Python over a list: at most a few hundred slots, and this runs at every demand
+        # load right after the device computed, where each numpy call's first touch is dear.
+        slots = [i for i, e in enumerate(L.expert_in.tolist()) if e == -1][:n]
         if len(slots) < n:
             for victim in L.policy.victims(n - len(slots), protect):
                 slot = int(L.slot_of[victim])
@@ -493,7 +503,7 @@ class ExpertCache:
             self.run_deferred()  # nothing is left waiting on a read no one will start
         # Python sets and lists: a decode step asks for a handful of experts per layer, and
         # numpy's per-call cost is what that would pay (this runs for every MoE layer).
-        experts = sorted(set(np.asarray(experts, dtype=np.int64).reshape(-1).tolist()))
+        experts = sorted(set(id_list(experts)))
         if len(experts) > L.num_slots:
             raise ValueError(f"layer {layer}: {len(experts)} experts requested, {L.num_slots} slots")
         slot_of = L.slot_of

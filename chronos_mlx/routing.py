@@ -23,6 +23,7 @@ import time
 import mlx.core as mx
 import numpy as np
 
+from .cache import id_list
 from .gates import close_gate
 from .prefetch import predict, score_prediction, submit_guesses
 from .verification import SegmentMiss, StepRecord, exact_at_end, verify_segment
@@ -91,7 +92,7 @@ def load_for(runtime, layer: int, experts, protect=None, count_hits: bool = True
     Every expert loaded on demand counts as a miss; with `count_hits` the others count
     as hits. Returns the experts loaded."""
     t0 = time.perf_counter()
-    wanted = set(np.asarray(experts).reshape(-1).tolist())
+    wanted = set(id_list(experts))
     L = runtime.cache.layers[layer]
     absent = not all(L.slot_of[e] >= 0 for e in wanted)
     got = runtime.cache.ensure(layer, experts, protect)
