@@ -21,7 +21,11 @@ now and then (the clearly slower kind a quarter as often: exploring costs the ga
 is priced at least at what per-layer routing measured over the plan with the fewest ends,
 per extra end; a fit that still finds reads free (its samples all per-layer, say) plans an
 end at every layer, and then a plan priced with the prior's read cost is measured against
-it, so such a fit cannot keep a step that rarely misses reading back every layer.
+it, so such a fit cannot keep a step that rarely misses reading back every layer. A plan is
+compared by its steps without misses plus the recomputation its misses are expected to cost
+now: the first steps after a cold start miss far more than later ones, and a plan measured
+only then would otherwise lose for good. The plan is redone after 1, 2, 4, 8 and 16 steps
+(the estimates move most then), later every `replan_every`.
 """
 
 from __future__ import annotations
@@ -114,8 +118,7 @@ class SegmentPlanner:
             return self.forced
         self._calls += 1
         n = self._calls
-        # Early steps replan at 1, 2, 4, 8, 16 steps (the estimates move most then), later
-        # every `replan_every` steps (a plan costs ~layers^2 numpy work).
+        # A plan costs ~layers^2 numpy work: early steps only (see the module's docstring).
         if n % self.replan_every == 1 or self.replan_every == 1 or n & (n - 1) == 0:
             _, sync_s, layer_s, recovery_s = self.coefficients()
             # Redoing a layer costs at least its share of a whole step: the fit alone can

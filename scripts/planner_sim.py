@@ -27,9 +27,9 @@ from chronos_mlx.verification import SegmentPlanner  # noqa: E402
 
 
 def simulate(n, base, read, layer, miss, steps, seed, early_miss=None, recovery=0.002, prior=None, gate=None,
-             early_steps=10):
+             early_steps=10, decay=0.1):
     rng = np.random.default_rng(seed)
-    planner = SegmentPlanner(n, miss=np.full(n, miss if prior is None else prior))
+    planner = SegmentPlanner(n, miss=np.full(n, miss if prior is None else prior), decay=decay)
     previous, sizes, total = None, [], 0.0
     for t in range(steps):
         ends = planner.ends()
@@ -69,13 +69,14 @@ def main():
                     help="what each layer adds when every layer is an end (per-layer routing's gates; default --read-ms)")
     ap.add_argument("--prior", type=float, default=None, help="the planner's starting miss estimate (default --miss)")
     ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--decay", type=float, default=0.1, help="the planner's weight of the newest step in its miss estimates")
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--trace", action="store_true", help="print the number of ends of every step (first seed)")
     args = ap.parse_args()
     n, ms = args.layers, 1e-3
     runs = [simulate(n, args.base_ms * ms, args.read_ms * ms, args.layer_ms * ms, args.miss, args.steps, s,
                      args.early_miss, prior=args.prior, gate=None if args.gate_ms is None else args.gate_ms * ms,
-                     early_steps=args.early_steps) for s in range(args.seeds)]
+                     early_steps=args.early_steps, decay=args.decay) for s in range(args.seeds)]
     if args.trace:
         print(" ".join(str(k) for k in runs[0][0]))
     share = np.mean([np.mean([k >= n for k in sizes]) for sizes, _ in runs])
