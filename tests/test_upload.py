@@ -246,7 +246,7 @@ def test_copies_left_queued_are_waited_for_once_and_before_the_staging_is_rewrit
     assert driver.syncs == 1
 
 
-@pytest.mark.parametrize("sync", ["per-layer", "optimistic"])
+@pytest.mark.parametrize("sync", ["per-layer", "optimistic", "optimistic, no segment ends"])
 def test_a_loading_layer_waits_for_its_copies_once_and_decodes_stock_tokens(sync, demo_prompt_ids):
     # Copies run only at the stream wait here: any computation started before it would
     # read stale slots or a stale gate table, and the tokens would differ.
@@ -257,8 +257,12 @@ def test_a_loading_layer_waits_for_its_copies_once_and_decodes_stock_tokens(sync
     batches = []
     copy = rt.cache.upload.copy
     rt.cache.upload.copy = lambda copies, **kw: (batches.append(len(copies)), copy(copies, **kw))[1]
-    got = [t for t, _ in generate_step(mx.array(demo_prompt_ids), model, rt, max_tokens=12, sync=sync)]
+    ends = () if sync.endswith("no segment ends") else None  # every miss recovered by recomputing
+    got = [t for t, _ in generate_step(mx.array(demo_prompt_ids), model, rt, max_tokens=12, sync=sync.split(",")[0],
+                                       segment_ends=ends)]
     assert got == ids
+    if ends == ():
+        assert rt.counters.recomputes > 0
     # Fewer waits than copy batches: experts and gate tables (per-layer), or every layer a
     # recomputed step reloads (optimistic), share one.
     assert 0 < driver.syncs < len(batches)
