@@ -176,6 +176,7 @@ def _stock_run(model, prompt, max_tokens, forced=None, temp=None):
 # A chronos model driven by stock mlx_lm's own decode loop (per-layer routing: exact under
 # any caller): what a user of `mlx_lm.generate` on a `chronos_mlx.load`ed model gets.
 PLAIN = "mlx_lm"
+WHOLE_TOKEN = "whole-token"  # optimistic with no segment end: one host read a step (a bench mode)
 
 
 def _plain_run(model, runtime, prompt, max_tokens, forced=None, temp=None):
@@ -223,8 +224,10 @@ def _chronos_run(model, runtime, prompt, max_tokens, sync, forced=None, temp=Non
     tokens = []
     prof = DECODE_PROFILER
     try:
-        for tok, _ in generate_step(mx.array(prompt), model, runtime, max_tokens=max_tokens, sync=sync, sampler=sampler,
-                                    prompt_cache=prompt_cache):
+        ends = frozenset() if sync == WHOLE_TOKEN else None
+        for tok, _ in generate_step(mx.array(prompt), model, runtime, max_tokens=max_tokens,
+                                    sync="optimistic" if sync == WHOLE_TOKEN else sync, sampler=sampler,
+                                    prompt_cache=prompt_cache, segment_ends=ends):
             if prof is not None and not tokens:
                 prof.enable()
             tokens.append(int(tok))

@@ -261,6 +261,63 @@ class LayerSlots:
         return self.slot_of[experts] >= 0
 
 
+class _ReadPlan:
+    """One layer's share of a reader submission: its experts' byte ranges (runs) and where
+    they land (the slots, float conversion rows, or device staging)."""
+
+    def __init__(self, L: "LayerSlots", items: list):
+        self.L = L
+        k = len(items)
+        self.order = sorted(range(k), key=lambda i: items[i][0])
+        self.experts = [items[i][0] for i in self.order]
+        self.slots = [items[i][1] for i in self.order]
+        self.runs, self.spans, self.converts, self.param_bufs, self.done = [], [], [], [], []
+
+    def build(self, up, staged, pos: int, copies: list) -> int:
+        """Plan the reads; device copies (from `staged` at `pos` on) go to `copies`.
+        Returns the staging position after this layer's bytes."""
+        experts, slots, k = self.experts, self.slots, len(self.experts)
+        for p in self.L.params.values():
+            n = p.source.nbytes
+            if p.convert:
+                raw = np.empty(k * n, dtype=np.uint8)
+                mv = memoryview(raw)
+                bufs = [mv[i * n : (i + 1) * n] for i in range(k)]
+                self.converts.append((raw, p))
+            elif up is not None:  # the copy engine writes the slots once all is read
+                bufs = [staged[pos + i * n : pos + (i + 1) * n] for i in range(k)]
+                copies += [(p.addr, p.addr + s * n, pos + i * n, n) for i, s in enumerate(slots)]
+                pos += k * n
+            else:
+                bufs = [p.slot_bytes[s] for s in slots]
+            self.param_bufs.append((p, bufs))
+            f = p.followed
+            bounds = [0] + [i for i in range(1, k) if not (experts[i] == experts[i - 1] + 1 and f[experts[i - 1]])] + [k]
+            for a, b in zip(bounds[:-1], bounds[1:]):
+                self.runs.append(ReadRun(p.paths[experts[a]], p.offsets[experts[a]], bufs[a:b], (b - a) * n))
+                self.spans.append((a, b))
+        return pos
+
+    def verify(self, verifier, layer: int):
+        from .verify import expert_tag
+
+        tags = [expert_tag(p.source) for p, _ in self.param_bufs]
+        for i, e in enumerate(self.experts):
+            verifier.check(layer, e, [(p.paths[e], p.offsets[e], bufs[i], tag) for (p, bufs), tag in zip(self.param_bufs, tags)])
+
+    def finish(self) -> list:
+        """Convert what needs it into the slots; per item (caller's order) its arrival time."""
+        for raw, p in self.converts:
+            out = np.empty((len(self.slots), *p.source.shape), dtype=p.view.dtype)
+            convert_into(raw, p.source.dtype, p.dtype, out)
+            p.view[self.slots] = out
+        ready = [0.0] * len(self.order)
+        for (a, b), t in zip(self.spans, self.done):
+            for pos in range(a, b):
+                ready[self.order[pos]] = max(ready[self.order[pos]], t)
+        return ready
+
+
 class ExpertCache:
     """The budgeted expert slots of every MoE layer of a model."""
 
@@ -615,6 +672,96 @@ class ExpertCache:
         L.counters.load_s += time.perf_counter() - t0
         return want
 
+    def ensure_layers(self, wanted: dict) -> dict:
+        """`ensure` for several layers at once, the caller waiting: {layer: experts} ->
+        {layer: experts it loaded}. A recovery after a failed optimistic step reloads every
+        layer that missed; read layer by layer, each layer's few megabytes leave most reader
+        threads idle and pay a drive's latency per layer, read together they are one
+        submission that the reader shares out (`ShardReader.read_runs`). Victims per layer as
+        in `ensure`. A layer whose experts a prefetch is reading (or whose free-able slots
+        prefetches hold) takes `ensure`'s general path afterwards."""
+        main = threading.current_thread() is threading.main_thread()
+        if not main:
+            return {layer: self.ensure(layer, experts) for layer, experts in wanted.items()}
+        if self.deferred:
+            self.run_deferred()
+        loaded, batches, general = {}, [], []
+        t0 = time.perf_counter()
+        with deferred_sigint():
+            try:
+                with self._lock:
+                    for layer, experts in wanted.items():
+                        L = self.layers[layer]
+                        experts = sorted(set(id_list(experts)))
+                        if len(experts) > L.num_slots:
+                            raise ValueError(f"layer {layer}: {len(experts)} experts requested, {L.num_slots} slots")
+                        want = [e for e in experts if L.slot_of[e] < 0]
+                        loaded[layer] = want
+                        if not want:
+                            continue
+                        if any(e in L.pending for e in want):
+                            general.append((layer, experts))
+                            continue
+                        self._check_files(L)
+                        slots = self._take_slots(L, len(want), set(experts))
+                        for slot in slots:
+                            L.expert_in[slot] = -2
+                        if len(slots) < len(want):  # prefetches hold the rest
+                            for slot in slots:
+                                L.expert_in[slot] = -1
+                            general.append((layer, experts))
+                            continue
+                        batches.append((L, list(zip(want, slots))))
+                ready = self._read_many(batches)
+            except BaseException:
+                with self._lock:  # nothing reserved here stays claimed
+                    for L, items in batches:
+                        for e, slot in items:
+                            if L.slot_of[e] != slot:
+                                L.expert_in[slot] = -1
+                raise
+            for L, items in batches:  # every byte is in: map them all
+                for e, slot in items:
+                    self._map(L, e, slot, False)
+        wait_until(max((t for r in ready for t in r), default=0.0))
+        if batches:
+            share = (time.perf_counter() - t0) / len(batches)
+            for L, _ in batches:
+                L.counters.load_s += share
+                L.refresh()
+        for layer, experts in general:
+            loaded[layer] = self.ensure(layer, experts)
+        return loaded
+
+    def _read_many(self, batches: list) -> list:
+        """Read [(layer slots, items)] of several layers: one reader submission (on CUDA one
+        per piece that fits the thread's staging). Small totals that one thread reads best
+        go layer by layer through the lean path. Returns per batch its arrival times."""
+        k = sum(len(items) for _, items in batches)
+        if not k:
+            return [[] for _ in batches]
+        files = sorted({f for L, _ in batches for f in L.files})
+        if len(batches) == 1 or (
+            self.verifier is None
+            and all(L.lean for L, _ in batches)
+            and self.reader.plain_reads(k * self.bytes_on_disk_per_expert, files)
+        ):
+            return [self._read_experts(L, items, checked=True) for L, items in batches]
+        per = max(1, MAX_STAGING // self.bytes_on_disk_per_expert) if self.upload is not None else k
+        out = [[0.0] * len(items) for _, items in batches]
+        flat = [(b, i) for b, (_, items) in enumerate(batches) for i in range(len(items))]
+        for at in range(0, k, per):  # pieces of at most `per` experts, cut across layers
+            chunk = flat[at : at + per]
+            groups: dict = {}
+            for b, i in chunk:
+                groups.setdefault(b, []).append(i)
+            order = list(groups)
+            got = self._read_planned([(batches[b][0], [batches[b][1][i] for i in groups[b]]) for b in order])
+            for b, times in zip(order, got):
+                for i, t in zip(groups[b], times):
+                    out[b][i] = t
+        return out
+
     def prefetch(self, layer: int, experts, limit: int, protect=()) -> int:
         """Start background loads of up to `limit` of `experts` (most wanted first).
 
@@ -727,53 +874,30 @@ class ExpertCache:
             return [t for i in range(0, k, per) for t in self._read_experts(L, items[i : i + per], checked)]
         if self.verifier is None and L.lean and self.reader.plain_reads(k * self.bytes_on_disk_per_expert, L.files):
             return self._read_small(L, items, checked)
-        order = sorted(range(k), key=lambda i: items[i][0])
-        experts = [items[i][0] for i in order]
-        slots = [items[i][1] for i in order]
-        # Batch positions where a new read starts for a parameter laid out like this one.
-        runs, spans, converts, param_bufs = [], [], [], []
-        up, staged = self._upload_for(k)
-        copies, pos = [], 0
-        for p in L.params.values():
-            n = p.source.nbytes
-            if p.convert:
-                raw = np.empty(k * n, dtype=np.uint8)
-                mv = memoryview(raw)
-                bufs = [mv[i * n : (i + 1) * n] for i in range(k)]
-                converts.append((raw, p))
-            elif up is not None:  # the copy engine writes the slots once all is read
-                bufs = [staged[pos + i * n : pos + (i + 1) * n] for i in range(k)]
-                copies += [(p.addr, p.addr + s * n, pos + i * n, n) for i, s in enumerate(slots)]
-                pos += k * n
-            else:
-                bufs = [p.slot_bytes[s] for s in slots]
-            param_bufs.append((p, bufs))
-            f = p.followed
-            bounds = [0] + [i for i in range(1, k) if not (experts[i] == experts[i - 1] + 1 and f[experts[i - 1]])] + [k]
-            for a, b in zip(bounds[:-1], bounds[1:]):
-                runs.append(ReadRun(p.paths[experts[a]], p.offsets[experts[a]], bufs[a:b], (b - a) * n))
-                spans.append((a, b))
-        done = self.reader.read_runs(runs)  # checks each shard is unchanged first (one stat)
-        if self.verifier is not None:  # before anything is converted or mapped
-            from .verify import expert_tag
+        return self._read_planned([(L, items)])[0]
 
-            layer = self.layers.index(L)
-            tags = [expert_tag(p.source) for p, _ in param_bufs]
-            for i, e in enumerate(experts):
-                self.verifier.check(
-                    layer, e, [(p.paths[e], p.offsets[e], bufs[i], tag) for (p, bufs), tag in zip(param_bufs, tags)]
-                )
+    def _read_planned(self, batches: list) -> list:
+        """Read [(layer slots, [(expert, slot)])] (all of them fitting one thread's staging)
+        as one reader submission: one thread's batch is shared out by the reader, so
+        several layers' experts read together keep every reader thread busy. Returns per
+        batch, per item, when its bytes count as arrived."""
+        up, staged = self._upload_for(sum(len(items) for _, items in batches))
+        plans, runs, copies, pos = [], [], [], 0
+        for L, items in batches:
+            plan = _ReadPlan(L, items)
+            pos = plan.build(up, staged, pos, copies)
+            plans.append(plan)
+            runs += plan.runs
+        done = self.reader.read_runs(runs)  # checks each shard is unchanged first (one stat)
+        at = 0
+        for plan in plans:
+            plan.done, at = done[at : at + len(plan.runs)], at + len(plan.runs)
+        if self.verifier is not None:  # before anything is converted or mapped
+            for plan in plans:
+                plan.verify(self.verifier, self.layers.index(plan.L))
         if copies:
             self._copy_to_device(up, copies)
-        for raw, p in converts:
-            out = np.empty((k, *p.source.shape), dtype=p.view.dtype)
-            convert_into(raw, p.source.dtype, p.dtype, out)
-            p.view[slots] = out
-        ready = [0.0] * k
-        for (a, b), t in zip(spans, done):
-            for pos in range(a, b):
-                ready[order[pos]] = max(ready[order[pos]], t)
-        return ready
+        return [plan.finish() for plan in plans]
 
     def _read_small(self, L: LayerSlots, items: list, checked: bool = False) -> list[float]:
         """`_read_experts` for a batch one thread reads best (most demand loads): one pread

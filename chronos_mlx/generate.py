@@ -240,13 +240,12 @@ def generate_step(
             # wrong inputs, so their loads are guesses (the recompute checks them).
             # A layer that needs more experts than it has slots can only be computed in
             # waves, which per-layer routing does.
-            too_many = False
-            with runtime.cache.one_copy_wait():  # CUDA: one stream wait for every layer's copies
-                for layer, experts in needed.items():
-                    if len(experts) > runtime.cache.layers[layer].num_slots:
-                        too_many = True
-                        continue
-                    got = runtime.load_for(layer, experts, count_hits=False)
+            fits = {l: e for l, e in needed.items() if len(e) <= runtime.cache.layers[l].num_slots}
+            too_many = len(fits) < len(needed)
+            # Every layer's loads at once: the reader threads share them all (one layer's few
+            # experts leave most of them idle), and on CUDA they share one stream wait.
+            with runtime.cache.one_copy_wait():
+                for layer, got in runtime.load_layers(fits).items():
                     loaded.setdefault(layer, set()).update(got)
             c.recomputes += 1
             c.recomputed_layers += n_moe - (first if start else 0)
@@ -314,13 +313,14 @@ def generate_step(
             now = time.perf_counter()
             if t_first is not None and nxt is not None and may_miss:
                 # This interval mostly ran `nxt` (its segment ends block on its compute)
-                # and any recovery of `step`; loads cost the same under any plan.
+                # and any recovery of `step`; its loads are told apart.
                 planner.observe_step(
                     now - t_last - (c.io_wait_s - mark[0]),
                     ends=len(ends),
                     recomputed_layers=c.recomputed_layers - mark[1],
                     recoveries=c.recomputes - mark[2],
                     previous_ends=previous_ends,
+                    io_s=c.io_wait_s - mark[0],
                 )
             mark = (c.io_wait_s, c.recomputed_layers, c.recomputes)
             t_last, previous_ends = now, len(ends)

@@ -106,6 +106,19 @@ def load_for(runtime, layer: int, experts, protect=None, count_hits: bool = True
     return got
 
 
+def load_layers(runtime, wanted: dict) -> dict:
+    """`load_for` for several layers at once ({layer: experts}; no hits counted): their
+    reads are one submission (`ExpertCache.ensure_layers`). Returns {layer: loaded}."""
+    t0 = time.perf_counter()
+    layers = runtime.cache.layers
+    absent = any(not all(layers[l].slot_of[e] >= 0 for e in id_list(ex)) for l, ex in wanted.items())
+    got = runtime.cache.ensure_layers(wanted)
+    for layer, loaded in got.items():
+        layers[layer].counters.misses += len(loaded)
+    runtime.counters.io_wait_s += time.perf_counter() - t0 if absent else 0.0
+    return got
+
+
 def account_step(runtime, record: StepRecord, pairs: list, loaded: dict | None = None, before=None):
     """A verified optimistic step (or its layers `before` a miss), as (layer, host
     indices) pairs: uses of experts not loaded for it were hits. Layers routed exactly

@@ -16,7 +16,7 @@ import numpy as np
 
 from .cache import ExpertCache
 from .gates import open_gate
-from .routing import account_step, load_for, route
+from .routing import account_step, load_for, load_layers, route
 from .verification import StepRecord
 
 
@@ -110,6 +110,11 @@ class Runtime:
     def load_for(self, layer: int, experts, protect=None, count_hits: bool = True) -> list:
         """Load the missing ones of `experts` now, the caller waiting (routing.load_for)."""
         return load_for(self, layer, experts, protect, count_hits)
+
+    def load_layers(self, wanted: dict) -> dict:
+        """Load the missing experts of several layers as one batch, the caller waiting
+        (routing.load_layers)."""
+        return load_layers(self, wanted)
 
     # --- optimistic execution (called by the decode loop) ------------------------------
     @contextmanager

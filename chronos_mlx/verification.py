@@ -12,7 +12,10 @@ whole-token optimism (no end; one read after the step) are the two extremes.
 - each MoE layer's chance of missing in a step (decayed average of verified steps);
 - what a step costs, as a linear model of its features fitted online by least squares:
   seconds = base + sync x ends + layer x recomputed layers + recovery x recoveries
-  (I/O waits excluded: loads cost the same wherever the ends are);
+  (I/O waits excluded: they go with misses, not with the ends);
+- what each kind of step waits for loads, apart: per-layer routing loads one layer at a
+  time, a recovery every layer that missed as one batch (at the reader threads' rate), so
+  the same misses cost different waits under different plans;
 and picks the ends minimising the expected cost with a small dynamic programme over
 layers. It also keeps the measured seconds per step for each number of ends (every layer an
 end is what per-layer routing costs) and routes per layer while that is faster, so a wrong
@@ -21,7 +24,9 @@ now and then (the clearly slower kind a quarter as often: exploring costs the ga
 is priced at least at what per-layer routing measured over the plan with the fewest ends,
 per extra end; a fit that still finds reads free (its samples all per-layer, say) plans an
 end at every layer, and then a plan priced with the prior's read cost is measured against
-it, so such a fit cannot keep a step that rarely misses reading back every layer. A plan is
+it, so such a fit cannot keep a step that rarely misses reading back every layer; where
+misses are so common that the model ends every layer anyway, whole-token optimism is
+measured against it (its recovery loads every missed layer as one batch). A plan is
 compared by its steps without misses plus the recomputation its misses are expected to cost
 now: the first steps after a cold start miss far more than later ones, and a plan measured
 only then would otherwise lose for good. The plan is redone after 1, 2, 4, 8 and 16 steps
@@ -57,6 +62,7 @@ class SegmentPlanner:
     _coef: np.ndarray = field(default_factory=lambda: _PRIOR.copy())
     _measured: dict = field(default_factory=dict)  # number of segment ends -> seconds per step
     _clean: dict = field(default_factory=dict)  # the same, steps that recomputed nothing
+    _io: dict = field(default_factory=dict)  # number of segment ends -> load wait per step
     _alt_redo: float = 0.0  # expected recomputation seconds of `_alt` (at its planning)
     _calls: int = 0
 
@@ -74,9 +80,10 @@ class SegmentPlanner:
             self.miss[layer] += self.decay * (float(layer in missed) - self.miss[layer])
 
     def observe_step(self, seconds: float, ends: int, recomputed_layers: int, recoveries: int,
-                     previous_ends: int | None = None):
+                     previous_ends: int | None = None, io_s: float = 0.0):
         """One decode interval: `seconds` (loads left out) of a step launched with `ends`
-        segment ends, after settling the one before it (launched with `previous_ends`).
+        segment ends, after settling the one before it (launched with `previous_ends`);
+        `io_s` the interval's waits for loads.
 
         An interval holds the verification of the step before and the launch of this one;
         a per-layer step does its work while it is launched, an optimistic one while the
@@ -91,6 +98,8 @@ class SegmentPlanner:
         # The model can be wrong; this cannot.
         old = self._measured.get(kind)
         self._measured[kind] = seconds if old is None else 0.8 * old + 0.2 * seconds
+        old = self._io.get(kind)
+        self._io[kind] = io_s if old is None else 0.8 * old + 0.2 * io_s
         if not recomputed_layers and not recoveries:
             # What the plan costs apart from misses: misses change (the first steps after a
             # prefill miss far more), so a plan is judged by this plus its expected redo.
@@ -139,8 +148,14 @@ class SegmentPlanner:
             # plan, nothing else would ever be measured. The alternative is planned with at
             # least the prior's cost of a read, and measured like any plan.
             self._alt = self._plan
-            if self._plan == frozenset(range(self.n_layers)):
+            every = frozenset(range(self.n_layers))
+            if self._plan == every:
                 self._alt = plan_ends(self.miss, max(sync_s, _PRIOR[1]), layer_s, recovery_s)
+            if self._alt == every:
+                # Misses everywhere: per-layer routing loads each layer on its own, a
+                # recovery every missed layer in one batch; only measuring tells which wins
+                # (`_io`), so whole-token optimism is what is measured against it.
+                self._alt = frozenset()
             self._alt_redo = expected_redo(self.miss, self._alt, layer_s, recovery_s)
         every = frozenset(range(self.n_layers))
         plan = self._alt
@@ -150,6 +165,10 @@ class SegmentPlanner:
         # plan measured only with recomputations (misses everywhere) by those steps.
         t_plan = self._clean.get(len(plan))
         t_plan = self._measured.get(len(plan)) if t_plan is None else t_plan + self._alt_redo
+        if t_every is not None and t_plan is not None:
+            # Loads: a kind not measured yet is taken to wait like the other.
+            io_every = self._io.get(self.n_layers, self._io.get(len(plan), 0.0))
+            t_every, t_plan = t_every + io_every, t_plan + self._io.get(len(plan), io_every)
         # Exploring costs the difference between the two: the clearly slower one is
         # re-measured a quarter as often.
         every_n = self.explore_every
@@ -169,51 +188,61 @@ class SegmentPlanner:
         return choice
 
 
+def _first_miss_weights(miss: np.ndarray, start: int) -> np.ndarray:
+    """For layers start.. : the chance that the first miss from `start` on is at that layer
+    (independent layers). One recovery loads every layer that missed and recomputes from
+    the first, so only the first miss of a segment costs a redo."""
+    m = np.clip(np.asarray(miss[start:], dtype=float), 0.0, 1.0)
+    log_none = np.concatenate([[0.0], np.cumsum(np.log1p(-np.minimum(m, 1 - 1e-12)))[:-1]])
+    return np.exp(log_none) * m
+
+
 def expected_redo(miss: np.ndarray, ends, layer_s: float, recovery_s: float) -> float:
     """Expected seconds of recomputation a step with segment `ends` pays for its misses
-    (the cost `plan_ends` minimises, less the round trips): a layer that misses inside a
-    segment redoes it up to the segment's end; after the last end, to the step's end and
-    the step launched behind it."""
+    (the cost `plan_ends` minimises, less the round trips): a segment whose first miss is
+    at layer l redoes l up to the segment's end, and a recovery; after the last end, to the
+    step's end and the step launched behind it."""
     miss = np.asarray(miss, dtype=float)
     n = len(miss)
-    end_of = np.full(n, 2 * n - 1)  # past the last end: this step's layers and the next's
-    nxt = 2 * n - 1
-    for layer in range(n - 1, -1, -1):
-        if layer in ends:
-            nxt = layer
-        end_of[layer] = nxt
-    layers = np.arange(n)
-    inside = end_of != layers  # an end layer is routed exactly: it cannot miss
-    return float(np.sum(miss * inside * ((end_of - layers + 1) * layer_s + recovery_s)))
+    total, start = 0.0, 0
+    for end in sorted(e for e in ends if 0 <= e < n) + [None]:
+        stop = n if end is None else end  # an end layer is routed exactly: it cannot miss
+        last = 2 * n - 1 if end is None else end
+        w = _first_miss_weights(miss[:stop], start)
+        layers = np.arange(start, stop)
+        total += float(np.sum(w * ((last - layers + 1) * layer_s + recovery_s)))
+        if end is None:
+            break
+        start = end + 1
+    return total
 
 
 def plan_ends(miss: np.ndarray, sync_s: float, layer_s: float, recovery_s: float) -> frozenset:
     """The segment ends minimising the expected step cost (O(layers^2), vectorised).
 
-    A segment [i, j] ending at layer j costs one round trip, plus for each layer l < j of
-    it the chance it misses times redoing layers l..j and a recovery. Without an end the
-    last segment runs to the step's end, where a miss also discards the next step."""
+    A segment [i, j] ending at layer j costs one round trip, plus, if a layer l < j of it
+    misses first, redoing layers l..j and a recovery. Without an end the last segment runs
+    to the step's end, where a miss also discards the next step."""
     miss = np.asarray(miss, dtype=float)
     n = len(miss)
     if not miss.any():
         return frozenset()
-    # tail[i]: misses in i.. found after the step (redo to the end, and the next step).
-    per = miss * ((2 * n - np.arange(n)) * layer_s + recovery_s)
-    tail = np.concatenate([np.cumsum(per[::-1])[::-1], [0.0]])
-    prefix = np.concatenate([[0.0], np.cumsum(miss)])
     best = np.zeros(n + 1)
     choice = [None] * (n + 1)
     for i in range(n - 1, -1, -1):
-        t = np.arange(i, n)  # candidate ends j = t
-        # redo(i, j) = sum over t' in [i, j) of (P[t'+1]-P[i]) * layer + miss[t'] * (layer + recovery)
-        inc = (prefix[t + 1] - prefix[i]) * layer_s + miss[t] * (layer_s + recovery_s)
-        redo = np.concatenate([[0.0], np.cumsum(inc)[:-1]])
-        cost = sync_s + redo + best[t + 1]
+        w = _first_miss_weights(miss, i)  # layers i..n-1
+        layers = np.arange(i, n)
+        tail = float(np.sum(w * ((2 * n - layers) * layer_s + recovery_s)))
+        # redo(i, j) for ends j = i..n-1: first misses at l in [i, j)
+        a = np.concatenate([[0.0], np.cumsum(w)[:-1]])
+        b = np.concatenate([[0.0], np.cumsum(w * layers)[:-1]])
+        redo = ((layers + 1) * layer_s + recovery_s) * a - layer_s * b
+        cost = sync_s + redo + best[layers + 1]
         j = int(np.argmin(cost))
-        if cost[j] < tail[i]:
+        if cost[j] < tail:
             best[i], choice[i] = cost[j], i + j
         else:
-            best[i], choice[i] = tail[i], None
+            best[i], choice[i] = tail, None
     ends, i = [], 0
     while i < n and choice[i] is not None:
         ends.append(choice[i])

@@ -1,12 +1,13 @@
 """Greedy tokens of chronos vs stock mlx_lm on this machine's default device.
 
     python scripts/exact_check.py [--model DIR] [--budgets 1.0,0.5,0.25] [--max-tokens 24]
-                                  [--dtype bfloat16] [--cpu] [--json OUT]
+                                  [--dtype bfloat16] [--ends planned,none] [--cpu] [--json OUT]
 
 The test suite checks exactness on MLX's CPU backend; this runs the same comparison where
 the suite does not (a CUDA GPU, Metal), through whatever write path the device uses
-(on CUDA: the copy engine, upload.py). Prints one line per budget and exits 1 on any
-difference.
+(on CUDA: the copy engine, upload.py). --ends none also decodes with no segment end
+(every miss recovered by recomputing, its layers reloaded as one batch). Prints one line
+per budget and segment choice and exits 1 on any difference.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=24)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--prompt", default="The history of the Roman Empire begins")
+    ap.add_argument("--ends", default="planned", help="planned (the planner's segment ends), none (whole-token optimism), or both")
     ap.add_argument("--cpu", action="store_true")
     ap.add_argument("--json")
     args = ap.parse_args()
@@ -45,17 +47,21 @@ def main():
     del model
     rows, ok = [], True
     for b in [float(x) for x in args.budgets.split(",")]:
-        cm, _, rt = chronos_mlx.load(str(path), expert_budget=b, dtype=args.dtype)
-        got = [t for t, _ in generate_step(prompt, cm, rt, max_tokens=args.max_tokens)]
-        up = rt.cache.upload if rt.cache is not None else None
-        same = got == want
-        ok &= same
-        first = next((i for i, (a, c) in enumerate(zip(got, want)) if a != c), None)
-        rows.append({"budget": b, "exact": same, "first_difference": first,
-                     "device_copies": up.copies if up else 0, "device_copy_bytes": up.bytes if up else 0})
-        print(f"budget {b:>4}: {'exact' if same else f'DIFFERS at token {first}'}"
-              f"  ({rows[-1]['device_copies']} device copies, {rows[-1]['device_copy_bytes'] / 1e6:.1f} MB)", flush=True)
-        del cm, rt
+        for ends in args.ends.split(","):
+            cm, _, rt = chronos_mlx.load(str(path), expert_budget=b, dtype=args.dtype)
+            got = [t for t, _ in generate_step(prompt, cm, rt, max_tokens=args.max_tokens,
+                                               segment_ends=frozenset() if ends == "none" else None)]
+            up = rt.cache.upload if rt.cache is not None else None
+            same = got == want
+            ok &= same
+            first = next((i for i, (a, c) in enumerate(zip(got, want)) if a != c), None)
+            rows.append({"budget": b, "ends": ends, "exact": same, "first_difference": first,
+                         "recomputes": rt.counters.recomputes,
+                         "device_copies": up.copies if up else 0, "device_copy_bytes": up.bytes if up else 0})
+            print(f"budget {b:>4}, ends {ends}: {'exact' if same else f'DIFFERS at token {first}'}"
+                  f"  ({rt.counters.recomputes} recomputations, {rows[-1]['device_copies']} device copies,"
+                  f" {rows[-1]['device_copy_bytes'] / 1e6:.1f} MB)", flush=True)
+            del cm, rt
     if args.json:
         Path(args.json).write_text(json.dumps({"device": str(mx.default_device()), "args": vars(args), "rows": rows}, indent=1))
     sys.exit(0 if ok else 1)

@@ -129,6 +129,88 @@ def test_short_reads_are_finished_not_mistaken_for_the_end_of_the_file(runtime, 
             assert np.array_equal(p.view[L.slot_of[e]], want.view(p.view.dtype)), (name, e)
 
 
+def _stock_params(layer):
+    stock = mx.load(str(DEMO / "model.safetensors"))
+    prefix = f"model.layers.{layer}.mlp.switch_mlp."
+    return {k[len(prefix):]: v for k, v in stock.items() if k.startswith(prefix)}
+
+
+def _assert_resident_equal_stock(cache, layer, experts):
+    L = cache.layers[layer]
+    for name, truth in _stock_params(layer).items():
+        p = L.params[name]
+        for e in experts:
+            want = np.array(truth[int(e)].astype(p.slots.dtype))
+            assert np.array_equal(p.view[L.slot_of[e]], want.view(p.view.dtype)), (layer, name, e)
+
+
+def test_several_layers_missing_experts_are_read_as_one_submission(runtime, monkeypatch):
+    # A recovery reloads every layer that missed: one reader submission shares all their
+    # reads among the reader threads (layer by layer, a layer's few experts leave most idle).
+    cache = runtime.cache
+    cache.reader.min_bytes_per_thread = 1  # too small to be read by one thread alone
+    submissions = []
+    real = cache.reader.read_runs
+    monkeypatch.setattr(cache.reader, "read_runs", lambda runs, **kw: submissions.append(len(runs)) or real(runs, **kw))
+    cache.ensure(3, [4])
+    wanted = {1: [3, 9, 10], 3: [4, 50], 6: [63]}
+    loaded = cache.ensure_layers(wanted)
+    assert {l: sorted(e) for l, e in loaded.items()} == {1: [3, 9, 10], 3: [50], 6: [63]}
+    assert len(submissions) == 2  # the first `ensure`, then one for all three layers
+    for layer, experts in wanted.items():
+        _assert_resident_equal_stock(cache, layer, experts)
+        cache.layers[layer].refresh()
+        assert (cache.layers[layer].table_map[experts] >= 0).all()
+
+
+def test_loading_layers_together_evicts_what_loading_them_one_by_one_would(runtime):
+    _, _, other = chronos_mlx.load(None, expert_budget=0.25)
+    for rt in (runtime, other):
+        rt.cache.reader.min_bytes_per_thread = 1
+        rng = np.random.default_rng(0)
+        for _ in range(6):  # a usage history: the policy's victims differ from free-slot order
+            for layer in (0, 2):
+                used = rng.choice(64, 8, replace=False)
+                rt.cache.ensure(layer, used)
+                rt.cache.mark_used(layer, used)
+    wanted = {0: [1, 2, 3, 60], 2: [5, 6, 61, 62, 63]}
+    runtime.cache.ensure_layers(wanted)
+    for layer, experts in wanted.items():
+        other.cache.ensure(layer, experts)
+    for layer in wanted:
+        assert np.array_equal(runtime.cache.layers[layer].slot_of, other.cache.layers[layer].slot_of)
+    _assert_resident_equal_stock(runtime.cache, 2, wanted[2])
+
+
+def test_a_failed_read_of_several_layers_leaves_no_slot_claimed(runtime, monkeypatch):
+    cache = runtime.cache
+    cache.reader.min_bytes_per_thread = 1
+
+    def broken(runs, **kw):
+        raise chronos_mlx.ShardError("read failed")
+
+    monkeypatch.setattr(cache.reader, "read_runs", broken)
+    with pytest.raises(chronos_mlx.ShardError):
+        cache.ensure_layers({1: [3, 4], 2: [7]})
+    for layer in (1, 2):
+        L = cache.layers[layer]
+        assert not (L.expert_in == -2).any()
+        assert (L.slot_of < 0).all()
+    monkeypatch.undo()
+    assert sorted(cache.ensure_layers({1: [3, 4]})[1]) == [3, 4]
+
+
+def test_a_layer_whose_expert_a_prefetch_is_reading_waits_for_it_instead(runtime):
+    cache = runtime.cache
+    cache.reader.simulator = SimulatedSSD(bandwidth=100e6, latency=1e-3)
+    cache.prefetch(3, [7], limit=1)
+    before = cache.layers[3].counters.bytes_read
+    loaded = cache.ensure_layers({3: [7, 8], 4: [1]})
+    assert loaded[4] == [1] and 8 in loaded[3]
+    # 7 arrived through the prefetch, read once
+    assert cache.layers[3].counters.bytes_read == before + 2 * cache.bytes_on_disk_per_expert
+
+
 def test_lru_evicts_the_least_recently_used_and_never_what_is_requested(runtime):
     cache = runtime.cache
     cache.ensure(0, list(range(16)))  # full (loaded in parallel: their order is arbitrary)

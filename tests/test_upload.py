@@ -116,6 +116,30 @@ def test_a_batch_larger_than_the_staging_is_copied_in_pieces(monkeypatch):
             assert np.array_equal(got, ref), (name, e)
 
 
+def test_several_layers_loaded_together_are_staged_in_pieces_across_layers(monkeypatch):
+    import chronos_mlx.cache as cache_module
+
+    _, _, rt = chronos_mlx.load(None, expert_budget=0.5, dtype="bfloat16")
+    driver = QueueingDriver()
+    rt.cache.upload = DeviceUpload(driver)
+    cache = rt.cache
+    cache.reader.min_bytes_per_thread = 1
+    monkeypatch.setattr(cache_module, "MAX_STAGING", 5 * cache.bytes_on_disk_per_expert)
+    wanted = {layer: [e for e in range(64) if cache.layers[layer].slot_of[e] < 0][:4] for layer in (1, 4, 7)}
+    with cache.one_copy_wait():
+        cache.ensure_layers(wanted)
+    assert driver.syncs == 3  # 12 experts, 5 a piece: each piece waits for the one before
+    stock = mx.load(str(DEMO / "model.safetensors"))
+    for layer, experts in wanted.items():
+        L = cache.layers[layer]
+        for name, p in L.params.items():
+            want = stock[f"model.layers.{layer}.mlp.switch_mlp.{name}"]
+            for e in experts:
+                got = np.array(mx.view(p.slots[int(L.slot_of[e])], mx.uint16 if p.dtype == mx.bfloat16 else p.dtype))
+                ref = np.array(mx.view(want[e], mx.uint16) if want.dtype == mx.bfloat16 else want[e])
+                assert np.array_equal(got, ref), (layer, name, e)
+
+
 def test_copies_that_continue_each_other_on_both_sides_go_as_one():
     driver = MemmoveDriver()
     up = DeviceUpload(driver)
@@ -246,7 +270,8 @@ def test_copies_left_queued_are_waited_for_once_and_before_the_staging_is_rewrit
     assert driver.syncs == 1
 
 
-@pytest.mark.parametrize("sync", ["per-layer", "optimistic", "optimistic, no segment ends"])
+@pytest.mark.parametrize("sync", ["per-layer", "optimistic", "optimistic, no segment ends",
+                                  "optimistic, no segment ends, layers read together"])
 def test_a_loading_layer_waits_for_its_copies_once_and_decodes_stock_tokens(sync, demo_prompt_ids):
     # Copies run only at the stream wait here: any computation started before it would
     # read stale slots or a stale gate table, and the tokens would differ.
@@ -257,7 +282,9 @@ def test_a_loading_layer_waits_for_its_copies_once_and_decodes_stock_tokens(sync
     batches = []
     copy = rt.cache.upload.copy
     rt.cache.upload.copy = lambda copies, **kw: (batches.append(len(copies)), copy(copies, **kw))[1]
-    ends = () if sync.endswith("no segment ends") else None  # every miss recovered by recomputing
+    ends = () if "no segment ends" in sync else None  # every miss recovered by recomputing
+    if sync.endswith("together"):  # a recovery's layers as one read submission, shared by threads
+        rt.cache.reader.min_bytes_per_thread = 1
     got = [t for t, _ in generate_step(mx.array(demo_prompt_ids), model, rt, max_tokens=12, sync=sync.split(",")[0],
                                        segment_ends=ends)]
     assert got == ids

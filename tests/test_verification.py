@@ -193,6 +193,48 @@ def test_a_plan_is_judged_by_its_steps_without_misses_plus_its_expected_redo():
     assert chosen.count(frozenset({0})) >= 7, chosen
 
 
+def _decode_with_loads(planner, every_s, every_io, whole_s, whole_io, steps=40):
+    """Feed a planner steps whose costs depend only on their kind; returns its choices."""
+    chosen, before = [], None
+    for _ in range(steps):
+        ends = planner.ends()
+        chosen.append(ends)
+        whole = len(ends) < planner.n_layers
+        planner.observe_step(whole_s if whole else every_s, ends=len(ends), recomputed_layers=40 if whole else 0,
+                             recoveries=int(whole), previous_ends=before, io_s=whole_io if whole else every_io)
+        before = len(ends)
+    return chosen
+
+
+def test_where_every_layer_misses_whole_token_optimism_is_measured_with_its_loads():
+    # At 0.5 on the GPU most layers miss: the cost model ends every layer, and per-layer
+    # routing loads one layer at a time (46 ms of loads a token) where a recovery loads
+    # every missed layer as one batch (12 ms). Only measuring shows that; the loads count.
+    every = frozenset(range(48))
+    planner = SegmentPlanner(48, miss=np.full(48, 0.7))
+    planner.coefficients = lambda: np.array([0.02, 1e-4, 4e-4, 2e-3])
+    chosen = _decode_with_loads(planner, every_s=0.030, every_io=0.046, whole_s=0.045, whole_io=0.012)
+    assert chosen[0] == every and frozenset() in chosen[:6]  # measured soon
+    assert chosen[-16:].count(frozenset()) >= 12, chosen  # 57 ms a step against 76
+    slow = SegmentPlanner(48, miss=np.full(48, 0.7))
+    slow.coefficients = planner.coefficients
+    chosen = _decode_with_loads(slow, every_s=0.030, every_io=0.046, whole_s=0.045, whole_io=0.046)
+    assert chosen[-16:].count(every) >= 12, chosen  # loads no cheaper: 76 against 91 ms
+
+
+def test_only_the_first_miss_of_a_segment_costs_a_redo():
+    # One recovery loads every layer that missed and recomputes from the first of them.
+    n, layer_s, recovery_s = 8, 1e-3, 2e-3
+    assert expected_redo(np.ones(n), frozenset(), layer_s, recovery_s) == pytest.approx(2 * n * layer_s + recovery_s)
+    miss = np.zeros(n)
+    miss[[2, 5]] = 0.5  # first miss at 2 (p 0.5) or at 5 (p 0.25)
+    want = 0.5 * ((2 * n - 2) * layer_s + recovery_s) + 0.25 * ((2 * n - 5) * layer_s + recovery_s)
+    assert expected_redo(miss, frozenset(), layer_s, recovery_s) == pytest.approx(want)
+    # an end at 4: the segment 0..4 redoes from 2 to 4; after it, from 5 to the next step
+    want = 0.5 * (3 * layer_s + recovery_s) + 0.5 * ((2 * n - 5) * layer_s + recovery_s)
+    assert expected_redo(miss, frozenset({4}), layer_s, recovery_s) == pytest.approx(want)
+
+
 def test_expected_redo_is_the_planners_own_cost_less_its_round_trips():
     rng = np.random.default_rng(0)
     miss = rng.uniform(0, 0.2, 12)
