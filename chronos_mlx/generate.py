@@ -46,6 +46,9 @@ def greedy(logprobs: mx.array) -> mx.array:
 
 
 MAX_OPTIMISTIC_RETRIES = 2
+# A step whose chance of missing after its last segment end is above this is verified
+# before the next step is launched on it (see the decode loop).
+SETTLE_FIRST_ABOVE = 0.5
 
 
 @dataclass
@@ -304,10 +307,20 @@ def generate_step(
                 step, _ = settle(step, None)
             # Every layer an end is per-layer routing: take that path (no record, no checkpoint).
             speculate = may_miss and len(ends) < n_moe
-            nxt = launch(step.y, speculate=speculate, ends=ends, behind=step) if n != max_tokens else None
-            step, discarded = settle(step, nxt)
-            if discarded and nxt is not None:
+            if n == max_tokens:
+                step, _ = settle(step, None)
+            elif step.may_miss and planner.tail_miss(step.ends) > SETTLE_FIRST_ABOVE:
+                # Likely to miss: a step launched behind it would mostly be thrown away, and
+                # waited for first (a whole step of device time); verify, then launch.
+                step, _ = settle(step, None)
+                c.settled_first += 1
                 nxt = launch(step.y, speculate=speculate, ends=ends)
+            else:
+                nxt = launch(step.y, speculate=speculate, ends=ends, behind=step)
+                step, discarded = settle(step, nxt)
+                if discarded:
+                    c.discarded_steps += 1
+                    nxt = launch(step.y, speculate=speculate, ends=ends)
             token = step.y.item()
             c.host_syncs += 1
             now = time.perf_counter()

@@ -39,6 +39,8 @@ class DecodeCounters:
     host_syncs: int = 0
     recomputes: int = 0
     recomputed_layers: int = 0
+    discarded_steps: int = 0  # steps launched behind one that then missed, thrown away
+    settled_first: int = 0  # steps verified before the next was launched (a miss was likely)
     # Cache activity while decoding (after the first token), apart from the prefill's.
     decode_hits: int = 0
     decode_misses: int = 0
@@ -188,6 +190,8 @@ class Runtime:
             "host_syncs_per_token": c.host_syncs / c.generated_tokens if c.generated_tokens else 0.0,
             "recomputed_layers": c.recomputed_layers,
             "recomputes": c.recomputes,
+            "discarded_steps": c.discarded_steps,
+            "settled_first": c.settled_first,
             "peak_memory_bytes": peak_rss_bytes(),
             "mlx_peak_memory_bytes": mx.get_peak_memory(),
             "expert_budget_bytes": self.cache.resident_bytes if self.cache else 0,

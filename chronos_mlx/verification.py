@@ -120,6 +120,12 @@ class SegmentPlanner:
         return self._coef
 
     # --- decisions -------------------------------------------------------------------------
+    def tail_miss(self, ends) -> float:
+        """The chance that a step with segment `ends` misses after its last end (found only
+        once the step is done, when the step launched behind it is thrown away too)."""
+        last = max(ends, default=-1)
+        return float(1.0 - np.prod(1.0 - np.clip(self.miss[last + 1 :], 0.0, 1.0)))
+
     def ends(self) -> frozenset:
         """The segment ends for the next step: the cost model's plan, unless every layer as
         an end (per-layer routing inside the step) has measured faster lately."""

@@ -59,6 +59,18 @@ def test_forced_misses_recover_to_stock_tokens_and_kv_cache(models, name):
         np.testing.assert_allclose(v1, v2, atol=1e-5)
 
 
+def test_a_step_likely_to_miss_is_verified_before_the_next_is_launched_on_it(demo_prompt_ids):
+    # At a quarter of the experts nearly every step misses somewhere: a step launched behind
+    # it would be thrown away after being waited for (a whole step of device time).
+    ref_ids, _ = _stock(DEMO, demo_prompt_ids, 12)
+    model, _, runtime = chronos_mlx.load(None, expert_budget=0.25)
+    ids = [t for t, _ in generate_step(mx.array(demo_prompt_ids), model, runtime, max_tokens=12, segment_ends=())]
+    assert ids == ref_ids
+    stats = runtime.stats()
+    assert stats["recomputes"] > 0 and stats["settled_first"] >= 8
+    assert stats["discarded_steps"] <= 2  # only while the miss estimates were still low
+
+
 def test_a_miss_in_the_middle_of_a_token_is_recomputed(demo_prompt_ids):
     """Evict, between two steps, an expert the next token needs in its last layer only."""
     ref_ids, _ = _stock(DEMO, demo_prompt_ids, 12)

@@ -235,6 +235,16 @@ def test_only_the_first_miss_of_a_segment_costs_a_redo():
     assert expected_redo(miss, frozenset({4}), layer_s, recovery_s) == pytest.approx(want)
 
 
+def test_the_chance_of_a_miss_after_the_last_end_decides_whether_the_next_step_waits():
+    miss = np.zeros(8)
+    miss[[1, 6]] = 0.5
+    planner = SegmentPlanner(8, miss=miss)
+    assert planner.tail_miss(frozenset()) == pytest.approx(0.75)  # layer 1 or layer 6
+    assert planner.tail_miss(frozenset({3})) == pytest.approx(0.5)  # layer 1 is checked at the end
+    assert planner.tail_miss(frozenset({7})) == 0.0
+    assert SegmentPlanner(8, miss=np.full(8, 0.01)).tail_miss(frozenset()) < 0.1  # rare: pipelined
+
+
 def test_expected_redo_is_the_planners_own_cost_less_its_round_trips():
     rng = np.random.default_rng(0)
     miss = rng.uniform(0, 0.2, 12)
