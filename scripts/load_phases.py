@@ -1,7 +1,8 @@
 """Where a demand load's time goes, phase by phase, on this machine's write path (issue 12).
 
     python scripts/load_phases.py [--model DIR] [--budget 0.5] [--experts 1,2,4] [--calls 200]
-                                  [--threads 1,4,16] [--waits one,each] [--json OUT]
+                                  [--threads 1,4,16] [--waits one,each] [--layers 1,48]
+                                  [--json OUT]
 
 Loads `--experts` absent experts per call into one layer after another (as per-layer routing
 does under misses, without decoding in between) and times, per call: the whole `load_for`,
@@ -10,7 +11,8 @@ the reads (`ShardReader.read_runs` or the lean `_read_small`), and on CUDA the d
 most the reader's own) and each way of waiting for the copies: `one` (the experts' and
 the table's copies share one stream wait, as per-layer routing does) or `each` (a wait
 after each). Prints milliseconds per call and the effective rate; what is not reads or
-copies is bookkeeping.
+copies is bookkeeping. `--layers N` loads that many layers per call as one batch
+(`Runtime.load_layers`, what a recovery after a failed optimistic step does).
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ class _Timer:
         return timed
 
 
-def measure(rt, k: int, calls: int, rng, one_wait: bool = True) -> dict:
+def measure(rt, k: int, calls: int, rng, one_wait: bool = True, together: int = 1) -> dict:
     cache = rt.cache
     reads, small, copies = _Timer(), _Timer(), _Timer()
     cache.reader.read_runs = reads.wrap(cache.reader.read_runs)
@@ -66,15 +68,22 @@ def measure(rt, k: int, calls: int, rng, one_wait: bool = True) -> dict:
     n_layers = len(cache.layers)
     total, loaded = 0.0, 0
     for i in range(calls):
-        layer = i % n_layers
-        L = cache.layers[layer]
-        absent = np.flatnonzero(L.slot_of < 0)
-        want = rng.choice(absent, min(k, len(absent)), replace=False).tolist()
+        wanted = {}
+        for j in range(together):
+            layer = (i * together + j) % n_layers
+            absent = np.flatnonzero(cache.layers[layer].slot_of < 0)
+            wanted[layer] = rng.choice(absent, min(k, len(absent)), replace=False).tolist()
         t = time.perf_counter()
         with cache.one_copy_wait() if one_wait else contextlib.nullcontext():
-            got = rt.load_for(layer, want)
-            rt.cache.mark_used(layer, want)
-            rt.cache.write_gate_table(layer)
+            if together == 1:
+                [(layer, want)] = wanted.items()
+                got = rt.load_for(layer, want)
+                rt.cache.mark_used(layer, want)
+                rt.cache.write_gate_table(layer)
+            else:
+                got = [e for g in rt.load_layers(wanted).values() for e in g]
+                for layer, want in wanted.items():
+                    rt.cache.mark_used(layer, want)
         total += time.perf_counter() - t
         loaded += len(got)
     del cache.reader.read_runs, cache._read_small
@@ -83,7 +92,8 @@ def measure(rt, k: int, calls: int, rng, one_wait: bool = True) -> dict:
     nbytes = loaded * cache.bytes_on_disk_per_expert
     return {
         "waits": "one" if one_wait else "each",
-        "experts_per_call": k,
+        "layers_per_call": together,
+        "experts_per_call": k * together,
         "ms_per_call": total / calls * 1e3,
         "reads_ms_per_call": (reads.main + small.main) / calls * 1e3,
         "copies_ms_per_call": (copies.main + copies.other) / calls * 1e3,
@@ -100,6 +110,7 @@ def main():
     ap.add_argument("--threads", default="1,4,16")
     ap.add_argument("--calls", type=int, default=200)
     ap.add_argument("--waits", default="one,each", help="one: a load's copies share one stream wait; each: a wait per copy")
+    ap.add_argument("--layers", default="1", help="layers loaded per call as one batch (recoveries load many)")
     ap.add_argument("--json")
     args = ap.parse_args()
 
@@ -114,13 +125,15 @@ def main():
     for threads in [int(t) for t in args.threads.split(",")]:
         rt.cache.reader.threads = min(threads, default_threads)
         for k in [int(x) for x in args.experts.split(",")]:
-            for waits in args.waits.split(","):
-                one = waits == "one"
-                measure(rt, k, max(10, args.calls // 10), rng, one)  # warm-up
-                row = {"threads": rt.cache.reader.threads, **measure(rt, k, args.calls, rng, one)}
-                rows.append(row)
-                print(" ".join(f"{key}={v:.3f}" if isinstance(v, float) else f"{key}={v}" for key, v in row.items()),
-                      flush=True)
+            for together in [int(x) for x in args.layers.split(",")]:
+                for waits in args.waits.split(","):
+                    one = waits == "one"
+                    calls = max(4, args.calls // together)
+                    measure(rt, k, max(2, calls // 10), rng, one, together)  # warm-up
+                    row = {"threads": rt.cache.reader.threads, **measure(rt, k, calls, rng, one, together)}
+                    rows.append(row)
+                    print(" ".join(f"{key}={v:.3f}" if isinstance(v, float) else f"{key}={v}" for key, v in row.items()),
+                          flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"budget": args.budget, "rows": rows}, indent=2))
 
