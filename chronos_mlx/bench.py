@@ -251,6 +251,8 @@ def _chronos_run(model, runtime, prompt, max_tokens, sync, forced=None, temp=Non
         "host_syncs": c.host_syncs,
         "recomputes": c.recomputes,
         "recomputed_layers": c.recomputed_layers,
+        "discarded_steps": c.discarded_steps,
+        "settled_first": c.settled_first,
         "prefetch_hits": s["prefetch_hits"],
         "decode_hits": c.decode_hits,
         "decode_misses": c.decode_misses,
@@ -313,6 +315,10 @@ def _aggregate(runs: list[dict]) -> dict:
             recomputed_layers=sum(r["recomputed_layers"] for r in runs),
             recomputed_layers_per_token=sum(r["recomputed_layers"] for r in runs) / max(steps, 1),
             recompute_rate=sum(r["recomputes"] for r in runs) / max(tokens, 1),
+            # Steps launched behind one that missed (thrown away) and steps verified before
+            # the next was launched because a miss was likely.
+            discarded_steps_per_token=sum(r.get("discarded_steps", 0) for r in runs) / max(tokens, 1),
+            settled_first_per_token=sum(r.get("settled_first", 0) for r in runs) / max(tokens, 1),
             prefetch_hits=sum(r["prefetch_hits"] for r in runs),
             prefetch_wasted_bytes=sum(r["prefetch_wasted_bytes"] for r in runs),
             prediction_recall=statistics.fmean(r["prediction_recall"] for r in runs),

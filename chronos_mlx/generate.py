@@ -307,9 +307,11 @@ def generate_step(
                 step, _ = settle(step, None)
             # Every layer an end is per-layer routing: take that path (no record, no checkpoint).
             speculate = may_miss and len(ends) < n_moe
+            serial = False
             if n == max_tokens:
                 step, _ = settle(step, None)
             elif step.may_miss and planner.tail_miss(step.ends) > SETTLE_FIRST_ABOVE:
+                serial = True
                 # Likely to miss: a step launched behind it would mostly be thrown away, and
                 # waited for first (a whole step of device time); verify, then launch.
                 step, _ = settle(step, None)
@@ -334,6 +336,7 @@ def generate_step(
                     recoveries=c.recomputes - mark[2],
                     previous_ends=previous_ends,
                     io_s=c.io_wait_s - mark[0],
+                    serial=serial,
                 )
             mark = (c.io_wait_s, c.recomputed_layers, c.recomputes)
             t_last, previous_ends = now, len(ends)

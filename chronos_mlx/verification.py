@@ -80,10 +80,11 @@ class SegmentPlanner:
             self.miss[layer] += self.decay * (float(layer in missed) - self.miss[layer])
 
     def observe_step(self, seconds: float, ends: int, recomputed_layers: int, recoveries: int,
-                     previous_ends: int | None = None, io_s: float = 0.0):
+                     previous_ends: int | None = None, io_s: float = 0.0, serial: bool = False):
         """One decode interval: `seconds` (loads left out) of a step launched with `ends`
         segment ends, after settling the one before it (launched with `previous_ends`);
-        `io_s` the interval's waits for loads.
+        `io_s` the interval's waits for loads; `serial`: the step before was verified
+        before this one was launched (a miss was likely), so nothing overlapped.
 
         An interval holds the verification of the step before and the launch of this one;
         a per-layer step does its work while it is launched, an optimistic one while the
@@ -100,9 +101,10 @@ class SegmentPlanner:
         self._measured[kind] = seconds if old is None else 0.8 * old + 0.2 * seconds
         old = self._io.get(kind)
         self._io[kind] = io_s if old is None else 0.8 * old + 0.2 * io_s
-        if not recomputed_layers and not recoveries:
+        if not recomputed_layers and not recoveries and not serial:
             # What the plan costs apart from misses: misses change (the first steps after a
-            # prefill miss far more), so a plan is judged by this plus its expected redo.
+            # prefill miss far more), so a plan is judged by this plus its expected redo. A
+            # serial interval is not clean either: it was serial because misses were likely.
             old = self._clean.get(kind)
             self._clean[kind] = seconds if old is None else 0.8 * old + 0.2 * seconds
         x = np.array([1.0, ends, recomputed_layers, recoveries])

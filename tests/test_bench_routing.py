@@ -206,7 +206,7 @@ def test_bench_cli_replays_with_trained_routing_and_reports_the_roofline(moe64, 
     row = next(r for r in report["results"] if r["name"] == "chronos-lru@0.25")
     for key in ("host_syncs_per_token", "recomputed_layers_per_token", "decode_bytes_read_per_token",
                 "belady_decode_bytes_read_per_token", "effective_load_bytes_per_s", "roofline_tokens_per_s",
-                "ratio_to_roofline"):
+                "ratio_to_roofline", "discarded_steps_per_token", "settled_first_per_token"):
         assert key in row, key
     assert "chronos-lru@0.25" in result.stdout and "…" not in result.stdout
     bad = CliRunner().invoke(app, ["bench", "-m", str(moe64), "--budgets", "0.25", "--greedy", "--routing", "trained"])

@@ -245,6 +245,16 @@ def test_the_chance_of_a_miss_after_the_last_end_decides_whether_the_next_step_w
     assert SegmentPlanner(8, miss=np.full(8, 0.01)).tail_miss(frozenset()) < 0.1  # rare: pipelined
 
 
+def test_a_step_verified_before_the_next_was_launched_is_not_a_clean_sample():
+    # While misses are likely each step is verified before the next is launched: nothing
+    # overlaps, so such a step says little about the plan once misses have become rare.
+    planner = SegmentPlanner(8, miss=np.full(8, 0.5))
+    planner.observe_step(0.030, ends=2, recomputed_layers=0, recoveries=0, previous_ends=2, serial=True)
+    assert 2 not in planner._clean and planner._measured[2] == 0.030
+    planner.observe_step(0.020, ends=2, recomputed_layers=0, recoveries=0, previous_ends=2)
+    assert planner._clean[2] == 0.020
+
+
 def test_expected_redo_is_the_planners_own_cost_less_its_round_trips():
     rng = np.random.default_rng(0)
     miss = rng.uniform(0, 0.2, 12)
