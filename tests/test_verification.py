@@ -163,6 +163,19 @@ def test_a_clearly_slower_kind_is_re_measured_less_often():
     assert per_layer == 4  # two steps in a row every 64, not every 16
 
 
+def test_a_kind_more_than_twice_as_slow_is_re_measured_rarely():
+    # Whole-token optimism on a CPU at 0.5 takes ~3x a per-layer step (every step recomputes):
+    # two such steps every 64 would cost ~7 % of decoding.
+    planner = SegmentPlanner(8, miss=np.full(8, 0.7), explore_every=16)
+    planner.coefficients = lambda: np.array([0.02, 1e-4, 2e-3, 2e-3])
+    for kind, seconds in ((8, 0.020), (0, 0.060)):
+        planner.observe_step(seconds, ends=kind, recomputed_layers=0 if kind else 8, recoveries=int(not kind),
+                             previous_ends=kind)
+    assert len(planner.ends()) == 8
+    whole = sum(len(planner.ends()) == 0 for _ in range(512))
+    assert whole == 4  # two steps in a row every 256
+
+
 def test_a_prior_that_overestimates_misses_gives_way_within_a_few_steps():
     # Before anything is measured a layer is taken to miss as often as experts are absent
     # (3 % at budget 0.97), which plans many ends over 48 layers. Measured on the H200 at
