@@ -25,8 +25,9 @@ is priced at least at what per-layer routing measured over the plan with the few
 per extra end; a fit that still finds reads free (its samples all per-layer, say) plans an
 end at every layer, and then a plan priced with the prior's read cost is measured against
 it, so such a fit cannot keep a step that rarely misses reading back every layer; where
-misses are so common that the model ends every layer anyway, whole-token optimism is
-measured against it (its recovery loads every missed layer as one batch). A plan is
+misses are so common that the model ends every layer anyway, and per-layer routing waits for
+loads at least half as long as it computes, whole-token optimism is measured against it (its
+recovery loads every missed layer as one batch). A plan is
 compared by its steps without misses plus the recomputation its misses are expected to cost
 now: the first steps after a cold start miss far more than later ones, and a plan measured
 only then would otherwise lose for good. The plan is redone after 1, 2, 4, 8 and 16 steps
@@ -122,6 +123,14 @@ class SegmentPlanner:
         return self._coef
 
     # --- decisions -------------------------------------------------------------------------
+    def _loads_could_pay(self) -> bool:
+        """Whether batching a step's loads could win back a recomputed pass: only if
+        per-layer routing waits for loads at least half as long as it computes (on a CPU
+        with small experts it waits ~2.5 of ~20 ms: a second pass can never pay there)."""
+        every = self.n_layers
+        t, io = self._measured.get(every), self._io.get(every)
+        return t is not None and io is not None and io >= 0.5 * t
+
     def tail_miss(self, ends) -> float:
         """The chance that a step with segment `ends` misses after its last end (found only
         once the step is done, when the step launched behind it is thrown away too)."""
@@ -159,7 +168,7 @@ class SegmentPlanner:
             every = frozenset(range(self.n_layers))
             if self._plan == every:
                 self._alt = plan_ends(self.miss, max(sync_s, _PRIOR[1]), layer_s, recovery_s)
-            if self._alt == every:
+            if self._alt == every and self._loads_could_pay():
                 # Misses everywhere: per-layer routing loads each layer on its own, a
                 # recovery every missed layer in one batch; only measuring tells which wins
                 # (`_io`), so whole-token optimism is what is measured against it.

@@ -164,13 +164,13 @@ def test_a_clearly_slower_kind_is_re_measured_less_often():
 
 
 def test_a_kind_more_than_twice_as_slow_is_re_measured_rarely():
-    # Whole-token optimism on a CPU at 0.5 takes ~3x a per-layer step (every step recomputes):
+    # Whole-token optimism where it loses by far (every step recomputes, ~3x a per-layer step):
     # two such steps every 64 would cost ~7 % of decoding.
     planner = SegmentPlanner(8, miss=np.full(8, 0.7), explore_every=16)
     planner.coefficients = lambda: np.array([0.02, 1e-4, 2e-3, 2e-3])
-    for kind, seconds in ((8, 0.020), (0, 0.060)):
+    for kind, seconds, io in ((8, 0.020, 0.012), (0, 0.100, 0.004)):
         planner.observe_step(seconds, ends=kind, recomputed_layers=0 if kind else 8, recoveries=int(not kind),
-                             previous_ends=kind)
+                             previous_ends=kind, io_s=io)
     assert len(planner.ends()) == 8
     whole = sum(len(planner.ends()) == 0 for _ in range(512))
     assert whole == 4  # two steps in a row every 256
@@ -233,6 +233,15 @@ def test_where_every_layer_misses_whole_token_optimism_is_measured_with_its_load
     slow.coefficients = planner.coefficients
     chosen = _decode_with_loads(slow, every_s=0.030, every_io=0.046, whole_s=0.045, whole_io=0.046)
     assert chosen[-16:].count(every) >= 12, chosen  # loads no cheaper: 76 against 91 ms
+
+
+def test_where_loads_are_a_small_part_of_a_step_whole_token_optimism_is_never_tried():
+    # A CPU with small experts: per-layer routing waits ~2.5 ms for loads in a ~20 ms step.
+    # Batching them cannot win back a recomputed pass, and trying costs ~3 steps each time.
+    planner = SegmentPlanner(48, miss=np.full(48, 0.7))
+    planner.coefficients = lambda: np.array([0.02, 1e-4, 4e-4, 2e-3])
+    chosen = _decode_with_loads(planner, every_s=0.020, every_io=0.0025, whole_s=0.060, whole_io=0.002, steps=300)
+    assert all(c == frozenset(range(48)) for c in chosen)
 
 
 def test_only_the_first_miss_of_a_segment_costs_a_redo():
