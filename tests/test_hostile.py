@@ -485,6 +485,32 @@ def test_verify_experts_catches_corrupt_expert_bytes_on_first_read(tmp_path, cor
     cache_consistent(rt.cache)
 
 
+def test_verify_experts_catches_a_corrupt_expert_in_a_recovery_of_several_layers(tmp_path):
+    # A recovery loads every missed layer as one batch: a bad expert anywhere in it is refused
+    # before anything is mapped, and no slot of any layer stays claimed.
+    from chronos_mlx.verify import attach_verifier, expert_verifier
+
+    model_dir = demo_copy(tmp_path / "m", copy_shard=True)
+    expert_verifier(model_dir)
+    path = model_dir / SHARD
+    n, header = read_header(path)
+    begin, end = header["model.layers.6.mlp.switch_mlp.up_proj.scales"]["data_offsets"]
+    per = (end - begin) // 64
+    with open(path, "r+b") as f:  # expert 20's scales in layer 6
+        f.seek(8 + n + begin + 20 * per + 1)
+        b = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([b[0] ^ 0x40]))
+    model, tok, rt = chronos_mlx.load(str(model_dir), expert_budget=0.125)
+    verifier, _ = expert_verifier(model_dir)
+    attach_verifier(rt, verifier)
+    with pytest.raises(ShardError, match="does not match its hash"):
+        rt.cache.ensure_layers({2: [1, 2, 3], 6: [19, 20, 21], 7: [5]})
+    cache_consistent(rt.cache)
+    assert rt.cache.ensure_layers({2: [1, 2, 3], 7: [5]}) == {2: [1, 2, 3], 7: [5]}  # the good ones load
+    cache_consistent(rt.cache)
+
+
 def test_verify_experts_on_the_cli_gives_stock_tokens_and_refuses_dense_models(runner, stock):
     result = runner.invoke(app, ["generate", "-p", PROMPT, "-n", "6", "-b", "0.125", "--verify-experts", "--json"])
     assert result.exit_code == 0, result.output
