@@ -253,6 +253,7 @@ def _chronos_run(model, runtime, prompt, max_tokens, sync, forced=None, temp=Non
         "recomputed_layers": c.recomputed_layers,
         "discarded_steps": c.discarded_steps,
         "settled_first": c.settled_first,
+        "device_waits": s.get("device_waits", 0),
         "prefetch_hits": s["prefetch_hits"],
         "decode_hits": c.decode_hits,
         "decode_misses": c.decode_misses,
@@ -319,6 +320,7 @@ def _aggregate(runs: list[dict]) -> dict:
             # the next was launched because a miss was likely.
             discarded_steps_per_token=sum(r.get("discarded_steps", 0) for r in runs) / max(tokens, 1),
             settled_first_per_token=sum(r.get("settled_first", 0) for r in runs) / max(tokens, 1),
+            device_waits_per_token=sum(r.get("device_waits", 0) for r in runs) / max(tokens, 1),
             prefetch_hits=sum(r["prefetch_hits"] for r in runs),
             prefetch_wasted_bytes=sum(r["prefetch_wasted_bytes"] for r in runs),
             prediction_recall=statistics.fmean(r["prediction_recall"] for r in runs),

@@ -226,6 +226,7 @@ class LayerSlots:
     gate_view: np.ndarray = None
     files: list = field(default_factory=list)  # the shards its experts are in
     gate_stale: bool = True  # slot_of changed since the gate table was written
+    wait_stale: bool = True  # slot_of changed since the device-wait table was written (device_wait.py)
     read_plan: list = None  # _TensorReads per parameter (built at the first small read)
     # `_read_small` converts only bf16 on disk to float32 slots (the upper halves); any
     # other conversion (float16 on disk read at float32, ...) takes `_read_experts`.
@@ -334,7 +335,9 @@ class ExpertCache:
         self.verifier = None  # verify.ExpertVerifier (--verify-experts): checks each expert's first read
         # On CUDA reads land in page-locked staging and the copy engine writes the slots
         # (upload.py); elsewhere (Apple silicon, CPU) straight into the slots. None: the latter.
+        self._local = threading.local()
         self.upload = device_upload()
+        self.copy_engine_paused = False  # set while device-wait routing decodes (device_wait.py)
         self.upload_error = None  # why device copies stopped, if the driver refused them
         self._queue_on = None  # thread whose copies wait at the end of `one_copy_wait`
         self.layers: list[LayerSlots] = []
@@ -416,7 +419,7 @@ class ExpertCache:
                 if victim in L.prefetched:  # brought in by a prediction that never came true
                     L.prefetched.discard(victim)
                     L.counters.prefetch_wasted_bytes += self.bytes_per_expert
-                L.dirty = L.gate_stale = True
+                L.dirty = L.gate_stale = L.wait_stale = True
                 slots.append(slot)
         return slots
 
@@ -517,7 +520,7 @@ class ExpertCache:
             L.pending.pop(e, None)
             if prefetch:
                 L.prefetched.add(e)
-            L.dirty = L.gate_stale = True
+            L.dirty = L.gate_stale = L.wait_stale = True
 
     def _abandon(self, L: LayerSlots, batch: list, exc: BaseException):
         """Give back the slots of a batch whose loads will not complete, resolve its futures."""
@@ -829,23 +832,78 @@ class ExpertCache:
             return
         with self._lock:
             L.gate_stale = False
-            up = self.upload
-            if up is None:
-                np.maximum(L.slot_of, 0, out=L.gate_view, casting="unsafe")
+            self._write_table(L.gate_view, np.maximum(L.slot_of, 0))
+
+    def write_wait_table(self, layer: int, view: np.ndarray, force: bool = False):
+        """Write a device-wait table (device_wait.py): the slot of each resident expert,
+        ABSENT (0xFFFFFFFF) for the others. Only while nothing queued reads it."""
+        L = self.layers[layer]
+        if not (L.wait_stale or force):
+            return
+        with self._lock:
+            L.wait_stale = False
+            self._write_table(view, L.slot_of)  # -1 wraps to 0xFFFFFFFF
+
+    def _write_table(self, view: np.ndarray, values: np.ndarray):
+        """`view[:] = values` (cast to the table's dtype) in a device table. Lock held."""
+        up = self.upload
+        if up is None:
+            view[:] = values.astype(view.dtype)
+            return
+        # CUDA: a host write would pull the table's page over to the host and the next
+        # layer's kernel would fault it back, every token; the copy engine writes it.
+        # Its own staging: expert copies still queued may be reading the thread's other one.
+        n = view.nbytes
+        try:
+            staged = up.table_staging(n)
+        except OSError as e:  # no page-locked memory to be had: host writes from now on
+            self.upload, self.upload_error = None, str(e)
+            view[:] = values.astype(view.dtype)
+            return
+        staged[:n].view(view.dtype)[:] = values.astype(view.dtype)
+        addr = slot_address(view)
+        self._copy_to_device(up, [(addr, addr, 0, n)], source=staged)
+
+    @property
+    def upload(self):
+        """The CUDA copy engine's uploader (upload.py), or None: host writes (also while
+        `copy_engine_paused`, and for a thread inside `host_writes`)."""
+        if self.copy_engine_paused or getattr(self._local, "host_writes", False):
+            return None
+        return self._upload
+
+    @upload.setter
+    def upload(self, value):
+        self._upload = value
+
+    @contextmanager
+    def host_writes(self):
+        """Slots and tables this thread writes inside are written by the host, not the copy
+        engine. Device-wait routing needs it (for every thread: `copy_engine_paused`): on
+        CUDA a copy into managed memory waits for the kernels running on the device, and
+        one of them may be waiting for it (measured on an H200: they wait for each other
+        forever)."""
+        self._local.host_writes = True
+        try:
+            yield
+        finally:
+            self._local.host_writes = False
+
+    def wait_for_loads(self):
+        """Until no load is in flight or deferred (prefetches included): afterwards only
+        the caller changes slots."""
+        if self.deferred and threading.current_thread() is threading.main_thread():
+            self.run_deferred()
+        while True:
+            with self._lock:
+                futures = [fut for L in self.layers for _, fut, _ in L.pending.values()]
+            if not futures:
                 return
-            # CUDA: a host write would pull the table's page over to the host and the next
-            # layer's kernel would fault it back, every token; the copy engine writes it.
-            # Its own staging: expert copies still queued may be reading the thread's other one.
-            n = L.gate_view.nbytes
-            try:
-                staged = up.table_staging(n)
-            except OSError as e:  # no page-locked memory to be had: host writes from now on
-                self.upload, self.upload_error = None, str(e)
-                np.maximum(L.slot_of, 0, out=L.gate_view, casting="unsafe")
-                return
-            np.maximum(L.slot_of, 0, out=staged[:n].view(L.gate_view.dtype), casting="unsafe")
-            addr = slot_address(L.gate_view)
-            self._copy_to_device(up, [(addr, addr, 0, n)], source=staged)
+            for fut in futures:
+                try:
+                    fut.result()
+                except Exception:  # a failed prefetch leaves its slot free; nothing to wait for
+                    pass
 
     def mark_used(self, layer: int, experts):
         """Experts a computation used: prefetch hits are counted, the policy informed."""
@@ -1014,7 +1072,7 @@ class ExpertCache:
         return L.read_plan
 
     def _sync_table(self, L: LayerSlots):
-        L.dirty = L.gate_stale = True
+        L.dirty = L.gate_stale = L.wait_stale = True
         if threading.current_thread() is threading.main_thread():
             L.refresh()
 

@@ -22,13 +22,15 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import make_prompt_cache
 
+from . import device_wait
 from .prefetch import prefetch_intent
 from .resume import kept_caches, resume_point
 from .rollback import Checkpoint, checkpointable
 from .runtime import Runtime
 from .verification import SegmentMiss, SegmentPlanner, StepRecord
 
-SYNC_MODES = ("optimistic", "per-layer")  # optimistic: segments chosen per step (verification.py)
+# optimistic: segments chosen per step (verification.py); device-wait: CUDA only (device_wait.py)
+SYNC_MODES = ("optimistic", "per-layer", "device-wait")
 _STREAMS: dict = {}
 
 
@@ -68,6 +70,7 @@ class _Step:
     ends: frozenset = frozenset()  # the segment ends it was launched with
     may_miss: bool = False  # some expert it could use was absent at launch
     misses_at_launch: Optional[list] = None  # per-layer demand loads before a per-layer step
+    waited: Optional[tuple] = None  # device-wait routing: (pass, layers, sizes, ids), read once it ran
     miss: Optional[SegmentMiss] = None  # it stopped at a segment end: this layer missed
 
 
@@ -90,6 +93,8 @@ def generate_step(
     empty: one read after the whole step)."""
     if sync not in SYNC_MODES:
         raise ValueError(f"sync must be one of {SYNC_MODES}, got '{sync}'")
+    if sync == "device-wait" and not device_wait.available():
+        raise ValueError("sync='device-wait' needs MLX's CUDA backend (mx.fast.cuda_kernel)")
     sampler = sampler or greedy
     if prompt_cache is None:
         prompt_cache = make_prompt_cache(model)
@@ -97,6 +102,9 @@ def generate_step(
     # Optimistic steps must be undoable exactly: every cache object is checkpointed before
     # each step (see rollback.py); one that cannot be makes every step route per layer.
     optimistic = streaming and sync == "optimistic" and checkpointable(prompt_cache)
+    waiting = streaming and sync == "device-wait"
+    if waiting and runtime.waiter is None:
+        runtime.waiter = device_wait.DeviceWaiter(runtime)
     c = runtime.counters
     n_moe = len(runtime.cache.layers) if streaming else 0
 
@@ -130,7 +138,8 @@ def generate_step(
         backend an async_eval inside the stream context cost ~15 ms per token)."""
         step = build(tokens, speculate, start, ends, behind)
         if step.y is not None:
-            mx.async_eval(step.y, step.logprobs, *([step.flat] if step.flat is not None else []))
+            extra = [a for a in (step.flat, step.waited[-1] if step.waited else None) if a is not None]
+            mx.async_eval(step.y, step.logprobs, *extra)
         if streaming and runtime.cache.deferred:  # inline prefetch reads overlap the step
             runtime.cache.run_deferred()
         return step
@@ -157,8 +166,17 @@ def generate_step(
                 if not (optimistic and speculate):
                     runtime.deferred_observations = [] if optimistic else None
                     misses = [L.counters.misses for L in runtime.cache.layers] if optimistic else None
-                    y, lp = forward(tokens, after)  # per-layer routing loads what it needs as it goes
-                    step = _Step(tokens, y, lp, None, None, False, checkpoint)
+                    if waiting:
+                        runtime.mode = "device-wait"
+                        try:
+                            y, lp = forward(tokens, after)
+                        finally:
+                            runtime.mode = "sync"
+                            waited = runtime.waiter.end_pass()
+                    else:
+                        y, lp = forward(tokens, after)  # per-layer routing loads what it needs as it goes
+                        waited = None
+                    step = _Step(tokens, y, lp, None, None, False, checkpoint, waited=waited)
                     step.observations = runtime.deferred_observations
                     step.misses_at_launch = misses
                     return step
@@ -189,6 +207,16 @@ def generate_step(
         cannot be resumed. Returns (verified step, whether `speculative` was discarded)."""
         loaded: dict = {}
         discarded = False
+        if step.waited is not None:  # device-wait routing: exact unless the service failed
+            tag, layers, sizes, flat = step.waited
+            t0 = time.perf_counter()
+            host = np.array(flat)
+            c.sync_wait_s += time.perf_counter() - t0
+            c.host_syncs += 1
+            step.waited = None
+            runtime.waiter.check()
+            runtime.waiter.account(tag, layers, sizes, host)
+            return step, discarded
         for attempt in range(MAX_OPTIMISTIC_RETRIES + 1):
             if step.flat is None and step.miss is None:  # exact as built; now its routing is kept
                 if step.observations:
@@ -275,8 +303,10 @@ def generate_step(
     finally:
         if intent is not None:
             runtime.observers.remove(intent)
-    if intent is not None:
+    if intent is not None and not waiting:  # device-wait: only its service thread changes slots
         prefetch_intent(runtime, intent.ranked())
+    if waiting:
+        runtime.waiter.begin()
 
     # What the planner learned (miss rates, costs) carries over from one generation to the next.
     planner = getattr(runtime, "segment_planner", None)
@@ -290,7 +320,12 @@ def generate_step(
         if segment_ends is None:
             runtime.segment_planner = planner
     ends = planner.ends() if optimistic else frozenset()
-    step = launch(prompt, speculate=optimistic, ends=ends)
+    try:
+        step = launch(prompt, speculate=optimistic, ends=ends)
+    except BaseException:
+        if waiting:
+            runtime.waiter.end(generation_stream())
+        raise
     previous_ends = len(ends)
     # Per-layer reads of the decode steps (the first one is launched right below) count too.
     n, t_first, t_last, syncs_at_first, io_at_first = 0, None, 0.0, runtime.layer_syncs, 0.0
@@ -358,8 +393,12 @@ def generate_step(
     finally:
         # Like mlx_lm, the step fed with the last yielded token has run (its KV entries
         # stay, also when the caller stops early): verify it so the cache is exactly stock's.
-        if nxt is not None:
-            settle(nxt, None)
+        try:
+            if nxt is not None:
+                settle(nxt, None)
+        finally:
+            if waiting:
+                runtime.waiter.end(generation_stream())
         if t_first is not None:
             c.decode_s += time.perf_counter() - t_first
             c.decode_steps += n - 1

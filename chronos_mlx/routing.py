@@ -11,6 +11,8 @@ Two ways to route a MoE layer:
   them (`Runtime.recording`); at segment ends (verification.py) and after the step, the
   decode loop in `generate.py` reads them back and recomputes from a layer that missed.
   Layers whose experts are all resident never need either.
+- "device-wait" (CUDA): the ids go through a kernel that waits on the device for a thread
+  to load what is missing (device_wait.py); the host reads the step's routing once, after it ran.
 
 Functions of the runtime's state, like gates.py and prefetch.py; `Runtime` keeps the state
 and forwards `route`, `load_for` and `account_step` here.
@@ -35,6 +37,8 @@ def route(runtime, layer: int, indices: mx.array, x: mx.array | None = None):
     `x` is the layer's input hidden state, which a predictor may use to prefetch."""
     L = runtime.cache.layers[layer]
     runtime.open_gate()  # the layer before this one loads what it needs before this one runs
+    if runtime.mode == "device-wait" and indices.size <= L.num_slots:
+        return runtime.waiter.route(layer, indices)
     L.refresh()
     if L.full and not runtime.observers:  # nothing can miss and nobody watches: no host read
         L.counters.hits += indices.size

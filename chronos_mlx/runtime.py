@@ -84,6 +84,9 @@ class Runtime:
         self.pipelined = True
         self.defer_last = False
         self.gate = None  # gates.Gate: the MoE layer built but not yet decided
+        # device_wait.DeviceWaiter: on CUDA, MoE layers wait on the device for their experts
+        # (mode "device-wait", set by the decode loop while it builds a step).
+        self.waiter = None
 
     @property
     def last_moe_layer(self) -> int:
@@ -192,6 +195,7 @@ class Runtime:
             "recomputes": c.recomputes,
             "discarded_steps": c.discarded_steps,
             "settled_first": c.settled_first,
+            "device_waits": self.waiter.requests if self.waiter is not None else 0,
             "peak_memory_bytes": peak_rss_bytes(),
             "mlx_peak_memory_bytes": mx.get_peak_memory(),
             "expert_budget_bytes": self.cache.resident_bytes if self.cache else 0,
@@ -216,6 +220,8 @@ class Runtime:
         self.counters = DecodeCounters()
         self.layer_syncs = 0
         self.recall_hits = self.recall_total = 0
+        if self.waiter is not None:
+            self.waiter.requests = 0
         if self.cache:
             from .cache import LayerCounters
 

@@ -27,7 +27,7 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=24)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--prompt", default="The history of the Roman Empire begins")
-    ap.add_argument("--ends", default="planned", help="planned (the planner's segment ends), none (whole-token optimism), or both")
+    ap.add_argument("--ends", default="planned", help="comma-separated: planned (the planner's segment ends), none (whole-token optimism), device-wait (CUDA: layers wait on the device for their experts)")
     ap.add_argument("--cpu", action="store_true")
     ap.add_argument("--json")
     args = ap.parse_args()
@@ -50,13 +50,14 @@ def main():
         for ends in args.ends.split(","):
             cm, _, rt = chronos_mlx.load(str(path), expert_budget=b, dtype=args.dtype)
             got = [t for t, _ in generate_step(prompt, cm, rt, max_tokens=args.max_tokens,
+                                               sync="device-wait" if ends == "device-wait" else "optimistic",
                                                segment_ends=frozenset() if ends == "none" else None)]
             up = rt.cache.upload if rt.cache is not None else None
             same = got == want
             ok &= same
             first = next((i for i, (a, c) in enumerate(zip(got, want)) if a != c), None)
             rows.append({"budget": b, "ends": ends, "exact": same, "first_difference": first,
-                         "recomputes": rt.counters.recomputes,
+                         "recomputes": rt.counters.recomputes, "device_waits": rt.stats()["device_waits"],
                          "device_copies": up.copies if up else 0, "device_copy_bytes": up.bytes if up else 0})
             print(f"budget {b:>4}, ends {ends}: {'exact' if same else f'DIFFERS at token {first}'}"
                   f"  ({rt.counters.recomputes} recomputations, {rows[-1]['device_copies']} device copies,"

@@ -301,6 +301,7 @@ def test_ctrl_c_during_a_chat_reply_stops_it_and_the_chat_goes_on(runner, monkey
         (["generate"], "exactly one of"),
         (["generate", "--prompt-file", "{missing}"], "no such prompt file"),
         (["generate", "-p", PROMPT, "--chat-template"], "no chat template"),
+        (["generate", "-p", PROMPT, "--sync", "device-wait"], "needs MLX's CUDA backend"),  # this box: CPU
     ],
 )
 def test_user_errors_are_one_error_line_and_exit_code_2(runner, tmp_path, args, message):

@@ -181,7 +181,9 @@ LOAD_OPTIONS = [
             "resident experts and read the routing back at a few segment ends per token, chosen "
             "from measured miss rates and round-trip costs; a miss recomputes from the layer "
             "that missed (fast). per-layer: read each MoE layer's routing before computing "
-            "it (one host sync per layer). Both give the same tokens."
+            "it (one host sync per layer). device-wait (CUDA only, experimental): each MoE "
+            "layer waits on the GPU for a loader thread only when one of its experts is absent; "
+            "no host sync per layer. All give the same tokens."
         ),
     ),
     _option(
@@ -321,6 +323,12 @@ def check_load_options(opts: LoadOptions):
     parse_io_sim(opts.io_sim)
     if opts.predictor is not None and opts.predictor not in PREDICTORS:
         raise CliError(f"--predictor: unknown predictor '{opts.predictor}' (choose from {', '.join(PREDICTORS)})")
+    if opts.sync == "device-wait":
+        from .. import device_wait
+
+        if not device_wait.available():
+            raise CliError("--sync device-wait needs MLX's CUDA backend (a GPU with mx.fast.cuda_kernel); "
+                           "use --sync optimistic or per-layer here")
     if opts.profile:
         from ..profiles import resolve_profile
 

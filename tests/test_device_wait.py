@@ -1,0 +1,241 @@
+"""Device-wait routing (device_wait.py): a MoE layer waits on the device for its experts.
+
+The kernel asks the host only when an id is absent from the layer's wait table; a service
+thread loads, rewrites the table and answers. On a machine without CUDA the same protocol
+runs with the host in the kernel's place (`Mailbox.host()`, `host_kernel`): the service
+thread, the tables, the accounting and the decode loop are the shipped ones. Tokens are
+compared with stock mlx_lm's. The kernel itself is tested where MLX's CUDA backend is.
+"""
+
+import threading
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import chronos_mlx
+from chronos_mlx import device_wait
+from chronos_mlx.device_wait import ABSENT, DeviceWaiter, Mailbox, MissService, host_kernel
+from chronos_mlx.generate import generate_step
+from conftest import DEMO, stock_greedy
+
+MAX_TOKENS = 12
+cuda = pytest.mark.skipif(not device_wait.available(), reason="needs MLX's CUDA backend")
+
+
+@pytest.fixture(scope="module")
+def reference(demo_prompt_ids):
+    return stock_greedy(DEMO, demo_prompt_ids, MAX_TOKENS)
+
+
+def _host_waiter(runtime):
+    box = Mailbox.host()
+    return DeviceWaiter(runtime, mailbox=box, kernel=host_kernel(box))
+
+
+def _decode(runtime, model, prompt_ids):
+    out = list(generate_step(mx.array(prompt_ids), model, runtime, max_tokens=MAX_TOKENS, sync="device-wait"))
+    return [int(t) for t, _ in out], [lp for _, lp in out]
+
+
+@pytest.mark.parametrize("budget", [0.5, 0.125])
+def test_layers_that_wait_for_their_experts_give_stock_tokens(budget, reference, demo_prompt_ids, monkeypatch):
+    monkeypatch.setattr(device_wait, "available", lambda: True)
+    model, _, runtime = chronos_mlx.load(None, expert_budget=budget)
+    runtime.waiter = _host_waiter(runtime)
+    try:
+        ids, logprobs = _decode(runtime, model, demo_prompt_ids)
+    finally:
+        runtime.waiter.close()
+    assert ids == reference[0]
+    for ours, theirs in zip(logprobs, reference[1]):
+        assert mx.array_equal(ours, theirs)
+    stats = runtime.stats()
+    assert stats["device_waits"] > 0  # misses went through the service thread
+    assert stats["decode_misses"] > 0
+    # One read of the step's routing (and one of its token) a step, never one a layer.
+    assert stats["host_syncs_per_token"] <= 2.5
+
+
+def test_every_use_is_counted_once_as_a_hit_or_a_miss(demo_prompt_ids, monkeypatch):
+    monkeypatch.setattr(device_wait, "available", lambda: True)
+    model, _, runtime = chronos_mlx.load(None, expert_budget=0.25)
+    runtime.waiter = _host_waiter(runtime)
+    try:
+        _decode(runtime, model, demo_prompt_ids)
+        before = runtime.cache_totals()
+        _decode(runtime, model, demo_prompt_ids[:1])  # a one-token prompt: every pass routed by the waiter
+        after = runtime.cache_totals()
+    finally:
+        runtime.waiter.close()
+    uses = (MAX_TOKENS + 1) * len(runtime.cache.layers) * 8  # 13 passes (the one after the last token runs too), 8 MoE layers, top-8
+    assert (after["hits"] - before["hits"]) + (after["misses"] - before["misses"]) == uses
+
+
+def test_a_resident_layer_never_asks_the_host(demo_prompt_ids, monkeypatch):
+    monkeypatch.setattr(device_wait, "available", lambda: True)
+    model, _, runtime = chronos_mlx.load(None, expert_budget=1.0)
+    runtime.waiter = _host_waiter(runtime)
+    try:
+        _decode(runtime, model, demo_prompt_ids)
+    finally:
+        runtime.waiter.close()
+    assert runtime.waiter.requests == 0
+    assert runtime.stats()["misses"] == 0
+
+
+def test_between_generations_the_service_thread_does_not_poll(demo_prompt_ids, monkeypatch):
+    monkeypatch.setattr(device_wait, "available", lambda: True)
+    model, _, runtime = chronos_mlx.load(None, expert_budget=0.5)
+    runtime.waiter = _host_waiter(runtime)
+    polling = []
+    handle = runtime.waiter.service._handle
+
+    def watched(layer, ids, tag=0):
+        polling.append(runtime.waiter.service._active.is_set())
+        handle(layer, ids, tag)
+
+    runtime.waiter.service._handle = watched
+    try:
+        _decode(runtime, model, demo_prompt_ids)
+        assert polling and all(polling)  # while steps ran
+        assert not runtime.waiter.service._active.is_set()  # and not after
+        assert not runtime.cache.copy_engine_paused
+    finally:
+        runtime.waiter.close()
+
+
+def test_a_failed_load_stops_the_generation_with_a_clear_error(demo_prompt_ids, monkeypatch):
+    monkeypatch.setattr(device_wait, "available", lambda: True)
+    model, _, runtime = chronos_mlx.load(None, expert_budget=0.25)
+    runtime.waiter = _host_waiter(runtime)
+
+    load_for = runtime.load_for
+
+    def broken_while_decoding(*a, **k):  # the prefill's loads (main thread) still work
+        if threading.current_thread() is not threading.main_thread():
+            raise OSError("the drive went away")
+        return load_for(*a, **k)
+
+    monkeypatch.setattr(runtime, "load_for", broken_while_decoding)
+    try:
+        with pytest.raises(RuntimeError, match="loading experts for the device failed: the drive went away"):
+            _decode(runtime, model, demo_prompt_ids)
+    finally:
+        runtime.waiter.close()
+
+
+def test_the_wait_table_marks_absent_experts_and_follows_loads(monkeypatch):
+    model, _, runtime = chronos_mlx.load(None, expert_budget=0.25)
+    waiter = _host_waiter(runtime)
+    try:
+        waiter.begin()
+        L = runtime.cache.layers[3]
+        table = np.array(waiter.tables[3])
+        resident = L.slot_of >= 0
+        assert (table[~resident] == ABSENT).all()
+        assert (table[resident] == L.slot_of[resident]).all()
+        absent = np.flatnonzero(~resident)[:4].tolist()
+        waiter._handle(3, np.array(absent, dtype=np.uint32))  # what the service does for a request
+        table = np.array(waiter.tables[3])
+        assert all(table[e] == L.slot_of[e] != ABSENT for e in absent)
+        assert (table[L.slot_of < 0] == ABSENT).all()  # the experts evicted for them too
+    finally:
+        waiter.close()
+
+
+def test_the_service_answers_each_request_in_turn():
+    box = Mailbox.host()
+    seen = []
+    service = MissService(box, lambda layer, ids, tag: seen.append((layer, ids.tolist())))
+    try:
+        ask = host_kernel(box)
+        table = mx.array(np.arange(16, dtype=np.uint32))
+        for layer in (2, 5):
+            out = ask(mx.array([[3, 7]], dtype=mx.uint32), table, box.box, mx.array([layer], dtype=mx.uint32), always=True)
+            assert np.array(out).tolist() == [[3, 7]]
+    finally:
+        service.stop()
+    assert seen == [(2, [3, 7]), (5, [3, 7])]
+    assert service.requests == 2
+
+
+def test_device_wait_needs_cuda(demo_prompt_ids, monkeypatch):
+    monkeypatch.setattr(device_wait, "available", lambda: False)
+    model, _, runtime = chronos_mlx.load(None, expert_budget=0.5)
+    with pytest.raises(ValueError, match="CUDA"):
+        next(generate_step(mx.array(demo_prompt_ids), model, runtime, max_tokens=2, sync="device-wait"))
+
+
+# --- the CUDA kernel itself -----------------------------------------------------------
+
+
+@cuda
+def test_the_kernel_maps_resident_ids_without_asking():
+    box = Mailbox.pinned(device_wait.driver())
+    table = mx.array(np.array([ABSENT, 4, 9, ABSENT, 1], dtype=np.uint32))
+    out = device_wait.wait_for_experts(mx.array([[1, 2, 4]], dtype=mx.uint32), table, box.box, mx.array([0], dtype=mx.uint32))
+    assert np.array(out).tolist() == [[4, 9, 1]]
+    assert int(box.words[device_wait.PUB]) == 0
+
+
+@cuda
+def test_the_kernel_asks_for_an_absent_id_and_reads_the_table_the_host_wrote():
+    from chronos_mlx.cache import _numpy_view
+
+    box = Mailbox.pinned(device_wait.driver())
+    table = mx.array(np.array([ABSENT, 4, 9, ABSENT, 1], dtype=np.uint32))
+    mx.eval(table)
+    view = _numpy_view(table)
+    asked = []
+
+    def handle(layer, ids, tag):
+        asked.append((layer, ids.tolist()))
+        view[3] = 7  # managed memory: the host may write it while the kernel waits
+
+    service = MissService(box, handle)
+    try:
+        out = device_wait.wait_for_experts(mx.array([[3, 1]], dtype=mx.uint32), table, box.box, mx.array([6], dtype=mx.uint32))
+        assert np.array(out).tolist() == [[7, 4]]
+    finally:
+        service.stop()
+    assert asked == [(6, [3, 1])]
+
+
+@cuda
+@pytest.mark.parametrize("budget", [0.5, 0.125])
+def test_on_cuda_layers_that_wait_for_their_experts_give_stock_tokens(budget, demo_prompt_ids):
+    ref_ids, _ = stock_greedy(DEMO, demo_prompt_ids, MAX_TOKENS, dtype=mx.bfloat16)
+    model, _, runtime = chronos_mlx.load(None, expert_budget=budget, dtype="bfloat16")
+    ids, _ = _decode(runtime, model, demo_prompt_ids)
+    assert ids == ref_ids
+    assert runtime.stats()["device_waits"] > 0
+
+
+def test_while_layers_wait_for_their_experts_no_thread_uses_the_copy_engine(reference, demo_prompt_ids, monkeypatch):
+    """On CUDA a copy-engine copy into managed memory waits for the running kernels, one of
+    which may be waiting for that very load: every load is a host write while steps run."""
+    from test_upload import _with_memmove_upload
+
+    monkeypatch.setattr(device_wait, "available", lambda: True)
+    model, _, runtime = chronos_mlx.load(None, expert_budget=0.25)
+    _with_memmove_upload(runtime)
+    up = runtime.cache.upload
+    runtime.waiter = _host_waiter(runtime)
+    seen = []
+    handle = runtime.waiter._handle
+
+    def watched(layer, ids, tag=0):
+        seen.append(runtime.cache.upload)
+        handle(layer, ids, tag)
+
+    runtime.waiter._handle = watched
+    runtime.waiter.service._handle = watched
+    try:
+        ids, _ = _decode(runtime, model, demo_prompt_ids)
+    finally:
+        runtime.waiter.close()
+    assert ids == reference[0]
+    assert seen and all(u is None for u in seen)
+    assert up.copies > 0  # the prefill's loads went through the copy engine
+    assert runtime.cache.upload is up  # and it is back once the generation ended
