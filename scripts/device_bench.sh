@@ -6,7 +6,7 @@
 # routers are replaced by trained-like routing calibrated to the demo model (ROUTING=model to
 # keep them); a read probe (1..N threads) gives each chronos row its I/O roofline.
 # EXTRA="--io-sim bandwidth=5GB/s,latency=80us" for an M-series SSD; CPU=1 runs MLX's CPU backend
-# (DTYPE=float32 there). PROFILE=N adds a cProfile of each chronos configuration's decode steps
+# (DTYPE=float32 there). ENDS=planned,device-wait also checks device-wait routing's tokens. PROFILE=N adds a cProfile of each chronos configuration's decode steps
 # (its N most costly functions, in $OUT/bench-*.err). The same with `chronos bench --routing trained` (replay and the probe are its defaults).
 set -euo pipefail
 LAYERS=${LAYERS:-48}
@@ -20,7 +20,7 @@ MODEL=${MODEL:-/tmp/qwen3-30b-geometry-$LAYERS}
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 # Exactness first, on this device and its write path (the demo model, greedy, vs stock mlx_lm).
-python3 scripts/exact_check.py --budgets 1.0,0.5,0.25 --max-tokens 16 ${CPU:+--cpu} ${DTYPE:+--dtype $DTYPE} \
+python3 scripts/exact_check.py --budgets 1.0,0.5,0.25 --max-tokens 16 ${CPU:+--cpu} ${DTYPE:+--dtype $DTYPE} ${ENDS:+--ends $ENDS} \
   --json "$OUT/exact.json" | tee "$OUT/exact.log"
 if [ ! -f "$MODEL/config.json" ]; then
   python3 scripts/make_synthetic_moe.py "$MODEL" --model-type qwen3_moe --geometry qwen3-30b-a3b \
