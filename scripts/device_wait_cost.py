@@ -10,6 +10,10 @@ configuration inside every MoE layer, just before its experts are computed:
   table: the kernel finds them all resident and never asks the host;
 - wait, ask every layer: the same kernel made to ask the host at every MoE layer; a service
   thread answers at once (a miss's round trip without its loads);
+- wait, load every layer (with --load-mb M): as the last, and the service thread reads M MB
+  from the model's shards (page cache) into a managed-memory slab from the host, as device-wait
+  routing loads an expert, and the layer's experts wait for the GPU to read that slab back (a
+  miss at every layer with its load, host write and fault-back included);
 - host read: the ids read back to the host (`np.array`) and remapped, as per-layer routing does.
 Tokens are stock's in every configuration. Round-robin; medians of ms/token and of each round's
 ratio to stock.
@@ -28,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
-CONFIGS = ("stock", "remap", "wait, resident", "wait, ask every layer", "host read")
+CONFIGS = ("stock", "remap", "wait, resident", "wait, ask every layer", "wait, load every layer", "host read")
 
 
 def main():
@@ -38,6 +42,10 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--switch-interval", type=float, default=None,
                     help="sys.setswitchinterval while decoding (seconds; Python's default 0.005)")
+    ap.add_argument("--load-mb", type=float, default=2.65,
+                    help="MB the service reads per request in 'wait, load every layer' (0: leave that configuration out)")
+    ap.add_argument("--host-stand-in", action="store_true",
+                    help="the host in the kernel's place (any backend: checks this script, measures nothing useful)")
     ap.add_argument("--json", help="write the per-round ms/token here")
     args = ap.parse_args()
 
@@ -47,10 +55,9 @@ def main():
 
     from chronos_mlx import device_wait
     from chronos_mlx.loader import compute_dtype, resolve_model_path
-    from chronos_mlx.upload import device_upload
 
-    if not device_wait.available():
-        sys.exit("needs MLX's CUDA backend")
+    if not (device_wait.available() or args.host_stand_in):
+        sys.exit("needs MLX's CUDA backend (or --host-stand-in)")
     if args.switch_interval:
         sys.setswitchinterval(args.switch_interval)
     model, _ = load(str(resolve_model_path(args.model)))
@@ -58,10 +65,29 @@ def main():
     if target is not None:
         model.set_dtype(target)
     mx.eval(model.parameters())
-    lib = device_wait.driver()
-    upload = device_upload()
-    box = device_wait.Mailbox.pinned(lib)
-    service = device_wait.MissService(box, lambda layer, ids, tag: None)
+    box = device_wait.Mailbox.host() if args.host_stand_in else device_wait.Mailbox.pinned(device_wait.driver())
+    wait_for_experts = device_wait.host_kernel(box) if args.host_stand_in else device_wait.wait_for_experts
+    import os
+
+    from chronos_mlx.cache import _numpy_view
+
+    configs = [c for c in CONFIGS if args.load_mb > 0 or c != "wait, load every layer"]
+    nbytes = int(args.load_mb * 1e6)
+    slab = mx.zeros((max(nbytes, 1),), dtype=mx.uint8)
+    mx.eval(slab)
+    slab_view = _numpy_view(slab)
+    shard = sorted(resolve_model_path(args.model).glob("*.safetensors"))[0]
+    fd = os.open(shard, os.O_RDONLY)
+    span = max(os.fstat(fd).st_size - nbytes, 1)
+    loads = {"n": 0}
+
+    def handle(layer, ids, tag):
+        if CONFIGS[mode["v"]] == "wait, load every layer":
+            off = (loads["n"] * nbytes) % span // 4096 * 4096
+            os.preadv(fd, [memoryview(slab_view)[:nbytes]], off)
+            loads["n"] += 1
+
+    service = device_wait.MissService(box, handle)
     mode = {"v": 0}
     tables, layer_ids = {}, {}
 
@@ -81,8 +107,11 @@ def main():
             if v == "remap":
                 indices = tables[n][indices]
             elif v.startswith("wait"):
-                indices = device_wait.wait_for_experts(indices, tables[n], box.box, layer_ids[id(self)],
-                                                       always=v.endswith("every layer"))
+                indices = wait_for_experts(indices, tables[n], box.box, layer_ids[id(self)],
+                                           always=v.endswith("every layer"))
+                if v == "wait, load every layer":  # the GPU reads the slab after the load, before the experts
+                    touched = mx.depends(slab, indices).sum()
+                    indices = mx.depends(indices, touched)
             else:
                 mx.async_eval(indices)
                 np.array(indices)
@@ -116,25 +145,26 @@ def main():
         nxt.item()
         return (time.perf_counter() - t0) / n * 1e3, toks
 
-    times = {k: [] for k in CONFIGS}
+    times = {k: [] for k in configs}
     tokens = {}
-    for i, k in enumerate(CONFIGS):  # warm-up
-        mode["v"] = i
+    for k in configs:  # warm-up
+        mode["v"] = CONFIGS.index(k)
         decode(4)
     for _ in range(args.rounds):
-        for i, k in enumerate(CONFIGS):
-            mode["v"] = i
+        for k in configs:
+            mode["v"] = CONFIGS.index(k)
             ms, toks = decode(args.max_tokens)
             times[k].append(ms)
             tokens.setdefault(k, toks)
     requests = service.requests
     service.stop()
-    same = {k: tokens[k] == tokens["stock"] for k in CONFIGS}
-    for k in CONFIGS:
+    same = {k: tokens[k] == tokens["stock"] for k in configs}
+    for k in configs:
         ratio = statistics.median(a / b for a, b in zip(times["stock"], times[k]))
         print(f"{k:>22}: {statistics.median(times[k]):7.2f} ms/token   ratio to stock {ratio:.3f}   "
               f"stock tokens: {same[k]}")
-    print(f"requests answered: {requests}; kernels that gave up: {int(box.words[device_wait.GAVE_UP])}")
+    print(f"requests answered: {requests} ({loads['n']} with a {args.load_mb:g} MB load); "
+          f"kernels that gave up: {int(box.words[device_wait.GAVE_UP])}")
     if service.error:
         print(f"service error: {service.error!r}")
     if args.json:
@@ -142,7 +172,7 @@ def main():
 
         Path(args.json).write_text(json.dumps({"device": str(mx.default_device()), "rounds": args.rounds,
                                                "max_tokens": args.max_tokens, "switch_interval": args.switch_interval,
-                                               "ms_per_token": times, "stock_tokens": same,
+                                               "load_mb": args.load_mb, "ms_per_token": times, "stock_tokens": same,
                                                "requests": requests}, indent=1))
 
 
