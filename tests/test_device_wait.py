@@ -125,6 +125,34 @@ def test_a_failed_load_stops_the_generation_with_a_clear_error(demo_prompt_ids, 
         runtime.waiter.close()
 
 
+def test_a_layer_that_stopped_waiting_makes_the_step_an_error(demo_prompt_ids, monkeypatch):
+    """A kernel that waited too long (the service gone) marks the mailbox and computes with
+    whatever its table said: the loop must not hand out that step's token."""
+    monkeypatch.setattr(device_wait, "available", lambda: True)
+    model, _, runtime = chronos_mlx.load(None, expert_budget=0.5)
+    box = Mailbox.host()
+    ask = host_kernel(box)
+    calls = []
+
+    def giving_up(ids, table, mailbox, layer, tag=None, always=False):
+        calls.append(1)
+        if len(calls) == 20:  # a decode step's layer
+            box.words[device_wait.GAVE_UP] = 1
+            return table[ids]
+        return ask(ids, table, mailbox, layer, tag, always)
+
+    runtime.waiter = DeviceWaiter(runtime, mailbox=box, kernel=giving_up)
+    yielded = []
+    try:
+        with pytest.raises(RuntimeError, match="stopped waiting"):
+            for tok, _ in generate_step(mx.array(demo_prompt_ids), model, runtime, max_tokens=MAX_TOKENS,
+                                        sync="device-wait"):
+                yielded.append(tok)
+    finally:
+        runtime.waiter.close()
+    assert len(yielded) < 20 // len(runtime.cache.layers)  # not the step that gave up, nor any after
+
+
 def test_the_wait_table_marks_absent_experts_and_follows_loads(monkeypatch):
     model, _, runtime = chronos_mlx.load(None, expert_budget=0.25)
     waiter = _host_waiter(runtime)
