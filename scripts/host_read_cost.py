@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -39,7 +38,6 @@ def main():
     args = ap.parse_args()
 
     from mlx_lm import load
-    from mlx_lm.models.cache import make_prompt_cache
     from mlx_lm.models.switch_layers import SwitchGLU, SwitchMLP
 
     from chronos_mlx.loader import compute_dtype, resolve_model_path
@@ -73,27 +71,12 @@ def main():
 
     for cls in (SwitchGLU, SwitchMLP):
         wrap(cls)
-    stream = mx.new_stream(mx.default_device())
+    from stock_loop import stock_decoder
 
-    def step(tok, cache):
-        with mx.stream(stream):
-            return mx.argmax(model(tok[None], cache=cache)[:, -1, :], axis=-1)
+    decode_with_tokens = stock_decoder(model)
 
     def decode(n: int) -> float:
-        """ms per token, mlx_lm's pipelining: start token i+1 before reading token i."""
-        cache = make_prompt_cache(model)
-        with mx.stream(stream):
-            mx.eval(model(mx.array([[1, 2, 3, 4]]), cache=cache))
-        nxt = step(mx.array([5]), cache)
-        mx.async_eval(nxt)
-        t0 = time.perf_counter()
-        for _ in range(n):
-            after = step(nxt, cache)
-            mx.async_eval(after)
-            nxt.item()
-            nxt = after
-        nxt.item()
-        return (time.perf_counter() - t0) / n * 1e3
+        return decode_with_tokens(n)[0]
 
     times = {k: [] for k in CONFIGS}
     for i, k in enumerate(CONFIGS):  # warm-up

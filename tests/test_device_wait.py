@@ -33,20 +33,32 @@ def _host_waiter(runtime):
     return DeviceWaiter(runtime, mailbox=box, kernel=host_kernel(box))
 
 
+@pytest.fixture
+def waiting(monkeypatch):
+    """make(budget) -> (model, runtime): the demo model with a stand-in waiter (closed after the test)."""
+    monkeypatch.setattr(device_wait, "available", lambda: True)
+    made = []
+
+    def make(budget):
+        model, _, runtime = chronos_mlx.load(None, expert_budget=budget)
+        runtime.waiter = _host_waiter(runtime)
+        made.append(runtime.waiter)
+        return model, runtime
+
+    yield make
+    for waiter in made:
+        waiter.close()
+
+
 def _decode(runtime, model, prompt_ids):
     out = list(generate_step(mx.array(prompt_ids), model, runtime, max_tokens=MAX_TOKENS, sync="device-wait"))
     return [int(t) for t, _ in out], [lp for _, lp in out]
 
 
 @pytest.mark.parametrize("budget", [0.5, 0.125])
-def test_layers_that_wait_for_their_experts_give_stock_tokens(budget, reference, demo_prompt_ids, monkeypatch):
-    monkeypatch.setattr(device_wait, "available", lambda: True)
-    model, _, runtime = chronos_mlx.load(None, expert_budget=budget)
-    runtime.waiter = _host_waiter(runtime)
-    try:
-        ids, logprobs = _decode(runtime, model, demo_prompt_ids)
-    finally:
-        runtime.waiter.close()
+def test_layers_that_wait_for_their_experts_give_stock_tokens(budget, reference, demo_prompt_ids, waiting):
+    model, runtime = waiting(budget)
+    ids, logprobs = _decode(runtime, model, demo_prompt_ids)
     assert ids == reference[0]
     for ours, theirs in zip(logprobs, reference[1]):
         assert mx.array_equal(ours, theirs)
@@ -57,37 +69,25 @@ def test_layers_that_wait_for_their_experts_give_stock_tokens(budget, reference,
     assert stats["host_syncs_per_token"] <= 2.5
 
 
-def test_every_use_is_counted_once_as_a_hit_or_a_miss(demo_prompt_ids, monkeypatch):
-    monkeypatch.setattr(device_wait, "available", lambda: True)
-    model, _, runtime = chronos_mlx.load(None, expert_budget=0.25)
-    runtime.waiter = _host_waiter(runtime)
-    try:
-        _decode(runtime, model, demo_prompt_ids)
-        before = runtime.cache_totals()
-        _decode(runtime, model, demo_prompt_ids[:1])  # a one-token prompt: every pass routed by the waiter
-        after = runtime.cache_totals()
-    finally:
-        runtime.waiter.close()
+def test_every_use_is_counted_once_as_a_hit_or_a_miss(demo_prompt_ids, waiting):
+    model, runtime = waiting(0.25)
+    _decode(runtime, model, demo_prompt_ids)
+    before = runtime.cache_totals()
+    _decode(runtime, model, demo_prompt_ids[:1])  # a one-token prompt: every pass routed by the waiter
+    after = runtime.cache_totals()
     uses = (MAX_TOKENS + 1) * len(runtime.cache.layers) * 8  # 13 passes (the one after the last token runs too), 8 MoE layers, top-8
     assert (after["hits"] - before["hits"]) + (after["misses"] - before["misses"]) == uses
 
 
-def test_a_resident_layer_never_asks_the_host(demo_prompt_ids, monkeypatch):
-    monkeypatch.setattr(device_wait, "available", lambda: True)
-    model, _, runtime = chronos_mlx.load(None, expert_budget=1.0)
-    runtime.waiter = _host_waiter(runtime)
-    try:
-        _decode(runtime, model, demo_prompt_ids)
-    finally:
-        runtime.waiter.close()
+def test_a_resident_layer_never_asks_the_host(demo_prompt_ids, waiting):
+    model, runtime = waiting(1.0)
+    _decode(runtime, model, demo_prompt_ids)
     assert runtime.waiter.requests == 0
     assert runtime.stats()["misses"] == 0
 
 
-def test_between_generations_the_service_thread_does_not_poll(demo_prompt_ids, monkeypatch):
-    monkeypatch.setattr(device_wait, "available", lambda: True)
-    model, _, runtime = chronos_mlx.load(None, expert_budget=0.5)
-    runtime.waiter = _host_waiter(runtime)
+def test_between_generations_the_service_thread_does_not_poll(demo_prompt_ids, waiting):
+    model, runtime = waiting(0.5)
     polling = []
     handle = runtime.waiter.service._handle
 
@@ -96,19 +96,14 @@ def test_between_generations_the_service_thread_does_not_poll(demo_prompt_ids, m
         handle(layer, ids, tag)
 
     runtime.waiter.service._handle = watched
-    try:
-        _decode(runtime, model, demo_prompt_ids)
-        assert polling and all(polling)  # while steps ran
-        assert not runtime.waiter.service._active.is_set()  # and not after
-        assert not runtime.cache.copy_engine_paused
-    finally:
-        runtime.waiter.close()
+    _decode(runtime, model, demo_prompt_ids)
+    assert polling and all(polling)  # while steps ran
+    assert not runtime.waiter.service._active.is_set()  # and not after
+    assert not runtime.cache.copy_engine_paused
 
 
-def test_a_failed_load_stops_the_generation_with_a_clear_error(demo_prompt_ids, monkeypatch):
-    monkeypatch.setattr(device_wait, "available", lambda: True)
-    model, _, runtime = chronos_mlx.load(None, expert_budget=0.25)
-    runtime.waiter = _host_waiter(runtime)
+def test_a_failed_load_stops_the_generation_with_a_clear_error(demo_prompt_ids, waiting, monkeypatch):
+    model, runtime = waiting(0.25)
 
     load_for = runtime.load_for
 
@@ -118,11 +113,8 @@ def test_a_failed_load_stops_the_generation_with_a_clear_error(demo_prompt_ids, 
         return load_for(*a, **k)
 
     monkeypatch.setattr(runtime, "load_for", broken_while_decoding)
-    try:
-        with pytest.raises(RuntimeError, match="loading experts for the device failed: the drive went away"):
-            _decode(runtime, model, demo_prompt_ids)
-    finally:
-        runtime.waiter.close()
+    with pytest.raises(RuntimeError, match="loading experts for the device failed: the drive went away"):
+        _decode(runtime, model, demo_prompt_ids)
 
 
 def test_a_layer_that_stopped_waiting_makes_the_step_an_error(demo_prompt_ids, monkeypatch):
@@ -195,6 +187,30 @@ def test_device_wait_needs_cuda(demo_prompt_ids, monkeypatch):
         next(generate_step(mx.array(demo_prompt_ids), model, runtime, max_tokens=2, sync="device-wait"))
 
 
+def test_while_layers_wait_for_their_experts_no_thread_uses_the_copy_engine(reference, demo_prompt_ids, waiting):
+    """On CUDA a copy-engine copy into managed memory waits for the running kernels, one of
+    which may be waiting for that very load: every load is a host write while steps run."""
+    from test_upload import _with_memmove_upload
+
+    model, runtime = waiting(0.25)
+    _with_memmove_upload(runtime)
+    up = runtime.cache.upload
+    seen = []
+    handle = runtime.waiter._handle
+
+    def watched(layer, ids, tag=0):
+        seen.append(runtime.cache.upload)
+        handle(layer, ids, tag)
+
+    runtime.waiter._handle = watched
+    runtime.waiter.service._handle = watched
+    ids, _ = _decode(runtime, model, demo_prompt_ids)
+    assert ids == reference[0]
+    assert seen and all(u is None for u in seen)
+    assert up.copies > 0  # the prefill's loads went through the copy engine
+    assert runtime.cache.upload is up  # and it is back once the generation ended
+
+
 # --- the CUDA kernel itself -----------------------------------------------------------
 
 
@@ -238,32 +254,3 @@ def test_on_cuda_layers_that_wait_for_their_experts_give_stock_tokens(budget, de
     ids, _ = _decode(runtime, model, demo_prompt_ids)
     assert ids == ref_ids
     assert runtime.stats()["device_waits"] > 0
-
-
-def test_while_layers_wait_for_their_experts_no_thread_uses_the_copy_engine(reference, demo_prompt_ids, monkeypatch):
-    """On CUDA a copy-engine copy into managed memory waits for the running kernels, one of
-    which may be waiting for that very load: every load is a host write while steps run."""
-    from test_upload import _with_memmove_upload
-
-    monkeypatch.setattr(device_wait, "available", lambda: True)
-    model, _, runtime = chronos_mlx.load(None, expert_budget=0.25)
-    _with_memmove_upload(runtime)
-    up = runtime.cache.upload
-    runtime.waiter = _host_waiter(runtime)
-    seen = []
-    handle = runtime.waiter._handle
-
-    def watched(layer, ids, tag=0):
-        seen.append(runtime.cache.upload)
-        handle(layer, ids, tag)
-
-    runtime.waiter._handle = watched
-    runtime.waiter.service._handle = watched
-    try:
-        ids, _ = _decode(runtime, model, demo_prompt_ids)
-    finally:
-        runtime.waiter.close()
-    assert ids == reference[0]
-    assert seen and all(u is None for u in seen)
-    assert up.copies > 0  # the prefill's loads went through the copy engine
-    assert runtime.cache.upload is up  # and it is back once the generation ended

@@ -1,0 +1,36 @@
+"""mlx_lm's greedy decode loop, timed: the harness of the scripts that patch stock's MoE layers."""
+
+from __future__ import annotations
+
+import time
+
+import mlx.core as mx
+from mlx_lm.models.cache import make_prompt_cache
+
+
+def stock_decoder(model):
+    """decode(n) -> (ms per token, token ids): mlx_lm's pipelining (token i+1 is started before
+    token i is read), a fixed 4-token prompt, greedy."""
+    stream = mx.new_stream(mx.default_device())
+
+    def step(tok, cache):
+        with mx.stream(stream):
+            return mx.argmax(model(tok[None], cache=cache)[:, -1, :], axis=-1)
+
+    def decode(n: int):
+        cache = make_prompt_cache(model)
+        with mx.stream(stream):
+            mx.eval(model(mx.array([[1, 2, 3, 4]]), cache=cache))
+        nxt = step(mx.array([5]), cache)
+        mx.async_eval(nxt)
+        toks = []
+        t0 = time.perf_counter()
+        for _ in range(n):
+            after = step(nxt, cache)
+            mx.async_eval(after)
+            toks.append(nxt.item())
+            nxt = after
+        nxt.item()
+        return (time.perf_counter() - t0) / n * 1e3, toks
+
+    return decode
