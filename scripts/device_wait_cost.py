@@ -49,7 +49,6 @@ def main():
     args = ap.parse_args()
 
     from mlx_lm import load
-    from mlx_lm.models.switch_layers import SwitchGLU, SwitchMLP
 
     from chronos_mlx import device_wait
     from chronos_mlx.loader import compute_dtype, resolve_model_path
@@ -89,38 +88,32 @@ def main():
     mode = {"v": 0}
     tables, layer_ids = {}, {}
 
-    def wrap(cls):
-        original = cls.__call__
+    def change(module, indices):
+        v = CONFIGS[mode["v"]]
+        if v == "stock":
+            return indices
+        n = module.num_experts if hasattr(module, "num_experts") else 512
+        if n not in tables:
+            tables[n] = mx.arange(n).astype(mx.uint32)
+            mx.eval(tables[n])
+        if id(module) not in layer_ids:
+            layer_ids[id(module)] = mx.array([len(layer_ids)], dtype=mx.uint32)
+        if v == "remap":
+            return tables[n][indices]
+        if v.startswith("wait"):
+            indices = wait_for_experts(indices, tables[n], box.box, layer_ids[id(module)],
+                                       always=v.endswith("every layer"))
+            if v == "wait, load every layer":  # the GPU reads the slab after the load, before the experts
+                touched = mx.depends(slab, indices).sum()
+                indices = mx.depends(indices, touched)
+            return indices
+        mx.async_eval(indices)
+        np.array(indices)
+        return tables[n][indices]
 
-        def call(self, x, indices):
-            v = CONFIGS[mode["v"]]
-            if v == "stock":
-                return original(self, x, indices)
-            n = self.num_experts if hasattr(self, "num_experts") else 512
-            if n not in tables:
-                tables[n] = mx.arange(n).astype(mx.uint32)
-                mx.eval(tables[n])
-            if id(self) not in layer_ids:
-                layer_ids[id(self)] = mx.array([len(layer_ids)], dtype=mx.uint32)
-            if v == "remap":
-                indices = tables[n][indices]
-            elif v.startswith("wait"):
-                indices = wait_for_experts(indices, tables[n], box.box, layer_ids[id(self)],
-                                           always=v.endswith("every layer"))
-                if v == "wait, load every layer":  # the GPU reads the slab after the load, before the experts
-                    touched = mx.depends(slab, indices).sum()
-                    indices = mx.depends(indices, touched)
-            else:
-                mx.async_eval(indices)
-                np.array(indices)
-                indices = tables[n][indices]
-            return original(self, x, indices)
+    from stock_loop import patch_switches, stock_decoder
 
-        cls.__call__ = call
-
-    for cls in (SwitchGLU, SwitchMLP):
-        wrap(cls)
-    from stock_loop import stock_decoder
+    patch_switches(change)
 
     decode = stock_decoder(model)
 

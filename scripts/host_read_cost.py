@@ -38,7 +38,6 @@ def main():
     args = ap.parse_args()
 
     from mlx_lm import load
-    from mlx_lm.models.switch_layers import SwitchGLU, SwitchMLP
 
     from chronos_mlx.loader import compute_dtype, resolve_model_path
 
@@ -50,28 +49,23 @@ def main():
     mode = {"v": 0}
     tables = {}
 
-    def wrap(cls):
-        original = cls.__call__
+    def change(module, indices):
+        v = mode["v"]
+        if v >= 1:
+            mx.async_eval(indices)
+        if v >= 2:
+            np.array(indices)
+        if v == 3:
+            n = module.num_experts if hasattr(module, "num_experts") else int(indices.max().item()) + 1
+            if n not in tables:
+                tables[n] = mx.arange(n).astype(mx.uint32)
+                mx.eval(tables[n])
+            indices = tables[n][indices]
+        return indices
 
-        def call(self, x, indices):
-            v = mode["v"]
-            if v >= 1:
-                mx.async_eval(indices)
-            if v >= 2:
-                np.array(indices)
-            if v == 3:
-                n = self.num_experts if hasattr(self, "num_experts") else int(indices.max().item()) + 1
-                if n not in tables:
-                    tables[n] = mx.arange(n).astype(mx.uint32)
-                    mx.eval(tables[n])
-                indices = tables[n][indices]
-            return original(self, x, indices)
+    from stock_loop import patch_switches, stock_decoder
 
-        cls.__call__ = call
-
-    for cls in (SwitchGLU, SwitchMLP):
-        wrap(cls)
-    from stock_loop import stock_decoder
+    patch_switches(change)
 
     decode_with_tokens = stock_decoder(model)
 

@@ -6,6 +6,18 @@ import time
 
 import mlx.core as mx
 from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.models.switch_layers import SwitchGLU, SwitchMLP
+
+
+def patch_switches(change):
+    """Every stock SwitchGLU / SwitchMLP runs `change(module, indices) -> indices` on its router's
+    expert ids before computing its experts (for the whole process)."""
+    for cls in (SwitchGLU, SwitchMLP):
+
+        def call(self, x, indices, original=cls.__call__):
+            return original(self, x, change(self, indices))
+
+        cls.__call__ = call
 
 
 def stock_decoder(model):
