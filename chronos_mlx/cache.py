@@ -262,6 +262,9 @@ class LayerSlots:
         return self.slot_of[experts] >= 0
 
 
+_UNSET = object()  # no per-thread choice of upload (ExpertCache.uploading_with)
+
+
 class _ReadPlan:
     """One layer's share of a reader submission: its experts' byte ranges (runs) and where
     they land (the slots, float conversion rows, or device staging)."""
@@ -866,28 +869,31 @@ class ExpertCache:
 
     @property
     def upload(self):
-        """The CUDA copy engine's uploader (upload.py), or None: host writes (also while
-        `copy_engine_paused`, and for a thread inside `host_writes`)."""
-        if self.copy_engine_paused or getattr(self._local, "host_writes", False):
-            return None
-        return self._upload
+        """What writes slots and tables from page-locked staging: the CUDA copy engine
+        (upload.py), or None (host writes; also while `copy_engine_paused`), or what this
+        thread set with `uploading_with`."""
+        mine = getattr(self._local, "upload", _UNSET)
+        if mine is not _UNSET:
+            return mine
+        return None if self.copy_engine_paused else self._upload
 
     @upload.setter
     def upload(self, value):
         self._upload = value
 
     @contextmanager
-    def host_writes(self):
-        """Slots and tables this thread writes inside are written by the host, not the copy
-        engine. Device-wait routing needs it (for every thread: `copy_engine_paused`): on
-        CUDA a copy into managed memory waits for the kernels running on the device, and
-        one of them may be waiting for it (measured on an H200: they wait for each other
-        forever)."""
-        self._local.host_writes = True
+    def uploading_with(self, upload):
+        """Slots this thread writes inside go through `upload` (None: written by the host).
+        Device-wait routing needs it: on CUDA a copy-engine copy into managed memory waits
+        for the kernels running on the device, and one of them may be waiting for it
+        (measured on an H200: they wait for each other forever); its loads are host writes
+        or copies the waiting kernel makes itself (device_wait.DevicePull)."""
+        before = getattr(self._local, "upload", _UNSET)
+        self._local.upload = upload
         try:
             yield
         finally:
-            self._local.host_writes = False
+            self._local.upload = before
 
     def wait_for_loads(self):
         """Until no load is in flight or deferred (prefetches included): afterwards only

@@ -22,6 +22,7 @@ and the CUDA driver's stream memory operations.
 from __future__ import annotations
 
 import ctypes
+import os
 import threading
 import time
 
@@ -30,22 +31,19 @@ import numpy as np
 
 ABSENT = 0xFFFFFFFF
 # Mailbox words (uint32, page-locked host memory the device reads and writes over PCIe).
-PUB, ACK, LAYER, COUNT, GAVE_UP, TAG = 0, 1, 2, 3, 4, 5
+PUB, ACK, LAYER, COUNT, GAVE_UP, TAG, N_TABLE, N_COPIES = 0, 1, 2, 3, 4, 5, 6, 7
 IDS = 16
 MAX_IDS = 1024 - IDS
+WORDS = 16384  # 64 KB
+# Pulled loads (`DevicePull`): the layer's new wait table, then the copies as uint64 triples.
+TABLE_AT, MAX_TABLE = 1024, 4096
+COPIES_AT = (TABLE_AT + MAX_TABLE) // 2  # in uint64 words
+MAX_COPIES = (WORDS // 2 - COPIES_AT) // 3
 # About 10 s at an H200's clock before a kernel stops waiting (the service is gone).
 WAIT_LIMIT_CYCLES = 20_000_000_000
 
-_SOURCE = """
-    volatile unsigned int* mb = reinterpret_cast<volatile unsigned int*>(box[0]);
-    volatile const unsigned int* tab = reinterpret_cast<volatile const unsigned int*>(table);
-    bool resident = !ALWAYS;
-    if (resident) {
-        for (int i = 0; i < N; ++i) {
-            if (tab[ids[i]] == 0xFFFFFFFFu) { resident = false; break; }
-        }
-    }
-    if (!resident) {
+# Publish this layer's request and spin until the host answers (one thread; `mb`, `ids` in scope).
+_ASK = """
         unsigned int seq = mb[0] + 1u;
         mb[2] = layer[0];
         mb[3] = N;
@@ -60,14 +58,82 @@ _SOURCE = """
             __nanosleep(500);
         }
         __threadfence_system();
+"""
+
+_SOURCE = """
+    volatile unsigned int* mb = reinterpret_cast<volatile unsigned int*>(box[0]);
+    volatile const unsigned int* tab = reinterpret_cast<volatile const unsigned int*>(table);
+    bool resident = !ALWAYS;
+    if (resident) {
+        for (int i = 0; i < N; ++i) {
+            if (tab[ids[i]] == 0xFFFFFFFFu) { resident = false; break; }
+        }
     }
+    if (!resident) {""" + _ASK + """    }
     for (int i = 0; i < N; ++i) {
         unsigned int s = tab[ids[i]];
         slots[i] = s == 0xFFFFFFFFu ? 0u : s;
     }
 """
 
-_kernel = None
+# The same handshake (thread 0), then the whole block takes the host's answer: the layer's new
+# wait table and the list of copies (page-locked staging -> slots) that `_PULL_COPY` makes.
+_PULL_SOURCE = """
+    volatile unsigned int* mb = reinterpret_cast<volatile unsigned int*>(box[0]);
+    volatile unsigned int* tab = reinterpret_cast<volatile unsigned int*>(const_cast<unsigned int*>(table));
+    __shared__ int asked;
+    int t = threadIdx.x;
+    if (t == 0) {
+        bool resident = !ALWAYS;
+        if (resident) {
+            for (int i = 0; i < N; ++i) {
+                if (tab[ids[i]] == 0xFFFFFFFFu) { resident = false; break; }
+            }
+        }
+        asked = resident ? 0 : 1;
+        if (!resident) {""" + _ASK + """        }
+    }
+    __syncthreads();
+    unsigned long long n_copies = 0;
+    if (asked) {
+        unsigned int n_table = mb[6];
+        for (unsigned int i = t; i < n_table; i += blockDim.x) tab[i] = mb[TABLE_AT + i];
+        n_copies = mb[7];
+        if (n_copies > MAXC) n_copies = MAXC;
+        volatile unsigned long long* cl = reinterpret_cast<volatile unsigned long long*>(mb) + COPIES_AT;
+        for (unsigned long long i = t; i < 3 * n_copies; i += blockDim.x) plan[1 + i] = cl[i];
+    }
+    if (t == 0) plan[0] = n_copies;
+    __threadfence();
+    __syncthreads();
+    for (int i = t; i < N; i += blockDim.x) {
+        unsigned int s = tab[ids[i]];
+        slots[i] = s == 0xFFFFFFFFu ? 0u : s;
+    }
+"""
+
+# Copy [(source, destination, bytes)] with every thread of the grid; sources are page-locked
+# host memory read over PCIe (uncached loads: a buffer is refilled between requests).
+_PULL_COPY = """
+    unsigned long long count = plan[0];
+    size_t tid = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    size_t stride = (size_t)gridDim.x * blockDim.x;
+    for (unsigned long long c = 0; c < count; ++c) {
+        unsigned long long src = plan[1 + 3 * c], dst = plan[2 + 3 * c], n = plan[3 + 3 * c];
+        size_t whole = ((src | dst) & 15) == 0 ? n / 16 : 0;
+        const uint4* s4 = reinterpret_cast<const uint4*>(src);
+        uint4* d4 = reinterpret_cast<uint4*>(dst);
+        for (size_t i = tid; i < whole; i += stride) d4[i] = __ldcv(s4 + i);
+        const volatile unsigned char* s1 = reinterpret_cast<const volatile unsigned char*>(src);
+        unsigned char* d1 = reinterpret_cast<unsigned char*>(dst);
+        for (size_t i = whole * 16 + tid; i < n; i += stride) d1[i] = s1[i];
+    }
+    if (tid == 0) done[0] = (unsigned int)count;
+"""
+
+PULL_BLOCKS, PULL_THREADS = 64, 256
+
+_kernels: dict = {}
 
 
 def available() -> bool:
@@ -78,47 +144,65 @@ def available() -> bool:
         return False
 
 
-def _get_kernel():
-    global _kernel
-    if _kernel is None:
-        src = _SOURCE.replace("LIMIT", f"{WAIT_LIMIT_CYCLES}LL")
-        _kernel = mx.fast.cuda_kernel(
-            name="chronos_wait_for_experts",
-            input_names=["ids", "table", "box", "layer", "tag"],
-            output_names=["slots"],
-            source=src,
-        )
-    return _kernel
+def _get_kernel(kind: str = "wait"):
+    if kind not in _kernels:
+        limit = f"{WAIT_LIMIT_CYCLES}LL"
+        if kind == "wait":
+            _kernels[kind] = mx.fast.cuda_kernel(
+                name="chronos_wait_for_experts",
+                input_names=["ids", "table", "box", "layer", "tag"],
+                output_names=["slots"],
+                source=_SOURCE.replace("LIMIT", limit),
+            )
+        elif kind == "pull":
+            src = _PULL_SOURCE.replace("LIMIT", limit).replace("TABLE_AT", str(TABLE_AT)).replace("COPIES_AT", str(COPIES_AT))
+            _kernels[kind] = mx.fast.cuda_kernel(
+                name="chronos_wait_and_plan_pull",
+                input_names=["ids", "table", "box", "layer", "tag"],
+                output_names=["slots", "plan"],
+                source=src,
+            )
+        else:
+            _kernels[kind] = mx.fast.cuda_kernel(
+                name="chronos_pull_experts", input_names=["plan"], output_names=["done"], source=_PULL_COPY
+            )
+    return _kernels[kind]
 
 
 def wait_for_experts(ids: mx.array, table: mx.array, box: mx.array, layer: mx.array, tag: mx.array | None = None,
-                     always: bool = False) -> mx.array:
+                     always: bool = False, pull: bool = False) -> mx.array:
     """Slot ids for `ids` (any shape, at most MAX_IDS), once every one is resident.
 
     `table`: the layer's wait table; `box`: the mailbox address (uint64[1]); `layer`: the
     layer number and `tag` the pass's number (uint32[1] each: a request names both). `always`
-    publishes even when everything is resident (to measure the round trip)."""
+    publishes even when everything is resident (to measure the round trip). `pull`: the host
+    answers with the new table and a list of copies (`DevicePull`), which the device makes
+    before the slots are used."""
     n = ids.size
     if n > MAX_IDS:
         raise ValueError(f"{n} expert ids do not fit the mailbox ({MAX_IDS})")
     flat = ids.reshape(-1)
     if flat.dtype != mx.uint32:
         flat = flat.astype(mx.uint32)
-    out = _get_kernel()(
-        inputs=[flat, table, box, layer, layer if tag is None else tag],
-        template=[("N", n), ("ALWAYS", int(always))],
-        grid=(1, 1, 1),
-        threadgroup=(1, 1, 1),
-        output_shapes=[(n,)],
-        output_dtypes=[mx.uint32],
-    )[0]
-    return out.reshape(ids.shape)
+    inputs = [flat, table, box, layer, layer if tag is None else tag]
+    template = [("N", n), ("ALWAYS", int(always))]
+    if not pull:
+        out = _get_kernel("wait")(inputs=inputs, template=template, grid=(1, 1, 1), threadgroup=(1, 1, 1),
+                                  output_shapes=[(n,)], output_dtypes=[mx.uint32])[0]
+        return out.reshape(ids.shape)
+    maxc = min(MAX_COPIES, 16 * n)  # nine tensors an expert at most, merged when adjacent
+    slots, plan = _get_kernel("pull")(inputs=inputs, template=template + [("MAXC", maxc)], grid=(128, 1, 1),
+                                      threadgroup=(128, 1, 1), output_shapes=[(n,), (1 + 3 * maxc,)],
+                                      output_dtypes=[mx.uint32, mx.uint64])
+    done = _get_kernel("copy")(inputs=[plan], grid=(PULL_BLOCKS * PULL_THREADS, 1, 1),
+                               threadgroup=(PULL_THREADS, 1, 1), output_shapes=[(1,)], output_dtypes=[mx.uint32])[0]
+    return mx.depends(slots, done).reshape(ids.shape)
 
 
 class Mailbox:
-    """One page of uint32 words that the device and the host both read and write:
-    page-locked host memory the device addresses over PCIe (`pinned`), or plain memory
-    for a host stand-in of the kernel (tests)."""
+    """WORDS uint32 words that the device and the host both read and write: page-locked
+    host memory the device addresses over PCIe (`pinned`), or plain memory for a host
+    stand-in of the kernel (tests)."""
 
     def __init__(self, words: np.ndarray, device_address: int, free=None):
         self.words = words
@@ -130,7 +214,7 @@ class Mailbox:
     @classmethod
     def pinned(cls, lib) -> "Mailbox":
         ptr = ctypes.c_void_p()
-        err = lib.cuMemHostAlloc(ctypes.byref(ptr), 4096, 0x1 | 0x2)  # PORTABLE | DEVICEMAP
+        err = lib.cuMemHostAlloc(ctypes.byref(ptr), WORDS * 4, 0x1 | 0x2)  # PORTABLE | DEVICEMAP
         if err:
             raise OSError(f"CUDA driver: cuMemHostAlloc returned error {err}")
         dptr = ctypes.c_uint64()
@@ -138,13 +222,23 @@ class Mailbox:
         if err:
             lib.cuMemFreeHost(ptr)
             raise OSError(f"CUDA driver: cuMemHostGetDevicePointer returned error {err}")
-        words = np.ctypeslib.as_array((ctypes.c_uint32 * 1024).from_address(ptr.value))
+        words = np.ctypeslib.as_array((ctypes.c_uint32 * WORDS).from_address(ptr.value))
         return cls(words, dptr.value, free=lambda: lib.cuMemFreeHost(ptr))
 
     @classmethod
     def host(cls) -> "Mailbox":
-        words = np.zeros(1024, dtype=np.uint32)
+        words = np.zeros(WORDS, dtype=np.uint32)
         return cls(words, words.ctypes.data)
+
+    def answer_pull(self, table: np.ndarray, copies: list):
+        """Put a pulled load's answer in the mailbox: the layer's new wait table and the
+        copies [(source, destination, bytes)] the device makes (`wait_for_experts(pull=True)`)."""
+        if len(table) > MAX_TABLE or len(copies) > MAX_COPIES:
+            raise ValueError(f"a pulled load of {len(copies)} copies for {len(table)} experts does not fit the mailbox")
+        w = self.words
+        w[TABLE_AT : TABLE_AT + len(table)] = table
+        w.view(np.uint64)[COPIES_AT : COPIES_AT + 3 * len(copies)] = np.asarray(copies, dtype=np.uint64).reshape(-1)
+        w[N_TABLE], w[N_COPIES] = len(table), len(copies)
 
     def close(self):
         free, self._free = self._free, None
@@ -162,7 +256,7 @@ def host_kernel(mailbox: Mailbox):
     """`wait_for_experts` done by the host, for backends without the kernel (tests): the
     same mailbox protocol, with the calling thread in the device's place."""
 
-    def wait(ids, table, box, layer, tag=None, always=False):
+    def wait(ids, table, box, layer, tag=None, always=False, pull=False):
         flat = np.array(ids).reshape(-1).astype(np.uint32)
         words = mailbox.words
         if always or (np.array(table)[flat] == ABSENT).any():
@@ -173,6 +267,13 @@ def host_kernel(mailbox: Mailbox):
             words[PUB] = seq
             while int(words[ACK]) != seq:
                 time.sleep(20e-6)
+            if pull:  # the device's part of a pulled load: the new table, then the copies
+                from .cache import _numpy_view
+
+                n_table, n_copies = int(words[N_TABLE]), int(words[N_COPIES])
+                _numpy_view(table)[:n_table] = words[TABLE_AT : TABLE_AT + n_table]
+                for src, dst, n in words.view(np.uint64)[COPIES_AT : COPIES_AT + 3 * n_copies].reshape(-1, 3).tolist():
+                    ctypes.memmove(dst, src, n)
         slots = np.array(table)[flat]
         return mx.array(np.where(slots == ABSENT, 0, slots).astype(np.uint32).reshape(ids.shape))
 
@@ -244,6 +345,73 @@ def driver():
     return lib
 
 
+class DevicePull:
+    """Takes the copy engine's place (`upload.DeviceUpload`'s calls) on the service thread:
+    expert bytes are read into page-locked staging, and the copies into the slots are listed
+    (`take`) for the waiting kernel, which makes them itself. Staging is handed out in turn
+    until the list is taken: nothing is reused before the device has copied it."""
+
+    def __init__(self, alloc):
+        self._alloc = alloc  # nbytes -> uint8 array (page-locked on CUDA)
+        self._bufs: list = []
+        self._at = (0, 0)  # (buffer, byte) where the next staging starts
+        self._last = 0  # address of the last staging handed out
+        self._pending: list = []
+        self.copies = self.bytes = 0
+        self.failed = None
+
+    def staging(self, nbytes: int) -> np.ndarray:
+        i, pos = self._at
+        while True:
+            if i == len(self._bufs):
+                self._bufs.append(self._alloc(max(64 << 20, nbytes)))
+            buf = self._bufs[i]
+            if pos + nbytes <= len(buf):
+                break
+            i, pos = i + 1, 0
+        out = buf[pos : pos + nbytes]
+        self._at = (i, pos + (nbytes + 15) // 16 * 16)  # 16-byte aligned: the device copies 16 at a time
+        self._last = out.ctypes.data
+        return out
+
+    def copy(self, copies: list, wait: bool = True, source: np.ndarray | None = None):
+        base = self._last if source is None else source.ctypes.data
+        merged = []
+        for array, dst, off, n in sorted(copies):
+            last = merged[-1] if merged else None
+            if last and last[0] == array and last[2] + last[3] == dst and last[1] + last[3] == base + off:
+                last[3] += n
+            else:
+                merged.append([array, base + off, dst, n])
+        self._pending += [(src, dst, n) for _, src, dst, n in merged]
+        self.copies += len(merged)
+        self.bytes += sum(n for *_, n in merged)
+
+    def wait(self):
+        pass  # the device copies after the answer
+
+    def table_staging(self, nbytes: int):
+        raise RuntimeError("a pulled load writes no table through staging (the mailbox carries it)")
+
+    def take(self) -> list:
+        """The copies listed since the last take, as [(source, destination, bytes)]."""
+        out, self._pending, self._at = self._pending, [], (0, 0)
+        return out
+
+
+def pinned_alloc(lib):
+    """nbytes -> a page-locked uint8 array the device can read (kept for the process)."""
+
+    def alloc(nbytes: int) -> np.ndarray:
+        ptr = ctypes.c_void_p()
+        err = lib.cuMemHostAlloc(ctypes.byref(ptr), nbytes, 0x1 | 0x2)  # PORTABLE | DEVICEMAP
+        if err:
+            raise OSError(f"CUDA driver: cuMemHostAlloc returned error {err}")
+        return np.ctypeslib.as_array((ctypes.c_uint8 * nbytes).from_address(ptr.value))
+
+    return alloc
+
+
 class DeviceWaiter:
     """Device-wait routing's state for one streamed model (`Runtime.waiter`): the mailbox,
     the service thread, one wait table per MoE layer, and the ids of the pass being built.
@@ -254,13 +422,22 @@ class DeviceWaiter:
     service thread is the only one that changes slots while steps run (`begin` waits out
     every load in flight and starts no prefetch)."""
 
-    def __init__(self, runtime, mailbox: Mailbox | None = None, kernel=None):
-        """`mailbox`, `kernel`: a host stand-in (`Mailbox.host()`, `host_kernel`) where
-        there is no CUDA (tests); by default page-locked memory and the CUDA kernel."""
+    def __init__(self, runtime, mailbox: Mailbox | None = None, kernel=None, pull: bool | None = None,
+                 staging_alloc=None):
+        """`mailbox`, `kernel`, `staging_alloc`: a host stand-in (`Mailbox.host()`,
+        `host_kernel`, numpy buffers) where there is no CUDA (tests); by default page-locked
+        memory and the CUDA kernels. `pull` (default: CHRONOS_DEVICE_PULL=1): loads are
+        copied by the waiting kernel from page-locked staging (`DevicePull`) instead of
+        written into managed memory by the host."""
         self.runtime = runtime
         cache = runtime.cache
-        self.mailbox = mailbox if mailbox is not None else Mailbox.pinned(driver())
+        if pull is None:
+            pull = os.environ.get("CHRONOS_DEVICE_PULL", "0") == "1"
+        needs_driver = mailbox is None or (pull and staging_alloc is None)
+        lib = driver() if needs_driver else None
+        self.mailbox = mailbox if mailbox is not None else Mailbox.pinned(lib)
         self._kernel = kernel or wait_for_experts
+        self.pull = DevicePull(staging_alloc or pinned_alloc(lib)) if pull else None
         self.tables, self.views, self.layer_ids = [], [], []
         from .cache import _numpy_view
 
@@ -306,7 +483,8 @@ class DeviceWaiter:
             self._passes = (self._passes + 1) & 0xFFFFFFFF
             self._tag = mx.array([self._passes], dtype=mx.uint32)
         self._pass.append((layer, indices))
-        return self._kernel(indices, self.tables[layer], self.mailbox.box, self.layer_ids[layer], self._tag)
+        return self._kernel(indices, self.tables[layer], self.mailbox.box, self.layer_ids[layer], self._tag,
+                            pull=self.pull is not None)
 
     def end_pass(self):
         """(pass, layers, sizes, every id as one flat array) of the pass just built, or None."""
@@ -320,9 +498,18 @@ class DeviceWaiter:
         """On the service thread, while layer `layer`'s kernel waits: load, then the table."""
         runtime, cache = self.runtime, self.runtime.cache
         uniq = sorted(set(ids.tolist()))
-        with cache.host_writes():  # already paused (begin); also when called on its own
-            got = runtime.load_for(layer, uniq, count_hits=False)
-            cache.write_wait_table(layer, self.views[layer], force=True)
+        if self.pull is not None:  # read into staging; the waiting kernel copies and takes the table
+            with cache.uploading_with(self.pull):
+                got = runtime.load_for(layer, uniq, count_hits=False)
+            L = cache.layers[layer]
+            with cache._lock:
+                table = L.slot_of.astype(np.uint32)
+                L.wait_stale = False
+            self.mailbox.answer_pull(table, self.pull.take())
+        else:
+            with cache.uploading_with(None):  # host writes (already so while steps run: begin)
+                got = runtime.load_for(layer, uniq, count_hits=False)
+                cache.write_wait_table(layer, self.views[layer], force=True)
         with self._lock:
             self._loaded.setdefault((tag, layer), set()).update(got)
             self.requests += 1

@@ -15,7 +15,7 @@ import pytest
 
 import chronos_mlx
 from chronos_mlx import device_wait
-from chronos_mlx.device_wait import ABSENT, DeviceWaiter, Mailbox, MissService, host_kernel
+from chronos_mlx.device_wait import ABSENT, DevicePull, DeviceWaiter, Mailbox, MissService, host_kernel
 from chronos_mlx.generate import generate_step
 from conftest import DEMO, stock_greedy
 
@@ -28,9 +28,10 @@ def reference(demo_prompt_ids):
     return stock_greedy(DEMO, demo_prompt_ids, MAX_TOKENS)
 
 
-def _host_waiter(runtime):
+def _host_waiter(runtime, pull=False):
     box = Mailbox.host()
-    return DeviceWaiter(runtime, mailbox=box, kernel=host_kernel(box))
+    alloc = (lambda n: np.zeros(n, dtype=np.uint8)) if pull else None
+    return DeviceWaiter(runtime, mailbox=box, kernel=host_kernel(box), pull=pull, staging_alloc=alloc)
 
 
 @pytest.fixture
@@ -39,9 +40,9 @@ def waiting(monkeypatch):
     monkeypatch.setattr(device_wait, "available", lambda: True)
     made = []
 
-    def make(budget):
+    def make(budget, pull=False):
         model, _, runtime = chronos_mlx.load(None, expert_budget=budget)
-        runtime.waiter = _host_waiter(runtime)
+        runtime.waiter = _host_waiter(runtime, pull)
         made.append(runtime.waiter)
         return model, runtime
 
@@ -55,9 +56,10 @@ def _decode(runtime, model, prompt_ids):
     return [int(t) for t, _ in out], [lp for _, lp in out]
 
 
-@pytest.mark.parametrize("budget", [0.5, 0.125])
-def test_layers_that_wait_for_their_experts_give_stock_tokens(budget, reference, demo_prompt_ids, waiting):
-    model, runtime = waiting(budget)
+@pytest.mark.parametrize("budget,pull", [(0.5, False), (0.125, False), (0.5, True), (0.125, True)])
+def test_layers_that_wait_for_their_experts_give_stock_tokens(budget, pull, reference, demo_prompt_ids, waiting):
+    """pull: the service reads loads into staging and the waiting kernel copies them (DevicePull)."""
+    model, runtime = waiting(budget, pull)
     ids, logprobs = _decode(runtime, model, demo_prompt_ids)
     assert ids == reference[0]
     for ours, theirs in zip(logprobs, reference[1]):
@@ -126,12 +128,12 @@ def test_a_layer_that_stopped_waiting_makes_the_step_an_error(demo_prompt_ids, m
     ask = host_kernel(box)
     calls = []
 
-    def giving_up(ids, table, mailbox, layer, tag=None, always=False):
+    def giving_up(ids, table, mailbox, layer, tag=None, always=False, pull=False):
         calls.append(1)
         if len(calls) == 20:  # a decode step's layer
             box.words[device_wait.GAVE_UP] = 1
             return table[ids]
-        return ask(ids, table, mailbox, layer, tag, always)
+        return ask(ids, table, mailbox, layer, tag, always, pull)
 
     runtime.waiter = DeviceWaiter(runtime, mailbox=box, kernel=giving_up)
     yielded = []
@@ -178,6 +180,20 @@ def test_the_service_answers_each_request_in_turn():
         service.stop()
     assert seen == [(2, [3, 7]), (5, [3, 7])]
     assert service.requests == 2
+
+
+def test_a_pulled_load_stages_each_read_apart_until_its_copies_are_taken():
+    """DevicePull hands out staging in turn (16-byte aligned: the device copies 16 bytes at a
+    time) and lists copies with their staging addresses; nothing is reused before `take`."""
+    pull = DevicePull(lambda n: np.zeros(n, dtype=np.uint8))
+    a = pull.staging(100)
+    pull.copy([(5000, 5000, 0, 60), (5000, 5060, 60, 40)])  # continuing each other: one copy
+    b = pull.staging(50)
+    pull.copy([(9000, 9000, 0, 50)])
+    assert b.ctypes.data == a.ctypes.data + 112
+    assert pull.take() == [(a.ctypes.data, 5000, 100), (b.ctypes.data, 9000, 50)]
+    assert pull.staging(8).ctypes.data == a.ctypes.data  # taken: the staging starts over
+    assert pull.take() == []
 
 
 def test_device_wait_needs_cuda(demo_prompt_ids, monkeypatch):
@@ -247,10 +263,16 @@ def test_the_kernel_asks_for_an_absent_id_and_reads_the_table_the_host_wrote():
 
 
 @cuda
-@pytest.mark.parametrize("budget", [0.5, 0.125])
-def test_on_cuda_layers_that_wait_for_their_experts_give_stock_tokens(budget, demo_prompt_ids):
+@pytest.mark.parametrize("budget,pull", [(0.5, False), (0.125, False), (0.5, True), (0.125, True)])
+def test_on_cuda_layers_that_wait_for_their_experts_give_stock_tokens(budget, pull, demo_prompt_ids):
     ref_ids, _ = stock_greedy(DEMO, demo_prompt_ids, MAX_TOKENS, dtype=mx.bfloat16)
     model, _, runtime = chronos_mlx.load(None, expert_budget=budget, dtype="bfloat16")
-    ids, _ = _decode(runtime, model, demo_prompt_ids)
+    runtime.waiter = DeviceWaiter(runtime, pull=pull)
+    try:
+        ids, _ = _decode(runtime, model, demo_prompt_ids)
+    finally:
+        runtime.waiter.close()
     assert ids == ref_ids
     assert runtime.stats()["device_waits"] > 0
+    if pull:
+        assert runtime.waiter.pull.bytes > 0  # the loads were copied by the device
