@@ -227,6 +227,61 @@ def test_while_layers_wait_for_their_experts_no_thread_uses_the_copy_engine(refe
     assert runtime.cache.upload is up  # and it is back once the generation ended
 
 
+# --- the CUDA kernels, compiled here ----------------------------------------------------
+
+
+def _nvrtc():
+    """NVRTC from the `nvidia-cuda-nvrtc` wheel (test extra on Linux), or None."""
+    import ctypes
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("nvidia")
+    for root in (spec.submodule_search_locations if spec else []):
+        for lib in sorted(Path(root).glob("*/lib/libnvrtc.so*")):
+            if "builtins" not in lib.name:
+                return ctypes.CDLL(str(lib))
+    return None
+
+
+def _compile_like_mlx(nvrtc, name, inputs, outputs, consts, body):
+    """Compile `body` wrapped as `mx.fast.cuda_kernel` wraps it (signature from the inputs and
+    outputs, template arguments as constants) for a Hopper GPU; returns NVRTC's log or ''."""
+    import ctypes
+
+    src = ("typedef unsigned int uint32_t; typedef unsigned long long uint64_t;\n"
+           "namespace mlx { namespace core { namespace cu {\n"
+           f"__global__ void {name}(" + ", ".join([f"const {t}* {n}" for t, n in inputs] + [f"{t}* {n}" for t, n in outputs])
+           + ") {\n" + "".join(f"  constexpr int {k} = {v};\n" for k, v in consts) + body + "\n}\n}}}\n")
+    prog = ctypes.c_void_p()
+    assert nvrtc.nvrtcCreateProgram(ctypes.byref(prog), src.encode(), f"{name}.cu".encode(), 0, None, None) == 0
+    opts = (ctypes.c_char_p * 2)(b"--gpu-architecture=compute_90", b"-std=c++17")
+    rc = nvrtc.nvrtcCompileProgram(prog, 2, opts)
+    size = ctypes.c_size_t()
+    nvrtc.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+    log = ctypes.create_string_buffer(size.value)
+    nvrtc.nvrtcGetProgramLog(prog, log)
+    nvrtc.nvrtcDestroyProgram(ctypes.byref(prog))
+    return log.value.decode() if rc else ""
+
+
+def test_the_shipped_kernels_compile_for_a_hopper_gpu():
+    """The CUDA sources compile (NVRTC, sm_90) before any device sees them."""
+    nvrtc = _nvrtc()
+    if nvrtc is None:
+        pytest.skip("NVRTC not installed (the test extra installs it on Linux)")
+    limit = f"{device_wait.WAIT_LIMIT_CYCLES}LL"
+    ids = [("uint32_t", "ids"), ("uint32_t", "table"), ("uint64_t", "box"), ("uint32_t", "layer"), ("uint32_t", "tag")]
+    pull = (device_wait._PULL_SOURCE.replace("LIMIT", limit).replace("TABLE_AT", str(device_wait.TABLE_AT))
+            .replace("COPIES_AT", str(device_wait.COPIES_AT)))
+    for name, inputs, outputs, consts, body in [
+        ("wait", ids, [("uint32_t", "slots")], [("N", 8), ("ALWAYS", 0)], device_wait._SOURCE.replace("LIMIT", limit)),
+        ("pull", ids, [("uint32_t", "slots"), ("uint64_t", "plan")], [("N", 8), ("ALWAYS", 0), ("MAXC", 128)], pull),
+        ("copy", [("uint64_t", "plan")], [("uint32_t", "done")], [], device_wait._PULL_COPY),
+    ]:
+        assert _compile_like_mlx(nvrtc, name, inputs, outputs, consts, body) == "", name
+
+
 # --- the CUDA kernel itself -----------------------------------------------------------
 
 
