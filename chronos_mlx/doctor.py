@@ -236,6 +236,7 @@ def diagnose(
 
     from .loader import compute_dtype, plan_model
     from .memory import machine_memory
+    from .generate import available_sync_modes
     from .upload import expert_write_path
 
     remote = None
@@ -303,6 +304,7 @@ def diagnose(
         "read": read,
         "platform": sys.platform,
         "expert_writes": expert_write_path(),
+        "sync_modes": available_sync_modes(),
     }
     rec: dict = {"fits": True, "error": None}
     try:

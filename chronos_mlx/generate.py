@@ -34,6 +34,11 @@ SYNC_MODES = ("optimistic", "per-layer", "device-wait")
 _STREAMS: dict = {}
 
 
+def available_sync_modes() -> list:
+    """The routing modes this machine can run (device-wait: MLX's CUDA backend only)."""
+    return [m for m in SYNC_MODES if m != "device-wait" or device_wait.available()]
+
+
 def generation_stream():
     """A stream of the default device as it is now (a process may switch to the CPU after import)."""
     device = mx.default_device()

@@ -33,7 +33,7 @@ SCHEMA = {
     },
     "machine": {
         "total_bytes": int, "available_bytes": int, "available_source": str, "memory_bandwidth_bytes_per_s": float,
-        "expert_writes": str,
+        "expert_writes": str, "sync_modes": list,
         "read": {"file": str, "bytes": int, "seconds": float, "bytes_per_s": float, "page_cache_dropped": bool, "note": str},
     },
     "recommendation": {"fits": bool, "budget": str, "fraction": float, "slots_per_layer": int, "expert_budget_bytes": int, "line": str},
@@ -67,6 +67,7 @@ def test_doctor_json_schema_and_figures(runner):
     assert needs["kv_bytes_per_1k_tokens"] == kv_bytes_per_token(plan.config, 4) * 1000
     assert report["weights_read"] is False
     assert report["machine"]["expert_writes"] == "read straight into the slots (MLX's CPU backend)"
+    assert report["machine"]["sync_modes"] == ["optimistic", "per-layer"]  # device-wait: CUDA only
     rec = report["recommendation"]
     assert rec["fits"] and rec["fraction"] == 1.0  # the demo model fits this machine
     lo, hi = report["speed"]["expected_tokens_per_s"]
