@@ -911,6 +911,19 @@ class ExpertCache:
                 except Exception:  # a failed prefetch leaves its slot free; nothing to wait for
                     pass
 
+    def forget_layer(self, layer: int):
+        """Unmap every expert of `layer` (no load of it may be in flight): what its slots hold
+        is no longer trusted (device_wait: a pulled load that never reached them)."""
+        L = self.layers[layer]
+        with self._lock:
+            for e in np.flatnonzero(L.slot_of >= 0).tolist():
+                L.expert_in[L.slot_of[e]] = -1
+                L.slot_of[e] = -1
+                L.policy.removed(e)
+            L.prefetched.clear()
+            L.dirty = L.gate_stale = L.wait_stale = True
+            L.full = L.identity = False
+
     def mark_used(self, layer: int, experts):
         """Experts a computation used: prefetch hits are counted, the policy informed."""
         L = self.layers[layer]

@@ -169,6 +169,12 @@ def _get_kernel(kind: str = "wait"):
     return _kernels[kind]
 
 
+def max_copies(n_ids: int) -> int:
+    """How many copies a pulled answer to a request of `n_ids` ids may list (the kernel's
+    plan has room for that many): nine tensors an expert, fewer when adjacent ones merge."""
+    return min(MAX_COPIES, 16 * n_ids)
+
+
 def wait_for_experts(ids: mx.array, table: mx.array, box: mx.array, layer: mx.array, tag: mx.array | None = None,
                      always: bool = False, pull: bool = False) -> mx.array:
     """Slot ids for `ids` (any shape, at most MAX_IDS), once every one is resident.
@@ -190,7 +196,7 @@ def wait_for_experts(ids: mx.array, table: mx.array, box: mx.array, layer: mx.ar
         out = _get_kernel("wait")(inputs=inputs, template=template, grid=(1, 1, 1), threadgroup=(1, 1, 1),
                                   output_shapes=[(n,)], output_dtypes=[mx.uint32])[0]
         return out.reshape(ids.shape)
-    maxc = min(MAX_COPIES, 16 * n)  # nine tensors an expert at most, merged when adjacent
+    maxc = max_copies(n)
     slots, plan = _get_kernel("pull")(inputs=inputs, template=template + [("MAXC", maxc)], grid=(128, 1, 1),
                                       threadgroup=(128, 1, 1), output_shapes=[(n,), (1 + 3 * maxc,)],
                                       output_dtypes=[mx.uint32, mx.uint64])
@@ -499,20 +505,40 @@ class DeviceWaiter:
         runtime, cache = self.runtime, self.runtime.cache
         uniq = sorted(set(ids.tolist()))
         if self.pull is not None:  # read into staging; the waiting kernel copies and takes the table
-            with cache.uploading_with(self.pull):
-                got = runtime.load_for(layer, uniq, count_hits=False)
-            L = cache.layers[layer]
-            with cache._lock:
-                table = L.slot_of.astype(np.uint32)
-                L.wait_stale = False
-            self.mailbox.answer_pull(table, self.pull.take())
+            got = self._pulled_load(layer, uniq, ids)
         else:
             with cache.uploading_with(None):  # host writes (already so while steps run: begin)
-                got = runtime.load_for(layer, uniq, count_hits=False)
-                cache.write_wait_table(layer, self.views[layer], force=True)
+                try:
+                    got = runtime.load_for(layer, uniq, count_hits=False)
+                finally:  # also after a failed load: the table says what the slots hold
+                    cache.write_wait_table(layer, self.views[layer], force=True)
         with self._lock:
             self._loaded.setdefault((tag, layer), set()).update(got)
             self.requests += 1
+
+    def _pulled_load(self, layer: int, uniq: list, ids: np.ndarray) -> list:
+        """Read into staging and answer with the layer's table and the copies. On any failure
+        the layer is emptied and the answer says every expert is absent: experts mapped whose
+        bytes never reached their slots must not look resident to any later step."""
+        runtime, cache, words = self.runtime, self.runtime.cache, self.mailbox.words
+        words[N_TABLE] = words[N_COPIES] = 0  # nothing of an earlier answer may be applied again
+        L = cache.layers[layer]
+        try:
+            with cache.uploading_with(self.pull):
+                got = runtime.load_for(layer, uniq, count_hits=False)
+            copies = self.pull.take()
+            if len(copies) > max_copies(len(ids)):  # the kernel would drop some
+                raise RuntimeError(f"layer {layer}: {len(copies)} copies for {len(ids)} ids do not fit the kernel's plan")
+            with cache._lock:
+                table = L.slot_of.astype(np.uint32)
+                L.wait_stale = False
+            self.mailbox.answer_pull(table, copies)
+            return got
+        except BaseException:
+            self.pull.take()
+            cache.forget_layer(layer)
+            self.mailbox.answer_pull(np.full(L.num_experts, ABSENT, dtype=np.uint32), [])
+            raise
 
     def account(self, tag: int, layers: list, sizes: list, host: np.ndarray):
         """A step's routing, read once it ran: uses of experts not loaded for it are hits;

@@ -119,6 +119,23 @@ def test_a_failed_load_stops_the_generation_with_a_clear_error(demo_prompt_ids, 
         _decode(runtime, model, demo_prompt_ids)
 
 
+def test_a_pulled_load_that_cannot_be_answered_leaves_nothing_that_looks_resident(
+        reference, demo_prompt_ids, waiting, monkeypatch):
+    """Experts read into staging are mapped before the device copies them: if the answer
+    cannot be given, the layer is emptied (host and device tables), so a later generation on
+    the same model is still exact."""
+    model, runtime = waiting(0.25, pull=True)
+    monkeypatch.setattr(device_wait, "max_copies", lambda n: 0)  # no answer fits
+    with pytest.raises(RuntimeError, match="do not fit the kernel's plan"):
+        _decode(runtime, model, demo_prompt_ids)
+    monkeypatch.undo()
+    monkeypatch.setattr(device_wait, "available", lambda: True)
+    ids, logprobs = _decode(runtime, model, demo_prompt_ids)
+    assert ids == reference[0]
+    for ours, theirs in zip(logprobs, reference[1]):
+        assert mx.array_equal(ours, theirs)
+
+
 def test_a_layer_that_stopped_waiting_makes_the_step_an_error(demo_prompt_ids, monkeypatch):
     """A kernel that waited too long (the service gone) marks the mailbox and computes with
     whatever its table said: the loop must not hand out that step's token."""
