@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# One device-machine call that checks and measures device-wait routing (docs/device_wait.md, "Next", 1).
+# Every step has its own time limit and writes into $OUT as it goes, so a step that hangs or runs
+# long costs only its own limit and the others' output still comes back.
+#   OUT=$OUT bash scripts/device_wait_check.sh            (after `source .device/final/install.sh`)
+# Q48=/tmp/q48 is written first if missing (~1 min); BUDGETS / TOKENS shape the last step.
+# A device call may run 600 s: split with STEPS, back to back on the warm machine, e.g.
+#   STEPS=warm-up,tests,exact   then   STEPS=make-q48,cost   then   STEPS=bench
+set -uo pipefail
+STEPS=${STEPS:-warm-up,tests,exact,make-q48,cost,bench}
+OUT=${OUT:-/tmp/out}
+Q48=${Q48:-/tmp/q48}
+BUDGETS=${BUDGETS:-0.97,0.5,0.25}
+TOKENS=${TOKENS:-16}
+export PYTHONUNBUFFERED=1
+mkdir -p "$OUT"
+step() {  # name, seconds, command...
+  local name=$1 limit=$2; shift 2
+  case ",$STEPS," in *",$name,"*) ;; *) return 0 ;; esac
+  echo "== $name (limit ${limit}s)" | tee -a "$OUT/summary.txt"
+  timeout "$limit" "$@" > "$OUT/$name.txt" 2>&1
+  echo "   rc $?" | tee -a "$OUT/summary.txt"
+  tail -4 "$OUT/$name.txt" | sed 's/^/   /' | tee -a "$OUT/summary.txt"
+}
+# A fresh machine JIT-compiles MLX's CUDA kernels on first use: warm them before anything timed.
+step warm-up 240 python3 -c "
+import mlx.core as mx, chronos_mlx
+from mlx_lm import load
+from mlx_lm.generate import generate_step
+m, t = load(str(chronos_mlx.DEFAULT_MODEL)); m.set_dtype(mx.bfloat16)
+print([int(x) for x, _ in generate_step(mx.array(t.encode('The history of')), m, max_tokens=4)])"
+step tests 240 python3 -m pytest -q -p no:cacheprovider -o addopts="" -o faulthandler_timeout=60 tests/test_device_wait.py
+step exact 240 python3 scripts/exact_check.py --budgets 0.5,0.25 --max-tokens 16 --ends planned,device-wait,device-wait-pull \
+  --json "$OUT/exact.json"
+[ -f "$Q48/config.json" ] || step make-q48 150 python3 scripts/make_synthetic_moe.py "$Q48" --model-type qwen3_moe \
+  --geometry qwen3-30b-a3b --layers 48 --bits 4 --dtype bfloat16
+step cost 200 python3 scripts/device_wait_cost.py --model "$Q48" --rounds 3 --max-tokens 32 --load-mb 2.65 --json "$OUT/cost.json"
+step bench 420 python3 scripts/bench_sync.py --model "$Q48" --routing trained --budgets "$BUDGETS" \
+  --modes device-wait,device-wait-pull,optimistic,per-layer --max-tokens "$TOKENS" --repeats 1 --prompts 1 \
+  --interleave --no-probe --json "$OUT/bench.json"
