@@ -567,9 +567,14 @@ def plan_configs(budgets, *, info: dict, io_sim=None, direct_io=False, predictor
         notices.append("chronos-profile skipped: no --profile given")
     if policy != "lru":
         variants.append((f"chronos-{policy}", {"policy": policy}, None))
+    from . import device_wait
+
+    if device_wait.available():  # CUDA: the same loads, layers waiting on the GPU instead of host reads
+        variants.append(("chronos-device-wait", {"policy": "lru"}, None))
     for name, opts, prof in variants:
         for b in budgets:
-            cfg = BenchConfig(f"{name}@{b}", budget=str(b), options={**io, **opts})
+            cfg = BenchConfig(f"{name}@{b}", budget=str(b), options={**io, **opts},
+                              sync="device-wait" if name == "chronos-device-wait" else "optimistic")
             cfg.profile = prof
             configs.append(cfg)
     if only:

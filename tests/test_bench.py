@@ -59,6 +59,18 @@ def test_resident_is_skipped_with_a_notice_when_the_model_cannot_fit(monkeypatch
     assert any("does not fit" in n for n in notices)
 
 
+def test_device_wait_routing_is_compared_where_the_gpu_can_wait(monkeypatch):
+    from chronos_mlx import device_wait
+
+    info = {"dense_bytes": 10**6, "expert_bytes_total": 10**6}
+    configs, _ = bench.plan_configs([0.5], info=info)
+    assert not any(c.sync == "device-wait" for c in configs)  # this box: MLX's CPU backend
+    monkeypatch.setattr(device_wait, "available", lambda: True)
+    configs, _ = bench.plan_configs([0.5], info=info)
+    waiting = [c for c in configs if c.sync == "device-wait"]
+    assert [c.name for c in waiting] == ["chronos-device-wait@0.5"]
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
