@@ -7,21 +7,22 @@ it looks the layer's ids up in the layer's *wait table* (device memory: the slot
 resident expert, `ABSENT` for the rest). When every id is resident it writes their slots and
 the layer computes at once, with no host involvement at all. When one is absent it publishes
 the ids to a *mailbox* in page-locked host memory and spins until the host answers; a service
-thread (`MissService`), blocked in the CUDA driver until then, loads the missing experts, writes
-the table, and answers. The kernel then reads the slots from the table it now trusts.
+thread (`MissService`), polling the mailbox while steps run, loads the missing experts, writes
+the table, and answers. The kernel then reads the slots from the table it now trusts. With
+pulled loads (`DevicePull`) the host only reads the experts into page-locked staging; the
+kernel takes the new table from the answer and the device copies the experts itself.
 
 Exact by construction: an expert's product is computed only from a slot the table says holds
 it, and the host changes a layer's slots and table only while that layer's kernel is waiting
 for it (nothing queued after it has run yet). A kernel that waits too long (the service died)
 gives up, marks the mailbox, and the decode loop refuses the step.
 
-`available()` says whether this backend can do it: MLX's CUDA backend with `mx.fast.cuda_kernel`
-and the CUDA driver's stream memory operations.
+`available()` says whether this backend can do it: MLX's CUDA backend with `mx.fast.cuda_kernel`.
+The kernels and the mailbox are in wait_kernels.py; this module is the host's side.
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
 import threading
 import time
@@ -29,262 +30,31 @@ import time
 import mlx.core as mx
 import numpy as np
 
-ABSENT = 0xFFFFFFFF
-# Mailbox words (uint32, page-locked host memory the device reads and writes over PCIe).
-PUB, ACK, LAYER, COUNT, GAVE_UP, TAG, N_TABLE, N_COPIES = 0, 1, 2, 3, 4, 5, 6, 7
-IDS = 16
-MAX_IDS = 1024 - IDS
-WORDS = 16384  # 64 KB
-# Pulled loads (`DevicePull`): the layer's new wait table, then the copies as uint64 triples.
-TABLE_AT, MAX_TABLE = 1024, 4096
-COPIES_AT = (TABLE_AT + MAX_TABLE) // 2  # in uint64 words
-MAX_COPIES = (WORDS // 2 - COPIES_AT) // 3
-# About 10 s at an H200's clock before a kernel stops waiting (the service is gone).
-WAIT_LIMIT_CYCLES = 20_000_000_000
+from .wait_kernels import (
+    ABSENT,
+    ACK,
+    COUNT,
+    GAVE_UP,
+    IDS,
+    LAYER,
+    MAX_COPIES,
+    MAX_IDS,
+    N_COPIES,
+    N_TABLE,
+    PUB,
+    TAG,
+    Mailbox,
+    available,
+    driver,
+    host_kernel,
+    max_copies,
+    pinned_alloc,
+    wait_for_experts,
+)
 
-# Publish this layer's request and spin until the host answers (one thread; `mb`, `ids` in scope).
-_ASK = """
-        unsigned int seq = mb[0] + 1u;
-        mb[2] = layer[0];
-        mb[3] = N;
-        mb[5] = tag[0];
-        for (int i = 0; i < N; ++i) mb[16 + i] = ids[i];
-        __threadfence_system();
-        mb[0] = seq;
-        __threadfence_system();
-        long long t0 = clock64();
-        while (mb[1] != seq) {
-            if (clock64() - t0 > LIMIT) { mb[4] = seq; break; }
-            __nanosleep(500);
-        }
-        __threadfence_system();
-"""
-
-_SOURCE = """
-    volatile unsigned int* mb = reinterpret_cast<volatile unsigned int*>(box[0]);
-    volatile const unsigned int* tab = reinterpret_cast<volatile const unsigned int*>(table);
-    bool resident = !ALWAYS;
-    if (resident) {
-        for (int i = 0; i < N; ++i) {
-            if (tab[ids[i]] == 0xFFFFFFFFu) { resident = false; break; }
-        }
-    }
-    if (!resident) {""" + _ASK + """    }
-    for (int i = 0; i < N; ++i) {
-        unsigned int s = tab[ids[i]];
-        slots[i] = s == 0xFFFFFFFFu ? 0u : s;
-    }
-"""
-
-# The same handshake (thread 0), then the whole block takes the host's answer: the layer's new
-# wait table and the list of copies (page-locked staging -> slots) that `_PULL_COPY` makes.
-_PULL_SOURCE = """
-    volatile unsigned int* mb = reinterpret_cast<volatile unsigned int*>(box[0]);
-    volatile unsigned int* tab = reinterpret_cast<volatile unsigned int*>(const_cast<unsigned int*>(table));
-    __shared__ int asked;
-    int t = threadIdx.x;
-    if (t == 0) {
-        bool resident = !ALWAYS;
-        if (resident) {
-            for (int i = 0; i < N; ++i) {
-                if (tab[ids[i]] == 0xFFFFFFFFu) { resident = false; break; }
-            }
-        }
-        asked = resident ? 0 : 1;
-        if (!resident) {""" + _ASK + """        }
-    }
-    __syncthreads();
-    unsigned long long n_copies = 0;
-    if (asked) {
-        unsigned int n_table = mb[6];
-        for (unsigned int i = t; i < n_table; i += blockDim.x) tab[i] = mb[TABLE_AT + i];
-        n_copies = mb[7];
-        if (n_copies > MAXC) n_copies = MAXC;
-        volatile unsigned long long* cl = reinterpret_cast<volatile unsigned long long*>(mb) + COPIES_AT;
-        for (unsigned long long i = t; i < 3 * n_copies; i += blockDim.x) plan[1 + i] = cl[i];
-    }
-    if (t == 0) plan[0] = n_copies;
-    __threadfence();
-    __syncthreads();
-    for (int i = t; i < N; i += blockDim.x) {
-        unsigned int s = tab[ids[i]];
-        slots[i] = s == 0xFFFFFFFFu ? 0u : s;
-    }
-"""
-
-# Copy [(source, destination, bytes)] with every thread of the grid; sources are page-locked
-# host memory read over PCIe (uncached loads: a buffer is refilled between requests).
-_PULL_COPY = """
-    unsigned long long count = plan[0];
-    size_t tid = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
-    size_t stride = (size_t)gridDim.x * blockDim.x;
-    for (unsigned long long c = 0; c < count; ++c) {
-        unsigned long long src = plan[1 + 3 * c], dst = plan[2 + 3 * c], n = plan[3 + 3 * c];
-        size_t whole = ((src | dst) & 15) == 0 ? n / 16 : 0;
-        const uint4* s4 = reinterpret_cast<const uint4*>(src);
-        uint4* d4 = reinterpret_cast<uint4*>(dst);
-        for (size_t i = tid; i < whole; i += stride) d4[i] = __ldcv(s4 + i);
-        const volatile unsigned char* s1 = reinterpret_cast<const volatile unsigned char*>(src);
-        unsigned char* d1 = reinterpret_cast<unsigned char*>(dst);
-        for (size_t i = whole * 16 + tid; i < n; i += stride) d1[i] = s1[i];
-    }
-    if (tid == 0) done[0] = (unsigned int)count;
-"""
-
-PULL_BLOCKS, PULL_THREADS = 64, 256
-
-_kernels: dict = {}
-
-
-def available() -> bool:
-    """MLX's CUDA backend is the default device and can run custom kernels."""
-    try:
-        return mx.default_device() == mx.gpu and mx.cuda.is_available() and hasattr(mx.fast, "cuda_kernel")
-    except AttributeError:
-        return False
-
-
-def _get_kernel(kind: str = "wait"):
-    if kind not in _kernels:
-        limit = f"{WAIT_LIMIT_CYCLES}LL"
-        if kind == "wait":
-            _kernels[kind] = mx.fast.cuda_kernel(
-                name="chronos_wait_for_experts",
-                input_names=["ids", "table", "box", "layer", "tag"],
-                output_names=["slots"],
-                source=_SOURCE.replace("LIMIT", limit),
-            )
-        elif kind == "pull":
-            src = _PULL_SOURCE.replace("LIMIT", limit).replace("TABLE_AT", str(TABLE_AT)).replace("COPIES_AT", str(COPIES_AT))
-            _kernels[kind] = mx.fast.cuda_kernel(
-                name="chronos_wait_and_plan_pull",
-                input_names=["ids", "table", "box", "layer", "tag"],
-                output_names=["slots", "plan"],
-                source=src,
-            )
-        else:
-            _kernels[kind] = mx.fast.cuda_kernel(
-                name="chronos_pull_experts", input_names=["plan"], output_names=["done"], source=_PULL_COPY
-            )
-    return _kernels[kind]
-
-
-def max_copies(n_ids: int) -> int:
-    """How many copies a pulled answer to a request of `n_ids` ids may list (the kernel's
-    plan has room for that many): nine tensors an expert, fewer when adjacent ones merge."""
-    return min(MAX_COPIES, 16 * n_ids)
-
-
-def wait_for_experts(ids: mx.array, table: mx.array, box: mx.array, layer: mx.array, tag: mx.array | None = None,
-                     always: bool = False, pull: bool = False) -> mx.array:
-    """Slot ids for `ids` (any shape, at most MAX_IDS), once every one is resident.
-
-    `table`: the layer's wait table; `box`: the mailbox address (uint64[1]); `layer`: the
-    layer number and `tag` the pass's number (uint32[1] each: a request names both). `always`
-    publishes even when everything is resident (to measure the round trip). `pull`: the host
-    answers with the new table and a list of copies (`DevicePull`), which the device makes
-    before the slots are used."""
-    n = ids.size
-    if n > MAX_IDS:
-        raise ValueError(f"{n} expert ids do not fit the mailbox ({MAX_IDS})")
-    flat = ids.reshape(-1)
-    if flat.dtype != mx.uint32:
-        flat = flat.astype(mx.uint32)
-    inputs = [flat, table, box, layer, layer if tag is None else tag]
-    template = [("N", n), ("ALWAYS", int(always))]
-    if not pull:
-        out = _get_kernel("wait")(inputs=inputs, template=template, grid=(1, 1, 1), threadgroup=(1, 1, 1),
-                                  output_shapes=[(n,)], output_dtypes=[mx.uint32])[0]
-        return out.reshape(ids.shape)
-    maxc = max_copies(n)
-    slots, plan = _get_kernel("pull")(inputs=inputs, template=template + [("MAXC", maxc)], grid=(128, 1, 1),
-                                      threadgroup=(128, 1, 1), output_shapes=[(n,), (1 + 3 * maxc,)],
-                                      output_dtypes=[mx.uint32, mx.uint64])
-    done = _get_kernel("copy")(inputs=[plan], grid=(PULL_BLOCKS * PULL_THREADS, 1, 1),
-                               threadgroup=(PULL_THREADS, 1, 1), output_shapes=[(1,)], output_dtypes=[mx.uint32])[0]
-    return mx.depends(slots, done).reshape(ids.shape)
-
-
-class Mailbox:
-    """WORDS uint32 words that the device and the host both read and write: page-locked
-    host memory the device addresses over PCIe (`pinned`), or plain memory for a host
-    stand-in of the kernel (tests)."""
-
-    def __init__(self, words: np.ndarray, device_address: int, free=None):
-        self.words = words
-        self.words[:] = 0
-        self.device_address = device_address
-        self.box = mx.array(np.array([device_address], dtype=np.uint64))
-        self._free = free
-
-    @classmethod
-    def pinned(cls, lib) -> "Mailbox":
-        ptr = ctypes.c_void_p()
-        err = lib.cuMemHostAlloc(ctypes.byref(ptr), WORDS * 4, 0x1 | 0x2)  # PORTABLE | DEVICEMAP
-        if err:
-            raise OSError(f"CUDA driver: cuMemHostAlloc returned error {err}")
-        dptr = ctypes.c_uint64()
-        err = lib.cuMemHostGetDevicePointer_v2(ctypes.byref(dptr), ptr, 0)
-        if err:
-            lib.cuMemFreeHost(ptr)
-            raise OSError(f"CUDA driver: cuMemHostGetDevicePointer returned error {err}")
-        words = np.ctypeslib.as_array((ctypes.c_uint32 * WORDS).from_address(ptr.value))
-        return cls(words, dptr.value, free=lambda: lib.cuMemFreeHost(ptr))
-
-    @classmethod
-    def host(cls) -> "Mailbox":
-        words = np.zeros(WORDS, dtype=np.uint32)
-        return cls(words, words.ctypes.data)
-
-    def answer_pull(self, table: np.ndarray, copies: list):
-        """Put a pulled load's answer in the mailbox: the layer's new wait table and the
-        copies [(source, destination, bytes)] the device makes (`wait_for_experts(pull=True)`)."""
-        if len(table) > MAX_TABLE or len(copies) > MAX_COPIES:
-            raise ValueError(f"a pulled load of {len(copies)} copies for {len(table)} experts does not fit the mailbox")
-        w = self.words
-        w[TABLE_AT : TABLE_AT + len(table)] = table
-        w.view(np.uint64)[COPIES_AT : COPIES_AT + 3 * len(copies)] = np.asarray(copies, dtype=np.uint64).reshape(-1)
-        w[N_TABLE], w[N_COPIES] = len(table), len(copies)
-
-    def close(self):
-        free, self._free = self._free, None
-        if free is not None:
-            free()
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:  # interpreter shutdown
-            pass
-
-
-def host_kernel(mailbox: Mailbox):
-    """`wait_for_experts` done by the host, for backends without the kernel (tests): the
-    same mailbox protocol, with the calling thread in the device's place."""
-
-    def wait(ids, table, box, layer, tag=None, always=False, pull=False):
-        flat = np.array(ids).reshape(-1).astype(np.uint32)
-        words = mailbox.words
-        if always or (np.array(table)[flat] == ABSENT).any():
-            seq = (int(words[PUB]) + 1) & 0xFFFFFFFF
-            words[LAYER], words[COUNT] = int(np.array(layer)[0]), flat.size
-            words[TAG] = int(np.array(layer if tag is None else tag)[0])
-            words[IDS : IDS + flat.size] = flat
-            words[PUB] = seq
-            while int(words[ACK]) != seq:
-                time.sleep(20e-6)
-            if pull:  # the device's part of a pulled load: the new table, then the copies
-                from .cache import _numpy_view
-
-                n_table, n_copies = int(words[N_TABLE]), int(words[N_COPIES])
-                _numpy_view(table)[:n_table] = words[TABLE_AT : TABLE_AT + n_table]
-                for src, dst, n in words.view(np.uint64)[COPIES_AT : COPIES_AT + 3 * n_copies].reshape(-1, 3).tolist():
-                    ctypes.memmove(dst, src, n)
-        slots = np.array(table)[flat]
-        return mx.array(np.where(slots == ABSENT, 0, slots).astype(np.uint32).reshape(ids.shape))
-
-    return wait
-
+# The kernel side's names that callers of this module use, besides its own.
+__all__ = ["ABSENT", "GAVE_UP", "MAX_COPIES", "MAX_IDS", "Mailbox", "available", "host_kernel", "max_copies",
+           "wait_for_experts", "MissService", "DevicePull", "DeviceWaiter"]
 
 class MissService:
     """A thread that answers the device's requests: `handle(layer, ids, tag)` loads what is
@@ -342,15 +112,6 @@ class MissService:
         self._thread.join(timeout=5)
 
 
-def driver():
-    """libcuda with the calls used here typed (64-bit addresses)."""
-    from .upload import _driver
-
-    lib = _driver()
-    lib.cuMemHostGetDevicePointer_v2.argtypes = [ctypes.POINTER(ctypes.c_uint64), ctypes.c_void_p, ctypes.c_uint]
-    return lib
-
-
 class DevicePull:
     """Takes the copy engine's place (`upload.DeviceUpload`'s calls) on the service thread:
     expert bytes are read into page-locked staging, and the copies into the slots are listed
@@ -403,19 +164,6 @@ class DevicePull:
         """The copies listed since the last take, as [(source, destination, bytes)]."""
         out, self._pending, self._at = self._pending, [], (0, 0)
         return out
-
-
-def pinned_alloc(lib):
-    """nbytes -> a page-locked uint8 array the device can read (kept for the process)."""
-
-    def alloc(nbytes: int) -> np.ndarray:
-        ptr = ctypes.c_void_p()
-        err = lib.cuMemHostAlloc(ctypes.byref(ptr), nbytes, 0x1 | 0x2)  # PORTABLE | DEVICEMAP
-        if err:
-            raise OSError(f"CUDA driver: cuMemHostAlloc returned error {err}")
-        return np.ctypeslib.as_array((ctypes.c_uint8 * nbytes).from_address(ptr.value))
-
-    return alloc
 
 
 class DeviceWaiter:

@@ -6,7 +6,7 @@ Stock mlx_lm's model and decode loop, the whole model resident, with one change 
 configuration inside every MoE layer, just before its experts are computed:
 - stock: none;
 - remap: the ids go through a device table (`table[ids]`), as optimistic routing does;
-- wait, resident: the ids go through `device_wait.wait_for_experts` with every expert in its
+- wait, resident: the ids go through `wait_kernels.wait_for_experts` with every expert in its
   table: the kernel finds them all resident and never asks the host;
 - wait, ask every layer: the same kernel made to ask the host at every MoE layer; a service
   thread answers at once (a miss's round trip without its loads);
@@ -50,10 +50,10 @@ def main():
 
     from mlx_lm import load
 
-    from chronos_mlx import device_wait
+    from chronos_mlx import device_wait, wait_kernels
     from chronos_mlx.loader import compute_dtype, resolve_model_path
 
-    if not (device_wait.available() or args.host_stand_in):
+    if not (wait_kernels.available() or args.host_stand_in):
         sys.exit("needs MLX's CUDA backend (or --host-stand-in)")
     if args.switch_interval:
         sys.setswitchinterval(args.switch_interval)
@@ -62,8 +62,8 @@ def main():
     if target is not None:
         model.set_dtype(target)
     mx.eval(model.parameters())
-    box = device_wait.Mailbox.host() if args.host_stand_in else device_wait.Mailbox.pinned(device_wait.driver())
-    wait_for_experts = device_wait.host_kernel(box) if args.host_stand_in else device_wait.wait_for_experts
+    box = wait_kernels.Mailbox.host() if args.host_stand_in else wait_kernels.Mailbox.pinned(wait_kernels.driver())
+    wait_for_experts = wait_kernels.host_kernel(box) if args.host_stand_in else wait_kernels.wait_for_experts
     import os
 
     from chronos_mlx.cache import _numpy_view
@@ -136,7 +136,7 @@ def main():
         print(f"{k:>22}: {statistics.median(times[k]):7.2f} ms/token   ratio to stock {ratio:.3f}   "
               f"stock tokens: {same[k]}")
     print(f"requests answered: {requests} ({loads['n']} with a {args.load_mb:g} MB load); "
-          f"kernels that gave up: {int(box.words[device_wait.GAVE_UP])}")
+          f"kernels that gave up: {int(box.words[wait_kernels.GAVE_UP])}")
     if service.error:
         print(f"service error: {service.error!r}")
     if args.json:

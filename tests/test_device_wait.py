@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 
 import chronos_mlx
-from chronos_mlx import device_wait
+from chronos_mlx import device_wait, wait_kernels
 from chronos_mlx.device_wait import ABSENT, DevicePull, DeviceWaiter, Mailbox, MissService, host_kernel
 from chronos_mlx.generate import generate_step
 from conftest import DEMO, stock_greedy
 
 MAX_TOKENS = 12
-cuda = pytest.mark.skipif(not device_wait.available(), reason="needs MLX's CUDA backend")
+cuda = pytest.mark.skipif(not wait_kernels.available(), reason="needs MLX's CUDA backend")
 
 
 @pytest.fixture(scope="module")
@@ -287,14 +287,14 @@ def test_the_shipped_kernels_compile_for_a_hopper_gpu():
     nvrtc = _nvrtc()
     if nvrtc is None:
         pytest.skip("NVRTC not installed (the test extra installs it on Linux)")
-    limit = f"{device_wait.WAIT_LIMIT_CYCLES}LL"
+    limit = f"{wait_kernels.WAIT_LIMIT_CYCLES}LL"
     ids = [("uint32_t", "ids"), ("uint32_t", "table"), ("uint64_t", "box"), ("uint32_t", "layer"), ("uint32_t", "tag")]
-    pull = (device_wait._PULL_SOURCE.replace("LIMIT", limit).replace("TABLE_AT", str(device_wait.TABLE_AT))
-            .replace("COPIES_AT", str(device_wait.COPIES_AT)))
+    pull = (wait_kernels._PULL_SOURCE.replace("LIMIT", limit).replace("TABLE_AT", str(wait_kernels.TABLE_AT))
+            .replace("COPIES_AT", str(wait_kernels.COPIES_AT)))
     for name, inputs, outputs, consts, body in [
-        ("wait", ids, [("uint32_t", "slots")], [("N", 8), ("ALWAYS", 0)], device_wait._SOURCE.replace("LIMIT", limit)),
+        ("wait", ids, [("uint32_t", "slots")], [("N", 8), ("ALWAYS", 0)], wait_kernels._SOURCE.replace("LIMIT", limit)),
         ("pull", ids, [("uint32_t", "slots"), ("uint64_t", "plan")], [("N", 8), ("ALWAYS", 0), ("MAXC", 128)], pull),
-        ("copy", [("uint64_t", "plan")], [("uint32_t", "done")], [], device_wait._PULL_COPY),
+        ("copy", [("uint64_t", "plan")], [("uint32_t", "done")], [], wait_kernels._PULL_COPY),
     ]:
         assert _compile_like_mlx(nvrtc, name, inputs, outputs, consts, body) == "", name
 
@@ -304,18 +304,18 @@ def test_the_shipped_kernels_compile_for_a_hopper_gpu():
 
 @cuda
 def test_the_kernel_maps_resident_ids_without_asking():
-    box = Mailbox.pinned(device_wait.driver())
+    box = Mailbox.pinned(wait_kernels.driver())
     table = mx.array(np.array([ABSENT, 4, 9, ABSENT, 1], dtype=np.uint32))
-    out = device_wait.wait_for_experts(mx.array([[1, 2, 4]], dtype=mx.uint32), table, box.box, mx.array([0], dtype=mx.uint32))
+    out = wait_kernels.wait_for_experts(mx.array([[1, 2, 4]], dtype=mx.uint32), table, box.box, mx.array([0], dtype=mx.uint32))
     assert np.array(out).tolist() == [[4, 9, 1]]
-    assert int(box.words[device_wait.PUB]) == 0
+    assert int(box.words[wait_kernels.PUB]) == 0
 
 
 @cuda
 def test_the_kernel_asks_for_an_absent_id_and_reads_the_table_the_host_wrote():
     from chronos_mlx.cache import _numpy_view
 
-    box = Mailbox.pinned(device_wait.driver())
+    box = Mailbox.pinned(wait_kernels.driver())
     table = mx.array(np.array([ABSENT, 4, 9, ABSENT, 1], dtype=np.uint32))
     mx.eval(table)
     view = _numpy_view(table)
@@ -327,7 +327,7 @@ def test_the_kernel_asks_for_an_absent_id_and_reads_the_table_the_host_wrote():
 
     service = MissService(box, handle)
     try:
-        out = device_wait.wait_for_experts(mx.array([[3, 1]], dtype=mx.uint32), table, box.box, mx.array([6], dtype=mx.uint32))
+        out = wait_kernels.wait_for_experts(mx.array([[3, 1]], dtype=mx.uint32), table, box.box, mx.array([6], dtype=mx.uint32))
         assert np.array(out).tolist() == [[7, 4]]
     finally:
         service.stop()
