@@ -29,7 +29,7 @@ from mlx_lm import load
 from mlx_lm.generate import generate_step
 m, t = load(str(chronos_mlx.DEFAULT_MODEL)); m.set_dtype(mx.bfloat16)
 print([int(x) for x, _ in generate_step(mx.array(t.encode('The history of')), m, max_tokens=4)])"
-step tests 240 python3 -m pytest -q -p no:cacheprovider -o addopts="" -o faulthandler_timeout=60 tests/test_device_wait.py
+step tests 240 python3 -m pytest -q -p no:cacheprovider -o addopts="" -o faulthandler_timeout=60 tests/test_device_wait.py tests/test_wait_kernels.py
 step exact 240 python3 scripts/exact_check.py --budgets 0.5,0.25 --max-tokens 16 --ends planned,device-wait,device-wait-pull \
   --json "$OUT/exact.json"
 [ -f "$Q48/config.json" ] || step make-q48 150 python3 scripts/make_synthetic_moe.py "$Q48" --model-type qwen3_moe \

@@ -1,0 +1,101 @@
+"""The kernels of device-wait routing (wait_kernels.py): they compile, and on CUDA they map
+resident ids without asking and ask the host for an absent one.
+
+Without a GPU the sources are compiled with NVRTC (the `nvidia-cuda-nvrtc` wheel of the test
+extra) wrapped the way `mx.fast.cuda_kernel` wraps them; the protocol itself is exercised with
+the host in the kernels' place in tests/test_device_wait.py.
+"""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from chronos_mlx import wait_kernels
+from chronos_mlx.device_wait import MissService
+from chronos_mlx.wait_kernels import ABSENT, Mailbox
+
+cuda = pytest.mark.skipif(not wait_kernels.available(), reason="needs MLX's CUDA backend")
+
+
+def _nvrtc():
+    """NVRTC from the `nvidia-cuda-nvrtc` wheel (test extra on Linux), or None."""
+    import ctypes
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("nvidia")
+    for root in (spec.submodule_search_locations if spec else []):
+        for lib in sorted(Path(root).glob("*/lib/libnvrtc.so*")):
+            if "builtins" not in lib.name:
+                return ctypes.CDLL(str(lib))
+    return None
+
+
+def _compile_like_mlx(nvrtc, name, inputs, outputs, consts, body):
+    """Compile `body` wrapped as `mx.fast.cuda_kernel` wraps it (signature from the inputs and
+    outputs, template arguments as constants) for a Hopper GPU; returns NVRTC's log or ''."""
+    import ctypes
+
+    src = ("typedef unsigned int uint32_t; typedef unsigned long long uint64_t;\n"
+           "namespace mlx { namespace core { namespace cu {\n"
+           f"__global__ void {name}(" + ", ".join([f"const {t}* {n}" for t, n in inputs] + [f"{t}* {n}" for t, n in outputs])
+           + ") {\n" + "".join(f"  constexpr int {k} = {v};\n" for k, v in consts) + body + "\n}\n}}}\n")
+    prog = ctypes.c_void_p()
+    assert nvrtc.nvrtcCreateProgram(ctypes.byref(prog), src.encode(), f"{name}.cu".encode(), 0, None, None) == 0
+    opts = (ctypes.c_char_p * 2)(b"--gpu-architecture=compute_90", b"-std=c++17")
+    rc = nvrtc.nvrtcCompileProgram(prog, 2, opts)
+    size = ctypes.c_size_t()
+    nvrtc.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+    log = ctypes.create_string_buffer(size.value)
+    nvrtc.nvrtcGetProgramLog(prog, log)
+    nvrtc.nvrtcDestroyProgram(ctypes.byref(prog))
+    return log.value.decode() if rc else ""
+
+
+def test_the_shipped_kernels_compile_for_a_hopper_gpu():
+    """The CUDA sources compile (NVRTC, sm_90) before any device sees them."""
+    nvrtc = _nvrtc()
+    if nvrtc is None:
+        pytest.skip("NVRTC not installed (the test extra installs it on Linux)")
+    limit = f"{wait_kernels.WAIT_LIMIT_CYCLES}LL"
+    ids = [("uint32_t", "ids"), ("uint32_t", "table"), ("uint64_t", "box"), ("uint32_t", "layer"), ("uint32_t", "tag")]
+    pull = (wait_kernels._PULL_SOURCE.replace("LIMIT", limit).replace("TABLE_AT", str(wait_kernels.TABLE_AT))
+            .replace("COPIES_AT", str(wait_kernels.COPIES_AT)))
+    for name, inputs, outputs, consts, body in [
+        ("wait", ids, [("uint32_t", "slots")], [("N", 8), ("ALWAYS", 0)], wait_kernels._SOURCE.replace("LIMIT", limit)),
+        ("pull", ids, [("uint32_t", "slots"), ("uint64_t", "plan")], [("N", 8), ("ALWAYS", 0), ("MAXC", 128)], pull),
+        ("copy", [("uint64_t", "plan")], [("uint32_t", "done")], [], wait_kernels._PULL_COPY),
+    ]:
+        assert _compile_like_mlx(nvrtc, name, inputs, outputs, consts, body) == "", name
+
+
+@cuda
+def test_the_kernel_maps_resident_ids_without_asking():
+    box = Mailbox.pinned(wait_kernels.driver())
+    table = mx.array(np.array([ABSENT, 4, 9, ABSENT, 1], dtype=np.uint32))
+    out = wait_kernels.wait_for_experts(mx.array([[1, 2, 4]], dtype=mx.uint32), table, box.box, mx.array([0], dtype=mx.uint32))
+    assert np.array(out).tolist() == [[4, 9, 1]]
+    assert int(box.words[wait_kernels.PUB]) == 0
+
+
+@cuda
+def test_the_kernel_asks_for_an_absent_id_and_reads_the_table_the_host_wrote():
+    from chronos_mlx.cache import _numpy_view
+
+    box = Mailbox.pinned(wait_kernels.driver())
+    table = mx.array(np.array([ABSENT, 4, 9, ABSENT, 1], dtype=np.uint32))
+    mx.eval(table)
+    view = _numpy_view(table)
+    asked = []
+
+    def handle(layer, ids, tag):
+        asked.append((layer, ids.tolist()))
+        view[3] = 7  # managed memory: the host may write it while the kernel waits
+
+    service = MissService(box, handle)
+    try:
+        out = wait_kernels.wait_for_experts(mx.array([[3, 1]], dtype=mx.uint32), table, box.box, mx.array([6], dtype=mx.uint32))
+        assert np.array(out).tolist() == [[7, 4]]
+    finally:
+        service.stop()
+    assert asked == [(6, [3, 1])]
