@@ -71,6 +71,26 @@ def test_layers_that_wait_for_their_experts_give_stock_tokens(budget, pull, refe
     assert stats["host_syncs_per_token"] <= 2.5
 
 
+def test_seeded_sampling_gives_stock_tokens_too(demo_prompt_ids, waiting):
+    """No step is ever discarded and redone, so a seeded sampler draws the same random
+    numbers as stock mlx_lm's loop (optimistic routing cannot promise that)."""
+    from mlx_lm import load
+    from mlx_lm.generate import generate_step as stock_step
+    from mlx_lm.sample_utils import make_sampler
+
+    stock, _ = load(str(DEMO))
+    stock.set_dtype(mx.float32)
+    mx.random.seed(7)
+    want = [int(t) for t, _ in stock_step(mx.array(demo_prompt_ids), stock, max_tokens=MAX_TOKENS,
+                                          sampler=make_sampler(temp=1.0))]
+    model, runtime = waiting(0.25)
+    mx.random.seed(7)
+    got = [int(t) for t, _ in generate_step(mx.array(demo_prompt_ids), model, runtime, max_tokens=MAX_TOKENS,
+                                            sync="device-wait", sampler=make_sampler(temp=1.0))]
+    assert got == want
+    assert runtime.stats()["device_waits"] > 0
+
+
 def test_every_use_is_counted_once_as_a_hit_or_a_miss(demo_prompt_ids, waiting):
     model, runtime = waiting(0.25)
     _decode(runtime, model, demo_prompt_ids)
