@@ -172,11 +172,11 @@ def generate_step(
                     runtime.deferred_observations = [] if optimistic else None
                     misses = [L.counters.misses for L in runtime.cache.layers] if optimistic else None
                     if waiting:
-                        runtime.mode = "device-wait"
+                        mode, runtime.mode = runtime.mode, "device-wait"
                         try:
                             y, lp = forward(tokens, after)
                         finally:
-                            runtime.mode = "sync"
+                            runtime.mode = mode
                             waited = runtime.waiter.end_pass()
                     else:
                         y, lp = forward(tokens, after)  # per-layer routing loads what it needs as it goes
