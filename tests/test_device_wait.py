@@ -71,6 +71,40 @@ def test_layers_that_wait_for_their_experts_give_stock_tokens(budget, pull, refe
     assert stats["host_syncs_per_token"] <= 2.5
 
 
+@pytest.fixture(scope="module")
+def other_models(tmp_path_factory):
+    from conftest import synthetic_models
+
+    cases = {"shared expert (qwen2_moe)": ("qwen2_moe", 6), "hybrid (qwen3_next)": ("qwen3_next", 7),
+             "sliding window (gpt_oss)": ("gpt_oss", 8)}
+    return synthetic_models(tmp_path_factory.mktemp("waiting"), cases)
+
+
+@pytest.mark.parametrize("name", ["shared expert (qwen2_moe)", "hybrid (qwen3_next)", "sliding window (gpt_oss)"])
+@pytest.mark.parametrize("pull", [False, True])
+def test_other_architectures_wait_for_their_experts_exactly(other_models, name, pull, monkeypatch):
+    """At the smallest legal budget (nearly every layer asks), against stock mlx_lm."""
+    from mlx_lm import load
+    from mlx_lm.generate import generate_step as stock_step
+
+    path = other_models[name]
+    prompt = np.random.default_rng(3).integers(1, 8000, size=24).tolist()
+    stock, _ = load(str(path))
+    stock.set_dtype(mx.float32)
+    want = [int(t) for t, _ in stock_step(mx.array(prompt), stock, max_tokens=MAX_TOKENS)]
+    monkeypatch.setattr(device_wait, "available", lambda: True)
+    info = chronos_mlx.loader.plan_model(path).info
+    model, _, runtime = chronos_mlx.load(path, expert_budget=info["top_k"] / info["num_experts"])
+    runtime.waiter = _host_waiter(runtime, pull)
+    try:
+        got = [int(t) for t, _ in generate_step(mx.array(prompt), model, runtime, max_tokens=MAX_TOKENS,
+                                                sync="device-wait")]
+    finally:
+        runtime.waiter.close()
+    assert got == want
+    assert runtime.stats()["device_waits"] > 0
+
+
 def test_seeded_sampling_gives_stock_tokens_too(demo_prompt_ids, waiting):
     """No step is ever discarded and redone, so a seeded sampler draws the same random
     numbers as stock mlx_lm's loop (optimistic routing cannot promise that)."""
