@@ -125,6 +125,14 @@ def test_seeded_sampling_gives_stock_tokens_too(demo_prompt_ids, waiting):
     assert runtime.stats()["device_waits"] > 0
 
 
+def test_a_service_that_yields_instead_of_sleeping_gives_stock_tokens(reference, demo_prompt_ids, waiting, monkeypatch):
+    monkeypatch.setenv("CHRONOS_WAIT_POLL_US", "0")
+    model, runtime = waiting(0.25)
+    assert runtime.waiter.service.poll_s == 0
+    ids, _ = _decode(runtime, model, demo_prompt_ids)
+    assert ids == reference[0]
+
+
 def test_every_use_is_counted_once_as_a_hit_or_a_miss(demo_prompt_ids, waiting):
     model, runtime = waiting(0.25)
     _decode(runtime, model, demo_prompt_ids)
@@ -237,10 +245,11 @@ def test_the_wait_table_marks_absent_experts_and_follows_loads(monkeypatch):
         waiter.close()
 
 
-def test_the_service_answers_each_request_in_turn():
+@pytest.mark.parametrize("poll_s", [20e-6, 0.0])  # 0: yield the core between looks
+def test_the_service_answers_each_request_in_turn(poll_s):
     box = Mailbox.host()
     seen = []
-    service = MissService(box, lambda layer, ids, tag: seen.append((layer, ids.tolist())))
+    service = MissService(box, lambda layer, ids, tag: seen.append((layer, ids.tolist())), poll_s=poll_s)
     try:
         ask = host_kernel(box)
         table = mx.array(np.arange(16, dtype=np.uint32))
