@@ -43,6 +43,8 @@ def main():
                     help="sys.setswitchinterval while decoding (seconds; Python's default 0.005)")
     ap.add_argument("--load-mb", type=float, default=2.65,
                     help="MB the service reads per request in 'wait, load every layer' (0: leave that configuration out)")
+    ap.add_argument("--poll-us", type=float, default=20.0,
+                    help="the service's sleep between looks at the mailbox (0: yield the core instead)")
     ap.add_argument("--host-stand-in", action="store_true",
                     help="the host in the kernel's place (any backend: checks this script, measures nothing useful)")
     ap.add_argument("--json", help="write the per-round ms/token here")
@@ -84,7 +86,7 @@ def main():
             os.preadv(fd, [memoryview(slab_view)[:nbytes]], off)
             loads["n"] += 1
 
-    service = device_wait.MissService(box, handle)
+    service = device_wait.MissService(box, handle, poll_s=args.poll_us * 1e-6)
     mode = {"v": 0}
     tables, layer_ids = {}, {}
 
@@ -144,7 +146,7 @@ def main():
 
         Path(args.json).write_text(json.dumps({"device": str(mx.default_device()), "rounds": args.rounds,
                                                "max_tokens": args.max_tokens, "switch_interval": args.switch_interval,
-                                               "load_mb": args.load_mb, "ms_per_token": times, "stock_tokens": same,
+                                               "load_mb": args.load_mb, "poll_us": args.poll_us, "ms_per_token": times, "stock_tokens": same,
                                                "requests": requests}, indent=1))
 
 
