@@ -33,6 +33,7 @@ if "--cpu" in sys.argv:  # before mlx_lm is imported: its generate_step binds it
 
 from chronos_mlx.bench import RESIDENT, BenchConfig, asdict, measure, measure_interleaved, replay_texts, report  # noqa: E402
 from chronos_mlx.workloads import load_prompts  # noqa: E402
+from results import save_json  # noqa: E402
 
 
 def _unpipelined(setup):
@@ -228,8 +229,7 @@ def main():
             v = r.get(c)
             cells.append("" if v is None else f"{v:.3g}" if isinstance(v, float) else str(v))
         print("| " + " | ".join(cells) + " |")
-    if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=2))
+    save_json(args.json, out, indent=2)
 
 
 if __name__ == "__main__":

@@ -18,11 +18,10 @@ no-copies their reads and copies.
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 import statistics
 
 import mlx.core as mx
+from results import save_json
 
 
 def main():
@@ -88,9 +87,8 @@ def main():
     print(_table(times))
     tokens = (args.rounds + 1) * sum(len(f) for f in forced)
     print("decode misses per token: " + ", ".join(f"{k} {v / tokens:.2f}" for k, v in misses.items()))
-    if args.json:
-        Path(args.json).write_text(json.dumps({"budget": args.budget, "rounds": args.rounds, "ms_per_token": times,
-                                               "decode_misses": {k: v / tokens for k, v in misses.items()}}, indent=1))
+    save_json(args.json, {"budget": args.budget, "rounds": args.rounds, "ms_per_token": times,
+              "decode_misses": {k: v / tokens for k, v in misses.items()}}, indent=1)
 
 
 def _table(times: dict) -> str:

@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
+from results import save_json  # noqa: E402
 
 CONFIGS = ("stock", "remap", "wait, resident", "wait, ask every layer", "wait, load every layer", "host read")
 
@@ -141,13 +142,10 @@ def main():
           f"kernels that gave up: {int(box.words[wait_kernels.GAVE_UP])}")
     if service.error:
         print(f"service error: {service.error!r}")
-    if args.json:
-        import json
-
-        Path(args.json).write_text(json.dumps({"device": str(mx.default_device()), "rounds": args.rounds,
-                                               "max_tokens": args.max_tokens, "switch_interval": args.switch_interval,
-                                               "load_mb": args.load_mb, "poll_us": args.poll_us, "ms_per_token": times, "stock_tokens": same,
-                                               "requests": requests}, indent=1))
+    save_json(args.json, {"device": str(mx.default_device()), "rounds": args.rounds,
+              "max_tokens": args.max_tokens, "switch_interval": args.switch_interval,
+              "load_mb": args.load_mb, "poll_us": args.poll_us, "ms_per_token": times, "stock_tokens": same,
+              "requests": requests}, indent=1)
 
 
 if __name__ == "__main__":

@@ -14,10 +14,9 @@ misses per token (summed over layers).
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 import numpy as np
+from results import save_json
 
 
 class _Recorder:
@@ -126,8 +125,7 @@ def main():
         total = sum(misses(seq, slots, num_experts, name) for layers in traces for seq in layers)
         out["misses_per_token"][name] = total / tokens
         print(f"{name:>14}: {total / tokens:6.2f} decode misses per token", flush=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=1))
+    save_json(args.json, out, indent=1)
 
 
 if __name__ == "__main__":

@@ -13,11 +13,10 @@ per budget and segment choice and exits 1 on any difference.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
 import mlx.core as mx
+from results import save_json
 
 
 def main():
@@ -67,8 +66,7 @@ def main():
                   f"  ({rt.counters.recomputes} recomputations, {rows[-1]['device_copies']} device copies,"
                   f" {rows[-1]['device_copy_bytes'] / 1e6:.1f} MB)", flush=True)
             del cm, rt
-    if args.json:
-        Path(args.json).write_text(json.dumps({"device": str(mx.default_device()), "args": vars(args), "rows": rows}, indent=1))
+    save_json(args.json, {"device": str(mx.default_device()), "args": vars(args), "rows": rows}, indent=1)
     sys.exit(0 if ok else 1)
 
 

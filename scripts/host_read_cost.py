@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
+from results import save_json  # noqa: E402
 
 CONFIGS = ("stock", "async_eval", "host read", "host read + remap")
 
@@ -83,11 +84,8 @@ def main():
     for k in CONFIGS:
         ratio = statistics.median(a / b for a, b in zip(times["stock"], times[k]))
         print(f"{k:>18}: {statistics.median(times[k]):6.2f} ms/token   ratio to stock {ratio:.3f}")
-    if args.json:
-        import json
-
-        Path(args.json).write_text(json.dumps({"device": str(mx.default_device()), "rounds": args.rounds,
-                                               "max_tokens": args.max_tokens, "ms_per_token": times}, indent=1))
+    save_json(args.json, {"device": str(mx.default_device()), "rounds": args.rounds,
+              "max_tokens": args.max_tokens, "ms_per_token": times}, indent=1)
 
 
 if __name__ == "__main__":

@@ -14,11 +14,10 @@ Prints microseconds per call and per expert loaded.
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 import time
 
 import numpy as np
+from results import save_json
 
 
 def main():
@@ -70,8 +69,7 @@ def main():
                      "experts_per_call": loaded / args.calls}
     print(f"demand path: {out['demand']['us_per_call']:7.1f} us/call  {out['demand']['us_per_expert']:6.1f} us/expert"
           f"  ({out['demand']['experts_per_call']:.2f} experts loaded per call)")
-    if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=1))
+    save_json(args.json, out, indent=1)
 
 
 if __name__ == "__main__":

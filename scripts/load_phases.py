@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import threading
 import time
 from pathlib import Path
 import sys
 
 import numpy as np
+from results import save_json
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -134,8 +134,7 @@ def main():
                     rows.append(row)
                     print(" ".join(f"{key}={v:.3f}" if isinstance(v, float) else f"{key}={v}" for key, v in row.items()),
                           flush=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"budget": args.budget, "rows": rows}, indent=2))
+    save_json(args.json, {"budget": args.budget, "rows": rows}, indent=2)
 
 
 if __name__ == "__main__":

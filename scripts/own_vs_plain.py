@@ -14,7 +14,6 @@ runs do not. The tokens of all three must be identical (checked every round).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import mlx.core as mx  # noqa: E402
+from results import save_json  # noqa: E402
 
 
 def _decode(steps, n: int):
@@ -91,8 +91,7 @@ def main():
               f"plain loop {row['plain_ratio']:.3f}x (own ahead in {row['own_ahead_in_rounds']}/{args.rounds} "
               f"rounds; per round own {min(ratios['own']):.2f}-{max(ratios['own']):.2f}, plain "
               f"{min(ratios['plain']):.2f}-{max(ratios['plain']):.2f}); tokens identical: {identical}", flush=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=2))
+    save_json(args.json, out, indent=2)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ Also the cost of the activation-statistics observer per routing decision.
 """
 
 import argparse
-import json
 import sys
 import time
 from dataclasses import replace
@@ -47,6 +46,7 @@ from chronos_mlx.shards import ShardIndex, ShardReader  # noqa: E402
 from chronos_mlx.traces import record_traces  # noqa: E402
 from chronos_mlx.usage import ActivationStats  # noqa: E402
 from chronos_mlx.workloads import read_prompts  # noqa: E402
+from results import save_json  # noqa: E402
 
 PROFILES = {"en": "english", "de": "german", "fr": "french", "es": "spanish", "it": "italian", "python": "python", "c": "c"}
 PREFILL_STEP = 2048  # chronos generate_step's default prefill chunk
@@ -298,7 +298,7 @@ def main():
     print_tables(out)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=1))
+        save_json(args.json, out, indent=1)
 
 
 def print_tables(out):

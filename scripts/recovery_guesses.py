@@ -15,13 +15,13 @@ position, so its guesses are always right; a trained model's are not.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import mlx.core as mx  # noqa: E402
+from results import save_json  # noqa: E402
 
 
 def main():
@@ -78,8 +78,7 @@ def main():
               "guessed_experts": guessed, "guesses_used": used, "precision": used / max(guessed, 1)}
     print(f"budget {args.budget}: {n_rec / max(tokens, 1):.2f} recoveries a token; of {guessed} experts loaded "
           f"for layers after the first miss, {used / max(guessed, 1):.1%} were used")
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
+    save_json(args.json, result, indent=1)
 
 
 if __name__ == "__main__":

@@ -38,10 +38,10 @@ import json
 import os
 import struct
 import time
-from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
+from results import save_json
 
 SHAPES = {  # per expert: (rows, uint32 columns) of the weight, group 64, 4-bit
     "gate": (768, 2048 // 8),
@@ -375,8 +375,7 @@ def main():
         r["write_GBps"] = r["bytes_per_iter"] / (extra / 1e3) / 1e9 if r["bytes_per_iter"] and extra > 0 else None
         print(f"{r['method']:>10}: {r['ms_per_iter']:8.3f} ms/iter"
               + (f"  {r['bytes_per_iter'] / 1e6:6.1f} MB  {r['write_GBps']:.2f} GB/s" if r["write_GBps"] else ""), flush=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"device": str(mx.default_device()), "args": vars(args), "rows": rows}, indent=1))
+    save_json(args.json, {"device": str(mx.default_device()), "args": vars(args), "rows": rows}, indent=1)
 
 
 if __name__ == "__main__":
