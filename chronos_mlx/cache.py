@@ -1045,6 +1045,8 @@ class ExpertCache:
         try:
             return up, memoryview(up.staging(nbytes))
         except OSError as e:  # no page-locked memory to be had: host writes from now on
+            if getattr(self._local, "upload", _UNSET) is not _UNSET:
+                raise  # this thread's own upload (device-wait's pulled loads): no host writes
             self.upload, self.upload_error = None, str(e)
             return None, None
 

@@ -14,6 +14,8 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.switch_layers import SwitchGLU, SwitchMLP
 
+from .kernel_match import plan_call
+
 SWITCH_TYPES = (SwitchGLU, SwitchMLP)
 
 
@@ -85,8 +87,14 @@ class StreamingSwitch(nn.Module):
             object.__setattr__(self, "_slot_cache", found)
         return found[name]
 
-    def _project(self, name: str, x, idx, sorted_indices: bool):
+    def _plan(self, name: str, total_rows: int):
+        """How stock's call over `total_rows` rows computes them (kernel_match.py)."""
+        L = self._runtime.cache.layers[self._layer]
+        return plan_call(total_rows, self._specs[name].quantized, L.num_experts, L.num_slots)
+
+    def _project(self, name: str, x, idx, total_rows: int):
         spec, w, scales, biases, bias = self._slots(name)
+        sorted_indices = self._plan(name, total_rows).sorted_indices
         if spec.quantized:
             x = mx.gather_qmm(
                 x,
@@ -106,13 +114,25 @@ class StreamingSwitch(nn.Module):
             x = x + mx.expand_dims(bias[idx], -2)
         return x
 
-    def _experts(self, x, idx, sorted_indices: bool):
+    def _experts(self, x, idx, total_rows: int):
+        """The expert products of rows `x` (their slots `idx`), part of a layer call of
+        `total_rows` rows: each projection called as stock's call over all of them is."""
         if self._glu:
-            x_up = self._project("up_proj", x, idx, sorted_indices)
-            x_gate = self._project("gate_proj", x, idx, sorted_indices)
-            return self._project("down_proj", self.activation(x_up, x_gate), idx, sorted_indices)
-        x = self.activation(self._project("fc1", x, idx, sorted_indices))
-        return self._project("fc2", x, idx, sorted_indices)
+            x_up = self._project("up_proj", x, idx, total_rows)
+            x_gate = self._project("gate_proj", x, idx, total_rows)
+            return self._project("down_proj", self.activation(x_up, x_gate), idx, total_rows)
+        x = self.activation(self._project("fc1", x, idx, total_rows))
+        return self._project("fc2", x, idx, total_rows)
+
+    def _padded_experts(self, x_rows, idx: np.ndarray, total_rows: int):
+        """`_experts` of part of a call, padded with copies of its last row to the rows the
+        kernel stock's whole call uses needs (kernel_match.py); the copies are dropped."""
+        n = len(idx)
+        need = max(self._plan(name, total_rows).min_rows for name in self._specs)
+        if n < need:
+            idx = np.concatenate([idx, np.repeat(idx[-1:], need - n)])
+            x_rows = mx.concatenate([x_rows, mx.repeat(x_rows[-1:], need - n, axis=0)])
+        return self._experts(x_rows, mx.array(idx.astype(np.uint32)), total_rows)[:n]
 
     def __call__(self, x, indices) -> mx.array:
         indices = mx.stop_gradient(indices)
@@ -127,10 +147,10 @@ class StreamingSwitch(nn.Module):
             flat = slots.flatten()
             order = mx.argsort(flat)
             inv_order = mx.argsort(order)
-            y = self._experts(x.flatten(0, -3)[order // M], flat[order], True)
+            y = self._experts(x.flatten(0, -3)[order // M], flat[order], indices.size)
             y = mx.unflatten(y[inv_order], 0, indices.shape)
         else:
-            y = self._experts(x, slots, False)
+            y = self._experts(x, slots, indices.size)
         if self._runtime.mode == "sync" and not self._runtime.gated(self._layer) and not self._runtime.cache.layers[self._layer].full:
             # Routed on the spot: start this layer's experts now, so they compute while
             # Python builds the next layer's graph. (A gated layer must not start before
@@ -146,7 +166,9 @@ class StreamingSwitch(nn.Module):
         Pairs (token, k) are sorted by expert and cut into waves of at most `slots`
         distinct experts; each wave's experts are loaded, its rows computed and evaluated
         before the next wave overwrites the slots. Each output row depends on exactly one
-        expert, so the result equals the one-shot computation.
+        expert, and each wave goes through the kernel the one-shot call would use (padded
+        where the backend picks kernels by row count: kernel_match.py), so the result equals
+        the one-shot computation bit for bit.
         """
         *_, M = indices.shape
         flat = np.array(indices).reshape(-1).astype(np.int64)
@@ -167,9 +189,7 @@ class StreamingSwitch(nn.Module):
             slot_ids = self._runtime.cache.slots_for(self._layer, flat[rows])
             by_slot = np.argsort(slot_ids, kind="stable")
             rows, slot_ids = rows[by_slot], slot_ids[by_slot]
-            y = self._experts(
-                x_rows[mx.array(rows // M)], mx.array(slot_ids.astype(np.uint32)), True
-            )
+            y = self._padded_experts(x_rows[mx.array(rows // M)], slot_ids, flat.size)
             mx.eval(y)  # the next wave reuses these slots
             outs.append(y)
             perm.append(rows)

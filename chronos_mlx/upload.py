@@ -58,13 +58,7 @@ class DeviceUpload:
         st = self._local.__dict__.get("state")
         if st is None:
             lib = self._lib
-            ctx = ctypes.c_void_p()
-            self._check(lib.cuCtxGetCurrent(ctypes.byref(ctx)), "cuCtxGetCurrent")
-            if not ctx.value:
-                dev = ctypes.c_int()
-                self._check(lib.cuDeviceGet(ctypes.byref(dev), 0), "cuDeviceGet")
-                self._check(lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev), "cuDevicePrimaryCtxRetain")
-                self._check(lib.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
+            make_context_current(lib)
             stream = ctypes.c_void_p()
             self._check(lib.cuStreamCreate(ctypes.byref(stream), 1), "cuStreamCreate")  # non-blocking
             st = self._local.state = _ThreadStaging(lib, stream)
@@ -174,6 +168,23 @@ class _ThreadStaging:
             self.lib.cuStreamDestroy_v2(self.stream)
         except Exception:  # interpreter shutdown: the process gives everything back anyway
             pass
+
+
+def make_context_current(lib):
+    """Make the device's primary context current on this thread (MLX makes it current only on
+    the threads it runs on; a driver call elsewhere fails with CUDA_ERROR_INVALID_CONTEXT)."""
+
+    def check(err, what):
+        if err:
+            raise OSError(f"CUDA driver: {what} returned error {err}")
+
+    ctx = ctypes.c_void_p()
+    check(lib.cuCtxGetCurrent(ctypes.byref(ctx)), "cuCtxGetCurrent")
+    if not ctx.value:
+        dev = ctypes.c_int()
+        check(lib.cuDeviceGet(ctypes.byref(dev), 0), "cuDeviceGet")
+        check(lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev), "cuDevicePrimaryCtxRetain")
+        check(lib.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
 
 
 def _driver():

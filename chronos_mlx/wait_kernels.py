@@ -285,9 +285,12 @@ def driver():
 
 
 def pinned_alloc(lib):
-    """nbytes -> a page-locked uint8 array the device can read (kept for the process)."""
+    """nbytes -> a page-locked uint8 array the device can read (kept for the process); any
+    thread (the service thread allocates its staging: the context is made current first)."""
+    from .upload import make_context_current
 
     def alloc(nbytes: int) -> np.ndarray:
+        make_context_current(lib)
         ptr = ctypes.c_void_p()
         err = lib.cuMemHostAlloc(ctypes.byref(ptr), nbytes, 0x1 | 0x2)  # PORTABLE | DEVICEMAP
         if err:
