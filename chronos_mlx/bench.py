@@ -177,7 +177,6 @@ def _stock_run(model, prompt, max_tokens, forced=None, temp=None):
 # any caller): what a user of `mlx_lm.generate` on a `chronos_mlx.load`ed model gets.
 PLAIN = "mlx_lm"
 WHOLE_TOKEN = "whole-token"  # optimistic with no segment end: one host read a step (a bench mode)
-DEVICE_PULL = "device-wait-pull"  # device-wait routing whose loads the waiting kernel copies (a bench mode)
 
 
 def _plain_run(model, runtime, prompt, max_tokens, forced=None, temp=None):
@@ -226,12 +225,6 @@ def _chronos_run(model, runtime, prompt, max_tokens, sync, forced=None, temp=Non
     prof = DECODE_PROFILER
     try:
         ends = frozenset() if sync == WHOLE_TOKEN else None
-        if sync == DEVICE_PULL:
-            from .device_wait import DeviceWaiter
-
-            if runtime.waiter is None or runtime.waiter.pull is None:
-                runtime.waiter = DeviceWaiter(runtime, pull=True)
-            sync = "device-wait"
         for tok, _ in generate_step(mx.array(prompt), model, runtime, max_tokens=max_tokens,
                                     sync="optimistic" if sync == WHOLE_TOKEN else sync, sampler=sampler,
                                     prompt_cache=prompt_cache, segment_ends=ends):

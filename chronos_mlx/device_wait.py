@@ -183,13 +183,15 @@ class DeviceWaiter:
                  staging_alloc=None):
         """`mailbox`, `kernel`, `staging_alloc`: a host stand-in (`Mailbox.host()`,
         `host_kernel`, numpy buffers) where there is no CUDA (tests); by default page-locked
-        memory and the CUDA kernels. `pull` (default: CHRONOS_DEVICE_PULL=1): loads are
-        copied by the waiting kernel from page-locked staging (`DevicePull`) instead of
-        written into managed memory by the host."""
+        memory and the CUDA kernels. `pull`: loads are copied by the waiting kernel from
+        page-locked staging (`DevicePull`) instead of written by the host — always so with
+        the CUDA kernels (default): on an H200 a host write into MLX's managed memory while a
+        kernel spins never completed (the page cannot migrate), nor did a copy-engine copy.
+        Host writes remain for the stand-in (and memory both sides truly share)."""
         self.runtime = runtime
         cache = runtime.cache
         if pull is None:
-            pull = os.environ.get("CHRONOS_DEVICE_PULL", "0") == "1"
+            pull = mailbox is None
         needs_driver = mailbox is None or (pull and staging_alloc is None)
         lib = driver() if needs_driver else None
         self.mailbox = mailbox if mailbox is not None else Mailbox.pinned(lib)

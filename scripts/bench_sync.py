@@ -102,7 +102,7 @@ def main():
     ap.add_argument("--io-sim", default=None)
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--modes", default="optimistic,per-layer,mlx_lm",
-                    help="chronos variants: optimistic (segments), per-layer (gated), device-wait (CUDA: layers wait on the GPU for a loader thread), device-wait-pull (the same, the GPU copying the loads), whole-token (optimistic, no segment end: a miss reloads every missed layer at once and recomputes), per-layer-stop (per-layer that stops graph construction at each layer, as before gates), mlx_lm (the chronos model in stock mlx_lm's loop); :predictor appends one")
+                    help="chronos variants: optimistic (segments), per-layer (gated), device-wait (CUDA: layers wait on the GPU for a loader thread, the GPU copying the loads), whole-token (optimistic, no segment end: a miss reloads every missed layer at once and recomputes), per-layer-stop (per-layer that stops graph construction at each layer, as before gates), mlx_lm (the chronos model in stock mlx_lm's loop); :predictor appends one")
     ap.add_argument("--interleave", action="store_true", help="load all, measure round-robin (noisy machines)")
     ap.add_argument("--max-prompt-tokens", type=int, default=128)
     ap.add_argument("--greedy", action="store_true", help="greedy decoding instead of replay")

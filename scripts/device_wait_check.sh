@@ -30,11 +30,11 @@ from mlx_lm.generate import generate_step
 m, t = load(str(chronos_mlx.DEFAULT_MODEL)); m.set_dtype(mx.bfloat16)
 print([int(x) for x, _ in generate_step(mx.array(t.encode('The history of')), m, max_tokens=4)])"
 step tests 240 python3 -m pytest -q -p no:cacheprovider -o addopts="" -o faulthandler_timeout=60 tests/test_device_wait.py tests/test_wait_kernels.py
-step exact 240 python3 scripts/exact_check.py --budgets 0.5,0.25 --max-tokens 16 --ends planned,device-wait,device-wait-pull \
+step exact 240 python3 scripts/exact_check.py --budgets 0.5,0.25 --max-tokens 16 --ends planned,device-wait \
   --json "$OUT/exact.json"
 [ -f "$Q48/config.json" ] || step make-q48 150 python3 scripts/make_synthetic_moe.py "$Q48" --model-type qwen3_moe \
   --geometry qwen3-30b-a3b --layers 48 --bits 4 --dtype bfloat16
 step cost 200 python3 scripts/device_wait_cost.py --model "$Q48" --rounds 3 --max-tokens 32 --load-mb 2.65 --json "$OUT/cost.json"
 step bench 420 python3 scripts/bench_sync.py --model "$Q48" --routing trained --budgets "$BUDGETS" \
-  --modes device-wait,device-wait-pull,optimistic,per-layer --max-tokens "$TOKENS" --repeats 1 --prompts 1 \
+  --modes device-wait,optimistic,per-layer --max-tokens "$TOKENS" --repeats 1 --prompts 1 \
   --interleave --no-probe --json "$OUT/bench.json"

@@ -26,7 +26,7 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=24)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--prompt", default="The history of the Roman Empire begins")
-    ap.add_argument("--ends", default="planned", help="comma-separated: planned (the planner's segment ends), none (whole-token optimism), device-wait (CUDA: layers wait on the device for their experts), device-wait-pull (the same, the device copying the loads)")
+    ap.add_argument("--ends", default="planned", help="comma-separated: planned (the planner's segment ends), none (whole-token optimism), device-wait (CUDA: layers wait on the device, which copies the loads the host staged)")
     ap.add_argument("--cpu", action="store_true")
     ap.add_argument("--json")
     args = ap.parse_args()
@@ -48,12 +48,8 @@ def main():
     for b in [float(x) for x in args.budgets.split(",")]:
         for ends in args.ends.split(","):
             cm, _, rt = chronos_mlx.load(str(path), expert_budget=b, dtype=args.dtype)
-            if ends == "device-wait-pull":  # the GPU copies the loads itself (device_wait.DevicePull)
-                from chronos_mlx.device_wait import DeviceWaiter
-
-                rt.waiter = DeviceWaiter(rt, pull=True)
             got = [t for t, _ in generate_step(prompt, cm, rt, max_tokens=args.max_tokens,
-                                               sync="device-wait" if ends.startswith("device-wait") else "optimistic",
+                                               sync="device-wait" if ends == "device-wait" else "optimistic",
                                                segment_ends=frozenset() if ends == "none" else None)]
             up = rt.cache.upload if rt.cache is not None else None
             same = got == want

@@ -23,12 +23,20 @@ MAX_TOKENS = 12
 cuda = pytest.mark.skipif(not wait_kernels.available(), reason="needs MLX's CUDA backend")
 
 
+def _not_on_cuda():
+    """The host stand-in writes slots from the host while steps run, which CUDA's managed
+    memory cannot take: there the real kernel is tested instead (the `cuda` tests)."""
+    if wait_kernels.available():
+        pytest.skip("on CUDA the kernel itself is tested instead of the host stand-in")
+
+
 @pytest.fixture(scope="module")
 def reference(demo_prompt_ids):
     return stock_greedy(DEMO, demo_prompt_ids, MAX_TOKENS)
 
 
 def _host_waiter(runtime, pull=False):
+    _not_on_cuda()
     box = Mailbox.host()
     alloc = (lambda n: np.zeros(n, dtype=np.uint8)) if pull else None
     return DeviceWaiter(runtime, mailbox=box, kernel=host_kernel(box), pull=pull, staging_alloc=alloc)
@@ -201,6 +209,7 @@ def test_a_pulled_load_that_cannot_be_answered_leaves_nothing_that_looks_residen
 def test_a_layer_that_stopped_waiting_makes_the_step_an_error(demo_prompt_ids, monkeypatch):
     """A kernel that waited too long (the service gone) marks the mailbox and computes with
     whatever its table said: the loop must not hand out that step's token."""
+    _not_on_cuda()
     monkeypatch.setattr(device_wait, "available", lambda: True)
     model, _, runtime = chronos_mlx.load(None, expert_budget=0.5)
     box = Mailbox.host()
@@ -308,16 +317,12 @@ def test_while_layers_wait_for_their_experts_no_thread_uses_the_copy_engine(refe
 
 
 @cuda
-@pytest.mark.parametrize("budget,pull", [(0.5, False), (0.125, False), (0.5, True), (0.125, True)])
-def test_on_cuda_layers_that_wait_for_their_experts_give_stock_tokens(budget, pull, demo_prompt_ids):
+@pytest.mark.parametrize("budget", [0.5, 0.125])
+def test_on_cuda_layers_that_wait_for_their_experts_give_stock_tokens(budget, demo_prompt_ids):
     ref_ids, _ = stock_greedy(DEMO, demo_prompt_ids, MAX_TOKENS, dtype=mx.bfloat16)
     model, _, runtime = chronos_mlx.load(None, expert_budget=budget, dtype="bfloat16")
-    runtime.waiter = DeviceWaiter(runtime, pull=pull)
-    try:
-        ids, _ = _decode(runtime, model, demo_prompt_ids)
-    finally:
-        runtime.waiter.close()
+    ids, _ = _decode(runtime, model, demo_prompt_ids)  # the decode loop makes the CUDA waiter
+    runtime.waiter.close()
     assert ids == ref_ids
     assert runtime.stats()["device_waits"] > 0
-    if pull:
-        assert runtime.waiter.pull.bytes > 0  # the loads were copied by the device
+    assert runtime.waiter.pull.bytes > 0  # the loads were copied by the device
