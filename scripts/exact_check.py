@@ -1,13 +1,15 @@
 """Greedy tokens of chronos vs stock mlx_lm on this machine's default device.
 
     python scripts/exact_check.py [--model DIR] [--budgets 1.0,0.5,0.25] [--max-tokens 24]
-                                  [--dtype bfloat16] [--ends planned,none] [--cpu] [--json OUT]
+                                  [--dtype bfloat16] [--ends planned,none] [--workload it --prompts 3]
+                                  [--cpu] [--json OUT]
 
 The test suite checks exactness on MLX's CPU backend; this runs the same comparison where
 the suite does not (a CUDA GPU, Metal), through whatever write path the device uses
 (on CUDA: the copy engine, upload.py). --ends none also decodes with no segment end
-(every miss recovered by recomputing, its layers reloaded as one batch). Prints one line
-per budget and segment choice and exits 1 on any difference.
+(every miss recovered by recomputing, its layers reloaded as one batch). --prompts N adds the
+first N prompts of a bundled workload (long prompts prefill in waves: kernel_match.py). Prints
+one line per prompt, budget and segment choice and exits 1 on any difference.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=24)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--prompt", default="The history of the Roman Empire begins")
+    ap.add_argument("--workload", default="en", help="bundled workload (or .jsonl) for --prompts")
+    ap.add_argument("--prompts", type=int, default=0, help="also this many prompts of --workload")
     ap.add_argument("--ends", default="planned", help="comma-separated: planned (the planner's segment ends), none (whole-token optimism), device-wait (CUDA: layers wait on the device, which copies the loads the host staged)")
     ap.add_argument("--cpu", action="store_true")
     ap.add_argument("--json")
@@ -41,27 +45,40 @@ def main():
     dtype = getattr(mx, args.dtype)
     model, tok = load(str(path))
     model.set_dtype(dtype)
-    prompt = mx.array(tok.encode(args.prompt))
-    want = [int(t) for t, _ in stock_step(prompt, model, max_tokens=args.max_tokens)]
+    texts = [args.prompt]
+    if args.prompts:
+        from chronos_mlx.workloads import read_prompts
+
+        texts += read_prompts(args.workload)[: args.prompts]
+    wants = []
+    for text in texts:
+        prompt = mx.array(tok.encode(text))
+        wants.append((prompt, [int(t) for t, _ in stock_step(prompt, model, max_tokens=args.max_tokens)]))
     del model
     rows, ok = [], True
-    for b in [float(x) for x in args.budgets.split(",")]:
-        for ends in args.ends.split(","):
-            cm, _, rt = chronos_mlx.load(str(path), expert_budget=b, dtype=args.dtype)
-            got = [t for t, _ in generate_step(prompt, cm, rt, max_tokens=args.max_tokens,
-                                               sync="device-wait" if ends == "device-wait" else "optimistic",
-                                               segment_ends=frozenset() if ends == "none" else None)]
-            up = rt.cache.upload if rt.cache is not None else None
-            same = got == want
-            ok &= same
-            first = next((i for i, (a, c) in enumerate(zip(got, want)) if a != c), None)
-            rows.append({"budget": b, "ends": ends, "exact": same, "first_difference": first,
-                         "recomputes": rt.counters.recomputes, "device_waits": rt.stats()["device_waits"],
-                         "device_copies": up.copies if up else 0, "device_copy_bytes": up.bytes if up else 0})
-            print(f"budget {b:>4}, ends {ends}: {'exact' if same else f'DIFFERS at token {first}'}"
-                  f"  ({rt.counters.recomputes} recomputations, {rows[-1]['device_copies']} device copies,"
-                  f" {rows[-1]['device_copy_bytes'] / 1e6:.1f} MB)", flush=True)
-            del cm, rt
+    for p, (prompt, want) in enumerate(wants):
+        for b in [float(x) for x in args.budgets.split(",")]:
+            for ends in args.ends.split(","):
+                cm, _, rt = chronos_mlx.load(str(path), expert_budget=b, dtype=args.dtype)
+                got = [t for t, _ in generate_step(prompt, cm, rt, max_tokens=args.max_tokens,
+                                                   sync="device-wait" if ends == "device-wait" else "optimistic",
+                                                   segment_ends=frozenset() if ends == "none" else None)]
+                if rt.waiter is not None:
+                    rt.waiter.close()
+                up = rt.cache.upload if rt.cache is not None else None
+                same = got == want
+                ok &= same
+                first = next((i for i, (a, c) in enumerate(zip(got, want)) if a != c), None)
+                rows.append({"prompt": p, "prompt_tokens": prompt.size, "budget": b, "ends": ends, "exact": same,
+                             "first_difference": first, "recomputes": rt.counters.recomputes,
+                             "device_waits": rt.stats()["device_waits"],
+                             "device_copies": up.copies if up else 0, "device_copy_bytes": up.bytes if up else 0})
+                print(f"prompt {p} ({prompt.size} tokens), budget {b:>5}, ends {ends}: "
+                      f"{'exact' if same else f'DIFFERS at token {first}'}"
+                      f"  ({rt.counters.recomputes} recomputations, {rows[-1]['device_waits']} device waits,"
+                      f" {rows[-1]['device_copies']} device copies, {rows[-1]['device_copy_bytes'] / 1e6:.1f} MB)",
+                      flush=True)
+                del cm, rt
     save_json(args.json, {"device": str(mx.default_device()), "args": vars(args), "rows": rows}, indent=1)
     sys.exit(0 if ok else 1)
 
