@@ -5,9 +5,9 @@
 #   OUT=$OUT bash scripts/device_wait_check.sh            (after `source .device/final/install.sh`)
 # Q48=/tmp/q48 is written first if missing (~1 min); BUDGETS / TOKENS shape the last step.
 # A device call may run 600 s: split with STEPS, back to back on the warm machine, e.g.
-#   STEPS=warm-up,tests,exact   then   STEPS=make-q48,cost   then   STEPS=bench
+#   STEPS=warm-up,tests,exact   then   STEPS=make-q48,warm-q48,cost   then   STEPS=bench
 set -uo pipefail
-STEPS=${STEPS:-warm-up,tests,exact,make-q48,cost,bench}
+STEPS=${STEPS:-warm-up,tests,exact,make-q48,warm-q48,cost,bench}
 OUT=${OUT:-/tmp/out}
 Q48=${Q48:-/tmp/q48}
 BUDGETS=${BUDGETS:-0.97,0.5,0.25}
@@ -30,10 +30,17 @@ from mlx_lm.generate import generate_step
 m, t = load(str(chronos_mlx.DEFAULT_MODEL)); m.set_dtype(mx.bfloat16)
 print([int(x) for x, _ in generate_step(mx.array(t.encode('The history of')), m, max_tokens=4)])"
 step tests 240 python3 -m pytest -q -p no:cacheprovider -o addopts="" -o faulthandler_timeout=60 tests/test_device_wait.py tests/test_wait_kernels.py
-step exact 240 python3 scripts/exact_check.py --budgets 0.5,0.25 --max-tokens 16 --ends planned,device-wait \
+step exact 240 python3 scripts/exact_check.py --budgets 0.5,0.25 --max-tokens 16 --ends planned,device-wait --workload python --prompts 3 \
   --json "$OUT/exact.json"
 [ -f "$Q48/config.json" ] || step make-q48 150 python3 scripts/make_synthetic_moe.py "$Q48" --model-type qwen3_moe \
   --geometry qwen3-30b-a3b --layers 48 --bits 4 --dtype bfloat16
+# New shapes JIT-compile again (session 12's bench ran out of time in its first device-wait step).
+step warm-q48 240 python3 -c "
+import mlx.core as mx
+from mlx_lm import load
+from mlx_lm.generate import generate_step
+m, t = load('$Q48'); m.set_dtype(mx.bfloat16)
+print([int(x) for x, _ in generate_step(mx.array(t.encode('The history of')), m, max_tokens=4)])"
 step cost 200 python3 scripts/device_wait_cost.py --model "$Q48" --rounds 3 --max-tokens 32 --load-mb 2.65 --json "$OUT/cost.json"
 step bench 420 python3 scripts/bench_sync.py --model "$Q48" --routing trained --budgets "$BUDGETS" \
   --modes device-wait,optimistic,per-layer --max-tokens "$TOKENS" --repeats 1 --prompts 1 \
