@@ -81,3 +81,50 @@ def test_a_short_part_is_computed_padded_and_cut_back(where, rows_called, monkey
     assert calls == [rows_called]
     assert got.shape[0] == 3
     assert mx.array_equal(got, experts(x, mx.array(idx.astype(np.uint32)), 512))
+
+
+def _mlx_kernel(where, M, B, E, sorted_indices):
+    """Which kernel MLX 0.32's GatherQMM::eval_gpu runs for a call (transposed, affine), written
+    from its dispatch independently of kernel_match's plans."""
+    if where == "cuda":
+        return "qmv" if M * B < 8 else "qmm"
+    if M == 1 and B >= 16 and sorted_indices and B // E >= 4:
+        return "qmm_rhs"
+    return "qmm" if M >= 4 else "qmv"  # Metal's vector limit is at least 4
+
+
+@pytest.mark.parametrize("where", ["cuda", "metal"])
+@pytest.mark.parametrize("budget", [0.5, 0.125])
+def test_every_expert_product_uses_the_kernel_stocks_call_would(where, budget, monkeypatch):
+    """Every gather_qmm chronos makes — decode steps, prefill waves, recomputed layers — against
+    the kernel stock's one call over the same layer invocation picks (M = 1, B = its rows,
+    E = the model's experts, sorted from 64 rows)."""
+    import numpy as np
+
+    from chronos_mlx.generate import generate_step
+
+    monkeypatch.setattr(kernel_match, "backend", lambda: where)
+    model, _, runtime = chronos_mlx.load(None, expert_budget=budget)
+    E = runtime.cache.layers[0].num_experts
+    seen, total = [], [0]
+    call = streaming.StreamingSwitch.__call__
+
+    def invocation(self, x, indices):
+        total[0] = indices.size
+        return call(self, x, indices)
+
+    real = mx.gather_qmm
+
+    def gather_qmm(x, w, *args, rhs_indices=None, sorted_indices=False, **kw):
+        M = x.shape[-2]
+        B = int(np.prod(np.broadcast_shapes(x.shape[:-2], rhs_indices.shape)))
+        seen.append((_mlx_kernel(where, M, B, w.shape[0], sorted_indices),
+                     _mlx_kernel(where, 1, total[0], E, total[0] >= 64), B, total[0]))
+        return real(x, w, *args, rhs_indices=rhs_indices, sorted_indices=sorted_indices, **kw)
+
+    monkeypatch.setattr(streaming.StreamingSwitch, "__call__", invocation)
+    monkeypatch.setattr(mx, "gather_qmm", gather_qmm)
+    for prompt in (list(range(200, 460, 3)), [5, 17, 99]):  # waves, then a short prompt
+        list(generate_step(mx.array(prompt), model, runtime, max_tokens=4))
+    assert any(rows < whole for _, _, rows, whole in seen)  # some calls were parts (waves)
+    assert [s[:2] for s in seen if s[0] != s[1]] == []
