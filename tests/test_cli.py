@@ -196,6 +196,40 @@ def test_generate_runs_a_dense_model_unchanged_with_a_notice_on_stderr(runner, d
     assert "no MoE layers" in result.stderr
 
 
+# --- verify --tokens ------------------------------------------------------------------
+
+
+def test_verify_tokens_compares_with_stock_mlx_lm_on_this_machine(runner):
+    result = runner.invoke(app, ["verify", "--tokens", "--budgets", "0.25", "--routing", "optimistic",
+                                 "-p", "Once upon a time", "--max-tokens", "3", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["ok"] and [c["exact"] for c in report["checks"]] == [True]
+
+    table = runner.invoke(app, ["verify", "--tokens", "--budgets", "0.25", "--routing", "per-layer",
+                                "-p", "Once upon a time", "--max-tokens", "3"])
+    assert table.exit_code == 0 and "identical (3 tokens)" in table.stdout
+
+
+def test_verify_tokens_exits_1_and_says_so_when_a_token_differs(runner, monkeypatch):
+    from chronos_mlx import generate
+
+    real = generate.generate_step
+    monkeypatch.setattr(generate, "generate_step",
+                        lambda *a, **k: ((t + 1, lp) for t, lp in real(*a, **k)))
+    result = runner.invoke(app, ["verify", "--tokens", "--budgets", "0.5", "--routing", "optimistic",
+                                 "-p", "Once upon a time", "--max-tokens", "2"])
+    assert result.exit_code == 1
+    assert "DIFFERS at token 0" in result.stdout
+    assert "1 of 1 check(s) differ from stock mlx_lm" in result.stderr and "Traceback" not in result.output
+
+
+def test_verify_tokens_rejects_a_budget_outside_0_1_in_one_line(runner):
+    result = runner.invoke(app, ["verify", "--tokens", "--budgets", "2"])
+    assert result.exit_code == 2
+    assert "--budgets takes fractions in (0, 1]" in result.stderr and "Traceback" not in result.output
+
+
 # --- chat ----------------------------------------------------------------------------
 
 

@@ -1,5 +1,6 @@
 """`chronos verify`: sha256 of every shard, checked against the Hugging Face cache or the
-model's manifest (written by the first run), with a progress bar."""
+model's manifest (written by the first run), with a progress bar; `--tokens`: chronos's greedy
+tokens against stock mlx_lm's on this machine."""
 
 import json
 import sys
@@ -10,7 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from .app import app
-from .common import err, error_line, hint_line, human_bytes, out, user_errors
+from .common import DTYPE_HELP, CliError, DtypeChoice, err, error_line, hint_line, human_bytes, out, user_errors
 
 
 def hashing_progress(description: str):
@@ -35,6 +36,21 @@ def verify(
     update: Annotated[
         bool, typer.Option("--update", help="Record a new manifest from the files as they are now (after a deliberate change).")
     ] = False,
+    tokens: Annotated[
+        bool,
+        typer.Option("--tokens", help="Instead of the shards: decode greedily with stock mlx_lm and with chronos at "
+                     "--budgets on this machine and compare the tokens (stock loads the whole model: use a small "
+                     "model of the same architecture and quantization)."),
+    ] = False,
+    budgets: Annotated[str, typer.Option("--budgets", metavar="B,B", help="With --tokens: expert budgets to check.")] = "0.5,0.125",
+    routing: Annotated[
+        str, typer.Option("--routing", metavar="MODE,MODE", help="With --tokens: decode routings to check (optimistic, per-layer; device-wait on CUDA).")
+    ] = "optimistic,per-layer",
+    prompt: Annotated[
+        Optional[list[str]], typer.Option("--prompt", "-p", help="With --tokens: a prompt (repeat for more). Default: a short and a long one.")
+    ] = None,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", min=1, help="With --tokens: greedy tokens per prompt.")] = 16,
+    dtype: Annotated[DtypeChoice, typer.Option("--dtype", help=DTYPE_HELP)] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")] = False,
 ):
     """Check a model's shards: sha256 of every shard against what the Hugging Face cache
@@ -50,7 +66,11 @@ def verify(
     [cyan]chronos verify mlx-community/Qwen3-30B-A3B-4bit[/cyan]
 
     [cyan]chronos generate -m ./my-model --verify-experts -p "Hello"[/cyan]
+
+    [cyan]chronos verify --tokens[/cyan]            (the demo model's tokens against stock mlx_lm, here)
     """
+    if tokens:
+        return _verify_tokens(model, budgets, routing, prompt, max_tokens, dtype, as_json)
     from ..verify import verify_model
 
     bar, on_start, on_bytes = hashing_progress("sha256")
@@ -81,3 +101,44 @@ def verify(
     if not as_json:
         err.print(f"[green]verified[/green] {human_bytes(sum(s.size for s in report.shards))} in {report.seconds:.1f} s",
                   soft_wrap=True)
+
+
+def _verify_tokens(model, budgets, routing, prompts, max_tokens, dtype, as_json):
+    """`chronos verify --tokens`: exit 0 when every check gives stock's tokens, 1 otherwise."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from ..equivalence import check_against_stock
+
+    try:
+        levels = [float(b) for b in budgets.split(",") if b.strip()]
+    except ValueError:
+        raise CliError(f"--budgets takes fractions like 0.5,0.125, got '{budgets}'") from None
+    if not levels or not all(0 < b <= 1 for b in levels):
+        raise CliError(f"--budgets takes fractions in (0, 1], got '{budgets}'")
+    modes = [m.strip() for m in routing.split(",") if m.strip()]
+    n_prompts = len(prompts) if prompts else 2
+    bar = Progress(TextColumn("comparing tokens"), BarColumn(), MofNCompleteColumn(), console=err,
+                   transient=not err.is_terminal)
+    task = bar.add_task("tokens", total=len(levels) * len(modes) * n_prompts)
+    with bar:
+        report = check_against_stock(model, budgets=levels, routings=modes, prompts=prompts, max_tokens=max_tokens,
+                                     dtype=None if dtype == "auto" else dtype,
+                                     on_check=lambda _: bar.advance(task))
+    if as_json:
+        sys.stdout.write(json.dumps(report.to_json()) + "\n")
+    else:
+        table = Table(title=f"{escape(report.model.name)} · {report.device} · {report.dtype} · greedy tokens vs stock mlx_lm",
+                      title_justify="left")
+        for col in ("prompt", "budget", "routing", "result"):
+            table.add_column(col, justify="right" if col in ("prompt", "budget") else "left")
+        for c in report.checks:
+            result = (f"[green]identical ({c.tokens} tokens)[/green]" if c.exact
+                      else f"[red]DIFFERS at token {c.first_difference}[/red]")
+            table.add_row(f"{c.prompt} ({c.prompt_tokens} tok)", f"{c.budget:g}", c.routing, result)
+        out.print(table)
+    if not report.ok:
+        bad = [c for c in report.checks if not c.exact]
+        error_line(f"{len(bad)} of {len(report.checks)} check(s) differ from stock mlx_lm on {report.device}")
+        hint_line("please report it with `chronos verify --tokens --json` and your mlx / mlx-lm versions; "
+                  "until fixed, a budget of 1.0 runs every expert resident")
+        raise typer.Exit(1)

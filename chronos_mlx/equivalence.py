@@ -1,0 +1,126 @@
+"""Does chronos decode stock mlx_lm's greedy tokens on this machine? (`chronos verify --tokens`)
+
+The test suite proves it on MLX's CPU backend. A GPU picks kernels by shape and rounds in
+bfloat16, so exactness there also rests on calling MLX's kernels as stock does
+(kernel_match.py), whose rules are read from one MLX version's dispatch: after an MLX
+upgrade, or on a GPU nobody has checked, this runs the same comparison where the user is.
+
+Stock mlx_lm loads every weight of the model, so the check refuses a model larger than the
+memory this process may use (a small model of the same architecture and quantization checks
+the same kernels).
+
+Library code: nothing here prints; each finished comparison goes to a callback.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import mlx.core as mx
+
+from .errors import ChronosError
+
+
+
+@dataclass
+class TokenCheck:
+    prompt: int  # index into the report's prompts
+    prompt_tokens: int
+    budget: float
+    routing: str
+    exact: bool
+    first_difference: Optional[int]  # index of the first differing token, None when exact
+    tokens: int
+
+
+@dataclass
+class EquivalenceReport:
+    model: Path
+    device: str
+    dtype: str
+    prompts: list
+    checks: list = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(c.exact for c in self.checks)
+
+    def to_json(self) -> dict:
+        return {"model": str(self.model), "device": self.device, "dtype": self.dtype, "ok": self.ok,
+                "prompts": self.prompts, "checks": [asdict(c) for c in self.checks]}
+
+
+def default_prompts() -> list:
+    """A short prompt and a long one (it prefills in waves at small budgets)."""
+    from .workloads import read_prompts
+
+    return ["The history of the Roman Empire begins", read_prompts("python")[0]]
+
+
+def check_against_stock(
+    model=None,
+    *,
+    budgets=(0.5, 0.125),
+    routings=("optimistic",),
+    prompts: Optional[list] = None,
+    max_tokens: int = 16,
+    dtype=None,
+    on_check: Optional[Callable[[TokenCheck], None]] = None,
+    memory_bytes: Optional[int] = None,
+) -> EquivalenceReport:
+    """Greedy tokens of stock mlx_lm and of chronos at each budget and routing, per prompt.
+
+    `memory_bytes`: what stock's full load may take (default: what this process may use now)."""
+    import chronos_mlx
+    from mlx_lm import load
+    from mlx_lm.generate import generate_step as stock_step
+
+    from .generate import available_sync_modes, generate_step
+    from .loader import compute_dtype, plan_model
+    from .memory import machine_memory
+
+    modes = available_sync_modes()
+    bad = [r for r in routings if r not in modes]
+    if bad:
+        raise ChronosError(f"routing '{bad[0]}' cannot run here (choose from {', '.join(modes)})")
+    if max_tokens < 1:
+        raise ChronosError("max_tokens must be at least 1")
+    plan = plan_model(model, dtype)
+    info = plan.info
+    if not plan.switches:
+        raise ChronosError(f"{plan.path.name} has no MoE layers: chronos runs it unchanged, there is nothing to compare")
+    whole = info["dense_bytes"] + info["expert_bytes_total"]
+    room = machine_memory().available_bytes if memory_bytes is None else memory_bytes
+    if whole > 0.8 * room:
+        raise ChronosError(
+            f"stock mlx_lm would hold all {whole / 2**30:.1f} GiB of {plan.path.name} in memory, and this process "
+            f"may use {room / 2**30:.1f} GiB: check a smaller model of the same architecture and quantization "
+            "(the same kernels), e.g. the embedded demo model"
+        )
+    path = plan.path
+    del plan
+    target = compute_dtype(dtype)
+    stock, tokenizer = load(str(path))
+    if target is not None:
+        stock.set_dtype(target)
+    texts = list(prompts) if prompts else default_prompts()
+    encoded = [mx.array(tokenizer.encode(t)) for t in texts]
+    wanted = [[int(t) for t, _ in stock_step(p, stock, max_tokens=max_tokens)] for p in encoded]
+    report = EquivalenceReport(path, str(mx.default_device()), info["dtype"], texts)
+    del stock
+    for budget in budgets:
+        for routing in routings:
+            cm, _, runtime = chronos_mlx.load(str(path), expert_budget=budget, dtype=dtype)
+            for i, (prompt, want) in enumerate(zip(encoded, wanted)):
+                got = [int(t) for t, _ in generate_step(prompt, cm, runtime, max_tokens=max_tokens, sync=routing)]
+                first = next((k for k, (a, b) in enumerate(zip(got, want)) if a != b), None)
+                if first is None and len(got) != len(want):
+                    first = min(len(got), len(want))
+                check = TokenCheck(i, prompt.size, float(budget), routing, first is None, first, len(want))
+                report.checks.append(check)
+                if on_check is not None:
+                    on_check(check)
+            del cm, runtime
+    return report

@@ -1,0 +1,55 @@
+"""equivalence.py (`chronos verify --tokens`): chronos's greedy tokens against stock mlx_lm's,
+on whatever device runs it. Here (MLX's CPU backend) they are identical; the check must also
+say so when they are not, and refuse what it cannot compare."""
+
+import pytest
+
+import chronos_mlx
+from chronos_mlx import generate
+from chronos_mlx.equivalence import check_against_stock
+from chronos_mlx.errors import ChronosError
+from synthetic import write_synthetic_moe
+
+
+def test_the_demo_model_gives_stock_tokens_at_every_budget_and_routing():
+    seen = []
+    report = check_against_stock(budgets=(0.5, 0.125), routings=("optimistic", "per-layer"), max_tokens=5,
+                                 on_check=seen.append)
+    assert report.ok
+    assert len(report.checks) == 2 * 2 * 2 and seen == report.checks  # budgets x routings x prompts
+    assert {c.prompt_tokens for c in report.checks} == {12, 351}  # a short prompt, and one that prefills in waves
+    assert report.to_json()["ok"] is True and report.to_json()["device"] == report.device
+
+
+def test_a_different_token_is_reported_with_where_it_happened(monkeypatch):
+    real = generate.generate_step
+
+    def third_token_off(*args, **kwargs):
+        for i, (token, logprobs) in enumerate(real(*args, **kwargs)):
+            yield (token + 1 if i == 2 else token), logprobs
+
+    monkeypatch.setattr(generate, "generate_step", third_token_off)
+    report = check_against_stock(budgets=(0.5,), routings=("optimistic",), prompts=["Once upon a time"], max_tokens=4)
+    assert not report.ok
+    assert [(c.exact, c.first_difference) for c in report.checks] == [(False, 2)]
+
+
+def test_a_model_stock_cannot_hold_is_refused_before_anything_is_loaded():
+    with pytest.raises(ChronosError, match="smaller model of the same architecture"):
+        check_against_stock(memory_bytes=1 << 20)
+
+
+def test_a_model_without_moe_layers_has_nothing_to_compare(tmp_path):
+    path = write_synthetic_moe(tmp_path / "llama", "llama", bits=4)
+    with pytest.raises(ChronosError, match="no MoE layers"):
+        check_against_stock(path)
+
+
+def test_a_routing_this_machine_cannot_run_is_a_clear_error():
+    with pytest.raises(ChronosError, match="cannot run here"):
+        check_against_stock(routings=("telepathy",))
+
+
+def test_the_demo_model_is_the_default():
+    report = check_against_stock(budgets=(1.0,), routings=("optimistic",), prompts=["Hello"], max_tokens=2)
+    assert report.model.name == chronos_mlx.DEFAULT_MODEL.name and report.ok
