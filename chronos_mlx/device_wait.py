@@ -213,6 +213,7 @@ class DeviceWaiter:
         self._tag = None
         self._lock = threading.Lock()
         self.requests = 0
+        self._warmed: set = set()  # id counts the kernels ran for (`warm`)
         self._gave_up = int(self.mailbox.words[GAVE_UP])
         self._pass: list = []
         # How long the service sleeps between looks at the mailbox: a round trip costs about
@@ -226,11 +227,25 @@ class DeviceWaiter:
         from the host (a copy-engine copy would wait for a kernel that waits for it), no
         load is in flight, every table is current."""
         cache = self.runtime.cache
+        self.warm()
         cache.copy_engine_paused = True
         cache.wait_for_loads()
         for i, view in enumerate(self.views):
             cache.write_wait_table(i, view)
         self.service.resume()
+
+    def warm(self, n: int | None = None):
+        """Run the kernels once for `n` ids (default: the model's top-k, one decode token's)
+        with every id resident, so MLX compiles them now and not inside the first timed step
+        (a fresh machine's compile can take seconds)."""
+        n = n or int(self.runtime.info.get("top_k") or 1)
+        if n in self._warmed:
+            return
+        ids = mx.arange(n, dtype=mx.uint32)
+        out = self._kernel(ids, mx.arange(n, dtype=mx.uint32), self.mailbox.box, self.layer_ids[0], self.layer_ids[0],
+                           pull=self.pull is not None)
+        mx.eval(out)
+        self._warmed.add(n)
 
     def end(self, stream=None):
         """After the last step: once everything queued on `stream` has run (the service still

@@ -158,6 +158,20 @@ def test_a_resident_layer_never_asks_the_host(demo_prompt_ids, waiting):
     assert runtime.stats()["misses"] == 0
 
 
+def test_the_kernels_run_once_before_the_first_step_without_asking(demo_prompt_ids, waiting):
+    """`begin` warms the kernels for one decode token's ids (MLX compiles them then, not in a
+    timed step), with every id resident: no request reaches the service."""
+    model, runtime = waiting(0.5)
+    calls = []
+    kernel = runtime.waiter._kernel
+    runtime.waiter._kernel = lambda ids, *a, **k: (calls.append(ids.size), kernel(ids, *a, **k))[1]
+    runtime.waiter.begin()
+    assert calls == [8] and runtime.waiter.requests == 0  # top-8
+    runtime.waiter.begin()  # once per size
+    assert calls == [8]
+    runtime.waiter.end()
+
+
 def test_between_generations_the_service_thread_does_not_poll(demo_prompt_ids, waiting):
     model, runtime = waiting(0.5)
     polling = []
