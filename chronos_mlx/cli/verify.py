@@ -47,19 +47,20 @@ def verify(
         str, typer.Option("--routing", metavar="MODE,MODE", help="With --tokens: decode routings to check (optimistic, per-layer; device-wait on CUDA).")
     ] = "optimistic,per-layer",
     prompt: Annotated[
-        Optional[list[str]], typer.Option("--prompt", "-p", help="With --tokens: a prompt (repeat for more). Default: a short and a long one.")
+        Optional[list[str]], typer.Option("--prompt", "-p", metavar="TEXT", help="With --tokens: a prompt (repeat for more). Default: a short and a long one.")
     ] = None,
     max_tokens: Annotated[int, typer.Option("--max-tokens", min=1, help="With --tokens: greedy tokens per prompt.")] = 16,
     dtype: Annotated[DtypeChoice, typer.Option("--dtype", help=DTYPE_HELP)] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")] = False,
 ):
     """Check a model's shards: sha256 of every shard against what the Hugging Face cache
-    records (its blob names are sha256 hashes) or the manifest the first run wrote.
+    records (its blob names are sha256 hashes) or the manifest the first run wrote. With
+    --tokens: check that chronos decodes stock mlx_lm's greedy tokens on this machine.
 
     The first run records the manifest (shard hashes and one hash per expert, used by
     [bold]--verify-experts[/bold]) in ~/.cache/chronos-mlx/manifests (or
     $CHRONOS_MANIFEST_DIR); later runs check against it. Exit code 0: every shard
-    matches; 1: a shard does not; 2: usage errors.
+    matches (every token, with --tokens); 1: a shard (a token) does not; 2: usage errors.
 
     [bold]Examples[/bold]
 
