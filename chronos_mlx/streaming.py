@@ -88,9 +88,18 @@ class StreamingSwitch(nn.Module):
         return found[name]
 
     def _plan(self, name: str, total_rows: int):
-        """How stock's call over `total_rows` rows computes them (kernel_match.py)."""
-        L = self._runtime.cache.layers[self._layer]
-        return plan_call(total_rows, self._specs[name].quantized, L.num_experts, L.num_slots)
+        """How stock's call over `total_rows` rows computes them (kernel_match.py); kept per
+        (projection, rows): this runs three times a layer of every token."""
+        plans = self.__dict__.get("_plans")
+        if plans is None:
+            plans = {}
+            object.__setattr__(self, "_plans", plans)
+        plan = plans.get((name, total_rows))
+        if plan is None:
+            L = self._runtime.cache.layers[self._layer]
+            plan = plans[(name, total_rows)] = plan_call(total_rows, self._specs[name].quantized, L.num_experts,
+                                                         L.num_slots)
+        return plan
 
     def _project(self, name: str, x, idx, total_rows: int):
         spec, w, scales, biases, bias = self._slots(name)
