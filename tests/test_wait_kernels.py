@@ -64,7 +64,7 @@ def test_the_shipped_kernels_compile_for_a_hopper_gpu():
     for name, inputs, outputs, consts, body in [
         ("wait", ids, [("uint32_t", "slots")], [("N", 8), ("ALWAYS", 0)], wait_kernels._SOURCE.replace("LIMIT", limit)),
         ("pull", ids, [("uint32_t", "slots"), ("uint64_t", "plan")], [("N", 8), ("ALWAYS", 0), ("MAXC", 128)], pull),
-        ("copy", [("uint64_t", "plan")], [("uint32_t", "done")], [], wait_kernels._PULL_COPY),
+        ("copy", [("uint64_t", "plan"), ("uint32_t", "slots")], [("uint32_t", "out")], [("N", 8)], wait_kernels._PULL_COPY),
     ]:
         assert _compile_like_mlx(nvrtc, name, inputs, outputs, consts, body) == "", name
 

@@ -1,0 +1,96 @@
+"""Where does the service thread spend a device-wait request? (CUDA; prints as it goes.)
+
+Decodes a few tokens of the demo model with device-wait routing, timing every request the
+service handles; a watchdog prints the service thread's stack whenever one request has run
+for longer than --stall seconds. --prealloc allocates the page-locked staging on the main
+thread before the first step (a driver allocation inside a request may wait for the device).
+  python scripts/device_wait_trace.py --budget 0.5 --tokens 4 [--prealloc] [--limit-s 2]"""
+import argparse
+import faulthandler
+import sys
+import threading
+import time
+import traceback
+
+sys.path.insert(0, ".")
+import mlx.core as mx
+
+import chronos_mlx
+from chronos_mlx import wait_kernels
+from chronos_mlx.generate import generate_step
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--budget", type=float, default=0.5)
+    ap.add_argument("--tokens", type=int, default=4)
+    ap.add_argument("--stall", type=float, default=0.5)
+    ap.add_argument("--limit-s", type=float, default=2.0, help="a kernel gives up after about this long")
+    ap.add_argument("--prealloc", action="store_true")
+    args = ap.parse_args()
+    wait_kernels.WAIT_LIMIT_CYCLES = int(args.limit_s * 2e9)
+    model, tok, rt = chronos_mlx.load(None, expert_budget=args.budget, dtype="bfloat16")
+    prompt = mx.array(tok.encode("def fibonacci(n):\n    "))
+    from chronos_mlx import device_wait
+
+    rt.waiter = device_wait.DeviceWaiter(rt)
+    if args.prealloc:
+        rt.waiter.pull.staging(1)
+        rt.waiter.pull.take()
+        print("staging allocated on the main thread", flush=True)
+    svc = rt.waiter.service
+    inner = rt.waiter._handle
+    state = {"t": None, "n": 0}
+
+    def timed(layer, ids, tag):
+        # Re-armed at every request (after MLX's compile): fires only when requests stop.
+        # faulthandler's watchdog is a C thread: it dumps even while one thread holds Python's lock.
+        faulthandler.dump_traceback_later(args.limit_s * 0.75, exit=False)
+        state["t"] = time.perf_counter()
+        try:
+            inner(layer, ids, tag)
+        finally:
+            dt = time.perf_counter() - state["t"]
+            state["t"] = None
+            state["n"] += 1
+            print(f"request {state['n']} at {time.perf_counter() - t_start:.3f} s: layer {layer}, tag {tag}, "
+                  f"{len(set(ids.tolist()))} ids, {dt * 1e3:.1f} ms, words[:8] {words[:8].tolist()}", flush=True)
+
+    svc._handle = timed
+
+    words = rt.waiter.mailbox.words
+    t_start = time.perf_counter()
+
+    def watchdog():
+        printed = None
+        gave_up = int(words[4])
+        while True:
+            time.sleep(0.002)
+            if int(words[4]) != gave_up:
+                gave_up = int(words[4])
+                print(f"--- a kernel gave up at {time.perf_counter() - t_start:.3f} s; words[:8] {words[:8].tolist()}", flush=True)
+                for ident, frame in sys._current_frames().items():
+                    print(f"thread {ident}:", "".join(traceback.format_stack(frame)[-4:]), flush=True)
+            t = state["t"]
+            if t is not None and time.perf_counter() - t > args.stall and printed != t:
+                printed = t
+                frame = sys._current_frames().get(svc._thread.ident)
+                print(f"--- service stuck {time.perf_counter() - t:.2f} s in:", flush=True)
+                print("".join(traceback.format_stack(frame)), flush=True)
+
+    threading.Thread(target=watchdog, daemon=True).start()
+    t0 = time.perf_counter()
+    try:
+        for i, (t, _) in enumerate(generate_step(prompt, model, rt, max_tokens=args.tokens, sync="device-wait")):
+            faulthandler.cancel_dump_traceback_later()
+            print(f"token {i}: {int(t)} at {time.perf_counter() - t0:.2f} s", flush=True)
+            faulthandler.dump_traceback_later(args.limit_s * 0.75, exit=False)
+    except Exception as e:  # noqa: BLE001
+        print("FAILED:", type(e).__name__, e, flush=True)
+    faulthandler.cancel_dump_traceback_later()
+    print("requests", state["n"], "stats", {k: v for k, v in rt.stats().items() if "wait" in k or "sync" in k}, flush=True)
+    rt.waiter.close()
+
+
+if __name__ == "__main__":
+    main()
