@@ -56,10 +56,6 @@ from .wait_kernels import (
 __all__ = ["ABSENT", "GAVE_UP", "MAX_COPIES", "MAX_IDS", "Mailbox", "available", "host_kernel", "max_copies",
            "wait_for_experts", "MissService", "DevicePull", "DeviceWaiter"]
 
-def _JOIN_STREAM():
-    return mx.cpu if os.environ.get("CHRONOS_WAIT_JOIN", "cpu") == "cpu" else mx.default_stream(mx.default_device())
-
-
 class MissService:
     """A thread that answers the device's requests: `handle(layer, ids, tag)` loads what is
     missing and writes the layer's wait table (returning once both are where the device
@@ -273,10 +269,11 @@ class DeviceWaiter:
         got, self._pass = self._pass, []
         if not got:
             return None
-        # Joined on the CPU stream: the result is host memory. A GPU buffer read on the main
-        # thread moves to host memory with Python's lock held (MLX's CUDA allocator), which
-        # waits for the device — and a kernel waiting for the service thread never ends.
-        flat = mx.concatenate([i.reshape(-1) for _, i in got], stream=_JOIN_STREAM())
+        # Joined on the CPU stream: the result is host memory. Reading a GPU buffer moves it to
+        # host memory with Python's lock held (MLX's CUDA allocator), and that copy waits for
+        # the device: a kernel waiting for the service thread (which needs the lock) never
+        # ended (H200, session 13). On the CPU stream the wait happens inside `eval`, unlocked.
+        flat = mx.concatenate([i.reshape(-1) for _, i in got], stream=mx.cpu)
         return self._passes, [l for l, _ in got], [i.size for _, i in got], flat
 
     def _handle(self, layer: int, ids: np.ndarray, tag: int = 0):
