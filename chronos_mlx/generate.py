@@ -128,7 +128,13 @@ def generate_step(
             if after is not None:  # before the sampler, which may read the caches (replay)
                 after.restore()
         logprobs = logits - mx.logsumexp(logits, keepdims=True)
-        return sampler(logprobs), logprobs.squeeze(0)
+        y, logprobs = sampler(logprobs), logprobs.squeeze(0)
+        if waiting:
+            # The caller gets them in host memory (a copy on the CPU stream, x1.0 is exact): a GPU
+            # buffer read while the next step's kernels wait for the service thread would move
+            # to the host under Python's lock and wait for the device (docs/device_wait.md).
+            logprobs = mx.multiply(logprobs, 1.0, stream=mx.cpu)
+        return y, logprobs
 
     resumable = runtime.resume if optimistic else None  # (ResumeState, decoder index per MoE layer)
     if resumable:
