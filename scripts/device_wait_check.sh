@@ -5,15 +5,21 @@
 #   OUT=$OUT bash scripts/device_wait_check.sh            (after `source .device/final/install.sh`)
 # Q48=/tmp/q48 is written first if missing (~1 min); BUDGETS / TOKENS shape the last step.
 # A device call may run 600 s: split with STEPS, back to back on the warm machine, e.g.
-#   STEPS=warm-up,tests,exact   then   STEPS=make-q48,warm-q48,cost   then   STEPS=bench
+#   STEPS=warm-up,trace,tests,exact,save-ptx   then   STEPS=make-q48,warm-q48,cost   then   STEPS=bench
 set -uo pipefail
-STEPS=${STEPS:-warm-up,tests,exact,make-q48,warm-q48,cost,bench}
+STEPS=${STEPS:-warm-up,trace,tests,exact,save-ptx,make-q48,warm-q48,cost,bench}
 OUT=${OUT:-/tmp/out}
 Q48=${Q48:-/tmp/q48}
 BUDGETS=${BUDGETS:-0.97,0.5,0.25}
 TOKENS=${TOKENS:-16}
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
+# MLX's CUDA kernels compile on first use (~85 s for the demo on a fresh machine, every cold start).
+# Its compile cache lives in MLX_PTX_CACHE_DIR: seeded from .device/ptx when a call carries it, and
+# written back as $OUT/ptx.tar.xz (step save-ptx): unpack it into .device/ptx and carry that too.
+export MLX_PTX_CACHE_DIR=${MLX_PTX_CACHE_DIR:-/tmp/mlx-ptx}
+mkdir -p "$MLX_PTX_CACHE_DIR"
+[ -d .device/ptx ] && cp -rn .device/ptx/. "$MLX_PTX_CACHE_DIR"/
 step() {  # name, seconds, command...
   local name=$1 limit=$2; shift 2
   case ",$STEPS," in *",$name,"*) ;; *) return 0 ;; esac
@@ -29,9 +35,13 @@ from mlx_lm import load
 from mlx_lm.generate import generate_step
 m, t = load(str(chronos_mlx.DEFAULT_MODEL)); m.set_dtype(mx.bfloat16)
 print([int(x) for x, _ in generate_step(mx.array(t.encode('The history of')), m, max_tokens=4)])"
+# Every request timed; if requests stop, every thread's stack (faulthandler) — a hang shows where.
+step trace 120 python3 scripts/device_wait_trace.py --budget 0.5 --tokens 8 --limit-s 2
 step tests 240 python3 -m pytest -q -p no:cacheprovider -o addopts="" -o faulthandler_timeout=60 tests/test_device_wait.py tests/test_wait_kernels.py
 step exact 240 python3 scripts/exact_check.py --budgets 0.5,0.25 --max-tokens 16 --ends planned,device-wait --workload python --prompts 3 \
   --json "$OUT/exact.json"
+# The kernels compiled so far (stock's, chronos's, the wait kernels'): carry them next time as .device/ptx.
+step save-ptx 60 tar cJf "$OUT/ptx.tar.xz" -C "$MLX_PTX_CACHE_DIR" .
 [ -f "$Q48/config.json" ] || step make-q48 150 python3 scripts/make_synthetic_moe.py "$Q48" --model-type qwen3_moe \
   --geometry qwen3-30b-a3b --layers 48 --bits 4 --dtype bfloat16
 # New shapes JIT-compile again (session 12's bench ran out of time in its first device-wait step).
