@@ -172,6 +172,28 @@ def test_the_kernels_run_once_before_the_first_step_without_asking(demo_prompt_i
     runtime.waiter.end()
 
 
+def test_what_the_loop_reads_back_from_a_step_is_made_in_host_memory(demo_prompt_ids, waiting, monkeypatch):
+    """The step's ids are joined, and the logprobs the loop yields copied, on the CPU stream. On
+    CUDA, reading a GPU buffer into numpy moves it to host memory while holding Python's lock,
+    and that move waits for the device — whose next kernel may be waiting for the service
+    thread, which needs the lock (a deadlock until the kernel gives up, seen on an H200)."""
+    model, runtime = waiting(0.5)
+    on_cpu = []
+    for name in ("concatenate", "multiply"):
+        real = getattr(mx, name)
+
+        def spy(*a, _real=real, _name=name, **k):
+            if k.get("stream") is mx.cpu:
+                on_cpu.append(_name)
+            return _real(*a, **k)
+
+        monkeypatch.setattr(mx, name, spy)
+    ids, _ = _decode(runtime, model, demo_prompt_ids)
+    passes = MAX_TOKENS + 1  # the step after the last token runs too
+    assert on_cpu.count("concatenate") == passes  # every pass's ids
+    assert on_cpu.count("multiply") == passes  # every pass's logprobs
+
+
 def test_between_generations_the_service_thread_does_not_poll(demo_prompt_ids, waiting):
     model, runtime = waiting(0.5)
     polling = []
