@@ -56,6 +56,15 @@ from .wait_kernels import (
 __all__ = ["ABSENT", "GAVE_UP", "MAX_COPIES", "MAX_IDS", "Mailbox", "available", "host_kernel", "max_copies",
            "wait_for_experts", "MissService", "DevicePull", "DeviceWaiter"]
 
+def _drain(stream=None):
+    """Wait until everything queued on `stream` (default: the default device's) has run,
+    without Python's lock: `mx.synchronize` keeps it, so a kernel still waiting for the service
+    thread would never be answered. A new op on the stream is done only after everything
+    queued before it; `mx.eval` lets go of the lock while it waits."""
+    stream = stream if stream is not None else mx.default_stream(mx.default_device())
+    mx.eval(mx.zeros((1,), dtype=mx.uint32, stream=stream))
+
+
 class MissService:
     """A thread that answers the device's requests: `handle(layer, ids, tag)` loads what is
     missing and writes the layer's wait table (returning once both are where the device
@@ -249,12 +258,15 @@ class DeviceWaiter:
 
     def end(self, stream=None):
         """After the last step: once everything queued on `stream` has run (the service still
-        answering), the service stops polling and the copy engine writes slots again."""
+        answering), the service stops polling and the copy engine writes slots again. Raises
+        (`check`) if a kernel of those last steps stopped waiting: the KV cache they wrote is
+        not stock's."""
         try:
-            mx.synchronize(stream) if stream is not None else mx.synchronize()
+            _drain(stream)
         finally:
             self.service.pause()
             self.runtime.cache.copy_engine_paused = False
+        self.check()
 
     def route(self, layer: int, indices: mx.array) -> mx.array:
         if not self._pass:  # a new pass: its requests carry its number

@@ -271,6 +271,36 @@ def test_a_layer_that_stopped_waiting_makes_the_step_an_error(demo_prompt_ids, m
     assert len(yielded) < 20 // len(runtime.cache.layers)  # not the step that gave up, nor any after
 
 
+def test_a_last_step_that_stopped_waiting_is_an_error_too(demo_prompt_ids, waiting, monkeypatch):
+    """The step after the last token runs too (its KV entries stay, as in mlx_lm), and its last
+    layers may still be waiting when the loop has read its routing: a kernel that gives up
+    while the loop waits for it leaves a cache that is not stock's, so the generation ends
+    with the error, after every (exact) token."""
+    model, runtime = waiting(0.5)
+    waiter, real_drain = runtime.waiter, device_wait._drain
+
+    def a_kernel_gives_up_meanwhile(stream=None):
+        waiter.mailbox.words[device_wait.GAVE_UP] += 1
+        real_drain(stream)
+
+    monkeypatch.setattr(device_wait, "_drain", a_kernel_gives_up_meanwhile)
+    yielded = []
+    with pytest.raises(RuntimeError, match="stopped waiting"):
+        for tok, _ in generate_step(mx.array(demo_prompt_ids), model, runtime, max_tokens=MAX_TOKENS,
+                                    sync="device-wait"):
+            yielded.append(tok)
+    assert len(yielded) == MAX_TOKENS
+
+
+def test_after_the_last_step_the_loop_waits_without_holding_pythons_lock(demo_prompt_ids, waiting, monkeypatch):
+    """`mx.synchronize` keeps Python's lock while it waits: a kernel of the last step still
+    waiting for the service thread (which needs the lock) would never be answered."""
+    model, runtime = waiting(0.5)
+    monkeypatch.setattr(mx, "synchronize", lambda *a: pytest.fail("mx.synchronize while kernels may wait"))
+    ids, _ = _decode(runtime, model, demo_prompt_ids)
+    assert len(ids) == MAX_TOKENS
+
+
 def test_the_wait_table_marks_absent_experts_and_follows_loads(monkeypatch):
     model, _, runtime = chronos_mlx.load(None, expert_budget=0.25)
     waiter = _host_waiter(runtime)
