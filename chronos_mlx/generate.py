@@ -396,7 +396,9 @@ def generate_step(
             c.generated_tokens += 1
             yield token, step.logprobs
             n += 1
-            if n % 256 == 0:
+            # (Not under device-wait: freeing cached managed memory waits for the device with
+            # Python's lock held, and the next step's kernels may be waiting for the service.)
+            if n % 256 == 0 and not waiting:
                 mx.clear_cache()
             if n == max_tokens:
                 break
