@@ -372,12 +372,31 @@ def _load(config: BenchConfig, model_path, dtype):
     return model, runtime
 
 
+def failed_row(config: BenchConfig, error: BaseException) -> dict:
+    """The row of a configuration that failed while it was measured (a runtime error in its
+    decoding, e.g. device-wait's kernel giving up): its name and why, no figures. The other
+    configurations are still measured and reported."""
+    return {"name": config.name, "kind": config.kind, "budget": config.budget, "sync": config.sync,
+            "decode_tokens_per_s": None, "error": f"{type(error).__name__}: {error}"}
+
+
 def measure(config: BenchConfig, model_path, prompts, *, max_tokens=64, repeats=3, warmup=1, dtype=None, progress=None,
             forced=None, temp=None):
     """Load one configuration, warm it up and measure it; returns medians and spread.
 
     forced: per prompt, the tokens to decode after it (replay: forced decoding of a
-    text, see `replay_texts`); temp: sample at this temperature instead of greedy."""
+    text, see `replay_texts`); temp: sample at this temperature instead of greedy.
+    A RuntimeError while it runs gives its `failed_row` (user errors still raise)."""
+    try:
+        return _measure(config, model_path, prompts, max_tokens=max_tokens, repeats=repeats, warmup=warmup,
+                        dtype=dtype, progress=progress, forced=forced, temp=temp)
+    except RuntimeError as e:
+        gc.collect()
+        mx.clear_cache()
+        return failed_row(config, e)
+
+
+def _measure(config: BenchConfig, model_path, prompts, *, max_tokens, repeats, warmup, dtype, progress, forced, temp):
     gc.collect()
     mx.clear_cache()
     mx.reset_peak_memory()
@@ -477,17 +496,26 @@ def measure_interleaved(configs, model_path, prompts, *, max_tokens=64, repeats=
     loaded = [(cfg, *_load(cfg, model_path, dtype)) for cfg in configs]
     per_config = {cfg.name: [] for cfg in configs}
     recorders = {cfg.name: _recorder(runtime) for cfg, _, runtime in loaded}
-    marks = {}
+    marks, failed = {}, {}
     for r in range(warmup + repeats):
         for cfg, model, runtime in loaded:
+            if cfg.name in failed:  # a runtime error: it is reported, the others go on
+                continue
             recorder = recorders[cfg.name]
             if r == warmup and recorder is not None:
                 marks[cfg.name] = ({l: len(seq) for l, seq in recorder.sequences.items()}, _resident_sets(runtime))
-            runs = _run_prompts(model, runtime, cfg.sync, prompts, forced, temp, max_tokens, recorder)
+            try:
+                runs = _run_prompts(model, runtime, cfg.sync, prompts, forced, temp, max_tokens, recorder)
+            except RuntimeError as e:
+                failed[cfg.name] = failed_row(cfg, e)
+                continue
             if r >= warmup:
                 per_config[cfg.name].append(_aggregate(runs))
     rows = []
     for cfg, model, runtime in loaded:
+        if cfg.name in failed:
+            rows.append(failed[cfg.name])
+            continue
         row = {"name": cfg.name, "kind": cfg.kind, **_summarise(per_config[cfg.name]),
                "decoding": "replay" if forced is not None else f"temp={temp}" if temp else "greedy"}
         if runtime is not None:
@@ -506,8 +534,9 @@ def add_ratios(rows: list[dict], probe: dict | None = None) -> list[dict]:
     ceiling = next((r["decode_tokens_per_s"] for r in rows if r["name"] == RESIDENT), None)
     best = (probe or {}).get("best_bytes_per_s")
     for r in rows:
-        r["ratio_to_resident"] = r["decode_tokens_per_s"] / ceiling if ceiling else None
-        if r.get("kind") != "chronos":
+        speed = r.get("decode_tokens_per_s")
+        r["ratio_to_resident"] = speed / ceiling if ceiling and speed is not None else None
+        if r.get("kind") != "chronos" or speed is None:  # a failed configuration has no figures
             continue
         rate = r.get("io_sim_bandwidth_bytes_per_s") or best
         read = r.get("decode_bytes_read_per_token")
@@ -643,6 +672,8 @@ def plot(result: dict, path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
     lines: dict[str, list] = {}
     for r in result["results"]:
+        if r.get("decode_tokens_per_s") is None:  # failed: in the table and the JSON, not the plot
+            continue
         if r["kind"] == "chronos":
             base = r["name"].rsplit("@", 1)[0]
             lines.setdefault(base, []).append((float(r.get("budget_fraction") or r["budget"]), r["decode_tokens_per_s"]))

@@ -204,7 +204,9 @@ def main():
             if prof is not None:
                 chronos_mlx.bench.DECODE_PROFILER = None
                 _print_profile(prof, cfg.name, args.profile)
-            print(f"  measured {cfg.name}: {rows[-1]['decode_tokens_per_s']:.1f} tok/s", file=sys.stderr, flush=True)
+            got = rows[-1]
+            print(f"  measured {cfg.name}: " + (f"FAILED ({got['error']})" if got.get("error") else
+                                                f"{got['decode_tokens_per_s']:.1f} tok/s"), file=sys.stderr, flush=True)
         # The ceiling again at the end: drift between first and last shows the noise floor.
         rows.append(measure(BenchConfig(RESIDENT + "-again", kind=RESIDENT, setup=setup), args.model, prompts,
                             max_tokens=args.max_tokens, repeats=args.repeats, dtype=args.dtype, forced=forced,
@@ -220,7 +222,7 @@ def main():
             "decode_bytes_read_per_token", "belady_decode_bytes_read_per_token",
             "effective_load_bytes_per_s", "load_rate_to_roofline", "decode_misses_per_token",
             "prefetch_hits_per_token",
-            "prediction_recall", "mlx_peak_memory_bytes"]
+            "prediction_recall", "mlx_peak_memory_bytes", "error"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for r in out["results"]:

@@ -52,6 +52,42 @@ def test_io_sim_adds_the_bound_it_implies(tiny, tmp_path):
     assert partial["io_bound_tokens_per_s"] == pytest.approx(1e9 / partial["belady_bytes_read_per_token"])
 
 
+def _failing_at(budget, monkeypatch):
+    """Make every decode of chronos at `budget` raise a runtime error (as device-wait does when
+    a kernel gives up); the other configurations run as usual."""
+    real = bench._run_prompts
+
+    def run(model, runtime, *a, **k):
+        if runtime is not None and runtime.info.get("budget_fraction") == budget:
+            raise RuntimeError("a MoE layer stopped waiting for its experts")
+        return real(model, runtime, *a, **k)
+
+    monkeypatch.setattr(bench, "_run_prompts", run)
+
+
+def test_a_configuration_that_fails_is_reported_and_the_others_are_measured(tiny, tmp_path, monkeypatch):
+    _failing_at(0.25, monkeypatch)
+    result, out = _bench(tiny, tmp_path, "--png", str(tmp_path / "r.png"))
+    assert result.exit_code == 1
+    assert "chronos-lru@0.25 failed" in result.output and "stopped waiting" in result.output
+    assert "Traceback" not in result.output
+    rows = {r["name"]: r for r in json.loads(out.read_text())["results"]}  # written all the same
+    assert rows["chronos-lru@0.25"]["error"] == "RuntimeError: a MoE layer stopped waiting for its experts"
+    assert rows["chronos-lru@0.25"]["decode_tokens_per_s"] is None
+    assert rows["chronos-lru@1.0"]["decode_tokens_per_s"] > 0 and rows["chronos-lru@1.0"]["ratio_to_resident"] > 0
+    assert (tmp_path / "r.png").stat().st_size > 1000  # the plot leaves the failed one out
+
+
+def test_interleaved_measurement_goes_on_without_a_configuration_that_failed(tiny, monkeypatch):
+    _failing_at(0.25, monkeypatch)
+    configs = [bench.BenchConfig(f"chronos@{b}", budget=str(b)) for b in (1.0, 0.25)]
+    rows = bench.measure_interleaved(configs, str(tiny), [[1, 2, 3]], max_tokens=3, repeats=2, warmup=0)
+    by_name = {r["name"]: r for r in rows}
+    assert by_name["chronos@0.25"]["error"].startswith("RuntimeError")
+    assert by_name["chronos@1.0"]["decode_tokens_per_s"] > 0
+    assert bench.add_ratios(rows)  # figures where there are some, none where it failed
+
+
 def test_resident_is_skipped_with_a_notice_when_the_model_cannot_fit(monkeypatch):
     monkeypatch.setattr(bench, "_memory_bytes", lambda: 1000)
     configs, notices = bench.plan_configs([1.0], info={"dense_bytes": 10**6, "expert_bytes_total": 10**9})

@@ -108,6 +108,9 @@ def bench(
     rate (decode bytes read / stall), the I/O roofline min(resident tok/s, read rate / decode
     bytes per token) from the read probe (or --io-sim's bandwidth) and the ratio to it.
 
+    A configuration that fails while it runs (a runtime error in its decoding) is reported
+    with its error; the others are still measured and saved, and the exit status is 1.
+
     Example: chronos bench --workload it --budgets 1,0.5,0.25 --io-sim bandwidth=5GB/s,latency=80us --json out.json --png out.png
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -219,3 +222,10 @@ def bench(
             err.print(f"wrote {png}")
         except OSError as e:
             raise ChronosError(f"{png}: cannot write ({e.strerror or e}); the results are in the table above") from None
+    failed = [r for r in result["results"] if r.get("error")]
+    for r in failed:
+        err.print(f"[red]{escape(r['name'])} failed:[/red] {escape(r['error'])}")
+    if failed:  # the others are measured and saved above; the exit status still says so
+        err.print(f"error: {len(failed)} of {len(result['results'])} configurations failed; the other figures "
+                  "are in the table" + (" and --json" if json_out else ""))
+        raise typer.Exit(1)
