@@ -554,12 +554,14 @@ class ExpertCache:
                     L.expert_in[slot] = -1
         self._abandon(L, reserved, exc)
 
-    def ensure(self, layer: int, experts, protect=None, retries: int = 0) -> list:
+    def ensure(self, layer: int, experts, protect=None, retries: int = 0, prefetch: bool = False) -> list:
         """Make `experts` of `layer` resident and wait for them; returns those it loaded.
 
         Experts already being prefetched are waited for, not read twice. Victims are chosen
         by the layer's policy, never among `experts` (nor `protect`). The caller guarantees
         no queued computation still reads the slot of an expert that may be evicted.
+        `prefetch`: the loads are guesses (counted as prefetches: a hit when used, wasted
+        bytes when evicted unused), read now all the same (device_wait's service thread).
         """
         L = self.layers[layer]
         if self.deferred and threading.current_thread() is threading.main_thread():
@@ -575,7 +577,7 @@ class ExpertCache:
         keep = set(experts)
         if protect is not None and len(keep | set(protect)) <= L.num_slots:
             keep |= set(protect)
-        if not retries and threading.current_thread() is threading.main_thread():
+        if not retries and not prefetch and threading.current_thread() is threading.main_thread():
             loaded = self._ensure_now(L, experts, keep)
             if loaded is not None:
                 return loaded
@@ -606,7 +608,7 @@ class ExpertCache:
                         L.expert_in[slot] = -2  # reserved: the next _take_slot must not hand it out
                         loaded.append(e)
                         demand.append((e, slot))
-                    batch = self._reserve(L, demand, prefetch=False)
+                    batch = self._reserve(L, demand, prefetch=prefetch)
                     futures += [fut for *_, fut in batch]
                     running = [f for _, f, pf in L.pending.values() if pf] if blocked else []
             except BaseException as exc:  # nothing reserved here may stay claimed
@@ -614,7 +616,7 @@ class ExpertCache:
                 raise
             # Demand reads run here: the caller waits for them anyway, and a hand-off to a
             # reader thread costs more than the copy. The batch's reads are in flight together.
-            deadline = self._run_batch(L, batch, prefetch=False, wait=False)
+            deadline = self._run_batch(L, batch, prefetch=prefetch, wait=False)
         wait_until(deadline)
         for fut in futures:
             fut.result()
@@ -628,7 +630,7 @@ class ExpertCache:
                     pass
             if retries > L.num_slots:
                 raise RuntimeError(f"layer {layer}: no slot can be freed for experts {sorted(blocked)}")
-            return loaded + self.ensure(layer, experts, protect, retries=retries + 1)
+            return loaded + self.ensure(layer, experts, protect, retries=retries + 1, prefetch=prefetch)
         L.counters.load_s += time.perf_counter() - t0
         if threading.current_thread() is threading.main_thread():
             L.refresh()

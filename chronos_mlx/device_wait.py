@@ -35,11 +35,14 @@ from .wait_kernels import (
     ACK,
     COUNT,
     GAVE_UP,
+    GUESS_LAYER,
+    GUESSES_AT,
     IDS,
     LAYER,
     MAX_COPIES,
     MAX_IDS,
     N_COPIES,
+    N_GUESSES,
     N_TABLE,
     PUB,
     TAG,
@@ -108,10 +111,13 @@ class MissService:
                 rest()
                 continue
             served = int(words[PUB])
-            layer, n, tag = int(words[LAYER]), int(words[COUNT]), int(words[TAG])
+            layer, n, tag, g = int(words[LAYER]), int(words[COUNT]), int(words[TAG]), int(words[N_GUESSES])
             ids = words[IDS : IDS + n].copy()
             try:
-                self._handle(layer, ids, tag)
+                if g:  # guesses for another layer came with it
+                    self._handle(layer, ids, tag, guesses=(int(words[GUESS_LAYER]), words[GUESSES_AT : GUESSES_AT + g].copy()))
+                else:
+                    self._handle(layer, ids, tag)
             except BaseException as e:  # noqa: BLE001 - the decode loop raises it after the step
                 if self.error is None:
                     self.error = e
@@ -268,13 +274,17 @@ class DeviceWaiter:
             self.runtime.cache.copy_engine_paused = False
         self.check()
 
-    def route(self, layer: int, indices: mx.array) -> mx.array:
+    def route(self, layer: int, indices: mx.array, guesses: tuple | None = None) -> mx.array:
+        """Slot ids for `indices`, through `layer`'s waiting kernel. `guesses` = (another
+        layer, expert ids guessed for it): sent along if the kernel asks, so the service can
+        load them there while the device waits (`_prefetch`)."""
         if not self._pass:  # a new pass: its requests carry its number
             self._passes = (self._passes + 1) & 0xFFFFFFFF
             self._tag = mx.array([self._passes], dtype=mx.uint32)
         self._pass.append((layer, indices))
+        extra = {} if guesses is None else {"guesses": guesses[1], "guess_layer": self.layer_ids[guesses[0]]}
         return self._kernel(indices, self.tables[layer], self.mailbox.box, self.layer_ids[layer], self._tag,
-                            pull=self.pull is not None)
+                            pull=self.pull is not None, **extra)
 
     def end_pass(self):
         """(pass, layers, sizes, every id as one flat array) of the pass just built, or None."""
@@ -288,34 +298,43 @@ class DeviceWaiter:
         flat = mx.concatenate([i.reshape(-1) for _, i in got], stream=mx.cpu)
         return self._passes, [l for l, _ in got], [i.size for _, i in got], flat
 
-    def _handle(self, layer: int, ids: np.ndarray, tag: int = 0):
-        """On the service thread, while layer `layer`'s kernel waits: load, then the table."""
+    def _handle(self, layer: int, ids: np.ndarray, tag: int = 0, guesses: tuple | None = None):
+        """On the service thread, while layer `layer`'s kernel waits: load, then the table;
+        and the experts guessed for another layer, if the request carried guesses."""
         runtime, cache = self.runtime, self.runtime.cache
         uniq = sorted(set(ids.tolist()))
         if self.pull is not None:  # read into staging; the waiting kernel copies and takes the table
-            got = self._pulled_load(layer, uniq, ids)
+            got = self._pulled_load(layer, uniq, ids, guesses)
         else:
             with cache.uploading_with(None):  # host writes (already so while steps run: begin)
                 try:
                     got = runtime.load_for(layer, uniq, count_hits=False)
                 finally:  # also after a failed load: the table says what the slots hold
                     cache.write_wait_table(layer, self.views[layer], force=True)
+                if guesses is not None:
+                    try:
+                        self._prefetch(*guesses, room=None)
+                    finally:
+                        cache.write_wait_table(guesses[0], self.views[guesses[0]], force=True)
         with self._lock:
             self._loaded.setdefault((tag, layer), set()).update(got)
             self.requests += 1
 
-    def _pulled_load(self, layer: int, uniq: list, ids: np.ndarray) -> list:
+    def _pulled_load(self, layer: int, uniq: list, ids: np.ndarray, guesses: tuple | None = None) -> list:
         """Read into staging and answer with the layer's table and the copies. On any failure
         the layer is emptied and the answer says every expert is absent: experts mapped whose
         bytes never reached their slots must not look resident to any later step."""
         runtime, cache, words = self.runtime, self.runtime.cache, self.mailbox.words
         words[N_TABLE] = words[N_COPIES] = 0  # nothing of an earlier answer may be applied again
         L = cache.layers[layer]
+        limit = max_copies(len(ids), 0 if guesses is None else len(guesses[1]))
         try:
             with cache.uploading_with(self.pull):
                 got = runtime.load_for(layer, uniq, count_hits=False)
+                if guesses is not None:  # with whatever room the kernel's plan has left
+                    self._prefetch(*guesses, room=limit - len(self.pull._pending))
             copies = self.pull.take()
-            if len(copies) > max_copies(len(ids)):  # the kernel would drop some
+            if len(copies) > limit:  # the kernel would drop some
                 raise RuntimeError(f"layer {layer}: {len(copies)} copies for {len(ids)} ids do not fit the kernel's plan")
             with cache._lock:
                 table = L.slot_of.astype(np.uint32)
@@ -327,6 +346,39 @@ class DeviceWaiter:
             cache.forget_layer(layer)
             self.mailbox.answer_pull(np.full(L.num_experts, ABSENT, dtype=np.uint32), [])
             raise
+
+    def _prefetch(self, layer: int, guesses: np.ndarray, room: int | None):
+        """Load the guessed experts of `layer` that are absent, while another layer's kernel
+        waits: every kernel of this pass before that one has run, none after it (nor of a
+        pass queued behind) has started, so `layer`'s slots and table may change — provided
+        the device makes the writes (pulled: more copies in the same answer, `layer`'s new
+        table among them) before anything later reads them. A wrong guess costs its bytes and
+        an eviction; a layer whose experts all arrived this way never asks.
+
+        `room`: copies the answer may still list (None: host writes, the caller writes the
+        table). Best effort: a load that fails empties the layer (every entry absent), which
+        is exact, only slower; the request it came with is answered as usual."""
+        cache = self.runtime.cache
+        L = cache.layers[layer]
+        want = [int(e) for e in dict.fromkeys(guesses.tolist()) if L.slot_of[int(e)] < 0]
+        staged = None
+        if room is not None:  # nine copies an expert at most, and one for the table
+            want = want[: max(0, (room - 1) // len(L.params))]
+            if not want:
+                return
+            staged = self.pull.staging(4 * L.num_experts)  # first: the table's copy is listed whatever happens
+        try:
+            if want:
+                cache.ensure(layer, want, prefetch=True)
+        except Exception:  # noqa: BLE001 - a guess may fail; the request it rode on may not
+            cache.forget_layer(layer)
+        if staged is not None:
+            with cache._lock:
+                table = L.slot_of.astype(np.uint32)
+                L.wait_stale = False
+            staged[:] = table.view(np.uint8)
+            dst = self.views[layer].ctypes.data
+            self.pull.copy([(dst, dst, 0, table.nbytes)], source=staged)
 
     def account(self, tag: int, layers: list, sizes: list, host: np.ndarray):
         """A step's routing, read once it ran: uses of experts not loaded for it are hits;

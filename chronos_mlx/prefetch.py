@@ -32,6 +32,23 @@ def predict(runtime, layer: int, x: mx.array):
         return p.scores(layer, x).astype(mx.float32)
 
 
+def next_layer_guesses(runtime, layer: int, x: mx.array):
+    """(layer + 1, the predictor's `runtime.guesses` best experts for it, a device array) for a
+    device-wait request to carry (device_wait.DeviceWaiter.route); computed on the device,
+    never read by the host unless the layer asks. None where the predictor has no next-layer
+    target or `layer` is the last MoE layer."""
+    p = runtime.predictor
+    targets = list(p.targets)
+    if (1, 0) not in targets or layer + 1 >= len(runtime.cache.layers):
+        return None
+    scores = predict(runtime, layer, x)
+    if scores is None:
+        return None
+    row = scores.reshape(len(targets), -1)[targets.index((1, 0))]
+    m = min(runtime.guesses, row.size)
+    return layer + 1, mx.argpartition(-row, kth=m - 1)[:m].astype(mx.uint32)
+
+
 def submit_guesses(runtime, layer: int, scores):
     """Prefetch the guesses scored at `layer` (see `plan`); the reads run in the background."""
     if scores is not None:

@@ -27,7 +27,7 @@ import numpy as np
 
 from .cache import id_list
 from .gates import close_gate
-from .prefetch import predict, score_prediction, submit_guesses
+from .prefetch import next_layer_guesses, predict, score_prediction, submit_guesses
 from .verification import SegmentMiss, StepRecord, exact_at_end, verify_segment
 
 
@@ -38,7 +38,9 @@ def route(runtime, layer: int, indices: mx.array, x: mx.array | None = None):
     L = runtime.cache.layers[layer]
     runtime.open_gate()  # the layer before this one loads what it needs before this one runs
     if runtime.mode == "device-wait" and indices.size <= L.num_slots:
-        return runtime.waiter.route(layer, indices)
+        # With a predictor, a request also carries guesses for the next layer (loaded while it waits).
+        guesses = next_layer_guesses(runtime, layer, x) if runtime.predictor is not None and x is not None else None
+        return runtime.waiter.route(layer, indices, guesses)
     L.refresh()
     if L.full and not runtime.observers:  # nothing can miss and nobody watches: no host read
         L.counters.hits += indices.size

@@ -20,14 +20,16 @@ import numpy as np
 
 ABSENT = 0xFFFFFFFF
 # Mailbox words (uint32, page-locked host memory the device reads and writes over PCIe).
-PUB, ACK, LAYER, COUNT, GAVE_UP, TAG, N_TABLE, N_COPIES = 0, 1, 2, 3, 4, 5, 6, 7
+PUB, ACK, LAYER, COUNT, GAVE_UP, TAG, N_TABLE, N_COPIES, GUESS_LAYER, N_GUESSES = 0, 1, 2, 3, 4, 5, 6, 7, 8, 9
 IDS = 16
 MAX_IDS = 1024 - IDS
-WORDS = 16384  # 64 KB
 # Pulled loads (`DevicePull`): the layer's new wait table, then the copies as uint64 triples.
 TABLE_AT, MAX_TABLE = 1024, 4096
 COPIES_AT = (TABLE_AT + MAX_TABLE) // 2  # in uint64 words
-MAX_COPIES = (WORDS // 2 - COPIES_AT) // 3
+# A request may carry guesses for another layer (`wait_for_experts(guesses=...)`), after the copies.
+GUESSES_AT, MAX_GUESSES = 16384, 1024
+MAX_COPIES = (GUESSES_AT // 2 - COPIES_AT) // 3
+WORDS = GUESSES_AT + MAX_GUESSES  # 68 KB
 # About 10 s at an H200's clock before a kernel stops waiting (the service is gone).
 WAIT_LIMIT_CYCLES = 20_000_000_000
 
@@ -38,6 +40,9 @@ _ASK = """
         mb[3] = N;
         mb[5] = tag[0];
         for (int i = 0; i < N; ++i) mb[16 + i] = ids[i];
+        mb[8] = glayer[0];
+        mb[9] = G;
+        for (int i = 0; i < G; ++i) mb[GUESSES_AT + i] = guess[i];
         __threadfence_system();
         mb[0] = seq;
         __threadfence_system();
@@ -137,23 +142,26 @@ def available() -> bool:
         return False
 
 
+INPUTS = ["ids", "table", "box", "layer", "tag", "guess", "glayer"]
+
+
+def kernel_source(kind: str) -> str:
+    """The body of the `wait` or `pull` kernel with its constants filled in."""
+    src = _SOURCE if kind == "wait" else _PULL_SOURCE
+    return (src.replace("LIMIT", f"{WAIT_LIMIT_CYCLES}LL").replace("TABLE_AT", str(TABLE_AT))
+            .replace("COPIES_AT", str(COPIES_AT)).replace("GUESSES_AT", str(GUESSES_AT)))
+
+
 def _get_kernel(kind: str = "wait"):
     if kind not in _kernels:
-        limit = f"{WAIT_LIMIT_CYCLES}LL"
         if kind == "wait":
             _kernels[kind] = mx.fast.cuda_kernel(
-                name="chronos_wait_for_experts",
-                input_names=["ids", "table", "box", "layer", "tag"],
-                output_names=["slots"],
-                source=_SOURCE.replace("LIMIT", limit),
+                name="chronos_wait_for_experts", input_names=INPUTS, output_names=["slots"], source=kernel_source(kind),
             )
         elif kind == "pull":
-            src = _PULL_SOURCE.replace("LIMIT", limit).replace("TABLE_AT", str(TABLE_AT)).replace("COPIES_AT", str(COPIES_AT))
             _kernels[kind] = mx.fast.cuda_kernel(
-                name="chronos_wait_and_plan_pull",
-                input_names=["ids", "table", "box", "layer", "tag"],
-                output_names=["slots", "plan"],
-                source=src,
+                name="chronos_wait_and_plan_pull", input_names=INPUTS, output_names=["slots", "plan"],
+                source=kernel_source(kind),
             )
         else:
             _kernels[kind] = mx.fast.cuda_kernel(
@@ -162,34 +170,41 @@ def _get_kernel(kind: str = "wait"):
     return _kernels[kind]
 
 
-def max_copies(n_ids: int) -> int:
-    """How many copies a pulled answer to a request of `n_ids` ids may list (the kernel's
-    plan has room for that many): nine tensors an expert, fewer when adjacent ones merge."""
-    return min(MAX_COPIES, 16 * n_ids)
+def max_copies(n_ids: int, n_guesses: int = 0) -> int:
+    """How many copies a pulled answer to a request of `n_ids` ids (and `n_guesses` guesses
+    for another layer, plus that layer's table) may list (the kernel's plan has room for that
+    many): nine tensors an expert, fewer when adjacent ones merge."""
+    return min(MAX_COPIES, 16 * (n_ids + n_guesses) + (1 if n_guesses else 0))
 
 
 def wait_for_experts(ids: mx.array, table: mx.array, box: mx.array, layer: mx.array, tag: mx.array | None = None,
-                     always: bool = False, pull: bool = False) -> mx.array:
+                     always: bool = False, pull: bool = False, guesses: mx.array | None = None,
+                     guess_layer: mx.array | None = None) -> mx.array:
     """Slot ids for `ids` (any shape, at most MAX_IDS), once every one is resident.
 
     `table`: the layer's wait table; `box`: the mailbox address (uint64[1]); `layer`: the
     layer number and `tag` the pass's number (uint32[1] each: a request names both). `always`
     publishes even when everything is resident (to measure the round trip). `pull`: the host
     answers with the new table and a list of copies (`DevicePull`), which the device makes
-    before the slots are used."""
+    before the slots are used. `guesses` (expert ids of layer `guess_layer`): sent along
+    with a request, for the host to load into that layer while this one waits."""
     n = ids.size
     if n > MAX_IDS:
         raise ValueError(f"{n} expert ids do not fit the mailbox ({MAX_IDS})")
     flat = ids.reshape(-1)
     if flat.dtype != mx.uint32:
         flat = flat.astype(mx.uint32)
-    inputs = [flat, table, box, layer, layer if tag is None else tag]
-    template = [("N", n), ("ALWAYS", int(always))]
+    g = 0 if guesses is None else guesses.size
+    if g > MAX_GUESSES:
+        raise ValueError(f"{g} guesses do not fit the mailbox ({MAX_GUESSES})")
+    guess = guesses.reshape(-1).astype(mx.uint32) if g else layer  # (unread when G is 0)
+    inputs = [flat, table, box, layer, layer if tag is None else tag, guess, layer if guess_layer is None else guess_layer]
+    template = [("N", n), ("ALWAYS", int(always)), ("G", g)]
     if not pull:
         out = _get_kernel("wait")(inputs=inputs, template=template, grid=(1, 1, 1), threadgroup=(1, 1, 1),
                                   output_shapes=[(n,)], output_dtypes=[mx.uint32])[0]
         return out.reshape(ids.shape)
-    maxc = max_copies(n)
+    maxc = max_copies(n, g)
     slots, plan = _get_kernel("pull")(inputs=inputs, template=template + [("MAXC", maxc)], grid=(128, 1, 1),
                                       threadgroup=(128, 1, 1), output_shapes=[(n,), (1 + 3 * maxc,)],
                                       output_dtypes=[mx.uint32, mx.uint64])
@@ -255,7 +270,7 @@ def host_kernel(mailbox: Mailbox):
     """`wait_for_experts` done by the host, for backends without the kernel (tests): the
     same mailbox protocol, with the calling thread in the device's place."""
 
-    def wait(ids, table, box, layer, tag=None, always=False, pull=False):
+    def wait(ids, table, box, layer, tag=None, always=False, pull=False, guesses=None, guess_layer=None):
         flat = np.array(ids).reshape(-1).astype(np.uint32)
         words = mailbox.words
         if always or (np.array(table)[flat] == ABSENT).any():
@@ -263,6 +278,10 @@ def host_kernel(mailbox: Mailbox):
             words[LAYER], words[COUNT] = int(np.array(layer)[0]), flat.size
             words[TAG] = int(np.array(layer if tag is None else tag)[0])
             words[IDS : IDS + flat.size] = flat
+            g = np.zeros(0, np.uint32) if guesses is None else np.array(guesses).reshape(-1).astype(np.uint32)
+            words[GUESS_LAYER] = int(np.array(guess_layer)[0]) if g.size else 0
+            words[N_GUESSES] = g.size
+            words[GUESSES_AT : GUESSES_AT + g.size] = g
             words[PUB] = seq
             while int(words[ACK]) != seq:
                 time.sleep(20e-6)

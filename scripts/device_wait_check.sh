@@ -5,9 +5,10 @@
 #   OUT=$OUT bash scripts/device_wait_check.sh            (after `source .device/final/install.sh`)
 # Q48=/tmp/q48 is written first if missing (~1 min); BUDGETS / TOKENS shape the last step.
 # A device call may run 600 s: split with STEPS, back to back on the warm machine, e.g.
-#   STEPS=warm-up,trace,tests,exact,save-ptx   then   STEPS=make-q48,warm-q48,cost   then   STEPS=bench
+#   STEPS=warm-up,trace,tests,exact,save-ptx   then   STEPS=exact-guesses,guesses,make-q48,warm-q48   then
+#   STEPS=cost   then   STEPS=bench
 set -uo pipefail
-STEPS=${STEPS:-warm-up,trace,tests,exact,save-ptx,make-q48,warm-q48,cost,bench}
+STEPS=${STEPS:-warm-up,trace,tests,exact,exact-guesses,guesses,save-ptx,make-q48,warm-q48,cost,bench}
 OUT=${OUT:-/tmp/out}
 Q48=${Q48:-/tmp/q48}
 BUDGETS=${BUDGETS:-0.97,0.5,0.25}
@@ -40,6 +41,10 @@ step trace 120 python3 scripts/device_wait_trace.py --budget 0.5 --tokens 8 --li
 step tests 240 python3 -m pytest -q -p no:cacheprovider -o addopts="" -o faulthandler_timeout=60 tests/test_device_wait.py tests/test_wait_kernels.py
 step exact 240 python3 scripts/exact_check.py --budgets 0.5,0.25 --max-tokens 16 --ends planned,device-wait --workload python --prompts 3 \
   --json "$OUT/exact.json"
+# Requests that carry next-layer guesses (the gate predictor): exact against stock, and how many requests they spare.
+step exact-guesses 200 python3 scripts/exact_check.py --budgets 0.5,0.125 --max-tokens 16 --ends device-wait \
+  --predictor gate --workload python --prompts 1 --json "$OUT/exact-guesses.json"
+step guesses 200 python3 scripts/device_wait_guesses.py --json "$OUT/guesses.json"
 # The kernels compiled so far (stock's, chronos's, the wait kernels'): carry them next time as .device/ptx.
 step save-ptx 60 tar cJf "$OUT/ptx.tar.xz" -C "$MLX_PTX_CACHE_DIR" .
 [ -f "$Q48/config.json" ] || step make-q48 150 python3 scripts/make_synthetic_moe.py "$Q48" --model-type qwen3_moe \
@@ -53,5 +58,5 @@ m, t = load('$Q48'); m.set_dtype(mx.bfloat16)
 print([int(x) for x, _ in generate_step(mx.array(t.encode('The history of')), m, max_tokens=4)])"
 step cost 200 python3 scripts/device_wait_cost.py --model "$Q48" --rounds 3 --max-tokens 32 --load-mb 2.65 --json "$OUT/cost.json"
 step bench 420 python3 scripts/bench_sync.py --model "$Q48" --routing trained --budgets "$BUDGETS" \
-  --modes device-wait,optimistic,per-layer --max-tokens "$TOKENS" --repeats 1 --prompts 1 \
+  --modes device-wait,device-wait:gate,optimistic,per-layer --max-tokens "$TOKENS" --repeats 1 --prompts 1 \
   --interleave --no-probe --json "$OUT/bench.json"

@@ -31,6 +31,7 @@ def main():
     ap.add_argument("--workload", default="en", help="bundled workload (or .jsonl) for --prompts")
     ap.add_argument("--prompts", type=int, default=0, help="also this many prompts of --workload")
     ap.add_argument("--ends", default="planned", help="comma-separated: planned (the planner's segment ends), none (whole-token optimism), device-wait (CUDA: layers wait on the device, which copies the loads the host staged)")
+    ap.add_argument("--predictor", default=None, help="attach this predictor (gate, lookahead, ...): with device-wait, requests carry next-layer guesses")
     ap.add_argument("--cpu", action="store_true")
     ap.add_argument("--json")
     args = ap.parse_args()
@@ -60,6 +61,10 @@ def main():
         for b in [float(x) for x in args.budgets.split(",")]:
             for ends in args.ends.split(","):
                 cm, _, rt = chronos_mlx.load(str(path), expert_budget=b, dtype=args.dtype)
+                if args.predictor:
+                    from chronos_mlx.predict_runtime import attach_predictor
+
+                    attach_predictor(cm, rt, args.predictor)
                 got = [t for t, _ in generate_step(prompt, cm, rt, max_tokens=args.max_tokens,
                                                    sync="device-wait" if ends == "device-wait" else "optimistic",
                                                    segment_ends=frozenset() if ends == "none" else None)]

@@ -113,6 +113,48 @@ def test_other_architectures_wait_for_their_experts_exactly(other_models, name, 
     assert runtime.stats()["device_waits"] > 0
 
 
+@pytest.mark.parametrize("pull", [False, True])
+def test_requests_carry_guesses_for_the_next_layer_which_spare_its_own_requests(reference, demo_prompt_ids, waiting,
+                                                                                 pull):
+    """With a predictor (here the next layer's router on this layer's input), a request also
+    carries guesses for the next layer, loaded while the device waits (pulled: copied by the
+    device with that layer's new table). Tokens stay stock's; fewer layers have to ask."""
+    from chronos_mlx.predict_runtime import attach_predictor
+
+    model, runtime = waiting(0.5, pull)
+    _decode(runtime, model, demo_prompt_ids)
+    without = runtime.waiter.requests
+    model, runtime = waiting(0.5, pull)
+    attach_predictor(model, runtime, "gate")
+    ids, logprobs = _decode(runtime, model, demo_prompt_ids)
+    assert ids == reference[0]
+    for ours, theirs in zip(logprobs, reference[1]):
+        assert mx.array_equal(ours, theirs)
+    assert runtime.waiter.requests < without
+    assert runtime.cache_totals()["prefetch_hits"] > 0
+
+
+def test_a_guess_that_cannot_be_loaded_empties_its_layer_and_the_request_is_answered(reference, demo_prompt_ids,
+                                                                                     waiting, monkeypatch):
+    """Guesses are best effort: a failed load of them leaves their layer with nothing that looks
+    resident (host and device tables), the request they came with is answered, tokens are stock's."""
+    from chronos_mlx.predict_runtime import attach_predictor
+
+    model, runtime = waiting(0.5, pull=True)
+    attach_predictor(model, runtime, "gate")
+    real = runtime.cache.ensure
+
+    def failing_guesses(layer, experts, protect=None, retries=0, prefetch=False):
+        if prefetch:
+            raise OSError("the drive went away (guesses only)")
+        return real(layer, experts, protect, retries, prefetch)
+
+    monkeypatch.setattr(runtime.cache, "ensure", failing_guesses)
+    ids, _ = _decode(runtime, model, demo_prompt_ids)
+    assert ids == reference[0]
+    assert runtime.cache_totals()["prefetch_hits"] == 0
+
+
 def test_seeded_sampling_gives_stock_tokens_too(demo_prompt_ids, waiting):
     """No step is ever discarded and redone, so a seeded sampler draws the same random
     numbers as stock mlx_lm's loop (optimistic routing cannot promise that)."""
@@ -231,7 +273,7 @@ def test_a_pulled_load_that_cannot_be_answered_leaves_nothing_that_looks_residen
     cannot be given, the layer is emptied (host and device tables), so a later generation on
     the same model is still exact."""
     model, runtime = waiting(0.25, pull=True)
-    monkeypatch.setattr(device_wait, "max_copies", lambda n: 0)  # no answer fits
+    monkeypatch.setattr(device_wait, "max_copies", lambda n, g=0: 0)  # no answer fits
     with pytest.raises(RuntimeError, match="do not fit the kernel's plan"):
         _decode(runtime, model, demo_prompt_ids)
     monkeypatch.undo()

@@ -57,13 +57,12 @@ def test_the_shipped_kernels_compile_for_a_hopper_gpu():
     nvrtc = _nvrtc()
     if nvrtc is None:
         pytest.skip("NVRTC not installed (the test extra installs it on Linux)")
-    limit = f"{wait_kernels.WAIT_LIMIT_CYCLES}LL"
-    ids = [("uint32_t", "ids"), ("uint32_t", "table"), ("uint64_t", "box"), ("uint32_t", "layer"), ("uint32_t", "tag")]
-    pull = (wait_kernels._PULL_SOURCE.replace("LIMIT", limit).replace("TABLE_AT", str(wait_kernels.TABLE_AT))
-            .replace("COPIES_AT", str(wait_kernels.COPIES_AT)))
+    ids = [("uint32_t", "ids"), ("uint32_t", "table"), ("uint64_t", "box"), ("uint32_t", "layer"), ("uint32_t", "tag"),
+           ("uint32_t", "guess"), ("uint32_t", "glayer")]
     for name, inputs, outputs, consts, body in [
-        ("wait", ids, [("uint32_t", "slots")], [("N", 8), ("ALWAYS", 0)], wait_kernels._SOURCE.replace("LIMIT", limit)),
-        ("pull", ids, [("uint32_t", "slots"), ("uint64_t", "plan")], [("N", 8), ("ALWAYS", 0), ("MAXC", 128)], pull),
+        ("wait", ids, [("uint32_t", "slots")], [("N", 8), ("ALWAYS", 0), ("G", 0)], wait_kernels.kernel_source("wait")),
+        ("pull", ids, [("uint32_t", "slots"), ("uint64_t", "plan")], [("N", 8), ("ALWAYS", 0), ("G", 16), ("MAXC", 128)],
+         wait_kernels.kernel_source("pull")),
         ("copy", [("uint64_t", "plan"), ("uint32_t", "slots")], [("uint32_t", "out")], [("N", 8)], wait_kernels._PULL_COPY),
     ]:
         assert _compile_like_mlx(nvrtc, name, inputs, outputs, consts, body) == "", name
