@@ -331,11 +331,12 @@ class DeviceWaiter:
         try:
             with cache.uploading_with(self.pull):
                 got = runtime.load_for(layer, uniq, count_hits=False)
-                if guesses is not None:  # with whatever room the kernel's plan has left
-                    self._prefetch(*guesses, room=limit - len(self.pull._pending))
+                listed = len(self.pull._pending)
+                if listed > limit:  # the kernel would drop some
+                    raise RuntimeError(f"layer {layer}: {listed} copies for {len(ids)} ids do not fit the kernel's plan")
+                if guesses is not None:  # last, with the room the plan has left: it never overflows it, and
+                    self._prefetch(*guesses, room=limit - listed)  # what it changes is always in the answer
             copies = self.pull.take()
-            if len(copies) > limit:  # the kernel would drop some
-                raise RuntimeError(f"layer {layer}: {len(copies)} copies for {len(ids)} ids do not fit the kernel's plan")
             with cache._lock:
                 table = L.slot_of.astype(np.uint32)
                 L.wait_stale = False
