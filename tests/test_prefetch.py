@@ -95,3 +95,24 @@ def test_no_scores_are_computed_where_no_target_lies_ahead():
     n = len(rt.cache.layers)
     assert predict(rt, n - 1, x) is None
     assert predict(rt, 0, x).shape == (1, 64)
+
+
+def test_a_device_wait_request_carries_the_next_layers_best_guesses_as_a_device_array():
+    """`next_layer_guesses`: the predictor's `runtime.guesses` best experts for layer + 1, on the
+    device (nothing is read unless the layer asks); none after the last MoE layer, none from a
+    predictor without a next-layer target."""
+    import mlx.core as mx
+
+    from chronos_mlx.prefetch import next_layer_guesses
+
+    _, _, rt = chronos_mlx.load(None, expert_budget=0.5)
+    scores = np.zeros((1, 64), dtype=np.float32)
+    scores[0, [5, 9, 40]] = [3.0, 2.0, 1.0]
+    rt.predictor = SimpleNamespace(targets=[(1, 0)], num_layers=8, scores=lambda layer, x: mx.array(scores))
+    rt.guesses = 3
+    layer, ids = next_layer_guesses(rt, 2, mx.zeros((1, 1, 16)))
+    assert layer == 3 and ids.dtype == mx.uint32
+    assert sorted(np.array(ids).tolist()) == [5, 9, 40]
+    assert next_layer_guesses(rt, 7, mx.zeros((1, 1, 16))) is None  # the last MoE layer
+    rt.predictor = SimpleNamespace(targets=[(0, 1)], num_layers=8, scores=lambda layer, x: mx.array(scores))
+    assert next_layer_guesses(rt, 2, mx.zeros((1, 1, 16))) is None  # next-token guesses only
