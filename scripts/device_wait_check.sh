@@ -57,6 +57,8 @@ from mlx_lm.generate import generate_step
 m, t = load('$Q48'); m.set_dtype(mx.bfloat16)
 print([int(x) for x, _ in generate_step(mx.array(t.encode('The history of')), m, max_tokens=4)])"
 step cost 200 python3 scripts/device_wait_cost.py --model "$Q48" --rounds 3 --max-tokens 32 --load-mb 2.65 --json "$OUT/cost.json"
+# (No guesses here: trained-like routing replaces the routers by a table, which the gate predictor
+# cannot see; step `guesses` measures them on the demo's real routers.)
 step bench 420 python3 scripts/bench_sync.py --model "$Q48" --routing trained --budgets "$BUDGETS" \
-  --modes device-wait,device-wait:gate,optimistic,per-layer --max-tokens "$TOKENS" --repeats 1 --prompts 1 \
+  --modes device-wait,optimistic,per-layer --max-tokens "$TOKENS" --repeats 1 --prompts 1 \
   --interleave --no-probe --json "$OUT/bench.json"
