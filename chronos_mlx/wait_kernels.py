@@ -288,7 +288,9 @@ def host_kernel(mailbox: Mailbox):
             if pull:  # the device's part of a pulled load: the new table, then the copies
                 from .cache import _numpy_view
 
-                n_table, n_copies = int(words[N_TABLE]), int(words[N_COPIES])
+                # As the kernel: no more copies than its plan has room for.
+                n_table = int(words[N_TABLE])
+                n_copies = min(int(words[N_COPIES]), max_copies(flat.size, int(words[N_GUESSES])))
                 _numpy_view(table)[:n_table] = words[TABLE_AT : TABLE_AT + n_table]
                 for src, dst, n in words.view(np.uint64)[COPIES_AT : COPIES_AT + 3 * n_copies].reshape(-1, 3).tolist():
                     ctypes.memmove(dst, src, n)

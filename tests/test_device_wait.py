@@ -155,6 +155,23 @@ def test_a_guess_that_cannot_be_loaded_empties_its_layer_and_the_request_is_answ
     assert runtime.cache_totals()["prefetch_hits"] == 0
 
 
+@pytest.mark.parametrize("room", [0, 9, 10, 28, 1000])
+def test_guesses_take_only_the_room_the_kernels_plan_has_left(room, waiting):
+    """A request's own copies come first; its guesses get what is left of the kernel's plan —
+    nine copies an expert at most, one for the layer's new table — so an answer never
+    overflows it (the device would drop the rest)."""
+    model, runtime = waiting(0.125, pull=True)
+    waiter, L = runtime.waiter, runtime.cache.layers[3]
+    absent = [e for e in range(L.num_experts) if L.slot_of[e] < 0][:8]
+    waiter._prefetch(3, np.array(absent, dtype=np.uint32), room=room)
+    listed = waiter.pull.take()
+    assert len(listed) <= room
+    loaded = [e for e in absent if L.slot_of[e] >= 0]
+    assert len(loaded) == min(len(absent), max(0, (room - 1) // len(L.params)))
+    table = waiter.views[3].ctypes.data
+    assert any(dst == table for _, dst, _ in listed) == bool(loaded)  # the new table goes with them
+
+
 def test_seeded_sampling_gives_stock_tokens_too(demo_prompt_ids, waiting):
     """No step is ever discarded and redone, so a seeded sampler draws the same random
     numbers as stock mlx_lm's loop (optimistic routing cannot promise that)."""
