@@ -42,6 +42,7 @@ class EquivalenceReport:
     dtype: str
     prompts: list
     checks: list = field(default_factory=list)
+    predictor: Optional[str] = None  # attached to every chronos run (its guesses prefetched)
 
     @property
     def ok(self) -> bool:
@@ -49,7 +50,7 @@ class EquivalenceReport:
 
     def to_json(self) -> dict:
         return {"model": str(self.model), "device": self.device, "dtype": self.dtype, "ok": self.ok,
-                "prompts": self.prompts, "checks": [asdict(c) for c in self.checks]}
+                "predictor": self.predictor, "prompts": self.prompts, "checks": [asdict(c) for c in self.checks]}
 
 
 def default_prompts() -> list:
@@ -69,10 +70,13 @@ def check_against_stock(
     dtype=None,
     on_check: Optional[Callable[[TokenCheck], None]] = None,
     memory_bytes: Optional[int] = None,
+    predictor: Optional[str] = None,
 ) -> EquivalenceReport:
     """Greedy tokens of stock mlx_lm and of chronos at each budget and routing, per prompt.
 
-    `memory_bytes`: what stock's full load may take (default: what this process may use now)."""
+    `memory_bytes`: what stock's full load may take (default: what this process may use now).
+    `predictor`: attach it to every chronos run (predict_runtime.attach_predictor), so the
+    prefetches it drives — device-wait's next-layer guesses too — are checked as well."""
     import chronos_mlx
     from mlx_lm import load
     from mlx_lm.generate import generate_step as stock_step
@@ -108,11 +112,15 @@ def check_against_stock(
     texts = list(prompts) if prompts else default_prompts()
     encoded = [mx.array(tokenizer.encode(t)) for t in texts]
     wanted = [[int(t) for t, _ in stock_step(p, stock, max_tokens=max_tokens)] for p in encoded]
-    report = EquivalenceReport(path, str(mx.default_device()), info["dtype"], texts)
+    report = EquivalenceReport(path, str(mx.default_device()), info["dtype"], texts, predictor=predictor)
     del stock
     for budget in budgets:
         for routing in routings:
             cm, _, runtime = chronos_mlx.load(str(path), expert_budget=budget, dtype=dtype)
+            if predictor:
+                from .predict_runtime import attach_predictor
+
+                attach_predictor(cm, runtime, predictor)
             for i, (prompt, want) in enumerate(zip(encoded, wanted)):
                 got = [int(t) for t, _ in generate_step(prompt, cm, runtime, max_tokens=max_tokens, sync=routing)]
                 first = next((k for k, (a, b) in enumerate(zip(got, want)) if a != b), None)

@@ -211,6 +211,16 @@ def test_verify_tokens_compares_with_stock_mlx_lm_on_this_machine(runner):
     assert table.exit_code == 0 and "identical (3 tokens)" in table.stdout
 
 
+def test_verify_tokens_checks_the_prefetches_a_predictor_drives_too(runner):
+    result = runner.invoke(app, ["verify", "--tokens", "--budgets", "0.25", "--routing", "per-layer", "--predictor",
+                                 "gate", "-p", "Once upon a time", "--max-tokens", "3", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["ok"] and report["predictor"] == "gate"
+    bad = runner.invoke(app, ["verify", "--tokens", "--predictor", "oracle", "--max-tokens", "1"])
+    assert bad.exit_code == 2 and "unknown predictor 'oracle'" in bad.stderr and "Traceback" not in bad.output
+
+
 def test_verify_tokens_exits_1_and_says_so_when_a_token_differs(runner, monkeypatch):
     from chronos_mlx import generate
 

@@ -50,6 +50,10 @@ def verify(
         Optional[list[str]], typer.Option("--prompt", "-p", metavar="TEXT", help="With --tokens: a prompt (repeat for more). Default: a short and a long one.")
     ] = None,
     max_tokens: Annotated[int, typer.Option("--max-tokens", min=1, help="With --tokens: greedy tokens per prompt.")] = 16,
+    predictor: Annotated[
+        Optional[str], typer.Option("--predictor", help="With --tokens: attach this predictor (gate, markov, lookahead, ...) "
+                                    "to every chronos run, so its prefetches are checked too.")
+    ] = None,
     dtype: Annotated[DtypeChoice, typer.Option("--dtype", help=DTYPE_HELP)] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")] = False,
 ):
@@ -71,7 +75,7 @@ def verify(
     [cyan]chronos verify --tokens[/cyan]            (the demo model's tokens against stock mlx_lm, here)
     """
     if tokens:
-        return _verify_tokens(model, budgets, routing, prompt, max_tokens, dtype, as_json)
+        return _verify_tokens(model, budgets, routing, prompt, max_tokens, dtype, as_json, predictor)
     from ..verify import verify_model
 
     bar, on_start, on_bytes = hashing_progress("sha256")
@@ -104,7 +108,7 @@ def verify(
                   soft_wrap=True)
 
 
-def _verify_tokens(model, budgets, routing, prompts, max_tokens, dtype, as_json):
+def _verify_tokens(model, budgets, routing, prompts, max_tokens, dtype, as_json, predictor=None):
     """`chronos verify --tokens`: exit 0 when every check gives stock's tokens, 1 otherwise."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
@@ -124,7 +128,7 @@ def _verify_tokens(model, budgets, routing, prompts, max_tokens, dtype, as_json)
     with bar:
         report = check_against_stock(model, budgets=levels, routings=modes, prompts=prompts, max_tokens=max_tokens,
                                      dtype=None if dtype == "auto" else dtype,
-                                     on_check=lambda _: bar.advance(task))
+                                     on_check=lambda _: bar.advance(task), predictor=predictor)
     if as_json:
         sys.stdout.write(json.dumps(report.to_json()) + "\n")
     else:
@@ -135,7 +139,8 @@ def _verify_tokens(model, budgets, routing, prompts, max_tokens, dtype, as_json)
         for c in report.checks:
             result = (f"[green]identical ({c.tokens} tokens)[/green]" if c.exact
                       else f"[red]DIFFERS at token {c.first_difference}[/red]")
-            table.add_row(f"{c.prompt} ({c.prompt_tokens} tok)", f"{c.budget:g}", c.routing, result)
+            table.add_row(f"{c.prompt} ({c.prompt_tokens} tok)", f"{c.budget:g}",
+                          c.routing + (f" + {escape(predictor)}" if predictor else ""), result)
         out.print(table)
     if not report.ok:
         bad = [c for c in report.checks if not c.exact]
