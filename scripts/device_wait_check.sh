@@ -61,4 +61,4 @@ step cost 200 python3 scripts/device_wait_cost.py --model "$Q48" --rounds 3 --ma
 # cannot see; step `guesses` measures them on the demo's real routers.)
 step bench 420 python3 scripts/bench_sync.py --model "$Q48" --routing trained --budgets "$BUDGETS" \
   --modes device-wait,optimistic,per-layer --max-tokens "$TOKENS" --repeats 1 --prompts 1 \
-  --interleave --no-probe --json "$OUT/bench.json"
+  --interleave ${PROBE:-} --json "$OUT/bench.json"

@@ -4,7 +4,8 @@ Decodes a few tokens of the demo model with device-wait routing, timing every re
 service handles; a watchdog prints the service thread's stack whenever one request has run
 for longer than --stall seconds. --prealloc allocates the page-locked staging on the main
 thread before the first step (a driver allocation inside a request may wait for the device).
-  python scripts/device_wait_trace.py --budget 0.5 --tokens 4 [--prealloc] [--limit-s 2]"""
+  python scripts/device_wait_trace.py [--model DIR] --budget 0.5 --tokens 4 [--prealloc] [--limit-s 2]
+                                      [--routing trained]"""
 import argparse
 import faulthandler
 import sys
@@ -22,15 +23,34 @@ from chronos_mlx.generate import generate_step
 
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=None, help="a checkpoint (default: the demo)")
     ap.add_argument("--budget", type=float, default=0.5)
     ap.add_argument("--tokens", type=int, default=4)
     ap.add_argument("--stall", type=float, default=0.5)
     ap.add_argument("--limit-s", type=float, default=2.0, help="a kernel gives up after about this long")
     ap.add_argument("--prealloc", action="store_true")
+    ap.add_argument("--routing", choices=["model", "trained"], default="model",
+                    help="trained: replay a python text with trained-like routing (as bench_sync.py --routing trained)")
     args = ap.parse_args()
     wait_kernels.WAIT_LIMIT_CYCLES = int(args.limit_s * 2e9)
-    model, tok, rt = chronos_mlx.load(None, expert_budget=args.budget, dtype="bfloat16")
+    model, tok, rt = chronos_mlx.load(args.model, expert_budget=args.budget, dtype="bfloat16")
     prompt = mx.array(tok.encode("def fibonacci(n):\n    "))
+    kw = {}
+    if args.routing == "trained":  # the bench's case: forced text, routers replaced by a table
+        from mlx_lm.models.cache import make_prompt_cache
+
+        from chronos_mlx.bench import ReplaySampler, replay_texts
+        from chronos_mlx.bench_routing import calibrate_for_workload, install_trained_routing
+
+        prompts, forced = replay_texts("python", args.model, limit=1, max_tokens=args.tokens)
+        info = rt.info
+        params = calibrate_for_workload("python", prompts, forced, info["num_experts"], info["top_k"], limit=1,
+                                        max_tokens=args.tokens)
+        install_trained_routing(model, params).set_sequence(prompts[0] + forced[0])
+        cache = make_prompt_cache(model)
+        kw = {"prompt_cache": cache, "sampler": ReplaySampler(prompts[0] + forced[0], cache)}
+        prompt = mx.array(prompts[0])
+        print(f"trained routing, {len(prompts[0])}-token prompt", flush=True)
     from chronos_mlx import device_wait
 
     rt.waiter = device_wait.DeviceWaiter(rt)
@@ -81,7 +101,7 @@ def main():
     threading.Thread(target=watchdog, daemon=True).start()
     t0 = time.perf_counter()
     try:
-        for i, (t, _) in enumerate(generate_step(prompt, model, rt, max_tokens=args.tokens, sync="device-wait")):
+        for i, (t, _) in enumerate(generate_step(prompt, model, rt, max_tokens=args.tokens, sync="device-wait", **kw)):
             faulthandler.cancel_dump_traceback_later()
             print(f"token {i}: {int(t)} at {time.perf_counter() - t0:.2f} s", flush=True)
             faulthandler.dump_traceback_later(args.limit_s * 0.75, exit=False)
