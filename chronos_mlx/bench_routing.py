@@ -277,7 +277,10 @@ class TableRouter(nn.Module):
             rows = table[pos:pos + n]
         else:
             rows = mx.take(table, mx.array(np.arange(pos, pos + n) % T), axis=0)
-        return mx.broadcast_to(rows, (*x.shape[:-1], table.shape[-1])).astype(x.dtype)
+        out = mx.broadcast_to(rows, (*x.shape[:-1], table.shape[-1])).astype(x.dtype)
+        # Routed after the layer's input exists, as a trained router is: a host read of the
+        # routing waits for the layers below (else per-layer reads would cost nothing).
+        return mx.depends(out, x)
 
 
 class TrainedRouting:

@@ -231,6 +231,7 @@ class DeviceWaiter:
         self._warmed: set = set()  # id counts the kernels ran for (`warm`)
         self._gave_up = int(self.mailbox.words[GAVE_UP])
         self._pass: list = []
+        self._after = None  # the last kernel's output (`route`)
         # How long the service sleeps between looks at the mailbox: a round trip costs about
         # that plus the wake-up (~0.1 ms at 20 us on an H200 host); 0 yields the core instead
         # (a core busy while steps run; not measured on a GPU yet).
@@ -270,6 +271,7 @@ class DeviceWaiter:
         try:
             _drain(stream)
         finally:
+            self._after = None
             self.service.pause()
             self.runtime.cache.copy_engine_paused = False
         self.check()
@@ -283,8 +285,12 @@ class DeviceWaiter:
             self._tag = mx.array([self._passes], dtype=mx.uint32)
         self._pass.append((layer, indices))
         extra = {} if guesses is None else {"guesses": guesses[1], "guess_layer": self.layer_ids[guesses[0]]}
-        return self._kernel(indices, self.tables[layer], self.mailbox.box, self.layer_ids[layer], self._tag,
-                            pull=self.pull is not None, **extra)
+        # Each kernel reads the one before it (of this pass or the last): the device runs them
+        # in turn even where the routing does not wait for the layer below (one mailbox).
+        out = self._kernel(indices, self.tables[layer], self.mailbox.box, self.layer_ids[layer], self._tag,
+                           pull=self.pull is not None, after=self._after, **extra)
+        self._after = out
+        return out
 
     def end_pass(self):
         """(pass, layers, sizes, every id as one flat array) of the pass just built, or None."""

@@ -142,7 +142,11 @@ def available() -> bool:
         return False
 
 
-INPUTS = ["ids", "table", "box", "layer", "tag", "guess", "glayer"]
+# `after`: the output of the kernel that must finish first (unread): MLX's CUDA graphs run
+# kernels that share no buffer side by side, and two kernels asking at once would race on the
+# one mailbox (routers that do not read the hidden state, as the bench's tables, left every
+# layer's kernel free to start at once: measured on an H200, requests lost, kernels gave up).
+INPUTS = ["ids", "table", "box", "layer", "tag", "guess", "glayer", "after"]
 
 
 def kernel_source(kind: str) -> str:
@@ -179,7 +183,7 @@ def max_copies(n_ids: int, n_guesses: int = 0) -> int:
 
 def wait_for_experts(ids: mx.array, table: mx.array, box: mx.array, layer: mx.array, tag: mx.array | None = None,
                      always: bool = False, pull: bool = False, guesses: mx.array | None = None,
-                     guess_layer: mx.array | None = None) -> mx.array:
+                     guess_layer: mx.array | None = None, after: mx.array | None = None) -> mx.array:
     """Slot ids for `ids` (any shape, at most MAX_IDS), once every one is resident.
 
     `table`: the layer's wait table; `box`: the mailbox address (uint64[1]); `layer`: the
@@ -187,7 +191,8 @@ def wait_for_experts(ids: mx.array, table: mx.array, box: mx.array, layer: mx.ar
     publishes even when everything is resident (to measure the round trip). `pull`: the host
     answers with the new table and a list of copies (`DevicePull`), which the device makes
     before the slots are used. `guesses` (expert ids of layer `guess_layer`): sent along
-    with a request, for the host to load into that layer while this one waits."""
+    with a request, for the host to load into that layer while this one waits. `after`: an
+    array this kernel waits for (the previous layer's slot ids): one kernel asks at a time."""
     n = ids.size
     if n > MAX_IDS:
         raise ValueError(f"{n} expert ids do not fit the mailbox ({MAX_IDS})")
@@ -198,7 +203,8 @@ def wait_for_experts(ids: mx.array, table: mx.array, box: mx.array, layer: mx.ar
     if g > MAX_GUESSES:
         raise ValueError(f"{g} guesses do not fit the mailbox ({MAX_GUESSES})")
     guess = guesses.reshape(-1).astype(mx.uint32) if g else layer  # (unread when G is 0)
-    inputs = [flat, table, box, layer, layer if tag is None else tag, guess, layer if guess_layer is None else guess_layer]
+    inputs = [flat, table, box, layer, layer if tag is None else tag, guess, layer if guess_layer is None else guess_layer,
+              layer if after is None else after]
     template = [("N", n), ("ALWAYS", int(always)), ("G", g)]
     if not pull:
         out = _get_kernel("wait")(inputs=inputs, template=template, grid=(1, 1, 1), threadgroup=(1, 1, 1),
@@ -270,7 +276,7 @@ def host_kernel(mailbox: Mailbox):
     """`wait_for_experts` done by the host, for backends without the kernel (tests): the
     same mailbox protocol, with the calling thread in the device's place."""
 
-    def wait(ids, table, box, layer, tag=None, always=False, pull=False, guesses=None, guess_layer=None):
+    def wait(ids, table, box, layer, tag=None, always=False, pull=False, guesses=None, guess_layer=None, after=None):
         flat = np.array(ids).reshape(-1).astype(np.uint32)
         words = mailbox.words
         if always or (np.array(table)[flat] == ABSENT).any():

@@ -137,6 +137,10 @@ def main():
     replay = not args.greedy and not args.temp
     if args.routing == "trained" and not replay:
         ap.error("--routing trained needs replay (no --greedy / --temp)")
+    from chronos_mlx import device_wait
+
+    if "device-wait" in args.modes.replace(":", ",").split(",") and (args.cpu or not device_wait.available()):
+        ap.error("--modes device-wait needs MLX's CUDA backend (a GPU, without --cpu)")
     forced = None
     if replay:
         prompts, forced = replay_texts(args.workload, args.model, limit=args.prompts,

@@ -311,12 +311,12 @@ def test_a_layer_that_stopped_waiting_makes_the_step_an_error(demo_prompt_ids, m
     ask = host_kernel(box)
     calls = []
 
-    def giving_up(ids, table, mailbox, layer, tag=None, always=False, pull=False):
+    def giving_up(ids, table, mailbox, layer, tag=None, always=False, pull=False, **kw):
         calls.append(1)
         if len(calls) == 20:  # a decode step's layer
             box.words[device_wait.GAVE_UP] = 1
             return table[ids]
-        return ask(ids, table, mailbox, layer, tag, always, pull)
+        return ask(ids, table, mailbox, layer, tag, always, pull, **kw)
 
     runtime.waiter = DeviceWaiter(runtime, mailbox=box, kernel=giving_up)
     yielded = []
@@ -377,6 +377,30 @@ def test_the_wait_table_marks_absent_experts_and_follows_loads(monkeypatch):
         assert (table[L.slot_of < 0] == ABSENT).all()  # the experts evicted for them too
     finally:
         waiter.close()
+
+
+def test_each_layers_kernel_reads_the_one_before_it_so_the_device_runs_them_in_turn(demo_prompt_ids, waiting):
+    """One mailbox: two kernels asking at once would lose a request. Routing usually orders
+    them (a router reads the layer below's output), but not always (the bench's table routers
+    read none): so every kernel takes the previous kernel's output as an input, across passes
+    too, and MLX's CUDA graphs run it after that one."""
+    model, runtime = waiting(0.5)
+    runtime.waiter.warm()  # (its one run is not part of a pass)
+    inner = runtime.waiter._kernel
+    seen = []
+
+    def recording(ids, table, box, layer, tag=None, always=False, pull=False, after=None, **kw):
+        out = inner(ids, table, box, layer, tag, always, pull, after=after, **kw)
+        seen.append((after, out))
+        return out
+
+    runtime.waiter._kernel = recording
+    list(generate_step(mx.array(demo_prompt_ids), model, runtime, max_tokens=3, sync="device-wait"))
+    assert len(seen) > 2 * len(runtime.cache.layers)  # the prefill and decode steps went through it
+    assert seen[0][0] is None  # the generation's first kernel waits for nothing of ours
+    for (_, before), (after, _) in zip(seen, seen[1:]):
+        assert after is before
+    assert runtime.waiter._after is None  # nothing kept once the generation has ended
 
 
 @pytest.mark.parametrize("poll_s", [20e-6, 0.0])  # 0: yield the core between looks
