@@ -5,10 +5,10 @@
 #   OUT=$OUT bash scripts/device_wait_check.sh            (after `source .device/final/install.sh`)
 # Q48=/tmp/q48 is written first if missing (~1 min); BUDGETS / TOKENS shape the last step.
 # A device call may run 600 s: split with STEPS, back to back on the warm machine, e.g.
-#   STEPS=warm-up,trace,tests,exact,save-ptx   then   STEPS=exact-guesses,guesses,make-q48,warm-q48   then
-#   STEPS=cost   then   STEPS=bench
+#   STEPS=warm-up,race,trace,tests,exact,save-ptx   then   STEPS=exact-guesses,guesses,make-q48,warm-q48   then
+#   STEPS=trace-q48,cost   then   STEPS=bench
 set -uo pipefail
-STEPS=${STEPS:-warm-up,trace,tests,exact,exact-guesses,guesses,save-ptx,make-q48,warm-q48,cost,bench}
+STEPS=${STEPS:-warm-up,race,trace,tests,exact,exact-guesses,guesses,save-ptx,make-q48,warm-q48,trace-q48,cost,bench}
 OUT=${OUT:-/tmp/out}
 Q48=${Q48:-/tmp/q48}
 BUDGETS=${BUDGETS:-0.97,0.5,0.25}
@@ -36,6 +36,8 @@ from mlx_lm import load
 from mlx_lm.generate import generate_step
 m, t = load(str(chronos_mlx.DEFAULT_MODEL)); m.set_dtype(mx.bfloat16)
 print([int(x) for x, _ in generate_step(mx.array(t.encode('The history of')), m, max_tokens=4)])"
+# Kernels that share no buffer, chained and not (the unchained run should lose requests: ~10 s).
+step race 60 bash -c "python3 scripts/device_wait_race.py && python3 scripts/device_wait_race.py --no-chain"
 # Every request timed; if requests stop, every thread's stack (faulthandler) — a hang shows where.
 step trace 120 python3 scripts/device_wait_trace.py --budget 0.5 --tokens 8 --limit-s 2
 step tests 240 python3 -m pytest -q -p no:cacheprovider -o addopts="" -o faulthandler_timeout=60 tests/test_device_wait.py tests/test_wait_kernels.py
@@ -56,6 +58,8 @@ from mlx_lm import load
 from mlx_lm.generate import generate_step
 m, t = load('$Q48'); m.set_dtype(mx.bfloat16)
 print([int(x) for x, _ in generate_step(mx.array(t.encode('The history of')), m, max_tokens=4)])"
+# The bench's case (replay, table routers) traced request by request before it is timed.
+step trace-q48 200 python3 scripts/device_wait_trace.py --model "$Q48" --routing trained --budget 0.5 --tokens 8 --limit-s 3
 step cost 200 python3 scripts/device_wait_cost.py --model "$Q48" --rounds 3 --max-tokens 32 --load-mb 2.65 --json "$OUT/cost.json"
 # (No guesses here: trained-like routing replaces the routers by a table, which the gate predictor
 # cannot see; step `guesses` measures them on the demo's real routers.)
