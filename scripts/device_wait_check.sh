@@ -5,10 +5,10 @@
 #   OUT=$OUT bash scripts/device_wait_check.sh            (after `source .device/final/install.sh`)
 # Q48=/tmp/q48 is written first if missing (~1 min); BUDGETS / TOKENS shape the last step.
 # A device call may run 600 s: split with STEPS, back to back on the warm machine, e.g.
-#   STEPS=warm-up,race,trace,tests,exact,save-ptx   then   STEPS=exact-guesses,guesses,make-q48,warm-q48   then
-#   STEPS=trace-q48,cost   then   STEPS=bench
+#   STEPS=warm-up,race,make-q48,warm-q48,trace-q48,save-ptx   then   STEPS=bench   then
+#   STEPS=tests,exact,exact-guesses,guesses,cost
 set -uo pipefail
-STEPS=${STEPS:-warm-up,race,trace,tests,exact,exact-guesses,guesses,save-ptx,make-q48,warm-q48,trace-q48,cost,bench}
+STEPS=${STEPS:-warm-up,race,trace,tests,exact,exact-guesses,guesses,make-q48,warm-q48,trace-q48,cost,bench,save-ptx}
 OUT=${OUT:-/tmp/out}
 Q48=${Q48:-/tmp/q48}
 BUDGETS=${BUDGETS:-0.97,0.5,0.25}
@@ -16,11 +16,11 @@ TOKENS=${TOKENS:-16}
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 # MLX's CUDA kernels compile on first use (~85 s for the demo on a fresh machine, every cold start).
-# Its compile cache lives in MLX_PTX_CACHE_DIR: seeded from .device/ptx when a call carries it, and
-# written back as $OUT/ptx.tar.xz (step save-ptx): unpack it into .device/ptx and carry that too.
+# Its compile cache lives in MLX_PTX_CACHE_DIR: seeded from .device/ptx.tar.xz when a call carries it, and
+# written back as $OUT/ptx.tar.xz (step save-ptx): copy it to .device/ptx.tar.xz and carry that too.
 export MLX_PTX_CACHE_DIR=${MLX_PTX_CACHE_DIR:-/tmp/mlx-ptx}
 mkdir -p "$MLX_PTX_CACHE_DIR"
-[ -d .device/ptx ] && cp -rn .device/ptx/. "$MLX_PTX_CACHE_DIR"/
+[ -f .device/ptx.tar.xz ] && tar xJf .device/ptx.tar.xz -C "$MLX_PTX_CACHE_DIR"
 step() {  # name, seconds, command...
   local name=$1 limit=$2; shift 2
   case ",$STEPS," in *",$name,"*) ;; *) return 0 ;; esac
@@ -47,8 +47,6 @@ step exact 240 python3 scripts/exact_check.py --budgets 0.5,0.25 --max-tokens 16
 step exact-guesses 200 python3 scripts/exact_check.py --budgets 0.5,0.125 --max-tokens 16 --ends device-wait \
   --predictor gate --workload python --prompts 1 --json "$OUT/exact-guesses.json"
 step guesses 200 python3 scripts/device_wait_guesses.py --json "$OUT/guesses.json"
-# The kernels compiled so far (stock's, chronos's, the wait kernels'): carry them next time as .device/ptx.
-step save-ptx 60 tar cJf "$OUT/ptx.tar.xz" -C "$MLX_PTX_CACHE_DIR" .
 [ -f "$Q48/config.json" ] || step make-q48 150 python3 scripts/make_synthetic_moe.py "$Q48" --model-type qwen3_moe \
   --geometry qwen3-30b-a3b --layers 48 --bits 4 --dtype bfloat16
 # New shapes JIT-compile again (session 12's bench ran out of time in its first device-wait step).
@@ -66,3 +64,6 @@ step cost 200 python3 scripts/device_wait_cost.py --model "$Q48" --rounds 3 --ma
 step bench 420 python3 scripts/bench_sync.py --model "$Q48" --routing trained --budgets "$BUDGETS" \
   --modes device-wait,optimistic,per-layer --max-tokens "$TOKENS" --repeats 1 --prompts 1 \
   --interleave ${PROBE:-} --json "$OUT/bench.json"
+# Last in any call that names it: the kernels compiled so far (stock's, chronos's, the wait kernels'),
+# ~0.6 MB compressed; copy it to .device/ptx.tar.xz and carry that on the next cold start.
+step save-ptx 60 tar cJf "$OUT/ptx.tar.xz" -C "$MLX_PTX_CACHE_DIR" .
