@@ -219,6 +219,43 @@ def wait_for_experts(ids: mx.array, table: mx.array, box: mx.array, layer: mx.ar
     return out.reshape(ids.shape)
 
 
+def ask_in_turn(n_layers: int = 8, chain: bool = True) -> dict:
+    """A check of the kernels' ordering on this device (CUDA): `n_layers` waiting kernels whose
+    ids are constants (routing that reads no hidden state), evaluated at once, each asking
+    for an absent expert; a service thread answers. `chain` passes each the one before it
+    (`after`), as `DeviceWaiter.route` does. Returns the layers in the order they asked, whether
+    a kernel gave up, and whether every slot came out right."""
+    from .cache import _numpy_view
+    from .device_wait import MissService
+
+    box = Mailbox.pinned(driver())
+    tables = [mx.array(np.full(8, ABSENT, dtype=np.uint32)) for _ in range(n_layers)]
+    mx.eval(tables)
+    views = [_numpy_view(t) for t in tables]
+    asked = []
+
+    def handle(layer, ids, tag):
+        asked.append(layer)
+        views[layer][ids] = ids + 10
+
+    service = MissService(box, handle)
+    t0 = time.perf_counter()
+    try:
+        outs, after = [], None
+        for i in range(n_layers):
+            out = wait_for_experts(mx.array([i % 8], dtype=mx.uint32), tables[i], box.box, mx.array([i], dtype=mx.uint32),
+                                   after=after if chain else None)
+            outs.append(out)
+            after = out
+        mx.eval(outs)
+    finally:
+        service.stop()
+        gave_up = int(box.words[GAVE_UP]) != 0
+        box.close()
+    right = [np.array(o).tolist() for o in outs] == [[i % 8 + 10] for i in range(n_layers)]
+    return {"asked": asked, "gave_up": gave_up, "slots_right": right, "seconds": time.perf_counter() - t0}
+
+
 class Mailbox:
     """WORDS uint32 words that the device and the host both read and write: page-locked
     host memory the device addresses over PCIe (`pinned`), or plain memory for a host

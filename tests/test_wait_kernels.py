@@ -105,28 +105,7 @@ def test_kernels_that_share_no_buffer_still_ask_one_at_a_time():
     bench's tables): MLX's CUDA graph would start all eight kernels at once, and with one
     mailbox requests would be lost. Each reads the one before it (`after`): every request
     is answered, in order, and no kernel gives up."""
-    from chronos_mlx.cache import _numpy_view
-
-    box = Mailbox.pinned(wait_kernels.driver())
-    tables = [mx.array(np.full(8, ABSENT, dtype=np.uint32)) for _ in range(8)]
-    mx.eval(tables)
-    views = [_numpy_view(t) for t in tables]
-    asked = []
-
-    def handle(layer, ids, tag):
-        asked.append(layer)
-        views[layer][ids] = ids + 10
-
-    service = MissService(box, handle)
-    try:
-        outs, after = [], None
-        for i in range(8):
-            after = wait_kernels.wait_for_experts(mx.array([i], dtype=mx.uint32), tables[i], box.box,
-                                                  mx.array([i], dtype=mx.uint32), after=after)
-            outs.append(after)
-        mx.eval(outs)
-    finally:
-        service.stop()
-    assert asked == list(range(8))
-    assert int(box.words[wait_kernels.GAVE_UP]) == 0
-    assert [np.array(o).tolist() for o in outs] == [[i + 10] for i in range(8)]
+    got = wait_kernels.ask_in_turn(8, chain=True)
+    assert got["asked"] == list(range(8))
+    assert not got["gave_up"]
+    assert got["slots_right"]
