@@ -211,3 +211,21 @@ def test_bench_cli_replays_with_trained_routing_and_reports_the_roofline(moe64, 
     assert "chronos-lru@0.25" in result.stdout and "…" not in result.stdout
     bad = CliRunner().invoke(app, ["bench", "-m", str(moe64), "--budgets", "0.25", "--greedy", "--routing", "trained"])
     assert bad.exit_code == 2 and "replay" in bad.output
+
+
+def test_a_table_router_waits_for_the_layers_input_like_a_trained_router():
+    """Its rows are looked up by position, yet its output depends on the layer's input, so a
+    host read of the routing (per-layer routing) waits for the layers below, and on CUDA the
+    graph orders it after them: as with a router that multiplies the hidden state."""
+    import io
+
+    position = R._Position(R._Position(None))
+    position.offset = 0
+    router = R.TableRouter(None, position, num_experts=4)
+    router.set_table(mx.array(np.arange(8, dtype=np.float32).reshape(2, 4)))
+    x = mx.exp(mx.ones((1, 1, 3)))  # the layer's input, computed by an op of its own
+    out = router(x)
+    assert np.array(out).tolist() == [[[0.0, 1.0, 2.0, 3.0]]]
+    dot = io.StringIO()
+    mx.export_to_dot(dot, router(mx.exp(mx.ones((1, 1, 3)))))
+    assert "Exp" in dot.getvalue()
