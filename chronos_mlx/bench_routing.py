@@ -370,3 +370,25 @@ def routing_setup(params: RoutingParams):
         install_trained_routing(model, params)
 
     return setup
+
+
+def replay_one_text(model, model_path, info: dict, workload: str = "python", max_tokens: int = 64):
+    """The bench's case for scripts that trace one decode: one `workload` text replayed with
+    trained-like routing installed on `model` (calibrated like `bench_sync.py --routing
+    trained`). Returns (prompt ids, decoding) where decoding() gives fresh `generate_step`
+    keyword arguments (a prompt cache and the replay sampler) for each generation."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from .bench import ReplaySampler, replay_texts
+
+    prompts, forced = replay_texts(workload, model_path, limit=1, max_tokens=max_tokens)
+    params = calibrate_for_workload(workload, prompts, forced, info["num_experts"], info["top_k"], limit=1,
+                                    max_tokens=max_tokens)
+    text = prompts[0] + forced[0]
+    install_trained_routing(model, params).set_sequence(text)
+
+    def decoding() -> dict:
+        cache = make_prompt_cache(model)
+        return {"prompt_cache": cache, "sampler": ReplaySampler(text, cache)}
+
+    return prompts[0], decoding

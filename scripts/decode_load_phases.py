@@ -1,6 +1,6 @@
 """Where demand loads spend their time *inside* a decode (issue 12), not in a loop of loads.
 
-    python scripts/decode_load_phases.py [--model DIR] [--budget 0.5] [--tokens 64] [--json OUT]
+    python scripts/decode_load_phases.py [--model DIR] [--budget 0.5] [--tokens 64] [--routing trained] [--json OUT]
 
 Decodes --tokens greedy tokens with per-layer (gated) routing at --budget after a short warm-up,
 timing the load path's functions where they are called (`Runtime.load_for`, `ExpertCache.ensure`
@@ -19,7 +19,8 @@ import mlx.core as mx
 from results import save_json
 
 PHASES = [("runtime", "load_for"), ("cache", "ensure"), ("cache", "_ensure_now"), ("cache", "_read_experts"),
-          ("cache", "_read_small"), ("cache", "_take_slots"), ("cache", "_check_files"), ("cache", "_map")]
+          ("cache", "_read_small"), ("cache", "_take_slots"), ("cache", "_check_files"), ("cache", "_map"),
+          ("cache", "_copy_to_device"), ("cache", "write_gate_table")]  # (the last two: CUDA's copies, the gate table)
 
 
 def main():
@@ -28,6 +29,8 @@ def main():
     ap.add_argument("--budget", type=float, default=0.5)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--prompt", default="The history of the Roman Empire begins with the founding of the city")
+    ap.add_argument("--routing", choices=["model", "trained"], default="model",
+                    help="trained: replay a python text with trained-like routing (random-weight checkpoints)")
     ap.add_argument("--json")
     args = ap.parse_args()
 
@@ -36,6 +39,12 @@ def main():
 
     model, tok, rt = chronos_mlx.load(args.model, expert_budget=args.budget)
     prompt = mx.array(tok.encode(args.prompt))
+    decoding = dict
+    if args.routing == "trained":  # as bench_sync.py --routing trained (greedy would route one set)
+        from chronos_mlx.bench_routing import replay_one_text
+
+        ids, decoding = replay_one_text(model, args.model, rt.info, max_tokens=args.tokens)
+        prompt = mx.array(ids)
     spent, calls = collections.defaultdict(float), collections.defaultdict(int)
 
     def timed(owner, name):
@@ -53,13 +62,15 @@ def main():
 
     for where, name in PHASES:
         timed(rt if where == "runtime" else rt.cache, name)
-    list(generate_step(prompt, model, rt, max_tokens=8, sync="per-layer"))
-    spent.clear()
-    calls.clear()
-    bytes0 = rt.cache_totals()["bytes_read"]
-    t0 = time.perf_counter()
-    for _ in generate_step(prompt, model, rt, max_tokens=args.tokens, sync="per-layer"):
-        pass
+    list(generate_step(prompt, model, rt, max_tokens=8, sync="per-layer", **decoding()))
+    # From the first token on (the prefill's loads are not the decode's): counters cleared there.
+    t0 = bytes0 = None
+    for i, _ in enumerate(generate_step(prompt, model, rt, max_tokens=args.tokens + 1, sync="per-layer", **decoding())):
+        if i == 0:
+            spent.clear()
+            calls.clear()
+            bytes0 = rt.cache_totals()["bytes_read"]
+            t0 = time.perf_counter()
     per_token = (time.perf_counter() - t0) / args.tokens
     mb = (rt.cache_totals()["bytes_read"] - bytes0) / args.tokens / 1e6
     print(f"budget {args.budget}: {per_token * 1e3:.2f} ms/token, {mb:.2f} MB read/token")

@@ -6,9 +6,9 @@
 # Q48=/tmp/q48 is written first if missing (~1 min); BUDGETS / TOKENS shape the last step.
 # A device call may run 600 s: split with STEPS, back to back on the warm machine, e.g.
 #   STEPS=warm-up,race,make-q48,warm-q48,trace-q48,save-ptx   then   STEPS=bench   then
-#   STEPS=tests,exact,exact-guesses,guesses,cost
+#   STEPS=phases-q48,tests,exact,exact-guesses,guesses,cost
 set -uo pipefail
-STEPS=${STEPS:-warm-up,race,trace,tests,exact,exact-guesses,guesses,make-q48,warm-q48,trace-q48,cost,bench,save-ptx}
+STEPS=${STEPS:-warm-up,race,trace,tests,exact,exact-guesses,guesses,make-q48,warm-q48,trace-q48,phases-q48,cost,bench,save-ptx}
 OUT=${OUT:-/tmp/out}
 Q48=${Q48:-/tmp/q48}
 BUDGETS=${BUDGETS:-0.97,0.5,0.25}
@@ -58,6 +58,9 @@ m, t = load('$Q48'); m.set_dtype(mx.bfloat16)
 print([int(x) for x, _ in generate_step(mx.array(t.encode('The history of')), m, max_tokens=4)])"
 # The bench's case (replay, table routers) traced request by request before it is timed.
 step trace-q48 200 python3 scripts/device_wait_trace.py --model "$Q48" --routing trained --budget 0.5 --tokens 8 --limit-s 3
+# Where a per-layer miss's time goes on this machine (read, copy, bookkeeping), the bench's case.
+step phases-q48 200 python3 scripts/decode_load_phases.py --model "$Q48" --routing trained --budget 0.5 --tokens 16 \
+  --json "$OUT/phases.json"
 step cost 200 python3 scripts/device_wait_cost.py --model "$Q48" --rounds 3 --max-tokens 32 --load-mb 2.65 --json "$OUT/cost.json"
 # (No guesses here: trained-like routing replaces the routers by a table, which the gate predictor
 # cannot see; step `guesses` measures them on the demo's real routers.)

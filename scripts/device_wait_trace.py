@@ -37,20 +37,11 @@ def main():
     prompt = mx.array(tok.encode("def fibonacci(n):\n    "))
     kw = {}
     if args.routing == "trained":  # the bench's case: forced text, routers replaced by a table
-        from mlx_lm.models.cache import make_prompt_cache
+        from chronos_mlx.bench_routing import replay_one_text
 
-        from chronos_mlx.bench import ReplaySampler, replay_texts
-        from chronos_mlx.bench_routing import calibrate_for_workload, install_trained_routing
-
-        prompts, forced = replay_texts("python", args.model, limit=1, max_tokens=args.tokens)
-        info = rt.info
-        params = calibrate_for_workload("python", prompts, forced, info["num_experts"], info["top_k"], limit=1,
-                                        max_tokens=args.tokens)
-        install_trained_routing(model, params).set_sequence(prompts[0] + forced[0])
-        cache = make_prompt_cache(model)
-        kw = {"prompt_cache": cache, "sampler": ReplaySampler(prompts[0] + forced[0], cache)}
-        prompt = mx.array(prompts[0])
-        print(f"trained routing, {len(prompts[0])}-token prompt", flush=True)
+        ids, decoding = replay_one_text(model, args.model, rt.info, max_tokens=args.tokens)
+        prompt, kw = mx.array(ids), decoding()
+        print(f"trained routing, {len(ids)}-token prompt", flush=True)
     from chronos_mlx import device_wait
 
     rt.waiter = device_wait.DeviceWaiter(rt)

@@ -229,3 +229,20 @@ def test_a_table_router_waits_for_the_layers_input_like_a_trained_router():
     dot = io.StringIO()
     mx.export_to_dot(dot, router(mx.exp(mx.ones((1, 1, 3)))))
     assert "Exp" in dot.getvalue()
+
+
+def test_one_text_replays_with_trained_routing_for_the_tracing_scripts(moe64):
+    """`replay_one_text` (device_wait_trace.py, decode_load_phases.py --routing trained): the
+    bench's case for one text — every generation it starts decodes the text's own tokens, with
+    a fresh cache each time, and the table routing misses under a budget."""
+    from chronos_mlx.generate import generate_step
+
+    model, _, runtime = chronos_mlx.load(moe64, expert_budget=0.5, dtype="float32")
+    ids, decoding = R.replay_one_text(model, moe64, runtime.info, workload="en", max_tokens=8)
+    prompts, forced = B.replay_texts("en", moe64, limit=1, max_tokens=8)
+    assert ids == prompts[0]
+    for _ in range(2):
+        got = [int(t) for t, _ in generate_step(mx.array(ids), model, runtime, max_tokens=8, sync="per-layer",
+                                                **decoding())]
+        assert got == forced[0]
+    assert runtime.counters.decode_misses > 0
