@@ -58,6 +58,9 @@ m, t = load('$Q48'); m.set_dtype(mx.bfloat16)
 print([int(x) for x, _ in generate_step(mx.array(t.encode('The history of')), m, max_tokens=4)])"
 # The bench's case (replay, table routers) traced request by request before it is timed.
 step trace-q48 200 python3 scripts/device_wait_trace.py --model "$Q48" --routing trained --budget 0.5 --tokens 8 --limit-s 3
+# Where a request's time goes on the service thread (cProfile), and how the reads' split changes it.
+step profile-q48 300 bash -c "for r in '--profile' '--read-threads 1' '--read-threads 16 --min-kb 256'; do
+  echo \"=== \$r\"; python3 scripts/device_wait_trace.py --model $Q48 --routing trained --budget 0.5 --tokens 16 --limit-s 3 --quiet \$r; done"
 # Where a per-layer miss's time goes on this machine (read, copy, bookkeeping), the bench's case.
 step phases-q48 200 python3 scripts/decode_load_phases.py --model "$Q48" --routing trained --budget 0.5 --tokens 16 \
   --json "$OUT/phases.json"
