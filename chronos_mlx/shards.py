@@ -290,7 +290,14 @@ def open_for_reading(path: Path, direct: bool) -> tuple[int, bool]:
 
 def default_read_threads() -> int:
     """Reads in flight for one batch: an SSD needs several (Apple's reach 5-7 GB/s only with
-    a queue), and copies from the page cache scale with cores; capped where it stops paying."""
+    a queue), and copies from the page cache scale with cores; capped where it stops paying.
+    `CHRONOS_READ_THREADS` overrides it (1: the calling thread reads every batch alone)."""
+    env = os.environ.get("CHRONOS_READ_THREADS")
+    if env:
+        try:
+            return max(1, int(env))
+        except ValueError:
+            raise ValueError(f"CHRONOS_READ_THREADS={env!r}: expected a whole number of threads") from None
     return max(1, min(8, os.cpu_count() or 1))
 
 

@@ -3,7 +3,7 @@
 # Every step has its own time limit and writes into $OUT as it goes, so a step that hangs or runs
 # long costs only its own limit and the others' output still comes back.
 #   OUT=$OUT bash scripts/device_wait_check.sh            (after `source .device/final/install.sh`)
-# Q48=/tmp/q48 is written first if missing (~1 min); BUDGETS / TOKENS shape the last step.
+# Q48=/tmp/q48 is written first if missing (~1 min); BUDGETS, TOKENS, MODES, READ_THREADS shape step bench.
 # A device call may run 600 s: split with STEPS, back to back on the warm machine, e.g.
 #   STEPS=warm-up,race,make-q48,warm-q48,trace-q48,save-ptx   then   STEPS=bench   then
 #   STEPS=phases-q48,tests,exact,exact-guesses,guesses,cost
@@ -61,14 +61,17 @@ step trace-q48 200 python3 scripts/device_wait_trace.py --model "$Q48" --routing
 # Where a request's time goes on the service thread (cProfile), and how the reads' split changes it.
 step profile-q48 300 bash -c "for r in '--profile' '--read-threads 1' '--read-threads 16 --min-kb 256'; do
   echo \"=== \$r\"; python3 scripts/device_wait_trace.py --model $Q48 --routing trained --budget 0.5 --tokens 16 --limit-s 3 --quiet \$r; done"
+# Reads in flight and Python's switch interval against a request's time (decode time in the token lines).
+step threads-q48 300 bash -c "for r in '--read-threads 1' '--read-threads 1 --switch-ms 0.5' '--read-threads 4' '--switch-ms 0.5'; do
+  echo \"=== \$r\"; python3 scripts/device_wait_trace.py --model $Q48 --routing trained --budget 0.5 --tokens 16 --limit-s 3 --quiet \$r; done"
 # Where a per-layer miss's time goes on this machine (read, copy, bookkeeping), the bench's case.
 step phases-q48 200 python3 scripts/decode_load_phases.py --model "$Q48" --routing trained --budget 0.5 --tokens 16 \
   --json "$OUT/phases.json"
 step cost 200 python3 scripts/device_wait_cost.py --model "$Q48" --rounds 3 --max-tokens 32 --load-mb 2.65 --json "$OUT/cost.json"
 # (No guesses here: trained-like routing replaces the routers by a table, which the gate predictor
 # cannot see; step `guesses` measures them on the demo's real routers.)
-step bench 420 python3 scripts/bench_sync.py --model "$Q48" --routing trained --budgets "$BUDGETS" \
-  --modes device-wait,optimistic,per-layer --max-tokens "$TOKENS" --repeats 1 --prompts 1 \
+step bench 420 env ${READ_THREADS:+CHRONOS_READ_THREADS=$READ_THREADS} python3 scripts/bench_sync.py --model "$Q48" --routing trained --budgets "$BUDGETS" \
+  --modes "${MODES:-device-wait,optimistic,per-layer}" --max-tokens "$TOKENS" --repeats 1 --prompts 1 \
   --interleave ${PROBE:-} --json "$OUT/bench.json"
 # Last in any call that names it: the kernels compiled so far (stock's, chronos's, the wait kernels'),
 # ~0.6 MB compressed; copy it to .device/ptx.tar.xz and carry that on the next cold start.

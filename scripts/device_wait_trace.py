@@ -38,6 +38,7 @@ def main():
     ap.add_argument("--quiet", action="store_true", help="no line a request: their median and spread at the end")
     ap.add_argument("--profile", action="store_true", help="cProfile the service thread's requests")
     ap.add_argument("--read-threads", type=int, default=None, help="reads in flight for one batch (default: the reader's)")
+    ap.add_argument("--switch-ms", type=float, default=None, help="Python's thread switch interval (default 5 ms)")
     ap.add_argument("--min-kb", type=int, default=None, help="KiB a reader thread must have before a batch is split")
     args = ap.parse_args()
     wait_kernels.WAIT_LIMIT_CYCLES = int(args.limit_s * 2e9)
@@ -52,6 +53,8 @@ def main():
         print(f"trained routing, {len(ids)}-token prompt", flush=True)
     from chronos_mlx import device_wait
 
+    if args.switch_ms:
+        sys.setswitchinterval(args.switch_ms / 1e3)
     reader = rt.cache.reader
     reader.threads = args.read_threads or reader.threads
     reader.min_bytes_per_thread = (args.min_kb << 10) if args.min_kb else reader.min_bytes_per_thread

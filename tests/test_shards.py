@@ -113,6 +113,18 @@ def test_one_long_run_is_cut_so_that_several_threads_read_it():
     assert sum(r.nbytes for r in pieces) == out.nbytes
 
 
+def test_read_threads_follow_the_cores_unless_the_environment_sets_them(monkeypatch):
+    from chronos_mlx.shards import default_read_threads
+
+    monkeypatch.delenv("CHRONOS_READ_THREADS", raising=False)
+    assert 1 <= default_read_threads() <= 8
+    monkeypatch.setenv("CHRONOS_READ_THREADS", "1")
+    assert ShardReader(ShardIndex.open(DEMO)).threads == 1  # every batch on the calling thread
+    monkeypatch.setenv("CHRONOS_READ_THREADS", "many")
+    with pytest.raises(ValueError, match="CHRONOS_READ_THREADS"):
+        default_read_threads()
+
+
 def test_simulated_ssd_overlaps_the_latency_of_a_batch_and_queues_its_bytes():
     ssd = SimulatedSSD(bandwidth=1e9, latency=100e-6)
     done = ssd.schedule([1_000_000, 2_000_000], started=10.0)
