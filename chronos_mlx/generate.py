@@ -39,6 +39,15 @@ def available_sync_modes() -> list:
     return [m for m in SYNC_MODES if m != "device-wait" or device_wait.available()]
 
 
+def resolve_sync(sync: str) -> str:
+    """The routing mode "auto" stands for on this machine: device-wait where MLX runs on
+    CUDA (on the H200 it decoded 1.2-1.4x faster than optimistic or per-layer whenever
+    experts stream: docs/benchmarks.md, session 15), optimistic elsewhere."""
+    if sync != "auto":
+        return sync
+    return "device-wait" if device_wait.available() else "optimistic"
+
+
 def generation_stream():
     """A stream of the default device as it is now (a process may switch to the CPU after import)."""
     device = mx.default_device()
@@ -88,16 +97,17 @@ def generate_step(
     sampler: Optional[Callable] = None,
     prompt_cache=None,
     prefill_step_size: int = 2048,
-    sync: str = "optimistic",
+    sync: str = "auto",
     segment_ends=None,
 ) -> Generator[tuple[int, mx.array], None, None]:
     """Yield (token id, logprobs) like `mlx_lm.generate.generate_step`, with chronos's counters.
 
     sync="optimistic" verifies each step in segments whose ends a cost model picks
     (verification.py); `segment_ends` fixes them instead (a set of MoE layer indices;
-    empty: one read after the whole step)."""
-    if sync not in SYNC_MODES:
-        raise ValueError(f"sync must be one of {SYNC_MODES}, got '{sync}'")
+    empty: one read after the whole step). "auto": see `resolve_sync`."""
+    if sync != "auto" and sync not in SYNC_MODES:
+        raise ValueError(f"sync must be 'auto' or one of {SYNC_MODES}, got '{sync}'")
+    sync = resolve_sync(sync)
     if sync == "device-wait" and not device_wait.available():
         raise ValueError("sync='device-wait' needs MLX's CUDA backend (mx.fast.cuda_kernel)")
     sampler = sampler or greedy

@@ -138,8 +138,19 @@ def test_stream_generate_yields_text_and_stops_at_max_tokens(demo_prompt_ids):
 
 def test_unknown_sync_mode_is_rejected(demo_prompt_ids):
     model, _, runtime = chronos_mlx.load(None, expert_budget=1.0)
-    with pytest.raises(ValueError, match="sync must be one of"):
+    with pytest.raises(ValueError, match="sync must be 'auto' or one of"):
         next(generate_step(mx.array(demo_prompt_ids), model, runtime, sync="sometimes"))
+
+
+def test_auto_routing_is_device_wait_where_mlx_runs_on_cuda_and_optimistic_elsewhere(monkeypatch):
+    from chronos_mlx import device_wait
+    from chronos_mlx.generate import resolve_sync
+
+    assert resolve_sync("per-layer") == "per-layer"  # a mode asked for is kept
+    monkeypatch.setattr(device_wait, "available", lambda: False)
+    assert resolve_sync("auto") == "optimistic"
+    monkeypatch.setattr(device_wait, "available", lambda: True)
+    assert resolve_sync("auto") == "device-wait"
 
 
 def test_stopping_early_leaves_the_kv_cache_exactly_as_stock(demo_prompt_ids):

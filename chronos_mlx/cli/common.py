@@ -111,7 +111,7 @@ class LoadOptions:
     expert_budget: str = "auto"
     memory_limit: Optional[str] = None
     dtype: str = "auto"
-    sync: str = "optimistic"
+    sync: str = "auto"
     policy: str = "auto"
     direct_io: bool = False
     io_sim: Optional[str] = None
@@ -173,15 +173,16 @@ LOAD_OPTIONS = [
     _option("dtype", "auto", DtypeChoice, "--dtype", help=DTYPE_HELP),
     _option(
         "sync",
-        "optimistic",
-        Literal[tuple(SYNC_MODES)],
+        "auto",
+        Literal[("auto", *SYNC_MODES)],
         "--sync",
         help=(
-            "How decode steps learn which experts they need. optimistic: compute from the "
+            "How decode steps learn which experts they need. auto: device-wait with MLX's CUDA "
+            "backend, optimistic elsewhere. optimistic: compute from the "
             "resident experts and read the routing back at a few segment ends per token, chosen "
             "from measured miss rates and round-trip costs; a miss recomputes from the layer "
             "that missed (fast). per-layer: read each MoE layer's routing before computing "
-            "it (one host sync per layer). device-wait (CUDA only, experimental): each MoE "
+            "it (one host sync per layer). device-wait (CUDA only): each MoE "
             "layer waits on the GPU for a loader thread only when one of its experts is absent; "
             "no host sync per layer. All give the same tokens."
         ),
