@@ -44,8 +44,9 @@ def verify(
     ] = False,
     budgets: Annotated[str, typer.Option("--budgets", metavar="B,B", help="With --tokens: expert budgets to check.")] = "0.5,0.125",
     routing: Annotated[
-        str, typer.Option("--routing", metavar="MODE,MODE", help="With --tokens: decode routings to check (optimistic, per-layer; device-wait on CUDA).")
-    ] = "optimistic,per-layer",
+        Optional[str], typer.Option("--routing", metavar="MODE,MODE", help="With --tokens: decode routings to check "
+                                    "(optimistic, per-layer; device-wait on CUDA). Default: every one this machine runs.")
+    ] = None,
     prompt: Annotated[
         Optional[list[str]], typer.Option("--prompt", "-p", metavar="TEXT", help="With --tokens: a prompt (repeat for more). Default: a short and a long one.")
     ] = None,
@@ -120,7 +121,9 @@ def _verify_tokens(model, budgets, routing, prompts, max_tokens, dtype, as_json,
         raise CliError(f"--budgets takes fractions like 0.5,0.125, got '{budgets}'") from None
     if not levels or not all(0 < b <= 1 for b in levels):
         raise CliError(f"--budgets takes fractions in (0, 1], got '{budgets}'")
-    modes = [m.strip() for m in routing.split(",") if m.strip()]
+    from ..generate import available_sync_modes
+
+    modes = [m.strip() for m in routing.split(",") if m.strip()] if routing else available_sync_modes()
     n_prompts = len(prompts) if prompts else 2
     bar = Progress(TextColumn("comparing tokens"), BarColumn(), MofNCompleteColumn(), console=err,
                    transient=not err.is_terminal)
