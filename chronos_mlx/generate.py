@@ -39,13 +39,17 @@ def available_sync_modes() -> list:
     return [m for m in SYNC_MODES if m != "device-wait" or device_wait.available()]
 
 
-def resolve_sync(sync: str) -> str:
-    """The routing mode "auto" stands for on this machine: device-wait where MLX runs on
-    CUDA (on the H200 it decoded 1.2-1.4x faster than optimistic or per-layer whenever
-    experts stream: docs/benchmarks.md, session 15), optimistic elsewhere."""
+def resolve_sync(sync: str, runtime: Optional[Runtime] = None) -> str:
+    """The routing mode "auto" stands for: device-wait where MLX runs on CUDA and experts
+    can miss (on the H200 it decoded 1.1-1.4x faster than optimistic or per-layer whenever
+    the budget was below the model: docs/benchmarks.md, session 15), optimistic elsewhere
+    (with every expert resident nothing can miss, and optimistic steps read the routing
+    once a token)."""
     if sync != "auto":
         return sync
-    return "device-wait" if device_wait.available() else "optimistic"
+    cache = runtime.cache if runtime is not None else None
+    every_expert_fits = cache is not None and all(L.num_slots >= L.num_experts for L in cache.layers)
+    return "device-wait" if device_wait.available() and not every_expert_fits else "optimistic"
 
 
 def generation_stream():
@@ -107,7 +111,7 @@ def generate_step(
     empty: one read after the whole step). "auto": see `resolve_sync`."""
     if sync != "auto" and sync not in SYNC_MODES:
         raise ValueError(f"sync must be 'auto' or one of {SYNC_MODES}, got '{sync}'")
-    sync = resolve_sync(sync)
+    sync = resolve_sync(sync, runtime)
     if sync == "device-wait" and not device_wait.available():
         raise ValueError("sync='device-wait' needs MLX's CUDA backend (mx.fast.cuda_kernel)")
     sampler = sampler or greedy

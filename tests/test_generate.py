@@ -151,6 +151,10 @@ def test_auto_routing_is_device_wait_where_mlx_runs_on_cuda_and_optimistic_elsew
     assert resolve_sync("auto") == "optimistic"
     monkeypatch.setattr(device_wait, "available", lambda: True)
     assert resolve_sync("auto") == "device-wait"
+    _, _, half = chronos_mlx.load(None, expert_budget=0.5)
+    _, _, whole = chronos_mlx.load(None, expert_budget=1.0)
+    assert resolve_sync("auto", half) == "device-wait"
+    assert resolve_sync("auto", whole) == "optimistic"  # every expert resident: nothing can miss
 
 
 def test_stopping_early_leaves_the_kv_cache_exactly_as_stock(demo_prompt_ids):

@@ -178,7 +178,7 @@ LOAD_OPTIONS = [
         "--sync",
         help=(
             "How decode steps learn which experts they need. auto: device-wait with MLX's CUDA "
-            "backend, optimistic elsewhere. optimistic: compute from the "
+            "backend when the budget is below the model, optimistic elsewhere. optimistic: compute from the "
             "resident experts and read the routing back at a few segment ends per token, chosen "
             "from measured miss rates and round-trip costs; a miss recomputes from the layer "
             "that missed (fast). per-layer: read each MoE layer's routing before computing "
