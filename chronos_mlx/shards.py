@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import lio
 from .errors import ShardError
 
 # safetensors dtype name -> (numpy dtype, item size)
@@ -314,6 +315,7 @@ class ShardReader:
     def __init__(self, index: ShardIndex, direct: bool = False):
         self.index = index
         self._fds: dict[Path, int] = {}
+        self._dups: dict[Path, list] = {}  # more descriptors of a shard, for lio_listio (lio.py)
         self._direct: dict[Path, bool] = {}
         self._want_direct = direct
         self._mmaps: dict[Path, mmap.mmap] = {}
@@ -384,7 +386,9 @@ class ShardReader:
                 if not self._direct[r.path]:
                     advise_willneed(fd, r.offset, r.nbytes)
         groups = self._split(runs, fds)
-        if len(groups) > 1:
+        if len(groups) > 1 and self._lio_ok(runs):
+            self._read_lio(groups)  # all groups in flight from one call: no Python hand-offs
+        elif len(groups) > 1:
             # Several reads in flight: a drive (and a page-cache copy) only reaches its rate
             # that way. pread releases the GIL; this thread takes the first group itself.
             futures = [self._pool().submit(self._read_group, g) for g in groups[1:]]
@@ -461,6 +465,40 @@ class ShardReader:
             except OSError as e:
                 raise ShardError(f"{r.path}: read failed at offset {r.offset} ({e.strerror or e})") from None
 
+    def _lio_ok(self, runs: list) -> bool:
+        """Whether a split batch goes to `lio_listio` (buffered reads, where it is available)."""
+        return lio.available() and not any(self._direct.get(r.path, False) for r in runs)
+
+    def _dup_fds(self, path: Path, n: int) -> list:
+        """`n` descriptors of `path`: glibc runs one descriptor's requests one after another."""
+        fds = self._dups.get(path)
+        if fds is None or len(fds) < n:
+            with self._lock:
+                fds = self._dups.setdefault(path, [])
+                while len(fds) < n:
+                    fds.append(os.dup(self._fds[path]))
+        return fds
+
+    def _read_lio(self, groups: list):
+        """Read every group's runs in one `lio_listio` call, group g through descriptor g: the
+        groups run in parallel, each group's pieces in order."""
+        pieces, paths = [], []
+        for g, group in enumerate(groups):
+            for r, _ in group:
+                fd, pos = self._dup_fds(r.path, len(groups))[g], r.offset
+                for v in r.views:
+                    pieces.append((fd, pos, v))
+                    paths.append(r.path)
+                    pos += len(v)
+        try:
+            got = lio.read_pieces(pieces)
+            for (fd, pos, v), n, path in zip(pieces, got, paths):
+                if n < len(v):  # short (the end of the file): finish it, or a clear error
+                    _preadv_full(fd, pos + n, [v[n:]], path)
+        except OSError as e:
+            where = paths[0] if len(set(paths)) == 1 else sorted({str(p) for p in paths})
+            raise ShardError(f"{where}: read failed ({e.strerror or e})") from None
+
     def _split(self, runs: list, fds: list) -> list:
         """The runs in up to `threads` groups of similar byte counts; one group when the
         batch is too small for a hand-off to pay (measured: ~100 us per hand-off)."""
@@ -531,6 +569,10 @@ class ShardReader:
             for fd in self._fds.values():
                 os.close(fd)
             self._fds.clear()
+            for fds in self._dups.values():
+                for fd in fds:
+                    os.close(fd)
+            self._dups.clear()
             for mm in self._mmaps.values():
                 mm.close()
             self._mmaps.clear()

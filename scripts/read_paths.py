@@ -4,14 +4,13 @@ Reads k expert-sized ranges (default 2.65 MB, Qwen3-30B-A3B 4-bit) at random off
 in the page cache into one buffer, timing each call, by:
   preadv         the calling thread alone, one call a range (chronos's inline path)
   threads-N      Python threads, the ranges cut in N pieces (chronos's ShardReader split)
-  lio-N          POSIX lio_listio(LIO_WAIT) over N pieces in one call (Linux glibc: its own
-                 threads, which serialise the requests of one descriptor, so each piece goes
-                 through one of N dup'd descriptors)
+  lio-N          chronos_mlx.lio: POSIX lio_listio over N pieces in one call (Linux glibc: its
+                 own threads, which serialise one descriptor's requests, so piece i goes through
+                 dup'd descriptor i mod N)
 with the interpreter idle, and with a second Python thread busy (as the decode loop's main
 thread is while a device-wait request is served).
   python scripts/read_paths.py [--file PATH] [--mb 2.65] [--ks 1,2,4] [--ns 2,4,8] [--calls 200] [--json F]"""
 import argparse
-import ctypes
 import json
 import os
 import statistics
@@ -23,30 +22,18 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 
-class _Sigevent(ctypes.Structure):  # x86-64 / aarch64 glibc: 64 bytes
-    _fields_ = [("value", ctypes.c_void_p), ("signo", ctypes.c_int), ("notify", ctypes.c_int), ("pad", ctypes.c_byte * 48)]
+def _load_lio():
+    # chronos_mlx/lio.py alone (it imports nothing of the package): no MLX needed here.
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("chronos_lio", Path(__file__).resolve().parents[1] / "chronos_mlx" / "lio.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-class _Aiocb(ctypes.Structure):  # glibc's struct aiocb (64-bit)
-    _fields_ = [("fildes", ctypes.c_int), ("lio_opcode", ctypes.c_int), ("reqprio", ctypes.c_int),
-                ("buf", ctypes.c_void_p), ("nbytes", ctypes.c_size_t), ("sigevent", _Sigevent),
-                ("next_prio", ctypes.c_void_p), ("abs_prio", ctypes.c_int), ("policy", ctypes.c_int),
-                ("error_code", ctypes.c_int), ("return_value", ctypes.c_ssize_t), ("offset", ctypes.c_int64),
-                ("reserved", ctypes.c_char * 32)]
-
-
-def _lio():
-    if not sys.platform.startswith("linux"):
-        return None
-    for name in ("libc.so.6", "librt.so.1"):
-        try:
-            lib = ctypes.CDLL(name, use_errno=True)
-            fn = lib.lio_listio
-            fn.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.POINTER(_Aiocb)), ctypes.c_int, ctypes.c_void_p]
-            return fn
-        except (OSError, AttributeError):
-            continue
-    return None
+lio = _load_lio()
 
 
 def pieces(ranges, n):
@@ -83,8 +70,6 @@ def main():
     for off in range(0, size, len(buf)):  # into the page cache
         os.preadv(fd, [buf], off)
     nb = int(args.mb * 1e6)
-    base = buf.ctypes.data
-    lio = _lio()
     ns = [int(n) for n in args.ns.split(",")]
     fds = [os.dup(fd) for _ in range(max(ns))]
     pool = ThreadPoolExecutor(max(ns) - 1)
@@ -109,21 +94,12 @@ def main():
 
     def run_lio(rs, n):
         ps = pieces(rs, n)
-        cbs = (_Aiocb * len(ps))()
-        ptrs = (ctypes.POINTER(_Aiocb) * len(ps))()
-        for i, (off, dst, m) in enumerate(ps):
-            cb = cbs[i]
-            cb.fildes, cb.lio_opcode, cb.buf, cb.nbytes, cb.offset = fds[i % n], 0, base + dst, m, off
-            cb.sigevent.notify = 1  # SIGEV_NONE
-            ptrs[i] = ctypes.pointer(cb)
-        if lio(0, ptrs, len(ps), None) != 0:  # LIO_WAIT
-            raise OSError(ctypes.get_errno(), "lio_listio")
-        for i, (_, _, m) in enumerate(ps):
-            if cbs[i].return_value != m:
-                raise OSError(f"lio_listio: piece {i} read {cbs[i].return_value} of {m}")
+        view = memoryview(buf)
+        got = lio.read_pieces([(fds[i % n], off, view[dst : dst + m]) for i, (off, dst, m) in enumerate(ps)])
+        assert got == [m for _, _, m in ps]
 
     paths = [("preadv", run_preadv)] + [(f"threads-{n}", lambda rs, n=n: run_threads(rs, n)) for n in ns]
-    if lio is not None:
+    if lio.available():
         paths += [(f"lio-{n}", lambda rs, n=n: run_lio(rs, n)) for n in ns]
     truth = np.empty(nb, dtype=np.uint8)
     results = []

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
+from chronos_mlx import lio
 from chronos_mlx.errors import ShardError
 from chronos_mlx.io import SimulatedSSD
 from chronos_mlx.layout import locate_expert_tensor
@@ -69,7 +70,8 @@ def test_a_batch_reads_adjacent_ranges_with_one_call_into_separate_buffers():
 
 def _watched_reader(name: str, threads: int, min_bytes: int):
     """A reader of the demo that records which threads read which groups: (reader, index,
-    the tensor's experts, its stock values, thread names, groups)."""
+    the tensor's experts, its stock values, thread names, groups). Python threads only (no
+    lio_listio): the path taken where that is not available."""
     import threading
 
     index = ShardIndex.open(DEMO)
@@ -77,6 +79,7 @@ def _watched_reader(name: str, threads: int, min_bytes: int):
     truth = np.array(mx.load(str(DEMO / "model.safetensors"))[name])
     reader = ShardReader(index)
     reader.threads, reader.min_bytes_per_thread = threads, min_bytes
+    reader._lio_ok = lambda runs: False
     seen, groups = set(), []
     read_group = reader._read_group
     reader._read_group = lambda group: (seen.add(threading.current_thread().name), groups.append(group), read_group(group))
@@ -111,6 +114,41 @@ def test_one_long_run_is_cut_so_that_several_threads_read_it():
     pieces = [r for g in groups for r, _ in g]
     assert len(pieces) == 12 and len(seen) >= 2
     assert sum(r.nbytes for r in pieces) == out.nbytes
+
+
+@pytest.mark.skipif(not lio.available(), reason="lio_listio: Linux glibc only")
+def test_where_lio_listio_runs_a_split_batch_is_one_call_over_one_descriptor_a_group(monkeypatch):
+    name = "model.layers.2.mlp.switch_mlp.gate_proj.weight"
+    index = ShardIndex.open(DEMO)
+    expert = locate_expert_tensor(index, {}, name, 64, (128, 48))
+    truth = np.array(mx.load(str(DEMO / "model.safetensors"))[name])
+    reader = ShardReader(index)
+    reader.threads, reader.min_bytes_per_thread = 4, 1
+    calls = []
+    real = lio.read_pieces
+    monkeypatch.setattr(lio, "read_pieces", lambda pieces: (calls.append(pieces), real(pieces))[1])
+    reader._read_group = lambda group: pytest.fail("no Python reader thread when lio_listio runs")
+    outs = {e: np.empty((128, 48), dtype=np.uint32) for e in range(0, 64, 2)}
+    reader.read_batch([(expert.slices[e].path, expert.slices[e].offset, out) for e, out in outs.items()])
+    for e, out in outs.items():
+        assert np.array_equal(out, truth[e])
+    assert len(calls) == 1 and len({fd for fd, _, _ in calls[0]}) == 4  # four groups in flight
+
+
+@pytest.mark.skipif(not lio.available(), reason="lio_listio: Linux glibc only")
+def test_a_range_past_the_end_of_a_shard_is_a_clear_error_through_lio_listio_too(shard_dir):
+    from chronos_mlx.shards import ReadRun
+
+    path = shard_dir / "model.safetensors"
+    reader = ShardReader(ShardIndex.open(shard_dir))
+    reader._fd(path)
+    size = path.stat().st_size
+    inside, past = bytearray(8), bytearray(64)
+    groups = [[(ReadRun(path, 0, [memoryview(inside)], 8), None)],
+              [(ReadRun(path, size - 16, [memoryview(past)], 64), None)]]
+    with pytest.raises(ShardError, match="read past end of file"):
+        reader._read_lio(groups)
+    assert bytes(inside) == path.read_bytes()[:8]
 
 
 def test_read_threads_follow_the_cores_unless_the_environment_sets_them(monkeypatch):

@@ -1,0 +1,59 @@
+"""lio.py: many reads in flight from one call, the same bytes as pread."""
+
+import os
+
+import numpy as np
+import pytest
+
+from chronos_mlx import lio
+
+pytestmark = pytest.mark.skipif(not lio.available(), reason="lio_listio: Linux glibc only")
+
+
+@pytest.fixture()
+def data_file(tmp_path):
+    data = np.random.default_rng(0).integers(0, 255, 1 << 20, dtype=np.uint8)
+    path = tmp_path / "data.bin"
+    data.tofile(path)
+    fd = os.open(path, os.O_RDONLY)
+    fds = [fd] + [os.dup(fd) for _ in range(3)]
+    yield data, fds
+    for f in fds:
+        os.close(f)
+
+
+def test_pieces_over_several_descriptors_read_the_same_bytes_as_pread(data_file):
+    data, fds = data_file
+    out = np.zeros_like(data)
+    view = memoryview(out).cast("B")
+    step = 1 << 16
+    pieces = [(fds[i % 4], i * step, view[i * step : (i + 1) * step]) for i in range(len(data) // step)]
+    assert lio.read_pieces(pieces) == [step] * len(pieces)
+    assert np.array_equal(out, data)
+
+
+def test_a_piece_past_the_end_of_the_file_reads_short(data_file):
+    data, fds = data_file
+    out = bytearray(100)
+    assert lio.read_pieces([(fds[0], len(data) - 40, memoryview(out))]) == [40]
+    assert bytes(out[:40]) == data[-40:].tobytes()
+
+
+def test_a_failed_read_raises_after_every_piece_has_ended(data_file):
+    _, fds = data_file
+    ok, bad = bytearray(16), bytearray(16)
+    with pytest.raises(OSError):
+        lio.read_pieces([(fds[0], 0, memoryview(ok)), (-1, 0, memoryview(bad))])
+
+
+def test_no_pieces_is_no_call():
+    assert lio.read_pieces([]) == []
+
+
+def test_the_environment_turns_it_off(monkeypatch):
+    monkeypatch.setattr(lio, "_tried", False)
+    monkeypatch.setattr(lio, "_fn", None)
+    monkeypatch.setenv("CHRONOS_LIO", "0")
+    assert not lio.available()
+    monkeypatch.undo()
+    assert lio.available()
