@@ -58,7 +58,10 @@ def main():
     reader = rt.cache.reader
     reader.threads = args.read_threads or reader.threads
     reader.min_bytes_per_thread = (args.min_kb << 10) if args.min_kb else reader.min_bytes_per_thread
-    print(f"reads: up to {reader.threads} threads, split from {reader.min_bytes_per_thread >> 10} KiB a thread", flush=True)
+    from chronos_mlx import lio
+
+    print(f"reads: up to {reader.threads} in flight, split from {reader.min_bytes_per_thread >> 10} KiB each, "
+          f"{'one lio_listio call' if lio.available() else 'Python threads'}", flush=True)
     rt.waiter = device_wait.DeviceWaiter(rt)
     if args.prealloc:
         rt.waiter.pull.staging(1)
