@@ -39,6 +39,7 @@ class BenchConfig:
 def machine_info() -> dict:
     import mlx_lm
 
+    from .shards import split_read_path
     from .upload import expert_write_path
 
     info = {
@@ -52,6 +53,7 @@ def machine_info() -> dict:
         "mlx_lm": mlx_lm.__version__,
         "device": str(mx.default_device()),
         "expert_writes": expert_write_path(),
+        "split_reads": split_read_path(),
     }
     try:
         info["device_info"] = {k: str(v) for k, v in mx.device_info().items()}

@@ -236,7 +236,8 @@ def diagnose(
 
     from .loader import compute_dtype, plan_model
     from .memory import machine_memory
-    from .generate import available_sync_modes
+    from .generate import available_sync_modes, resolve_sync
+    from .shards import split_read_path
     from .upload import expert_write_path
 
     remote = None
@@ -305,6 +306,8 @@ def diagnose(
         "platform": sys.platform,
         "expert_writes": expert_write_path(),
         "sync_modes": available_sync_modes(),
+        "default_sync": resolve_sync("auto"),
+        "split_reads": split_read_path(),
     }
     rec: dict = {"fits": True, "error": None}
     try:

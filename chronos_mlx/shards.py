@@ -309,6 +309,16 @@ def default_min_bytes_per_thread() -> int:
     return (512 << 10) if (os.cpu_count() or 1) >= 8 else (1 << 20)
 
 
+def split_read_path() -> str:
+    """How a batch split for parallel reads is read on this machine, in words."""
+    n = default_read_threads()
+    if n <= 1:
+        return "one thread (CHRONOS_READ_THREADS=1)"
+    if lio.available():
+        return f"one lio_listio call, up to {n} descriptors in flight (Linux glibc)"
+    return f"up to {n} Python reader threads"
+
+
 class ShardReader:
     """Reads byte ranges of shards into caller buffers. Thread-safe: pread has no file position."""
 

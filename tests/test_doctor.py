@@ -33,7 +33,7 @@ SCHEMA = {
     },
     "machine": {
         "total_bytes": int, "available_bytes": int, "available_source": str, "memory_bandwidth_bytes_per_s": float,
-        "expert_writes": str, "sync_modes": list,
+        "expert_writes": str, "sync_modes": list, "default_sync": str, "split_reads": str,
         "read": {"file": str, "bytes": int, "seconds": float, "bytes_per_s": float, "page_cache_dropped": bool, "note": str},
     },
     "recommendation": {"fits": bool, "budget": str, "fraction": float, "slots_per_layer": int, "expert_budget_bytes": int, "line": str},
@@ -102,7 +102,7 @@ def test_doctor_prints_a_readable_report(runner):
     result = runner.invoke(app, ["doctor"])
     assert result.exit_code == 0
     for words in ("what the model needs", "this machine", "read bandwidth", "recommended", "expected decode speed",
-                  "expert loads"):
+                  "expert loads", "split reads", "auto: optimistic"):
         assert words in result.stdout
 
 

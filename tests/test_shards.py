@@ -151,6 +151,17 @@ def test_a_range_past_the_end_of_a_shard_is_a_clear_error_through_lio_listio_too
     assert bytes(inside) == path.read_bytes()[:8]
 
 
+def test_the_split_read_path_is_named_for_the_user(monkeypatch):
+    from chronos_mlx.shards import split_read_path
+
+    monkeypatch.setenv("CHRONOS_READ_THREADS", "1")
+    assert split_read_path().startswith("one thread")
+    monkeypatch.setenv("CHRONOS_READ_THREADS", "4")
+    assert ("lio_listio" in split_read_path()) == lio.available()
+    monkeypatch.setattr(lio, "available", lambda: False)
+    assert split_read_path() == "up to 4 Python reader threads"
+
+
 def test_read_threads_follow_the_cores_unless_the_environment_sets_them(monkeypatch):
     from chronos_mlx.shards import default_read_threads
 

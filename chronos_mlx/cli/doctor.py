@@ -92,8 +92,10 @@ def doctor(
         grid.add_row("read bandwidth", f"{_bw(read['bytes_per_s'])} ({human_bytes(read['bytes'])} of {escape(read['file'])}; {read['note']})")
     grid.add_row("memory bandwidth", _bw(mach["memory_bandwidth_bytes_per_s"]))
     grid.add_row("expert loads", escape(mach["expert_writes"]))
+    grid.add_row("split reads", escape(mach["split_reads"]))
     modes = mach.get("sync_modes", [])
-    grid.add_row("--sync", ", ".join(modes) + ("" if "device-wait" in modes else "  [dim](device-wait needs MLX's CUDA backend)[/dim]"))
+    grid.add_row("--sync", ", ".join(modes) + f"  (auto: {mach['default_sync']})"
+                 + ("" if "device-wait" in modes else "  [dim](device-wait needs MLX's CUDA backend)[/dim]"))
     out.print()
     out.print(grid)
 
