@@ -59,6 +59,25 @@ def test_forced_misses_recover_to_stock_tokens_and_kv_cache(models, name):
         np.testing.assert_allclose(v1, v2, atol=1e-5)
 
 
+@pytest.mark.parametrize("sync", ["optimistic", "per-layer"])
+def test_loads_split_over_parallel_reads_give_stock_tokens(demo_prompt_ids, sync, monkeypatch):
+    # Every batch split (lio_listio where Linux glibc has it, Python threads elsewhere): the
+    # pieces of one expert land in its slot whatever order they arrive in.
+    from chronos_mlx import lio
+
+    ref_ids, _ = _stock(DEMO, demo_prompt_ids, 12)
+    model, _, runtime = chronos_mlx.load(None, expert_budget=0.25)
+    reader = runtime.cache.reader
+    reader.threads, reader.min_bytes_per_thread = 4, 1
+    calls = []
+    real = lio.read_pieces
+    monkeypatch.setattr(lio, "read_pieces", lambda pieces: (calls.append(len(pieces)), real(pieces))[1])
+    ids = [t for t, _ in generate_step(mx.array(demo_prompt_ids), model, runtime, max_tokens=12, sync=sync)]
+    assert ids == ref_ids
+    assert runtime.stats()["decode_misses"] > 0
+    assert bool(calls) == lio.available()
+
+
 def test_a_step_likely_to_miss_is_verified_before_the_next_is_launched_on_it(demo_prompt_ids):
     # At a quarter of the experts nearly every step misses somewhere: a step launched behind
     # it would be thrown away after being waited for (a whole step of device time).
