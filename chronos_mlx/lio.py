@@ -75,6 +75,21 @@ def _load():
         return _fn
 
 
+def _wait_out(aio_error, ptrs):
+    """Return once no piece is in flight (a Ctrl-C meanwhile is raised afterwards)."""
+    interrupted = None
+    for p in ptrs:
+        while True:
+            try:
+                if aio_error(p) != errno.EINPROGRESS:
+                    break
+                time.sleep(20e-6)
+            except BaseException as e:  # noqa: BLE001 - the buffers first, then the interrupt
+                interrupted = interrupted or e
+    if interrupted is not None:
+        raise interrupted
+
+
 def available() -> bool:
     """Whether `read_pieces` can run here (Linux glibc, 64-bit, not turned off)."""
     return _load() is not None
@@ -102,18 +117,20 @@ def read_pieces(pieces: list) -> list:
         cb.buf = ctypes.addressof(c) if c is not None else None
         cb.sigevent.notify = SIGEV_NONE
         ptrs[i] = ctypes.pointer(cb)
-    if fn(LIO_WAIT, ptrs, n, None) != 0:
-        err = ctypes.get_errno()
-        # EIO: some piece failed; EAGAIN: not all were queued; EINTR: a signal ended the wait
-        # while pieces may still be writing into the buffers. Wait those out before anyone
-        # reuses a buffer, then report the first failure.
-        codes = []
-        for i in range(n):
-            while (code := aio_error(ptrs[i])) == errno.EINPROGRESS:
-                time.sleep(20e-6)
-            codes.append(code)
-        failed = [c for c in codes if c > 0]
-        code = failed[0] if failed else err
-        raise OSError(code, f"lio_listio: {os.strerror(code) if code else 'failed'}")
+    rc = -1
+    try:
+        rc = fn(LIO_WAIT, ptrs, n, None)
+        err = ctypes.get_errno() if rc != 0 else 0
+    finally:
+        if rc != 0:
+            # EIO: some piece failed; EAGAIN: not all were queued; EINTR (or Ctrl-C) ended the
+            # wait while pieces may still be writing into the buffers: wait those out before
+            # anyone reuses a buffer.
+            _wait_out(aio_error, ptrs)
+    if rc != 0:
+        failed = [c for c in (aio_error(p) for p in ptrs) if c > 0]
+        if failed or err not in (errno.EINTR, 0):
+            code = failed[0] if failed else err
+            raise OSError(code, f"lio_listio: {os.strerror(code)}")
     del keep
     return [int(cbs[i].return_value) for i in range(n)]
