@@ -17,6 +17,7 @@ layout is declared here; elsewhere (macOS, musl) `available()` is False and call
 import ctypes
 import errno
 import os
+import signal
 import sys
 import threading
 import time
@@ -44,6 +45,7 @@ class _AioInit(ctypes.Structure):  # struct aioinit
                                                   "idle_time", "reserved")]
 
 
+_ALL_SIGNALS = set(signal.valid_signals()) if hasattr(signal, "valid_signals") else set()
 _lock = threading.Lock()
 _fn = None
 _tried = False
@@ -117,20 +119,21 @@ def read_pieces(pieces: list) -> list:
         cb.buf = ctypes.addressof(c) if c is not None else None
         cb.sigevent.notify = SIGEV_NONE
         ptrs[i] = ctypes.pointer(cb)
-    rc = -1
+    # No signal handler may run on this thread during the wait: glibc's LIO_WAIT keeps its
+    # wait list on its stack, and a wait cut short by EINTR returns while the I/O threads
+    # still write to that list (a segfault, seen here with SIGUSR1 every 0.5 ms). Blocked,
+    # a signal goes to another thread or waits the ~0.1-1 ms until the mask is restored.
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _ALL_SIGNALS)
     try:
         rc = fn(LIO_WAIT, ptrs, n, None)
         err = ctypes.get_errno() if rc != 0 else 0
     finally:
-        if rc != 0:
-            # EIO: some piece failed; EAGAIN: not all were queued; EINTR (or Ctrl-C) ended the
-            # wait while pieces may still be writing into the buffers: wait those out before
-            # anyone reuses a buffer.
-            _wait_out(aio_error, ptrs)
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
     if rc != 0:
+        # EIO: some piece failed; EAGAIN: not all were queued. Every queued one has ended.
+        _wait_out(aio_error, ptrs)
         failed = [c for c in (aio_error(p) for p in ptrs) if c > 0]
-        if failed or err not in (errno.EINTR, 0):
-            code = failed[0] if failed else err
-            raise OSError(code, f"lio_listio: {os.strerror(code)}")
+        code = failed[0] if failed else err
+        raise OSError(code, f"lio_listio: {os.strerror(code) if code else 'failed'}")
     del keep
     return [int(cbs[i].return_value) for i in range(n)]

@@ -57,3 +57,40 @@ def test_the_environment_turns_it_off(monkeypatch):
     assert not lio.available()
     monkeypatch.undo()
     assert lio.available()
+
+
+def test_signals_during_the_wait_neither_crash_nor_cut_the_reads_short(tmp_path):
+    # glibc's wait list lives on lio_listio's stack: a wait ended by EINTR while the I/O threads
+    # still wrote to it crashed the process before signals were blocked around the call.
+    import signal
+    import threading
+    import time
+
+    data = np.random.default_rng(1).integers(0, 255, 16 << 20, dtype=np.uint8)
+    path = tmp_path / "big.bin"
+    data.tofile(path)
+    fd = os.open(path, os.O_RDONLY)
+    fds = [fd, os.dup(fd)]
+    seen, stop = [], threading.Event()
+    previous = signal.signal(signal.SIGUSR1, lambda *a: seen.append(1))
+
+    def pester():
+        while not stop.is_set():
+            os.kill(os.getpid(), signal.SIGUSR1)
+            time.sleep(0.0005)
+
+    thread = threading.Thread(target=pester)
+    thread.start()
+    try:
+        for _ in range(10):
+            out = np.zeros_like(data)
+            view, step = memoryview(out).cast("B"), 1 << 18
+            lio.read_pieces([(fds[i % 2], i * step, view[i * step : (i + 1) * step]) for i in range(len(data) // step)])
+            assert np.array_equal(out, data)
+    finally:
+        stop.set()
+        thread.join()
+        signal.signal(signal.SIGUSR1, previous)
+        for f in fds:
+            os.close(f)
+    assert seen  # the signals did arrive meanwhile
