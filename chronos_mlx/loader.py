@@ -265,6 +265,7 @@ def load(
     prewarm: bool = True,
     io_sim=None,
     io_threads: int | None = None,
+    split_reads: str = "auto",
 ):
     """Load `model` with its experts streamed under `expert_budget`.
 
@@ -274,7 +275,11 @@ def load(
     `chronos_mlx.generate.stream_generate` (optimistic routing, the fast path).
     `io_sim` ("bandwidth=5GB/s,latency=80us") delays reads like an SSD of that speed;
     `io_threads` reader threads load experts in the background (0: inline reads).
+    `split_reads` says how one batch's parallel reads go: "auto" (one `lio_listio` call
+    where glibc has it, else Python threads) or "threads" (always Python threads).
     """
+    if split_reads not in ("auto", "threads"):
+        raise ValueError(f"split_reads={split_reads!r}: expected 'auto' or 'threads'")
     plan = plan_model(model, dtype)
     target = compute_dtype(dtype)
     tokenizer = load_tokenizer_checked(plan.path, eos_token_ids=plan.config.get("eos_token_id"))
@@ -295,6 +300,7 @@ def load(
         bytes_per_expert=info["bytes_per_expert"],
     )
     reader = ShardReader(ShardIndex.open(plan.path), direct=direct_io)
+    reader.lio = split_reads == "auto"
     reader.simulator = parse_io_sim(io_sim) if isinstance(io_sim, (str, type(None))) else io_sim
     runtime = Runtime(None, info, reader)
     replacements = []

@@ -338,6 +338,7 @@ class ShardReader:
         # `min_bytes_per_thread` per thread (smaller batches are read by the caller alone).
         self.threads = default_read_threads()
         self.min_bytes_per_thread = default_min_bytes_per_thread()
+        self.lio = True  # split batches go to one lio_listio call where it runs; False: Python threads
         self._executor = None
 
     @property
@@ -477,7 +478,7 @@ class ShardReader:
 
     def _lio_ok(self, runs: list) -> bool:
         """Whether a split batch goes to `lio_listio` (buffered reads, where it is available)."""
-        return lio.available() and not any(self._direct.get(r.path, False) for r in runs)
+        return self.lio and lio.available() and not any(self._direct.get(r.path, False) for r in runs)
 
     def _dup_fds(self, path: Path, n: int) -> list:
         """`n` descriptors of `path`: glibc runs one descriptor's requests one after another."""

@@ -121,6 +121,8 @@ def main():
     ap.add_argument("--io-threads", metavar="N[,N...]",
                     help="reader threads for prefetches (one configuration each; 0: read on the main thread right "
                          "after the next launch; default 4, 16 with --io-sim)")
+    ap.add_argument("--split-reads", metavar="auto|threads[,...]",
+                    help="one row a way of reading a batch in parallel (auto: lio_listio where glibc has it)")
     ap.add_argument("--planner-trace", metavar="FILE",
                     help="write every segment planner decision and step measurement to FILE (JSON)")
     ap.add_argument("--json", default=None)
@@ -184,12 +186,15 @@ def main():
                     mode, cfg_setup = "per-layer", _unpipelined(setup)
                 for guesses in (args.guesses.split(",") if predictor and args.guesses else [None]):
                     for threads in (args.io_threads.split(",") if args.io_threads else [None]):
-                        label = name if guesses is None else f"{name}-g{guesses}"
-                        o = dict(opts)
-                        if threads is not None:
-                            label, o["io_threads"] = f"{label}-t{threads}", int(threads)
-                        configs.append(BenchConfig(label, budget=b, sync=mode, options=o,
-                                                   setup=_with_guesses(cfg_setup, guesses)))
+                        for split in (args.split_reads.split(",") if args.split_reads else [None]):
+                            label = name if guesses is None else f"{name}-g{guesses}"
+                            o = dict(opts)
+                            if threads is not None:
+                                label, o["io_threads"] = f"{label}-t{threads}", int(threads)
+                            if split is not None:
+                                label, o["split_reads"] = f"{label}-{split}", split
+                            configs.append(BenchConfig(label, budget=b, sync=mode, options=o,
+                                                       setup=_with_guesses(cfg_setup, guesses)))
     rows = []
     if args.interleave:
         rows = measure_interleaved(configs, args.model, prompts, max_tokens=args.max_tokens,

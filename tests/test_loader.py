@@ -104,6 +104,14 @@ def test_a_model_without_moe_layers_runs_unchanged_with_a_notice(tmp_path):
     _assert_same(ref, _chronos_path(model, runtime, prompt, 6))
 
 
+def test_split_reads_says_whether_a_batch_goes_to_lio_listio_or_python_threads():
+    # Both ways read the same bytes (tests/test_shards.py); the bench sets them side by side.
+    assert chronos_mlx.load(None, expert_budget=0.5)[2].reader.lio is True
+    assert chronos_mlx.load(None, expert_budget=0.5, split_reads="threads")[2].reader.lio is False
+    with pytest.raises(ValueError, match="split_reads='aio'"):
+        chronos_mlx.load(None, expert_budget=0.5, split_reads="aio")
+
+
 def test_budget_too_small_for_one_token_is_a_clear_error():
     with pytest.raises(BudgetError, match="one token uses 8 per layer"):
         chronos_mlx.load(None, expert_budget=0.1)

@@ -79,7 +79,7 @@ def _watched_reader(name: str, threads: int, min_bytes: int):
     truth = np.array(mx.load(str(DEMO / "model.safetensors"))[name])
     reader = ShardReader(index)
     reader.threads, reader.min_bytes_per_thread = threads, min_bytes
-    reader._lio_ok = lambda runs: False
+    reader.lio = False  # what load(split_reads="threads") sets
     seen, groups = set(), []
     read_group = reader._read_group
     reader._read_group = lambda group: (seen.add(threading.current_thread().name), groups.append(group), read_group(group))
