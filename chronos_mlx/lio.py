@@ -17,7 +17,6 @@ layout is declared here; elsewhere (macOS, musl) `available()` is False and call
 import ctypes
 import errno
 import os
-import signal
 import sys
 import threading
 import time
@@ -45,7 +44,8 @@ class _AioInit(ctypes.Structure):  # struct aioinit
                                                   "idle_time", "reserved")]
 
 
-_ALL_SIGNALS = set(signal.valid_signals()) if hasattr(signal, "valid_signals") else set()
+_SIGSET_BYTES = 128  # glibc's sigset_t
+_SIG_BLOCK, _SIG_SETMASK = 0, 2  # Linux
 _lock = threading.Lock()
 _fn = None
 _tried = False
@@ -71,9 +71,18 @@ def _load():
             libc.aio_init(ctypes.byref(init))
             libc.aio_error.argtypes = [ctypes.POINTER(_Aiocb)]
             libc.aio_error.restype = ctypes.c_int
+            # pthread_sigmask through PyDLL: it keeps Python's lock (a release could cost a
+            # switch interval with the main thread busy), and a prebuilt set spares
+            # signal.pthread_sigmask's conversion of ~60 signals to enums, twice a call.
+            sigmask = ctypes.PyDLL("libc.so.6").pthread_sigmask
+            sigmask.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+            sigmask.restype = ctypes.c_int
+            every = (ctypes.c_ubyte * _SIGSET_BYTES)()
+            if libc.sigfillset(every) != 0:
+                return None
         except (OSError, AttributeError):  # not glibc
             return None
-        _fn = (fn, libc.aio_error)
+        _fn = (fn, libc.aio_error, sigmask, every)
         return _fn
 
 
@@ -104,7 +113,7 @@ def read_pieces(pieces: list) -> list:
     loaded = _load()
     if loaded is None:
         raise OSError("lio_listio is not available here")
-    fn, aio_error = loaded
+    fn, aio_error, sigmask, every = loaded
     n = len(pieces)
     if not n:
         return []
@@ -123,12 +132,14 @@ def read_pieces(pieces: list) -> list:
     # wait list on its stack, and a wait cut short by EINTR returns while the I/O threads
     # still write to that list (a segfault, seen here with SIGUSR1 every 0.5 ms). Blocked,
     # a signal goes to another thread or waits the ~0.1-1 ms until the mask is restored.
-    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _ALL_SIGNALS)
+    old_mask = (ctypes.c_ubyte * _SIGSET_BYTES)()
+    if sigmask(_SIG_BLOCK, every, old_mask) != 0:
+        raise OSError("lio_listio: pthread_sigmask failed")
     try:
         rc = fn(LIO_WAIT, ptrs, n, None)
         err = ctypes.get_errno() if rc != 0 else 0
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        sigmask(_SIG_SETMASK, old_mask, None)
     if rc != 0:
         # EIO: some piece failed; EAGAIN: not all were queued. Every queued one has ended.
         _wait_out(aio_error, ptrs)

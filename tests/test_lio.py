@@ -46,6 +46,18 @@ def test_a_failed_read_raises_after_every_piece_has_ended(data_file):
         lio.read_pieces([(fds[0], 0, memoryview(ok)), (-1, 0, memoryview(bad))])
 
 
+def test_the_calling_threads_signal_mask_is_as_it_was_after_a_call_and_after_a_failure(data_file):
+    import signal
+
+    _, fds = data_file
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    lio.read_pieces([(fds[0], 0, memoryview(bytearray(16)))])
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before
+    with pytest.raises(OSError):
+        lio.read_pieces([(-1, 0, memoryview(bytearray(16)))])
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before
+
+
 def test_no_pieces_is_no_call():
     assert lio.read_pieces([]) == []
 
