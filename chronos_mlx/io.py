@@ -50,14 +50,20 @@ class SimulatedSSD:
 
 
 def parse_io_sim(spec: str | None) -> SimulatedSSD | None:
-    """'bandwidth=5GB/s,latency=80us' (either key may be left out) -> SimulatedSSD."""
+    """'bandwidth=5GB/s,latency=80us' (either key may be left out; a bare '5GB/s' or '80us'
+    says which by its unit) -> SimulatedSSD."""
     if not spec or spec == "none":
         return None
     values = {"bandwidth": 5e9, "latency": 80e-6}
     for part in spec.split(","):
-        if "=" not in part:
+        if "=" in part:
+            key, value = (s.strip().lower() for s in part.split("=", 1))
+        elif re.search(r"b(/s|ps)?\s*$", part.strip().lower()):
+            key, value = "bandwidth", part.strip().lower()
+        elif re.search(r"[0-9.]\s*(s|ms|us|µs|ns)\s*$", part.strip().lower()):
+            key, value = "latency", part.strip().lower()
+        else:
             raise ChronosError(f"--io-sim: expected key=value, got '{part}' (e.g. bandwidth=5GB/s,latency=80us)")
-        key, value = (s.strip().lower() for s in part.split("=", 1))
         if key == "bandwidth":
             m = re.fullmatch(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([kmgt]i?)?b(?:/s|ps)?", value)
             if not m:
