@@ -143,6 +143,8 @@ def main():
 
     if "device-wait" in args.modes.replace(":", ",").split(",") and (args.cpu or not device_wait.available()):
         ap.error("--modes device-wait needs MLX's CUDA backend (a GPU, without --cpu)")
+    if args.split_reads and not set(args.split_reads.split(",")) <= {"auto", "threads"}:
+        ap.error(f"--split-reads {args.split_reads}: each one of auto, threads")
     forced = None
     if replay:
         prompts, forced = replay_texts(args.workload, args.model, limit=args.prompts,

@@ -88,7 +88,7 @@ def bench(
     png: Annotated[Optional[Path], typer.Option("--png", help="Write a plot of decode speed against budget.")] = None,
     model: Annotated[Optional[str], typer.Option("--model", "-m", help=MODEL_HELP)] = None,
     dtype: Annotated[DtypeChoice, typer.Option("--dtype", help=DTYPE_HELP)] = "auto",
-    io_sim: Annotated[Optional[str], typer.Option("--io-sim", help="Simulated SSD for chronos reads, e.g. 'bandwidth=5GB/s,latency=80us'.")] = None,
+    io_sim: Annotated[Optional[str], typer.Option("--io-sim", help="Simulated SSD for chronos reads, e.g. 'bandwidth=5GB/s,latency=80us' or just '5GB/s'.")] = None,
     direct_io: Annotated[bool, typer.Option("--direct-io", help="Bypass the page cache for chronos reads.")] = False,
     replay: Annotated[bool, typer.Option("--replay/--greedy", help="Replay (default): force-decode each workload text's own next tokens, so every configuration decodes the same real text; --greedy: greedy decoding.")] = True,
     temp: Annotated[Optional[float], typer.Option("--temp", min=0.0, help="Sample at this temperature instead (replaces replay; chronos recomputations draw again, so tokens may differ between configurations).")] = None,
