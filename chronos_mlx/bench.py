@@ -361,7 +361,7 @@ def _load(config: BenchConfig, model_path, dtype):
     options = dict(config.options)
     predictor = options.pop("predictor", None)
     model, _, runtime = load(model_path, expert_budget=config.budget, dtype=dtype, **options)
-    if predictor:
+    if predictor and predictor != "table":
         from .predict_runtime import attach_predictor
 
         attach_predictor(model, runtime, predictor)
@@ -369,8 +369,17 @@ def _load(config: BenchConfig, model_path, dtype):
         from .profiles import apply_profile, load_profile
 
         apply_profile(runtime, model, load_profile(config.profile)).join()
+    if predictor == "table":
+        runtime.guesses = runtime.info["top_k"]  # as attach_predictor does (a setup may change it)
     if config.setup is not None:
         config.setup(model, runtime)
+    if predictor == "table":  # guesses of trained-like routing, blurred to a trained model's recall
+        from .bench_guesses import TableGuesses
+
+        params = getattr(config.setup, "params", None)
+        if params is None or params.guess_noise is None:
+            raise ValueError("predictor 'table' needs trained-like routing with a calibrated guess noise")
+        runtime.predictor = TableGuesses(model._chronos_bench_routing, params.guess_noise)
     return model, runtime
 
 

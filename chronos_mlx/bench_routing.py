@@ -50,6 +50,8 @@ class RoutingParams:
     seed: int = 0
     targets: dict | None = None  # budget -> demo LRU decode hit it was fitted to
     fitted: dict | None = None  # budget -> simulated LRU decode hit with these parameters
+    guess_noise: float | None = None  # bench_guesses.TableGuesses' noise (calibrate_guess_noise)
+    guess_recall: dict | None = None  # {"demo": its gate predictor's recall, "fitted": the table's}
 
 
 # --------------------------------------------------------------------------------------
@@ -292,12 +294,14 @@ class TrainedRouting:
         self.blocks = blocks  # (block, router attribute, TableRouter, attention module, its class)
         self.table = RoutingTable(params, len(blocks))
         self.pad = pad
+        self.tokens: list = [0]  # the sequence the tables were last built for (padded)
 
     def set_sequence(self, tokens):
         """Route positions by this text's tokens (positions past it: its tokens again)."""
         tokens = [int(t) for t in tokens] or [0]
         n = len(tokens) + self.pad
         full = [tokens[i % len(tokens)] for i in range(n)]
+        self.tokens = full
         tables = [mx.array(self.table.logits(i, full)) for i in range(len(self.blocks))]
         mx.eval(tables)
         for (_, _, router, _, _), t in zip(self.blocks, tables):
@@ -369,6 +373,7 @@ def routing_setup(params: RoutingParams):
     def setup(model, runtime=None):
         install_trained_routing(model, params)
 
+    setup.params = params  # for predictors of this routing (bench_guesses.TableGuesses)
     return setup
 
 

@@ -43,6 +43,7 @@ def _unpipelined(setup):
         if runtime is not None:
             runtime.pipelined = False
 
+    apply.params = getattr(setup, "params", None)
     return apply
 
 
@@ -57,6 +58,7 @@ def _with_guesses(setup, guesses):
         if runtime is not None:
             runtime.guesses = int(guesses)
 
+    apply.params = getattr(setup, "params", None)  # the routing's, for --modes ...:table
     return apply
 
 
@@ -102,7 +104,7 @@ def main():
     ap.add_argument("--io-sim", default=None)
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--modes", default="optimistic,per-layer,mlx_lm",
-                    help="chronos variants: optimistic (segments), per-layer (gated), device-wait (CUDA: layers wait on the GPU for a loader thread, the GPU copying the loads), whole-token (optimistic, no segment end: a miss reloads every missed layer at once and recomputes), per-layer-stop (per-layer that stops graph construction at each layer, as before gates), mlx_lm (the chronos model in stock mlx_lm's loop); :predictor appends one")
+                    help="chronos variants: optimistic (segments), per-layer (gated), device-wait (CUDA: layers wait on the GPU for a loader thread, the GPU copying the loads), whole-token (optimistic, no segment end: a miss reloads every missed layer at once and recomputes), per-layer-stop (per-layer that stops graph construction at each layer, as before gates), mlx_lm (the chronos model in stock mlx_lm's loop); :predictor appends one (gate, markov, lookahead, intent, all; table: with --routing trained, guesses as good as the demo's gate predictor, bench_guesses.py)")
     ap.add_argument("--interleave", action="store_true", help="load all, measure round-robin (noisy machines)")
     ap.add_argument("--max-prompt-tokens", type=int, default=128)
     ap.add_argument("--greedy", action="store_true", help="greedy decoding instead of replay")
@@ -143,6 +145,8 @@ def main():
 
     if "device-wait" in args.modes.replace(":", ",").split(",") and (args.cpu or not device_wait.available()):
         ap.error("--modes device-wait needs MLX's CUDA backend (a GPU, without --cpu)")
+    if any(v.partition(":")[2] == "table" for v in args.modes.split(",")) and args.routing != "trained":
+        ap.error("predictor 'table' (--modes MODE:table) needs --routing trained")
     if args.split_reads and not set(args.split_reads.split(",")) <= {"auto", "threads"}:
         ap.error(f"--split-reads {args.split_reads}: each one of auto, threads")
     forced = None
@@ -161,6 +165,15 @@ def main():
         params = calibrate_for_workload(args.workload, prompts, forced, info["num_experts"], info["top_k"],
                                         limit=args.prompts, max_prompt_tokens=args.max_prompt_tokens,
                                         max_tokens=args.max_tokens)
+        if any(v.partition(":")[2] == "table" for v in args.modes.split(",")):
+            # Guesses as good as the demo's gate predictor on the same text (bench_guesses.py).
+            from chronos_mlx.bench_guesses import calibrate_guesses_for_workload
+
+            params = calibrate_guesses_for_workload(params, args.workload, prompts, forced, info["top_k"],
+                                                    limit=args.prompts, max_prompt_tokens=args.max_prompt_tokens,
+                                                    max_tokens=args.max_tokens)
+            print(f"  guesses: noise {params.guess_noise:.3f}; next-layer recall@{info['top_k']} demo gate / here: "
+                  f"{params.guess_recall['demo']:.3f} / {params.guess_recall['fitted']:.3f}", file=sys.stderr, flush=True)
         setup, routing = routing_setup(params), {"routing": "trained", **asdict(params)}
         print(f"  routing: popularity exponent {params.alpha:.3f}; LRU decode hit demo / here: "
               + ", ".join(f"{b}: {params.targets[b]:.3f} / {params.fitted[b]:.3f}" for b in params.targets),

@@ -4,7 +4,7 @@
 # long costs only its own limit and the others' output still comes back.
 #   OUT=$OUT bash scripts/device_wait_check.sh            (after `source .device/final/install.sh`)
 # Q48=/tmp/q48 is written first if missing (~1 min); BUDGETS, TOKENS, MODES, READ_THREADS, SPLIT (auto,threads),
-# IO_SIM (bandwidth=5GB/s,latency=80us), REPEATS shape step bench.
+# IO_SIM (bandwidth=5GB/s,latency=80us), REPEATS, GUESSES (with MODES ...:table) shape step bench.
 # A device call may run 600 s: split with STEPS, back to back on the warm machine, e.g.
 #   STEPS=warm-up,race,make-q48,warm-q48,trace-q48,save-ptx   then   STEPS=bench   then
 #   STEPS=phases-q48,tests,exact,exact-guesses,guesses,cost
@@ -69,11 +69,12 @@ step threads-q48 300 bash -c "for r in '--read-threads 1' '--read-threads 1 --sw
 step phases-q48 200 python3 scripts/decode_load_phases.py --model "$Q48" --routing trained --budget 0.5 --tokens 16 \
   --json "$OUT/phases.json"
 step cost 200 python3 scripts/device_wait_cost.py --model "$Q48" --rounds 3 --max-tokens 32 --load-mb 2.65 --json "$OUT/cost.json"
-# (No guesses here: trained-like routing replaces the routers by a table, which the gate predictor
-# cannot see; step `guesses` measures them on the demo's real routers.)
+# Guesses on q48: MODES=device-wait,device-wait:table (the `table` predictor, bench_guesses.py: next-layer
+# guesses as good as the demo's gate predictor; the gate predictor itself would read the random routers);
+# GUESSES=8,16 sets how many a layer.
 step bench 420 env ${READ_THREADS:+CHRONOS_READ_THREADS=$READ_THREADS} python3 scripts/bench_sync.py --model "$Q48" --routing trained --budgets "$BUDGETS" \
   --modes "${MODES:-device-wait,optimistic,per-layer}" --max-tokens "$TOKENS" --repeats "${REPEATS:-1}" --prompts 1 \
-  --interleave ${PROBE:-} ${SPLIT:+--split-reads $SPLIT} ${IO_SIM:+--io-sim $IO_SIM} --json "$OUT/bench.json"
+  --interleave ${PROBE:-} ${SPLIT:+--split-reads $SPLIT} ${IO_SIM:+--io-sim $IO_SIM} ${GUESSES:+--guesses $GUESSES} --json "$OUT/bench.json"
 # Last in any call that names it: the kernels compiled so far (stock's, chronos's, the wait kernels'),
 # ~0.6 MB compressed; copy it to .device/ptx.tar.xz and carry that on the next cold start.
 step save-ptx 60 tar cJf "$OUT/ptx.tar.xz" -C "$MLX_PTX_CACHE_DIR" .
