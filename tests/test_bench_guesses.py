@@ -83,3 +83,46 @@ def test_bench_refuses_table_guesses_without_a_calibrated_routing(moe64):
     with pytest.raises(ValueError, match="calibrated guess noise"):
         B.measure(B.BenchConfig("table", budget="0.5", sync="per-layer", options={"predictor": "table"}),
                   moe64, [[1, 2, 3]], max_tokens=2, repeats=1, warmup=0)
+
+
+def test_device_wait_requests_carry_table_guesses_exactly_and_ask_less(moe64, calibrated, monkeypatch):
+    """The case they are built for: under device-wait routing (here the host stand-in of the
+    kernel, tests/test_device_wait.py) a request carries the next layer's guesses; when they
+    cover its misses that layer does not ask. Replay logprobs stay stock's."""
+    from mlx_lm import load
+    from mlx_lm.generate import generate_step as stock_step
+
+    from chronos_mlx import device_wait, wait_kernels
+    from chronos_mlx.bench_guesses import TableGuesses
+    from chronos_mlx.device_wait import DeviceWaiter, Mailbox, host_kernel
+    from chronos_mlx.generate import generate_step
+
+    if wait_kernels.available():
+        pytest.skip("on CUDA the kernel itself is measured instead (scripts/device_wait_check.sh)")
+    monkeypatch.setattr(device_wait, "available", lambda: True)
+    params, _, _, prompts, forced = calibrated
+    prompt, f = prompts[0], forced[0][:24]
+    stock, _ = load(str(moe64))
+    stock.set_dtype(mx.float32)
+    R.install_trained_routing(stock, params)
+    cache, sampler = B._decoding(stock, prompt, f, None)
+    ref = [lp for _, lp in stock_step(mx.array(prompt), stock, max_tokens=len(f), sampler=sampler, prompt_cache=cache)]
+    requests = {}
+    for guessed in (False, True):
+        model, _, runtime = chronos_mlx.load(moe64, expert_budget=0.5, dtype="float32")
+        R.install_trained_routing(model, params)
+        if guessed:
+            runtime.predictor, runtime.guesses = TableGuesses(model._chronos_bench_routing, params.guess_noise), 8
+        box = Mailbox.host()
+        runtime.waiter = DeviceWaiter(runtime, mailbox=box, kernel=host_kernel(box))
+        try:
+            cache, sampler = B._decoding(model, prompt, f, None)
+            got = list(generate_step(mx.array(prompt), model, runtime, max_tokens=len(f), sync="device-wait",
+                                     sampler=sampler, prompt_cache=cache))
+        finally:
+            runtime.waiter.close()
+        assert [t for t, _ in got] == f
+        for (_, a), b in zip(got, ref):
+            assert mx.allclose(a, b, atol=1e-4).item()
+        requests[guessed] = runtime.waiter.requests
+    assert 0 < requests[True] < requests[False], requests
