@@ -25,6 +25,22 @@ def stock_greedy(path, prompt_ids, max_tokens, dtype=mx.float32):
     return ids, logprobs
 
 
+def stock_replay(path, params, prompt, forced):
+    """(token, logprobs) of stock mlx_lm replaying `forced` after `prompt` with trained-like
+    routing `params` installed (bench_routing.py), the reference for benchmark routing tests."""
+    from mlx_lm import load
+    from mlx_lm.generate import generate_step
+
+    from chronos_mlx import bench, bench_routing
+
+    model, _ = load(str(path))
+    model.set_dtype(mx.float32)
+    bench_routing.install_trained_routing(model, params)
+    cache, sampler = bench._decoding(model, prompt, forced, None)
+    return [(int(t), lp) for t, lp in generate_step(mx.array(prompt), model, max_tokens=len(forced),
+                                                     sampler=sampler, prompt_cache=cache)]
+
+
 def stock_text(stock, tokens: list) -> str:
     """The text mlx_lm's detokenizer makes of `tokens` (stock = (model, tokenizer))."""
     detok = stock[1].detokenizer
@@ -51,3 +67,12 @@ def demo_prompt_ids():
     from mlx_lm.utils import load_tokenizer
 
     return load_tokenizer(DEMO).encode(PROMPT)
+
+
+@pytest.fixture(scope="session")
+def moe64(tmp_path_factory):
+    """Stacked qwen3_moe with the demo's expert geometry (64 experts, top-8), 4 small layers."""
+    from synthetic import write_synthetic_moe
+
+    return write_synthetic_moe(tmp_path_factory.mktemp("moe64") / "m", "qwen3_moe", bits=4, seed=3,
+                               geometry={"num_experts": 64, "top_k": 8, "num_layers": 4})

@@ -9,16 +9,9 @@ import chronos_mlx
 from chronos_mlx import bench as B
 from chronos_mlx import bench_guesses as G
 from chronos_mlx import bench_routing as R
-from synthetic import write_synthetic_moe
+from conftest import stock_replay
 
 TOL = 0.07
-
-
-@pytest.fixture(scope="module")
-def moe64(tmp_path_factory):
-    """Stacked qwen3_moe with the demo's expert geometry (64 experts, top-8), 4 small layers."""
-    return write_synthetic_moe(tmp_path_factory.mktemp("bg") / "m", "qwen3_moe", bits=4, seed=3,
-                               geometry={"num_experts": 64, "top_k": 8, "num_layers": 4})
 
 
 @pytest.fixture(scope="module")
@@ -54,19 +47,12 @@ def test_table_guesses_find_the_next_layers_experts_as_often_as_the_demos_gate_p
 
 
 def test_table_guesses_change_speed_only_never_the_logprobs(moe64, calibrated):
-    from mlx_lm import load
-    from mlx_lm.generate import generate_step as stock_step
-
     from chronos_mlx.bench_guesses import TableGuesses
     from chronos_mlx.generate import generate_step
 
     params, _, _, prompts, forced = calibrated
     prompt, f = prompts[0], forced[0][:24]
-    stock, _ = load(str(moe64))
-    stock.set_dtype(mx.float32)
-    R.install_trained_routing(stock, params)
-    cache, sampler = B._decoding(stock, prompt, f, None)
-    ref = [lp for _, lp in stock_step(mx.array(prompt), stock, max_tokens=len(f), sampler=sampler, prompt_cache=cache)]
+    ref = [lp for _, lp in stock_replay(moe64, params, prompt, f)]
     model, _, runtime = chronos_mlx.load(moe64, expert_budget=0.25, dtype="float32")
     R.install_trained_routing(model, params)
     runtime.predictor, runtime.guesses = TableGuesses(model._chronos_bench_routing, params.guess_noise), 8
@@ -89,9 +75,6 @@ def test_device_wait_requests_carry_table_guesses_exactly_and_ask_less(moe64, ca
     """The case they are built for: under device-wait routing (here the host stand-in of the
     kernel, tests/test_device_wait.py) a request carries the next layer's guesses; when they
     cover its misses that layer does not ask. Replay logprobs stay stock's."""
-    from mlx_lm import load
-    from mlx_lm.generate import generate_step as stock_step
-
     from chronos_mlx import device_wait, wait_kernels
     from chronos_mlx.bench_guesses import TableGuesses
     from chronos_mlx.device_wait import DeviceWaiter, Mailbox, host_kernel
@@ -102,11 +85,7 @@ def test_device_wait_requests_carry_table_guesses_exactly_and_ask_less(moe64, ca
     monkeypatch.setattr(device_wait, "available", lambda: True)
     params, _, _, prompts, forced = calibrated
     prompt, f = prompts[0], forced[0][:24]
-    stock, _ = load(str(moe64))
-    stock.set_dtype(mx.float32)
-    R.install_trained_routing(stock, params)
-    cache, sampler = B._decoding(stock, prompt, f, None)
-    ref = [lp for _, lp in stock_step(mx.array(prompt), stock, max_tokens=len(f), sampler=sampler, prompt_cache=cache)]
+    ref = [lp for _, lp in stock_replay(moe64, params, prompt, f)]
     requests = {}
     for guessed in (False, True):
         model, _, runtime = chronos_mlx.load(moe64, expert_budget=0.5, dtype="float32")

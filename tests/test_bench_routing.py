@@ -12,16 +12,9 @@ import chronos_mlx
 from chronos_mlx import bench as B
 from chronos_mlx import bench_routing as R
 from chronos_mlx.probe import probe_read_bandwidth, thread_counts
-from synthetic import write_synthetic_moe
+from conftest import stock_replay
 
 TOL = 0.07  # issue 12: LRU decode hit within ±0.07 of the trained demo model's
-
-
-@pytest.fixture(scope="module")
-def moe64(tmp_path_factory):
-    """Stacked qwen3_moe with the demo's expert geometry (64 experts, top-8), 4 small layers."""
-    return write_synthetic_moe(tmp_path_factory.mktemp("br") / "m", "qwen3_moe", bits=4, seed=3,
-                               geometry={"num_experts": 64, "top_k": 8, "num_layers": 4})
 
 
 @pytest.fixture(scope="module")
@@ -70,18 +63,6 @@ def test_trained_routing_hits_like_the_demo_model(moe64, texts, calibrated, caps
     assert params.targets[0.25] < 0.8
 
 
-def _stock_replay(model_path, params, prompt, forced):
-    from mlx_lm import load
-    from mlx_lm.generate import generate_step
-
-    model, _ = load(str(model_path))
-    model.set_dtype(mx.float32)
-    R.install_trained_routing(model, params)
-    cache, sampler = B._decoding(model, prompt, forced, None)
-    return [(int(t), lp) for t, lp in generate_step(mx.array(prompt), model, max_tokens=len(forced),
-                                                     sampler=sampler, prompt_cache=cache)]
-
-
 @pytest.mark.parametrize("sync", ["optimistic", "per-layer"])
 def test_chronos_under_replay_and_trained_routing_computes_stock_logprobs(moe64, texts, calibrated, sync):
     from chronos_mlx.generate import generate_step
@@ -89,7 +70,7 @@ def test_chronos_under_replay_and_trained_routing_computes_stock_logprobs(moe64,
     params = calibrated[0]
     prompts, forced = texts
     prompt, f = prompts[0], forced[0][:40]
-    ref = _stock_replay(moe64, params, prompt, f)
+    ref = stock_replay(moe64, params, prompt, f)
     model, _, runtime = chronos_mlx.load(moe64, expert_budget=0.25, dtype="float32")
     R.install_trained_routing(model, params)
     cache, sampler = B._decoding(model, prompt, f, None)
