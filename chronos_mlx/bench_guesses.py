@@ -134,8 +134,11 @@ class TableGuesses(Predictor):
 
     def scores(self, layer: int, x: Optional[mx.array] = None) -> mx.array:
         target = min(layer + 1, self.num_layers - 1)
-        position = self.routing.blocks[layer][2]._position  # noted by layer's attention this step
+        # The position the runtime predicts from (the last of the layer's call), as the layer's
+        # attention noted it this step.
+        position = self.routing.blocks[layer][2]._position
         pos = position.offset if position.offset is not None else (position.shared.offset or 0)
+        pos += position.count - 1
         table = self._rows(target)
         row = table[pos % table.shape[0]][None]
         return mx.depends(row, x) if x is not None else row  # made from the layer's input, as a gate's

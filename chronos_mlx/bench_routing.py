@@ -223,10 +223,11 @@ def calibrate_for_workload(workload, prompts: list, forced: list, num_experts: i
 
 
 class _Position:
-    __slots__ = ("offset", "shared")
+    __slots__ = ("offset", "count", "shared")
 
     def __init__(self, shared):
         self.offset = None
+        self.count = 1  # positions in the layer's current call (prefill: the chunk)
         self.shared = shared
 
 
@@ -246,6 +247,8 @@ def _noting(cls):
 
         def __call__(self, *args, **kwargs):
             note = self._bench_position
+            x = args[0] if args else kwargs.get("x")
+            note.count = x.shape[-2] if isinstance(x, mx.array) and x.ndim >= 2 else 1
             off = getattr(_find_cache(args, kwargs), "offset", None)
             if type(off) is int:
                 note.offset = note.shared.offset = off

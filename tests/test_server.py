@@ -342,6 +342,7 @@ def test_a_long_new_prompt_does_not_stall_running_requests(stock):
 
 
 def test_chronos_serve_command_serves_with_a_memory_limit_and_stops_on_sigterm(tmp_path):
+    import os
     import re
     import signal
     import subprocess
@@ -358,6 +359,7 @@ def test_chronos_serve_command_serves_with_a_memory_limit_and_stops_on_sigterm(t
         proc = subprocess.Popen(
             [sys.executable, "-m", "chronos_mlx.cli", "serve", "--port", "0", "--memory-limit", f"{limit}B", "--kv-tokens", "1024"],
             stdout=f, stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONFAULTHANDLER": "1"},  # an abort at exit shows each thread's stack
         )
     try:
         port = None
