@@ -63,7 +63,8 @@ def parse_io_sim(spec: str | None) -> SimulatedSSD | None:
         elif re.search(r"[0-9.]\s*(s|ms|us|µs|ns)\s*$", part.strip().lower()):
             key, value = "latency", part.strip().lower()
         else:
-            raise ChronosError(f"--io-sim: expected key=value, got '{part}' (e.g. bandwidth=5GB/s,latency=80us)")
+            raise ChronosError(f"--io-sim: expected key=value or a bandwidth or latency, got '{part}' "
+                               "(e.g. bandwidth=5GB/s,latency=80us, or 5GB/s)")
         if key == "bandwidth":
             m = re.fullmatch(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([kmgt]i?)?b(?:/s|ps)?", value)
             if not m:

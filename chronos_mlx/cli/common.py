@@ -216,7 +216,7 @@ LOAD_OPTIONS = [
         metavar="SPEC",
         help=(
             "Make every expert read take as long as on an SSD of this speed, e.g. "
-            "'bandwidth=5GB/s,latency=80us' (for measuring on a machine whose page cache "
+            "'bandwidth=5GB/s,latency=80us' or just '5GB/s' (for measuring on a machine whose page cache "
             "holds the model, where reads cost nothing)."
         ),
     ),
