@@ -26,14 +26,12 @@ LIO_WAIT = 0
 SIGEV_NONE = 1
 
 
-class _Sigevent(ctypes.Structure):  # 64 bytes on 64-bit glibc
-    _fields_ = [("value", ctypes.c_void_p), ("signo", ctypes.c_int), ("notify", ctypes.c_int),
-                ("pad", ctypes.c_byte * 48)]
-
-
 class _Aiocb(ctypes.Structure):  # glibc's struct aiocb, 64-bit (off_t is 64 bits there)
+    # (its struct sigevent, 64 bytes, spelled out in place: value, signo, notify, padding)
     _fields_ = [("fildes", ctypes.c_int), ("lio_opcode", ctypes.c_int), ("reqprio", ctypes.c_int),
-                ("buf", ctypes.c_void_p), ("nbytes", ctypes.c_size_t), ("sigevent", _Sigevent),
+                ("buf", ctypes.c_void_p), ("nbytes", ctypes.c_size_t),
+                ("sigev_value", ctypes.c_void_p), ("sigev_signo", ctypes.c_int), ("sigev_notify", ctypes.c_int),
+                ("sigev_pad", ctypes.c_byte * 48),
                 ("next_prio", ctypes.c_void_p), ("abs_prio", ctypes.c_int), ("policy", ctypes.c_int),
                 ("error_code", ctypes.c_int), ("return_value", ctypes.c_ssize_t), ("offset", ctypes.c_int64),
                 ("reserved", ctypes.c_char * 32)]
@@ -63,13 +61,13 @@ def _load():
         try:
             libc = ctypes.CDLL("libc.so.6", use_errno=True)
             fn = libc.lio_listio
-            fn.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.POINTER(_Aiocb)), ctypes.c_int, ctypes.c_void_p]
+            fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]  # list: aiocb addresses
             fn.restype = ctypes.c_int
             # Keep glibc's I/O threads for a minute between batches (default: 1 s, then each
             # batch would start its threads again) and allow as many as the reader uses.
             init = _AioInit(threads=32, num=256, idle_time=60)
             libc.aio_init(ctypes.byref(init))
-            libc.aio_error.argtypes = [ctypes.POINTER(_Aiocb)]
+            libc.aio_error.argtypes = [ctypes.c_void_p]
             libc.aio_error.restype = ctypes.c_int
             # pthread_sigmask through PyDLL: it keeps Python's lock (a release could cost a
             # switch interval with the main thread busy), and a prebuilt set spares
@@ -117,17 +115,17 @@ def read_pieces(pieces: list) -> list:
     n = len(pieces)
     if not n:
         return []
-    cbs = (_Aiocb * n)()
-    ptrs = (ctypes.POINTER(_Aiocb) * n)()
+    cbs = (_Aiocb * n)()  # zeroed: lio_opcode LIO_READ
+    size, base = ctypes.sizeof(_Aiocb), ctypes.addressof(cbs)
+    ptrs = (ctypes.c_void_p * n)(*range(base, base + n * size, size))
     keep = []  # the ctypes views pin the buffers until the call returns
-    for i, (fd, offset, buf) in enumerate(pieces):
-        c = (ctypes.c_char * len(buf)).from_buffer(buf) if len(buf) else None
-        keep.append(c)
-        cb = cbs[i]
-        cb.fildes, cb.lio_opcode, cb.offset, cb.nbytes = fd, LIO_READ, offset, len(buf)
-        cb.buf = ctypes.addressof(c) if c is not None else None
-        cb.sigevent.notify = SIGEV_NONE
-        ptrs[i] = ctypes.pointer(cb)
+    for cb, (fd, offset, buf) in zip(cbs, pieces):
+        nbytes = len(buf)
+        if nbytes:
+            first = ctypes.c_char.from_buffer(buf)  # its first byte (and a hold on the buffer)
+            keep.append(first)
+            cb.buf = ctypes.addressof(first)
+        cb.fildes, cb.offset, cb.nbytes, cb.sigev_notify = fd, offset, nbytes, SIGEV_NONE
     # No signal handler may run on this thread during the wait: glibc's LIO_WAIT keeps its
     # wait list on its stack, and a wait cut short by EINTR returns while the I/O threads
     # still write to that list (a segfault, seen here with SIGUSR1 every 0.5 ms). Blocked,
