@@ -1,6 +1,6 @@
 """Where decode time goes under misses: host reads, load bookkeeping, copies (issue 12).
 
-    python scripts/decode_cost_split.py [--model DIR] [--budget 0.5] [--rounds 5] [--json OUT]
+    python scripts/decode_cost_split.py [--model DIR] [--budget 0.5] [--rounds 5] [--cpu] [--json OUT]
 
 Four configurations, interleaved round by round on the same replayed text (2 prompts):
 - stock: mlx_lm with the whole model resident;
@@ -31,8 +31,11 @@ def main():
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--workload", default="en")
+    ap.add_argument("--cpu", action="store_true", help="run MLX's CPU backend (also on a GPU host)")
     ap.add_argument("--json")
     args = ap.parse_args()
+    if args.cpu:
+        mx.set_default_device(mx.cpu)
 
     from mlx_lm import load as stock_load
 

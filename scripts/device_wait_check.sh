@@ -75,6 +75,13 @@ step cost 200 python3 scripts/device_wait_cost.py --model "$Q48" --rounds 3 --ma
 step bench 420 env ${READ_THREADS:+CHRONOS_READ_THREADS=$READ_THREADS} python3 scripts/bench_sync.py --model "$Q48" --routing trained --budgets "$BUDGETS" \
   --modes "${MODES:-device-wait,optimistic,per-layer}" --max-tokens "$TOKENS" --repeats "${REPEATS:-1}" --prompts 1 \
   --interleave ${PROBE:-} ${SPLIT:+--split-reads $SPLIT} ${IO_SIM:+--io-sim $IO_SIM} ${GUESSES:+--guesses $GUESSES} --json "$OUT/bench.json"
+# MLX's CPU backend on this host's cores (the closest thing here to a Mac's unified memory): own loop,
+# per-layer and the plain mlx_lm loop side by side; where a per-layer miss's time goes; a profile of each.
+step cpu16 420 bash -c "python3 scripts/bench_sync.py --cpu --dtype float32 --budgets 1.0,0.5,0.25 \
+  --modes optimistic,per-layer,mlx_lm --max-tokens 32 --repeats 3 --prompts 2 --interleave --no-probe --json $OUT/cpu16.json
+  python3 scripts/decode_cost_split.py --cpu --budget 0.5 --rounds 3 --max-tokens 32 --json $OUT/cpu16-split.json"
+step cpu16-profile 300 python3 scripts/bench_sync.py --cpu --dtype float32 --budgets 0.5 --modes optimistic,mlx_lm \
+  --max-tokens 32 --repeats 1 --prompts 2 --no-probe --profile 30
 # Last in any call that names it: the kernels compiled so far (stock's, chronos's, the wait kernels'),
 # ~0.6 MB compressed; copy it to .device/ptx.tar.xz and carry that on the next cold start.
 step save-ptx 60 tar cJf "$OUT/ptx.tar.xz" -C "$MLX_PTX_CACHE_DIR" .
