@@ -188,12 +188,20 @@ def _plain_run(model, runtime, prompt, max_tokens, forced=None, temp=None):
     runtime.reset_counters()
     tic = time.perf_counter()
     t_first, first, n, tokens = None, None, 0, []
-    for n, (tok, _) in enumerate(generate_step(mx.array(prompt), model, max_tokens=max_tokens, sampler=sampler,
-                                               prompt_cache=prompt_cache), 1):
-        if t_first is None:  # decode-only figures start here, like chronos's loop
-            t_first = time.perf_counter()
-            first = (runtime.cache_totals(), runtime.counters.io_wait_s, runtime.layer_syncs, runtime.counters.sync_wait_s)
-        tokens.append(int(tok))
+    prof = DECODE_PROFILER
+    try:
+        for n, (tok, _) in enumerate(generate_step(mx.array(prompt), model, max_tokens=max_tokens, sampler=sampler,
+                                                   prompt_cache=prompt_cache), 1):
+            if t_first is None:  # decode-only figures start here, like chronos's loop
+                t_first = time.perf_counter()
+                first = (runtime.cache_totals(), runtime.counters.io_wait_s, runtime.layer_syncs,
+                         runtime.counters.sync_wait_s)
+                if prof is not None:
+                    prof.enable()
+            tokens.append(int(tok))
+    finally:
+        if prof is not None:
+            prof.disable()
     end = time.perf_counter()
     after, s = runtime.cache_totals(), runtime.stats()
     d = {k: after[k] - first[0][k] for k in after}

@@ -66,6 +66,9 @@ def _print_profile(prof, name: str, n: int):
     import io
     import pstats
 
+    if not prof.getstats():  # no decode step ran (a failed configuration)
+        print(f"--- {name}: nothing profiled", file=sys.stderr, flush=True)
+        return
     for key in ("tottime", "cumulative"):
         buf = io.StringIO()
         pstats.Stats(prof, stream=buf).sort_stats(key).print_stats(n)

@@ -124,3 +124,17 @@ def test_bad_arguments_are_one_clear_error(tiny, tmp_path, extra, message):
 def test_belady_is_optimal_on_a_known_sequence():
     seq = [frozenset(s) for s in ({1}, {2}, {3}, {1}, {2}, {4}, {1})]
     assert bench.belady_loads(seq, 2) == 5  # 1,2 cold; 3 evicts 2; 2 again; 4 evicts 2
+
+
+@pytest.mark.parametrize("sync", ["per-layer", bench.PLAIN])
+def test_the_decode_profiler_sees_the_decode_steps_of_both_loops(tiny, monkeypatch, sync):
+    import cProfile
+
+    import chronos_mlx
+
+    model, _, runtime = chronos_mlx.load(str(tiny), expert_budget=0.5)
+    prof = cProfile.Profile()
+    monkeypatch.setattr(bench, "DECODE_PROFILER", prof)
+    got = bench._chronos_run(model, runtime, [1, 2, 3, 4], 4, sync)
+    assert got["decode_steps"] == 3
+    assert prof.getstats()  # steps after the first token were profiled, in mlx_lm's loop as in chronos's
