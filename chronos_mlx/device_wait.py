@@ -23,6 +23,7 @@ The kernels and the mailbox are in wait_kernels.py; this module is the host's si
 
 from __future__ import annotations
 
+import gc
 import os
 import threading
 import time
@@ -232,6 +233,7 @@ class DeviceWaiter:
         self._gave_up = int(self.mailbox.words[GAVE_UP])
         self._pass: list = []
         self._after = None  # the last kernel's output (`route`)
+        self._collector = None  # whether the cyclic collector was on before `begin`
         # How long the service sleeps between looks at the mailbox: a round trip costs about
         # that plus the wake-up (~0.1 ms at 20 us on an H200 host); 0 yields the core instead
         # (a core busy while steps run; not measured on a GPU yet).
@@ -241,8 +243,10 @@ class DeviceWaiter:
     def begin(self):
         """Before steps are launched (nothing queued): from now on every thread writes slots
         from the host (a copy-engine copy would wait for a kernel that waits for it), no
-        load is in flight, every table is current."""
+        load is in flight, every table is current, and Python's cyclic collector is off
+        until `end` (`_hold_collector`)."""
         cache = self.runtime.cache
+        self._hold_collector()
         self.warm()
         cache.copy_engine_paused = True
         cache.wait_for_loads()
@@ -274,7 +278,27 @@ class DeviceWaiter:
             self._after = None
             self.service.pause()
             self.runtime.cache.copy_engine_paused = False
+            self._release_collector()
         self.check()
+
+    def _hold_collector(self):
+        """Collect now, while no kernel waits, then keep the cyclic collector off while steps
+        run. A collection frees whatever garbage it finds (a model's module tree, a step's
+        arrays) on the thread that triggered it, holding Python's lock; an MLX buffer freed
+        past the allocator's cache limit is a device free, which waits for the device — and a
+        kernel there may be waiting for the service thread, which needs the lock: it gives
+        up after ~10 s (session 13's deadlock, through another door). Suspected, not traced,
+        in a bench on an H200 whose first device-wait step failed so, twice, with other
+        models and a calibration's garbage in the process (session 17)."""
+        if self._collector is None:
+            self._collector = gc.isenabled()
+            gc.collect()
+            gc.disable()
+
+    def _release_collector(self):
+        held, self._collector = self._collector, None
+        if held:
+            gc.enable()
 
     def route(self, layer: int, indices: mx.array, guesses: tuple | None = None) -> mx.array:
         """Slot ids for `indices`, through `layer`'s waiting kernel. `guesses` = (another
@@ -415,5 +439,6 @@ class DeviceWaiter:
             raise RuntimeError("a MoE layer stopped waiting for its experts (the loading thread did not answer)")
 
     def close(self):
+        self._release_collector()  # a `begin` never ended
         self.service.stop()
         self.mailbox.close()

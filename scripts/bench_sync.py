@@ -130,8 +130,16 @@ def main():
                     help="one row a way of reading a batch in parallel (auto: lio_listio where glibc has it)")
     ap.add_argument("--planner-trace", metavar="FILE",
                     help="write every segment planner decision and step measurement to FILE (JSON)")
+    ap.add_argument("--dump-stacks", metavar="FILE", default=None,
+                    help="every 4 s, every thread's stack to FILE (faulthandler: also while Python's lock is "
+                         "held), to see where a run that hangs waits")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    if args.dump_stacks:
+        import faulthandler
+
+        _stacks = open(args.dump_stacks, "w")
+        faulthandler.dump_traceback_later(4.0, repeat=True, file=_stacks)
     trace = _trace_planner() if args.planner_trace else None
 
     if args.cpu:

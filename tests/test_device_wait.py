@@ -475,3 +475,38 @@ def test_on_cuda_layers_that_wait_for_their_experts_give_stock_tokens(budget, de
     assert ids == ref_ids
     assert runtime.stats()["device_waits"] > 0
     assert runtime.waiter.pull.bytes > 0  # the loads were copied by the device
+
+
+def test_the_cyclic_collector_is_off_while_steps_run_and_restored_after(demo_prompt_ids, waiting, monkeypatch):
+    # A collection frees garbage holding Python's lock; on CUDA a device free then waits for a
+    # kernel that may be waiting for the service thread (which needs the lock).
+    import gc
+
+    model, runtime = waiting(0.25)
+    seen = []
+    handle = runtime.waiter._handle
+
+    def noting(*a, **k):
+        seen.append(gc.isenabled())
+        return handle(*a, **k)
+
+    monkeypatch.setattr(runtime.waiter.service, "_handle", noting)
+    assert gc.isenabled()
+    _decode(runtime, model, demo_prompt_ids)
+    assert seen and not any(seen)  # every request was answered with the collector off
+    assert gc.isenabled()
+
+    def failing(*a, **k):
+        raise OSError("drive gone")
+
+    monkeypatch.setattr(runtime.waiter.service, "_handle", failing)
+    with pytest.raises(RuntimeError):
+        _decode(runtime, model, demo_prompt_ids)
+    assert gc.isenabled()  # restored after a failed generation too
+    gc.disable()
+    try:
+        monkeypatch.setattr(runtime.waiter.service, "_handle", handle)
+        _decode(runtime, model, demo_prompt_ids)
+        assert not gc.isenabled()  # a caller's own choice is left as it was
+    finally:
+        gc.enable()
