@@ -31,6 +31,7 @@ import time
 import mlx.core as mx
 import numpy as np
 
+from .errors import ChronosError, DeviceWaitError
 from .wait_kernels import (
     ABSENT,
     ACK,
@@ -432,11 +433,15 @@ class DeviceWaiter:
         err = self.service.error
         if err is not None:
             self.service.error = None
-            raise RuntimeError(f"loading experts for the device failed: {err}") from err
+            if isinstance(err, ChronosError):  # a shard gone or changed: said as the host-read modes say it
+                raise err
+            raise DeviceWaitError(f"loading experts for the device failed: {err}") from err
         gave_up = int(self.mailbox.words[GAVE_UP])
         if gave_up != self._gave_up:
             self._gave_up = gave_up
-            raise RuntimeError("a MoE layer stopped waiting for its experts (the loading thread did not answer)")
+            raise DeviceWaitError("a MoE layer stopped waiting for its experts (the loading thread did not answer "
+                                  "within ~10 s); the step was refused. `--sync per-layer` routes without the "
+                                  "device waiting.")
 
     def close(self):
         self._release_collector()  # a `begin` never ended

@@ -19,3 +19,8 @@ class BudgetError(ChronosError):
 
 class ProfileError(ChronosError):
     """A profile file is corrupt, truncated or belongs to another model."""
+
+
+class DeviceWaitError(ChronosError, RuntimeError):
+    """Device-wait routing could not finish a step: loading for a waiting layer failed, or a
+    layer's kernel stopped waiting for the loading thread. The step is refused, never wrong."""

@@ -377,3 +377,41 @@ def test_sizes_are_human_readable():
     assert cli.human_bytes(42_500_000) == "42.5 MB"
     assert cli.human_bytes(512) == "512 B"
     assert cli.human_bytes(6 * 10**9) == "6.0 GB"
+
+
+@pytest.mark.parametrize("failure", ["gave up", "shard gone"])
+def test_a_device_wait_step_that_fails_is_one_error_line_not_a_traceback(runner, monkeypatch, failure):
+    """Device-wait (CUDA) refuses a step whose layer stopped waiting, or whose loads failed:
+    the command says so in one line (a vanished shard as the other routings say it)."""
+    import numpy as np
+
+    from chronos_mlx import device_wait, wait_kernels
+    from chronos_mlx.errors import ShardError
+
+    if wait_kernels.available():
+        pytest.skip("on CUDA the real kernel runs; this drives the host stand-in")
+    monkeypatch.setattr(device_wait, "available", lambda: True)
+    real = device_wait.DeviceWaiter
+
+    class Failing(real):
+        def __init__(self, runtime):
+            box = device_wait.Mailbox.host()
+            ask = device_wait.host_kernel(box)
+
+            def kernel(ids, table, mailbox, layer, tag=None, always=False, pull=False, **kw):
+                if failure == "gave up" and int(np.array(layer)[0]) == 3:
+                    box.words[device_wait.GAVE_UP] += 1
+                    return table[ids]
+                return ask(ids, table, mailbox, layer, tag, always, pull, **kw)
+
+            super().__init__(runtime, mailbox=box, kernel=kernel)
+            if failure == "shard gone":
+                def gone(*a, **k):
+                    raise ShardError("model.safetensors: the file is gone")
+                self.service._handle = gone
+
+    monkeypatch.setattr(device_wait, "DeviceWaiter", Failing)
+    result = runner.invoke(app, ["generate", "-p", PROMPT, "--max-tokens", "8", "-b", "0.25", "--sync", "device-wait"])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    assert ("stopped waiting" if failure == "gave up" else "the file is gone") in result.output
