@@ -341,6 +341,10 @@ class ExpertCache:
         self._local = threading.local()
         self.upload = device_upload()
         self.copy_engine_paused = False  # set while device-wait routing decodes (device_wait.py)
+        # Besides the main thread, the one thread that decides about slots while it is set
+        # (device-wait's service thread while steps run: then no other thread loads or
+        # prefetches): its demand loads take the lean path (`_ensure_now`) too.
+        self.deciding_thread = None
         self.upload_error = None  # why device copies stopped, if the driver refused them
         self._queue_on = None  # thread whose copies wait at the end of `one_copy_wait`
         self.layers: list[LayerSlots] = []
@@ -445,7 +449,7 @@ class ExpertCache:
             batch.append((e, slot, fut))
         return batch
 
-    def _run_batch(self, L: LayerSlots, batch: list, prefetch: bool, wait: bool = True) -> float:
+    def _run_batch(self, L: LayerSlots, batch: list, prefetch: bool, wait: bool = True, checked: bool = False) -> float:
         """Read a batch of experts into their reserved slots (any thread, lock not held).
 
         All their byte ranges go to the reader as one submission. Off the main thread each
@@ -459,7 +463,8 @@ class ExpertCache:
 
         Whatever happens (an I/O error, a changed shard, a KeyboardInterrupt), every future
         of the batch is resolved and every slot it reserved ends up mapped to its expert or
-        free again: no slot stays claimed, nobody waits forever."""
+        free again: no slot stays claimed, nobody waits forever. `checked`: the caller has just
+        checked the layer's shards are unchanged (one `stat` each, not two)."""
         main = threading.current_thread() is threading.main_thread()
         with deferred_sigint():
             live = []
@@ -469,7 +474,7 @@ class ExpertCache:
                         live.append(item)
                 if not live:
                     return 0.0
-                ready = self._read_experts(L, [(e, slot) for e, slot, _ in live])
+                ready = self._read_experts(L, [(e, slot) for e, slot, _ in live], checked)
             except BaseException as exc:
                 self._abandon(L, batch, exc)
                 if isinstance(exc, Exception):
@@ -577,7 +582,8 @@ class ExpertCache:
         keep = set(experts)
         if protect is not None and len(keep | set(protect)) <= L.num_slots:
             keep |= set(protect)
-        if not retries and not prefetch and threading.current_thread() is threading.main_thread():
+        if not retries and not prefetch and (threading.current_thread() is threading.main_thread()
+                                              or threading.get_ident() == self.deciding_thread):
             loaded = self._ensure_now(L, experts, keep)
             if loaded is not None:
                 return loaded
@@ -616,7 +622,7 @@ class ExpertCache:
                 raise
             # Demand reads run here: the caller waits for them anyway, and a hand-off to a
             # reader thread costs more than the copy. The batch's reads are in flight together.
-            deadline = self._run_batch(L, batch, prefetch=prefetch, wait=False)
+            deadline = self._run_batch(L, batch, prefetch=prefetch, wait=False, checked=True)
         wait_until(deadline)
         for fut in futures:
             fut.result()
@@ -638,8 +644,9 @@ class ExpertCache:
 
     def _ensure_now(self, L: LayerSlots, experts: list, keep: set):
         """`ensure`'s common case, lean (it runs for most MoE layers of a decode step under
-        misses): on the main thread, no wanted expert in flight, a slot for each. Returns
-        None (nothing done) when that is not the case, for the general path.
+        misses): on the main thread (or the `deciding_thread`), no wanted expert in flight,
+        a slot for each. Returns None (nothing done) when that is not the case, for the
+        general path.
 
         Slots are reserved and the experts mapped under the lock, so background prefetches
         of other layers never see a half-written slot; no futures are needed because no

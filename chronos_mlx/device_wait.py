@@ -91,6 +91,10 @@ class MissService:
         self._thread = threading.Thread(target=self._run, name="chronos-miss-service", daemon=True)
         self._thread.start()
 
+    @property
+    def ident(self) -> int:
+        return self._thread.ident
+
     def resume(self):
         """Poll the mailbox (while steps run)."""
         self._active.set()
@@ -253,6 +257,7 @@ class DeviceWaiter:
         cache.wait_for_loads()
         for i, view in enumerate(self.views):
             cache.write_wait_table(i, view)
+        cache.deciding_thread = self.service.ident  # the only thread that loads while steps run: the lean path
         self.service.resume()
 
     def warm(self, n: int | None = None):
@@ -279,6 +284,7 @@ class DeviceWaiter:
             self._after = None
             self.service.pause()
             self.runtime.cache.copy_engine_paused = False
+            self.runtime.cache.deciding_thread = None
             self._release_collector()
         self.check()
 
@@ -445,5 +451,7 @@ class DeviceWaiter:
 
     def close(self):
         self._release_collector()  # a `begin` never ended
+        if self.runtime.cache.deciding_thread == self.service.ident:
+            self.runtime.cache.deciding_thread = None
         self.service.stop()
         self.mailbox.close()

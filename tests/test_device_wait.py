@@ -510,3 +510,29 @@ def test_the_cyclic_collector_is_off_while_steps_run_and_restored_after(demo_pro
         assert not gc.isenabled()  # a caller's own choice is left as it was
     finally:
         gc.enable()
+
+
+def test_while_steps_run_the_service_threads_loads_take_the_lean_path(reference, demo_prompt_ids, waiting, monkeypatch):
+    # The service thread is then the only one that loads (no prefetch, no main-thread load):
+    # no futures, one stat of the shards a request. Tokens stay stock's.
+    from chronos_mlx.cache import ExpertCache
+
+    model, runtime = waiting(0.25, pull=True)
+    lean, general = [], []
+    ensure_now, reserve = ExpertCache._ensure_now, ExpertCache._reserve
+
+    def noting_lean(self, *a, **k):
+        lean.append(threading.current_thread().name)
+        return ensure_now(self, *a, **k)
+
+    def noting_general(self, *a, **k):
+        general.append(threading.current_thread().name)
+        return reserve(self, *a, **k)
+
+    monkeypatch.setattr(ExpertCache, "_ensure_now", noting_lean)
+    monkeypatch.setattr(ExpertCache, "_reserve", noting_general)
+    ids, _ = _decode(runtime, model, demo_prompt_ids)
+    assert ids == reference[0]
+    assert "chronos-miss-service" in lean
+    assert "chronos-miss-service" not in general
+    assert runtime.cache.deciding_thread is None  # after the generation, only the main thread again
