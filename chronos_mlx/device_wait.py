@@ -289,8 +289,8 @@ class DeviceWaiter:
         self.check()
 
     def _hold_collector(self):
-        """Collect now, while no kernel waits, then keep the cyclic collector off while steps
-        run. A collection frees whatever garbage it finds (a model's module tree, a step's
+        """Collect the young generations now, while no kernel waits, then keep the cyclic
+        collector off while steps run. A collection frees whatever garbage it finds (a model's module tree, a step's
         arrays) on the thread that triggered it, holding Python's lock; an MLX buffer freed
         past the allocator's cache limit is a device free, which waits for the device — and a
         kernel there may be waiting for the service thread, which needs the lock: it gives
@@ -299,8 +299,8 @@ class DeviceWaiter:
         models and a calibration's garbage in the process (session 17)."""
         if self._collector is None:
             self._collector = gc.isenabled()
-            gc.collect()
-            gc.disable()
+            gc.collect(1)  # the young generations (~1 ms; a full collection costs tens): only a
+            gc.disable()   # collection during the steps is the hazard, and none runs until `end`
 
     def _release_collector(self):
         held, self._collector = self._collector, None
