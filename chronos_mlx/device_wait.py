@@ -290,8 +290,9 @@ class DeviceWaiter:
 
     def _hold_collector(self):
         """Collect the young generations now, while no kernel waits, then keep the cyclic
-        collector off while steps run. A collection frees whatever garbage it finds (a model's module tree, a step's
-        arrays) on the thread that triggered it, holding Python's lock; an MLX buffer freed
+        collector off while steps run. A collection frees whatever garbage it finds (a
+        model's module tree, a step's arrays) on the thread that triggered it, holding
+        Python's lock; an MLX buffer freed
         past the allocator's cache limit is a device free, which waits for the device — and a
         kernel there may be waiting for the service thread, which needs the lock: it gives
         up after ~10 s (session 13's deadlock, through another door). Suspected, not traced,
