@@ -960,9 +960,9 @@ class ExpertCache:
             return [t for i in range(0, k, per) for t in self._read_experts(L, items[i : i + per], checked)]
         if self.verifier is None and L.lean and self.reader.plain_reads(k * self.bytes_on_disk_per_expert, L.files):
             return self._read_small(L, items, checked)
-        return self._read_planned([(L, items)])[0]
+        return self._read_planned([(L, items)], checked)[0]
 
-    def _read_planned(self, batches: list) -> list:
+    def _read_planned(self, batches: list, checked: bool = False) -> list:
         """Read [(layer slots, [(expert, slot)])] (all of them fitting one thread's staging)
         as one reader submission: one thread's batch is shared out by the reader, so
         several layers' experts read together keep every reader thread busy. Returns per
@@ -974,7 +974,7 @@ class ExpertCache:
             pos = plan.build(up, staged, pos, copies)
             plans.append(plan)
             runs += plan.runs
-        done = self.reader.read_runs(runs)  # checks each shard is unchanged first (one stat)
+        done = self.reader.read_runs(runs, checked=checked)  # unless `checked`: each shard unchanged (one stat)
         at = 0
         for plan in plans:
             plan.done, at = done[at : at + len(plan.runs)], at + len(plan.runs)
