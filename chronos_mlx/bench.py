@@ -264,6 +264,8 @@ def _chronos_run(model, runtime, prompt, max_tokens, sync, forced=None, temp=Non
         "discarded_steps": c.discarded_steps,
         "settled_first": c.settled_first,
         "device_waits": s.get("device_waits", 0),
+        "staged_guess_reads": s.get("staged_guess_reads", 0),
+        "staged_guesses_used": s.get("staged_guesses_used", 0),
         "prefetch_hits": s["prefetch_hits"],
         "decode_hits": c.decode_hits,
         "decode_misses": c.decode_misses,
@@ -331,6 +333,9 @@ def _aggregate(runs: list[dict]) -> dict:
             discarded_steps_per_token=sum(r.get("discarded_steps", 0) for r in runs) / max(tokens, 1),
             settled_first_per_token=sum(r.get("settled_first", 0) for r in runs) / max(tokens, 1),
             device_waits_per_token=sum(r.get("device_waits", 0) for r in runs) / max(tokens, 1),
+            # Device-wait guesses read into staging after an answer (preread.py), and those a load used.
+            staged_guess_reads_per_token=sum(r.get("staged_guess_reads", 0) for r in runs) / max(tokens, 1),
+            staged_guesses_used_per_token=sum(r.get("staged_guesses_used", 0) for r in runs) / max(tokens, 1),
             prefetch_hits=sum(r["prefetch_hits"] for r in runs),
             prefetch_wasted_bytes=sum(r["prefetch_wasted_bytes"] for r in runs),
             prediction_recall=statistics.fmean(r["prediction_recall"] for r in runs),

@@ -231,6 +231,7 @@ class LayerSlots:
     # `_read_small` converts only bf16 on disk to float32 slots (the upper halves); any
     # other conversion (float16 on disk read at float32, ...) takes `_read_experts`.
     lean: bool = True
+    index: int = 0  # its place in ExpertCache.layers
 
     def refresh(self):
         """Take a new snapshot of the expert->slot map after loads (on the thread that builds
@@ -345,6 +346,9 @@ class ExpertCache:
         # (device-wait's service thread while steps run: then no other thread loads or
         # prefetches): its demand loads take the lean path (`_ensure_now`) too.
         self.deciding_thread = None
+        # Guessed experts read ahead into staging (preread.py, device-wait with guesses):
+        # a load of one lists its copies from there instead of reading it.
+        self.prereader = None
         self.upload_error = None  # why device copies stopped, if the driver refused them
         self._queue_on = None  # thread whose copies wait at the end of `one_copy_wait`
         self.layers: list[LayerSlots] = []
@@ -362,6 +366,7 @@ class ExpertCache:
                 params[pname] = p
             layer = LayerSlots(num_experts, num_slots, params, make_policy(policy, num_experts))
             layer.lean = all(not p.convert or p.bf16_high_halves() is not None for p in params.values())
+            layer.index = len(self.layers)
             layer.lock = self._lock
             layer.files = sorted({sl.path for p in params.values() for sl in p.source.slices})
             layer.slot_of = np.full(num_experts, -1, dtype=np.int64)
@@ -955,12 +960,35 @@ class ExpertCache:
         k = len(items)
         if not k:
             return []
+        if (self.prereader is not None and self.upload is not None and self.verifier is None
+                and self.deciding_thread == threading.get_ident()):  # device-wait's service, while steps run
+            staged = self._take_staged(L, items)
+            if staged:  # read the rest; the staged ones only need their copies listed
+                rest = iter(self._read_experts(L, [it for i, it in enumerate(items) if i not in staged], checked))
+                return [staged[i] if i in staged else next(rest) for i in range(k)]
         per = max(1, MAX_STAGING // self.bytes_on_disk_per_expert)
         if self.upload is not None and k > per:  # device copies: in pieces that fit a thread's staging
             return [t for i in range(0, k, per) for t in self._read_experts(L, items[i : i + per], checked)]
         if self.verifier is None and L.lean and self.reader.plain_reads(k * self.bytes_on_disk_per_expert, L.files):
             return self._read_small(L, items, checked)
         return self._read_planned([(L, items)], checked)[0]
+
+    def _take_staged(self, L: LayerSlots, items: list) -> dict:
+        """{item index: arrival} for the items of `items` [(expert, slot)] whose bytes the
+        `prereader` has staged (preread.py): their copies are listed from there, no read."""
+        if any(p.convert for p in L.params.values()):
+            return {}
+        layer, pre, up = L.index, self.prereader, self.upload
+        got = {}
+        for i, (e, slot) in enumerate(items):
+            s = pre.take(layer, e)
+            if s is None:
+                continue
+            at = pre.offsets(layer)
+            copies = [(p.addr, p.addr + slot * p.source.nbytes, at[name], p.source.nbytes) for name, p in L.params.items()]
+            self._copy_to_device(up, copies, source=s.buf)
+            got[i] = s.ready
+        return got
 
     def _read_planned(self, batches: list, checked: bool = False) -> list:
         """Read [(layer slots, [(expert, slot)])] (all of them fitting one thread's staging)

@@ -80,8 +80,10 @@ class MissService:
     spare the polling but can deadlock: it may share a hardware queue with MLX's stream and
     hold back the very kernel that would publish the request."""
 
-    def __init__(self, mailbox: Mailbox, handle, poll_s: float = 20e-6, active: bool = True):
+    def __init__(self, mailbox: Mailbox, handle, poll_s: float = 20e-6, active: bool = True, answered=None):
+        """`answered()`, if given, runs after each answer (work that must not delay it)."""
         self.mailbox, self._handle, self.poll_s = mailbox, handle, poll_s
+        self._answered = answered
         self.requests = 0
         self.error: BaseException | None = None
         self._stop = False
@@ -129,6 +131,12 @@ class MissService:
                     self.error = e
             self.requests += 1
             words[ACK] = served
+            if self._answered is not None:
+                try:
+                    self._answered()
+                except BaseException as e:  # noqa: BLE001
+                    if self.error is None:
+                        self.error = e
 
     def stop(self):
         """End the thread (call only while no request is outstanding)."""
@@ -243,7 +251,11 @@ class DeviceWaiter:
         # that plus the wake-up (~0.1 ms at 20 us on an H200 host); 0 yields the core instead
         # (a core busy while steps run; not measured on a GPU yet).
         poll_us = float(os.environ.get("CHRONOS_WAIT_POLL_US", "20"))
-        self.service = MissService(self.mailbox, self._handle, poll_s=poll_us * 1e-6, active=False)
+        # Guesses read into staging after the answer (preread.py; pulled loads, "stage").
+        self.prereader = None
+        self._to_stage = None  # (layer, guesses) of the request just answered
+        self.service = MissService(self.mailbox, self._handle, poll_s=poll_us * 1e-6, active=False,
+                                   answered=self._stage_guesses)
 
     def begin(self):
         """Before steps are launched (nothing queued): from now on every thread writes slots
@@ -281,6 +293,8 @@ class DeviceWaiter:
         try:
             _drain(stream)
         finally:
+            if self.prereader is not None:  # every copy listed has been made
+                self.prereader.recycle()
             self._after = None
             self.service.pause()
             self.runtime.cache.copy_engine_paused = False
@@ -342,6 +356,10 @@ class DeviceWaiter:
         runtime, cache = self.runtime, self.runtime.cache
         uniq = sorted(set(ids.tolist()))
         if self.pull is not None:  # read into staging; the waiting kernel copies and takes the table
+            if self.prereader is not None:  # the last answer's copies are made (its layer's kernels ran)
+                self.prereader.recycle()
+            if guesses is not None and self._staging_guesses():  # read after the answer, not in it
+                self._to_stage, guesses = guesses, None
             got = self._pulled_load(layer, uniq, ids, guesses)
         else:
             with cache.uploading_with(None):  # host writes (already so while steps run: begin)
@@ -357,6 +375,25 @@ class DeviceWaiter:
         with self._lock:
             self._loaded.setdefault((tag, layer), set()).update(got)
             self.requests += 1
+
+    def _staging_guesses(self) -> bool:
+        """Whether guesses are read into staging after the answer (`runtime.guess_reads`
+        "stage", pulled loads): the `PreReader` is made at the first request with guesses."""
+        if getattr(self.runtime, "guess_reads", "stage") != "stage":
+            return False
+        if self.prereader is None:
+            from .preread import PreReader
+
+            # Twice a layer's guesses: one layer's still being read while the next one's arrive.
+            self.prereader = PreReader(self.runtime.cache, self.pull._alloc, 2 * max(1, int(self.runtime.guesses)))
+            self.runtime.cache.prereader = self.prereader
+        return True
+
+    def _stage_guesses(self):
+        """After an answer (service thread): queue the reads of the guesses it came with."""
+        got, self._to_stage = self._to_stage, None
+        if got is not None:
+            self.prereader.submit(got[0], got[1])
 
     def _pulled_load(self, layer: int, uniq: list, ids: np.ndarray, guesses: tuple | None = None) -> list:
         """Read into staging and answer with the layer's table and the copies. On any failure
@@ -455,4 +492,8 @@ class DeviceWaiter:
         if self.runtime.cache.deciding_thread == self.service.ident:
             self.runtime.cache.deciding_thread = None
         self.service.stop()
+        if self.prereader is not None:
+            if self.runtime.cache.prereader is self.prereader:
+                self.runtime.cache.prereader = None
+            self.prereader.stop()
         self.mailbox.close()

@@ -68,6 +68,9 @@ class Runtime:
         # is then reported to observers only once the step is kept.
         self.deferred_observations: list | None = None
         self.guesses = 16  # per layer; attach_predictor sets the model's top-k
+        # Device-wait requests carry guesses for the next layer: "stage" reads them into
+        # staging after the answer (preread.py), "load" loads them inside the request.
+        self.guess_reads = "stage"
         self.predict_stream = mx.new_stream(mx.default_device())
         self._predicted: dict = {}
         self.recall_hits = 0
@@ -166,6 +169,7 @@ class Runtime:
         layers = self.cache.layers if self.cache else []
         hits = sum(L.counters.hits for L in layers)
         misses = sum(L.counters.misses for L in layers)
+        pre = self.waiter.prereader if self.waiter is not None else None
         return {
             "prompt_tokens": c.prompt_tokens,
             "generated_tokens": c.generated_tokens,
@@ -196,6 +200,9 @@ class Runtime:
             "discarded_steps": c.discarded_steps,
             "settled_first": c.settled_first,
             "device_waits": self.waiter.requests if self.waiter is not None else 0,
+            # Guesses read into staging after device-wait answers (preread.py), and those a load used.
+            "staged_guess_reads": pre.reads if pre is not None else 0,
+            "staged_guesses_used": pre.used if pre is not None else 0,
             "peak_memory_bytes": peak_rss_bytes(),
             "mlx_peak_memory_bytes": mx.get_peak_memory(),
             "expert_budget_bytes": self.cache.resident_bytes if self.cache else 0,
@@ -222,6 +229,8 @@ class Runtime:
         self.recall_hits = self.recall_total = 0
         if self.waiter is not None:
             self.waiter.requests = 0
+            if self.waiter.prereader is not None:
+                self.waiter.prereader.reads = self.waiter.prereader.used = self.waiter.prereader.wasted = 0
         if self.cache:
             from .cache import LayerCounters
 

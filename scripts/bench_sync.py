@@ -19,6 +19,7 @@ and the I/O roofline min(resident tok/s, probe rate / decode bytes per token).
 """
 
 import argparse
+import itertools
 import json
 import sys
 
@@ -47,16 +48,20 @@ def _unpipelined(setup):
     return apply
 
 
-def _with_guesses(setup, guesses):
-    """Prefetch `guesses` experts a layer (default: the model's top-k, set by attach_predictor)."""
-    if guesses is None:
+def _with_guesses(setup, guesses, reads=None):
+    """Prefetch `guesses` experts a layer (default: the model's top-k, set by attach_predictor);
+    `reads`: how device-wait reads them (runtime.guess_reads: stage, load)."""
+    if guesses is None and reads is None:
         return setup
 
     def apply(model, runtime):
         if setup is not None:
             setup(model, runtime)
         if runtime is not None:
-            runtime.guesses = int(guesses)
+            if guesses is not None:
+                runtime.guesses = int(guesses)
+            if reads is not None:
+                runtime.guess_reads = reads
 
     apply.params = getattr(setup, "params", None)  # the routing's, for --modes ...:table
     return apply
@@ -123,6 +128,9 @@ def main():
                          "its N most costly functions (own time and with callees) to stderr (not with --interleave)")
     ap.add_argument("--guesses", default=None, metavar="N[,N...]",
                     help="with a predictor: prefetch this many guesses a layer (one configuration each; default top-k)")
+    ap.add_argument("--guess-reads", default=None, metavar="stage,load",
+                    help="device-wait with a predictor: read guesses into staging after the answer (stage, the "
+                         "default) or load them inside the request (load); one configuration each")
     ap.add_argument("--io-threads", metavar="N[,N...]",
                     help="reader threads for prefetches (one configuration each; 0: read on the main thread right "
                          "after the next launch; default 4, 16 with --io-sim)")
@@ -158,6 +166,8 @@ def main():
         ap.error("--modes device-wait needs MLX's CUDA backend (a GPU, without --cpu)")
     if any(v.partition(":")[2] == "table" for v in args.modes.split(",")) and args.routing != "trained":
         ap.error("predictor 'table' (--modes MODE:table) needs --routing trained")
+    if args.guess_reads and not set(args.guess_reads.split(",")) <= {"stage", "load"}:
+        ap.error(f"--guess-reads {args.guess_reads}: each one of stage, load")
     if args.split_reads and not set(args.split_reads.split(",")) <= {"auto", "threads"}:
         ap.error(f"--split-reads {args.split_reads}: each one of auto, threads")
     forced = None
@@ -210,17 +220,20 @@ def main():
                 cfg_setup = setup
                 if mode == "per-layer-stop":  # per-layer routing that stops graph construction at each layer (before gates)
                     mode, cfg_setup = "per-layer", _unpipelined(setup)
-                for guesses in (args.guesses.split(",") if predictor and args.guesses else [None]):
+                for guesses, reads in itertools.product(
+                        args.guesses.split(",") if predictor and args.guesses else [None],
+                        args.guess_reads.split(",") if predictor and mode == "device-wait" and args.guess_reads else [None]):
                     for threads in (args.io_threads.split(",") if args.io_threads else [None]):
                         for split in (args.split_reads.split(",") if args.split_reads else [None]):
                             label = name if guesses is None else f"{name}-g{guesses}"
+                            label = label if reads is None else f"{label}-{reads}"
                             o = dict(opts)
                             if threads is not None:
                                 label, o["io_threads"] = f"{label}-t{threads}", int(threads)
                             if split is not None:
                                 label, o["split_reads"] = f"{label}-{split}", split
                             configs.append(BenchConfig(label, budget=b, sync=mode, options=o,
-                                                       setup=_with_guesses(cfg_setup, guesses)))
+                                                       setup=_with_guesses(cfg_setup, guesses, reads)))
     rows = []
     if args.interleave:
         rows = measure_interleaved(configs, args.model, prompts, max_tokens=args.max_tokens,
@@ -256,7 +269,7 @@ def main():
             "decode_hit_rate", "stall_s_per_token", "sync_wait_s_per_token", "recovery_wait_s_per_token",
             "decode_bytes_read_per_token", "belady_decode_bytes_read_per_token",
             "effective_load_bytes_per_s", "load_rate_to_roofline", "decode_misses_per_token",
-            "prefetch_hits_per_token",
+            "prefetch_hits_per_token", "device_waits_per_token", "staged_guesses_used_per_token",
             "prediction_recall", "mlx_peak_memory_bytes", "error"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))

@@ -76,3 +76,19 @@ def moe64(tmp_path_factory):
 
     return write_synthetic_moe(tmp_path_factory.mktemp("moe64") / "m", "qwen3_moe", bits=4, seed=3,
                                geometry={"num_experts": 64, "top_k": 8, "num_layers": 4})
+
+
+@pytest.fixture(scope="session")
+def demo_f32(tmp_path_factory):
+    """The demo checkpoint with its bf16 tensors stored as float32: the same model (every bf16 is
+    a float32 exactly), whose experts on CPU need no conversion, as on a GPU in bf16 — what
+    copies from staging (device-wait's pulled loads) are made for."""
+    import shutil
+
+    path = tmp_path_factory.mktemp("demo-f32") / "demo-moe-f32"
+    shutil.copytree(DEMO, path)
+    weights = mx.load(str(path / "model.safetensors"))
+    mx.save_safetensors(str(path / "model.safetensors"),
+                        {k: v.astype(mx.float32) if v.dtype == mx.bfloat16 else v for k, v in weights.items()},
+                        metadata={"format": "mlx"})
+    return path

@@ -48,8 +48,8 @@ def waiting(monkeypatch):
     monkeypatch.setattr(device_wait, "available", lambda: True)
     made = []
 
-    def make(budget, pull=False):
-        model, _, runtime = chronos_mlx.load(None, expert_budget=budget)
+    def make(budget, pull=False, path=None):
+        model, _, runtime = chronos_mlx.load(path, expert_budget=budget)
         runtime.waiter = _host_waiter(runtime, pull)
         made.append(runtime.waiter)
         return model, runtime
@@ -126,6 +126,7 @@ def test_requests_carry_guesses_for_the_next_layer_which_spare_its_own_requests(
     without = runtime.waiter.requests
     model, runtime = waiting(0.5, pull)
     attach_predictor(model, runtime, "gate")
+    runtime.guess_reads = "load"
     ids, logprobs = _decode(runtime, model, demo_prompt_ids)
     assert ids == reference[0]
     for ours, theirs in zip(logprobs, reference[1]):
@@ -142,6 +143,7 @@ def test_a_guess_that_cannot_be_loaded_empties_its_layer_and_the_request_is_answ
 
     model, runtime = waiting(0.5, pull=True)
     attach_predictor(model, runtime, "gate")
+    runtime.guess_reads = "load"
     real = runtime.cache.ensure
 
     def failing_guesses(layer, experts, protect=None, retries=0, prefetch=False):
@@ -153,6 +155,50 @@ def test_a_guess_that_cannot_be_loaded_empties_its_layer_and_the_request_is_answ
     ids, _ = _decode(runtime, model, demo_prompt_ids)
     assert ids == reference[0]
     assert runtime.cache_totals()["prefetch_hits"] == 0
+
+
+@pytest.mark.parametrize("budget", [0.5, 0.25])
+def test_guesses_read_into_staging_after_the_answer_spare_reads_inside_requests(budget, demo_f32, demo_prompt_ids,
+                                                                                waiting):
+    """The default ("stage", preread.py): the service reads a request's guesses into staging
+    once it has answered, and a later load of one lists its copies from there. Residency is
+    decided as without guesses — the same requests, the same misses — and tokens are stock's
+    (demo_f32: the demo stored in float32, whose experts need no conversion, as in bf16 on a GPU)."""
+    from chronos_mlx.predict_runtime import attach_predictor
+
+    want = stock_greedy(demo_f32, demo_prompt_ids, MAX_TOKENS)[0]
+    model, runtime = waiting(budget, pull=True, path=demo_f32)
+    assert _decode(runtime, model, demo_prompt_ids)[0] == want
+    without = runtime.stats()
+    model, runtime = waiting(budget, pull=True, path=demo_f32)
+    attach_predictor(model, runtime, "gate")
+    assert runtime.guess_reads == "stage"
+    assert _decode(runtime, model, demo_prompt_ids)[0] == want
+    stats = runtime.stats()
+    assert stats["device_waits"] == without["device_waits"]
+    assert stats["misses"] == without["misses"]
+    assert 0 < stats["staged_guesses_used"] <= stats["staged_guess_reads"]
+    assert stats["prefetch_hits"] == 0  # nothing was loaded on a guess
+
+
+def test_a_staged_guess_whose_read_failed_is_read_by_the_load_that_needs_it(demo_f32, demo_prompt_ids, waiting,
+                                                                           monkeypatch):
+    from chronos_mlx.predict_runtime import attach_predictor
+    from chronos_mlx.shards import ShardError
+
+    want = stock_greedy(demo_f32, demo_prompt_ids, MAX_TOKENS)[0]
+    model, runtime = waiting(0.5, pull=True, path=demo_f32)
+    attach_predictor(model, runtime, "gate")
+    real = runtime.cache.reader.read_runs
+
+    def failing_for_guesses(runs, checked=False):
+        if threading.current_thread().name == "chronos-preread":
+            raise ShardError("the drive went away (guesses only)")
+        return real(runs, checked)
+
+    monkeypatch.setattr(runtime.cache.reader, "read_runs", failing_for_guesses)
+    assert _decode(runtime, model, demo_prompt_ids)[0] == want
+    assert runtime.stats()["staged_guesses_used"] == 0
 
 
 @pytest.mark.parametrize("room", [0, 9, 10, 28, 1000])
