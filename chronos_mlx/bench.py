@@ -266,6 +266,8 @@ def _chronos_run(model, runtime, prompt, max_tokens, sync, forced=None, temp=Non
         "device_waits": s.get("device_waits", 0),
         "staged_guess_reads": s.get("staged_guess_reads", 0),
         "staged_guesses_used": s.get("staged_guesses_used", 0),
+        "posts": s.get("posts", 0),
+        "posts_taken": s.get("posts_taken", 0),
         "prefetch_hits": s["prefetch_hits"],
         "decode_hits": c.decode_hits,
         "decode_misses": c.decode_misses,
@@ -336,6 +338,8 @@ def _aggregate(runs: list[dict]) -> dict:
             # Device-wait guesses read into staging after an answer (preread.py), and those a load used.
             staged_guess_reads_per_token=sum(r.get("staged_guess_reads", 0) for r in runs) / max(tokens, 1),
             staged_guesses_used_per_token=sum(r.get("staged_guesses_used", 0) for r in runs) / max(tokens, 1),
+            posts_per_token=sum(r.get("posts", 0) for r in runs) / max(tokens, 1),
+            posts_taken_per_token=sum(r.get("posts_taken", 0) for r in runs) / max(tokens, 1),
             prefetch_hits=sum(r["prefetch_hits"] for r in runs),
             prefetch_wasted_bytes=sum(r["prefetch_wasted_bytes"] for r in runs),
             prediction_recall=statistics.fmean(r["prediction_recall"] for r in runs),

@@ -973,6 +973,42 @@ class ExpertCache:
             return self._read_small(L, items, checked)
         return self._read_planned([(L, items)], checked)[0]
 
+    def reserve_post(self, layer: int, experts: list, limit: int) -> tuple:
+        """Slots for the absent ones of `experts` (at most `limit`), for a post (device_wait):
+        free slots first, then the policy's victims, evicted now. Returns ([(expert, slot)],
+        [(victim, slot)], the layer's table as it will be once the post is taken); nothing is
+        mapped until `settle_post` says whether the device took it."""
+        L = self.layers[layer]
+        with self._lock:
+            want = [e for e in dict.fromkeys(experts) if L.slot_of[e] < 0 and e not in L.pending][:limit]
+            slots = self._take_slots(L, len(want), set()) if want else []
+            items = list(zip(want, slots))
+            victims = [(int(L.expert_in[slot]), slot) for slot in slots if L.expert_in[slot] >= 0]
+            for slot in slots:
+                L.expert_in[slot] = -2
+            table = L.slot_of.copy()
+            for e, slot in items:
+                table[e] = slot
+        return items, victims, table
+
+    def settle_post(self, layer: int, items: list, victims: list, taken: bool):
+        """A post's end: taken, its experts are resident (brought in by a guess); not taken, the
+        slots hold what they held and the victims are resident again."""
+        L = self.layers[layer]
+        with self._lock:
+            if taken:
+                for e, slot in items:
+                    self._map(L, e, slot, True)
+                return
+            for _, slot in items:
+                L.expert_in[slot] = -1
+            for v, slot in victims:
+                if L.slot_of[v] < 0 and L.expert_in[slot] == -1:
+                    L.slot_of[v], L.expert_in[slot] = slot, v
+                    L.policy.added(v)
+                    L.counters.evictions -= 1
+            L.dirty = L.gate_stale = L.wait_stale = True
+
     def _take_staged(self, L: LayerSlots, items: list) -> dict:
         """{item index: arrival} for the items of `items` [(expert, slot)] whose bytes the
         `prereader` has staged (preread.py): their copies are listed from there, no read."""

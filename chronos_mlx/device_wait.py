@@ -43,6 +43,7 @@ from .wait_kernels import (
     LAYER,
     MAX_COPIES,
     MAX_IDS,
+    MAX_POST_LAYERS,
     N_COPIES,
     N_GUESSES,
     N_TABLE,
@@ -53,7 +54,9 @@ from .wait_kernels import (
     driver,
     host_kernel,
     max_copies,
+    max_post_copies,
     pinned_alloc,
+    post_id,
     wait_for_experts,
 )
 
@@ -251,9 +254,17 @@ class DeviceWaiter:
         # that plus the wake-up (~0.1 ms at 20 us on an H200 host); 0 yields the core instead
         # (a core busy while steps run; not measured on a GPU yet).
         poll_us = float(os.environ.get("CHRONOS_WAIT_POLL_US", "20"))
-        # Guesses read into staging after the answer (preread.py; pulled loads, "stage").
+        # Guesses read into staging after the answer (preread.py; pulled loads, "stage"/"post").
         self.prereader = None
-        self._to_stage = None  # (layer, guesses) of the request just answered
+        self._to_stage = None  # (pass, layer, guesses) of the request just answered
+        # "post": staged guesses posted to their layer's kernel, which takes them without asking.
+        self._posting = False  # decided at `begin`
+        self._post = None  # the post left in the mailbox, until settled (`_settle_post`)
+        self._guess_pass: dict = {}  # layer -> the pass its staged guesses were read for
+        self._last_asked = (0, -1)  # (pass, layer) of the latest request
+        # The service's handling of a request and the making or settling of a post, one at a time.
+        self._decide = threading.Lock()
+        self.posts = self.posts_taken = 0
         self.service = MissService(self.mailbox, self._handle, poll_s=poll_us * 1e-6, active=False,
                                    answered=self._stage_guesses)
 
@@ -264,6 +275,9 @@ class DeviceWaiter:
         until `end` (`_hold_collector`)."""
         cache = self.runtime.cache
         self._hold_collector()
+        self._posting = (self.pull is not None and getattr(self.runtime, "guess_reads", "stage") == "post"
+                         and self.runtime.predictor is not None and len(cache.layers) <= MAX_POST_LAYERS)
+        self._last_asked = (0, -1)
         self.warm()
         cache.copy_engine_paused = True
         cache.wait_for_loads()
@@ -277,13 +291,13 @@ class DeviceWaiter:
         with every id resident, so MLX compiles them now and not inside the first timed step
         (a fresh machine's compile can take seconds)."""
         n = n or int(self.runtime.info.get("top_k") or 1)
-        if n in self._warmed:
+        if (n, self._posting) in self._warmed:
             return
         ids = mx.arange(n, dtype=mx.uint32)
         out = self._kernel(ids, mx.arange(n, dtype=mx.uint32), self.mailbox.box, self.layer_ids[0], self.layer_ids[0],
-                           pull=self.pull is not None)
+                           pull=self.pull is not None, posts=self._posting)
         mx.eval(out)
-        self._warmed.add(n)
+        self._warmed.add((n, self._posting))
 
     def end(self, stream=None):
         """After the last step: once everything queued on `stream` has run (the service still
@@ -293,8 +307,10 @@ class DeviceWaiter:
         try:
             _drain(stream)
         finally:
-            if self.prereader is not None:  # every copy listed has been made
-                self.prereader.recycle()
+            with self._decide:
+                self._settle_post()  # every kernel has run
+                if self.prereader is not None:  # every copy listed has been made
+                    self.prereader.recycle()
             self._after = None
             self.service.pause()
             self.runtime.cache.copy_engine_paused = False
@@ -333,6 +349,8 @@ class DeviceWaiter:
         extra = {} if guesses is None else {"guesses": guesses[1], "guess_layer": self.layer_ids[guesses[0]]}
         # Each kernel reads the one before it (of this pass or the last): the device runs them
         # in turn even where the routing does not wait for the layer below (one mailbox).
+        if self._posting:
+            extra["posts"] = True
         out = self._kernel(indices, self.tables[layer], self.mailbox.box, self.layer_ids[layer], self._tag,
                            pull=self.pull is not None, after=self._after, **extra)
         self._after = out
@@ -353,13 +371,19 @@ class DeviceWaiter:
     def _handle(self, layer: int, ids: np.ndarray, tag: int = 0, guesses: tuple | None = None):
         """On the service thread, while layer `layer`'s kernel waits: load, then the table;
         and the experts guessed for another layer, if the request carried guesses."""
+        with self._decide:
+            self._handle_now(layer, ids, tag, guesses)
+
+    def _handle_now(self, layer: int, ids: np.ndarray, tag: int, guesses: tuple | None):
         runtime, cache = self.runtime, self.runtime.cache
         uniq = sorted(set(ids.tolist()))
+        self._last_asked = (tag, layer)
         if self.pull is not None:  # read into staging; the waiting kernel copies and takes the table
             if self.prereader is not None:  # the last answer's copies are made (its layer's kernels ran)
                 self.prereader.recycle()
+            self._settle_post()  # this layer's kernel took it or not; either way before deciding
             if guesses is not None and self._staging_guesses():  # read after the answer, not in it
-                self._to_stage, guesses = guesses, None
+                self._to_stage, guesses = (tag, *guesses), None
             got = self._pulled_load(layer, uniq, ids, guesses)
         else:
             with cache.uploading_with(None):  # host writes (already so while steps run: begin)
@@ -379,13 +403,14 @@ class DeviceWaiter:
     def _staging_guesses(self) -> bool:
         """Whether guesses are read into staging after the answer (`runtime.guess_reads`
         "stage", pulled loads): the `PreReader` is made at the first request with guesses."""
-        if getattr(self.runtime, "guess_reads", "stage") != "stage":
+        if getattr(self.runtime, "guess_reads", "stage") not in ("stage", "post"):
             return False
         if self.prereader is None:
             from .preread import PreReader
 
             # Twice a layer's guesses: one layer's still being read while the next one's arrive.
-            self.prereader = PreReader(self.runtime.cache, self.pull._alloc, 2 * max(1, int(self.runtime.guesses)))
+            self.prereader = PreReader(self.runtime.cache, self.pull._alloc, 2 * max(1, int(self.runtime.guesses)),
+                                       on_ready=self._post_staged)
             self.runtime.cache.prereader = self.prereader
         return True
 
@@ -393,7 +418,66 @@ class DeviceWaiter:
         """After an answer (service thread): queue the reads of the guesses it came with."""
         got, self._to_stage = self._to_stage, None
         if got is not None:
-            self.prereader.submit(got[0], got[1])
+            tag, layer, guesses = got
+            self._guess_pass[layer] = tag
+            self.prereader.submit(layer, guesses)
+
+    def _post_staged(self, layer: int, experts: list):
+        """Once guesses for `layer` are staged (the pre-reader's thread): post them to that
+        layer's kernel of the pass they were guessed in, if it may still be ahead — no request
+        of that pass from it or a later layer, nor of a later pass, has come. Its table and
+        copies are chosen now (victims evicted on the host, nothing mapped); the kernel takes
+        the post or passes without it, and `_settle_post` makes the host agree."""
+        if not self._posting:
+            return
+        # Not waiting: a request is being handled, from this layer or a later one (guesses are
+        # read after the answer that brought them) — too late to post — and it may itself be
+        # waiting for a read queued behind this call.
+        if not self._decide.acquire(blocking=False):
+            return
+        try:
+            self._post_now(layer, experts)
+        finally:
+            self._decide.release()
+
+    def _post_now(self, layer: int, experts: list):
+        tag = self._guess_pass.get(layer)
+        if self._post is not None or tag is None or self._last_asked[0] != tag or self._last_asked[1] >= layer:
+            return
+        cache, pre = self.runtime.cache, self.prereader
+        staged = pre.take_ready(layer, experts)
+        if not staged:
+            return
+        L = cache.layers[layer]
+        room = max_post_copies(int(self.runtime.info.get("top_k") or 1)) // len(L.params)
+        items, victims, table = cache.reserve_post(layer, [s.expert for s in staged], room)
+        by_expert = {s.expert: s for s in staged}
+        posted = [by_expert[e] for e, _ in items]
+        pre.restage([s for s in staged if s not in posted])
+        if not items:
+            return
+        at = pre.offsets(layer)
+        copies = [(s.buf.ctypes.data + at[name], p.addr + slot * p.source.nbytes, p.source.nbytes)
+                  for (e, slot), s in zip(items, posted) for name, p in L.params.items()]
+        pid = post_id(tag, layer)
+        self._post = (pid, tag, layer, items, victims, posted)
+        self.mailbox.post(pid, table.astype(np.uint32), copies)
+        self.posts += 1
+
+    def _settle_post(self):
+        """Withdraw the post, if one is left (its kernel has run or passed: the caller knows),
+        and make the host's slots say what the device did with it. `_decide` held."""
+        post, self._post = self._post, None
+        if post is None:
+            return
+        pid, _, layer, items, victims, posted = post
+        taken = self.mailbox.take_back_post(pid)
+        self.runtime.cache.settle_post(layer, items, victims, taken)
+        if taken:
+            self.prereader.hold(posted)  # the device may not have copied them yet
+            self.posts_taken += 1
+        else:
+            self.prereader.restage(posted)
 
     def _pulled_load(self, layer: int, uniq: list, ids: np.ndarray, guesses: tuple | None = None) -> list:
         """Read into staging and answer with the layer's table and the copies. On any failure
@@ -460,6 +544,10 @@ class DeviceWaiter:
         """A step's routing, read once it ran: uses of experts not loaded for it are hits;
         the policy and observers hear of every layer."""
         runtime, cache = self.runtime, self.runtime.cache
+        if self._post is not None:
+            with self._decide:  # a post of this pass (or before) is decided: its kernel ran
+                if self._post is not None and ((tag - self._post[1]) & 0xFFFFFFFF) < 0x80000000:
+                    self._settle_post()
         pos = 0
         for layer, n in zip(layers, sizes):
             inds = host[pos : pos + n]

@@ -57,8 +57,10 @@ class PreReader:
     thread of its own; `take` hands one to a demand load. Oldest staged experts make room
     for new ones; a buffer whose copies may still be pending is never reused."""
 
-    def __init__(self, cache, alloc, capacity: int):
+    def __init__(self, cache, alloc, capacity: int, on_ready=None):
+        """`on_ready(layer, experts)`: called on the reading thread once a batch's bytes are in."""
         self.cache = cache
+        self.on_ready = on_ready
         self.capacity = max(0, int(capacity))
         self._alloc = alloc
         layouts = [expert_layout(L.params) for L in cache.layers]
@@ -72,6 +74,7 @@ class PreReader:
         self._lock = threading.Lock()
         self._work: queue.SimpleQueue = queue.SimpleQueue()
         self.reads = self.used = self.wasted = 0  # experts
+        self.error = None  # what `on_ready` raised, if it did
         self._thread = threading.Thread(target=self._run, name="chronos-preread", daemon=True)
         self._thread.start()
 
@@ -142,6 +145,33 @@ class PreReader:
             self.used += 1
         return s
 
+    def take_ready(self, layer: int, experts) -> list:
+        """Those of `experts` staged for `layer` whose bytes are in, taken without waiting and
+        not held: the caller `hold`s or `restage`s each."""
+        got = []
+        with self._lock:
+            for e in experts:
+                s = self._staged.get((layer, int(e)))
+                if s is not None and s.done.is_set() and s.error is None:
+                    del self._staged[(layer, int(e))]
+                    got.append(s)
+        return got
+
+    def hold(self, staged: list):
+        """These buffers' copies are pending (a post taken): free at the next `recycle`."""
+        with self._lock:
+            self._held += [s.buf for s in staged]
+            self.used += len(staged)
+
+    def restage(self, staged: list):
+        """Give back what `take_ready` took and nothing copied from (a post not taken)."""
+        with self._lock:
+            for s in staged:
+                if (s.layer, s.expert) in self._staged:  # read again meanwhile: one copy is enough
+                    self._free.append(s.buf)
+                else:
+                    self._staged[(s.layer, s.expert)] = s
+
     def recycle(self):
         """The device has made every copy listed so far: the buffers taken are free again."""
         with self._lock:
@@ -164,7 +194,10 @@ class PreReader:
             batch = self._work.get()
             if batch is None:
                 return
-            self._read(batch)
+            try:
+                self._read(batch)
+            except BaseException as e:  # noqa: BLE001 - kept for the decode loop (`error`)
+                self.error = self.error or e
 
     def _read(self, batch: list):
         runs, owners = [], []
@@ -187,6 +220,8 @@ class PreReader:
         self.reads += len(batch)
         for s in batch:
             s.done.set()
+        if self.on_ready is not None:  # after `done`: a load waiting in `take` goes on meanwhile
+            self.on_ready(batch[0].layer, [s.expert for s in batch])
 
     def stop(self):
         self._work.put(None)

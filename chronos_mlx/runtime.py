@@ -69,7 +69,8 @@ class Runtime:
         self.deferred_observations: list | None = None
         self.guesses = 16  # per layer; attach_predictor sets the model's top-k
         # Device-wait requests carry guesses for the next layer: "stage" reads them into
-        # staging after the answer (preread.py), "load" loads them inside the request.
+        # staging after the answer (preread.py), "post" also leaves them for that layer's
+        # kernel to take without asking, "load" loads them inside the request.
         self.guess_reads = "stage"
         self.predict_stream = mx.new_stream(mx.default_device())
         self._predicted: dict = {}
@@ -203,6 +204,9 @@ class Runtime:
             # Guesses read into staging after device-wait answers (preread.py), and those a load used.
             "staged_guess_reads": pre.reads if pre is not None else 0,
             "staged_guesses_used": pre.used if pre is not None else 0,
+            # Posts of staged guesses left for a layer's kernel, and those it took (no request).
+            "posts": self.waiter.posts if self.waiter is not None else 0,
+            "posts_taken": self.waiter.posts_taken if self.waiter is not None else 0,
             "peak_memory_bytes": peak_rss_bytes(),
             "mlx_peak_memory_bytes": mx.get_peak_memory(),
             "expert_budget_bytes": self.cache.resident_bytes if self.cache else 0,
@@ -228,7 +232,7 @@ class Runtime:
         self.layer_syncs = 0
         self.recall_hits = self.recall_total = 0
         if self.waiter is not None:
-            self.waiter.requests = 0
+            self.waiter.requests = self.waiter.posts = self.waiter.posts_taken = 0
             if self.waiter.prereader is not None:
                 self.waiter.prereader.reads = self.waiter.prereader.used = self.waiter.prereader.wasted = 0
         if self.cache:

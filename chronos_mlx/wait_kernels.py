@@ -29,7 +29,16 @@ COPIES_AT = (TABLE_AT + MAX_TABLE) // 2  # in uint64 words
 # A request may carry guesses for another layer (`wait_for_experts(guesses=...)`), after the copies.
 GUESSES_AT, MAX_GUESSES = 16384, 1024
 MAX_COPIES = (GUESSES_AT // 2 - COPIES_AT) // 3
-WORDS = GUESSES_AT + MAX_GUESSES  # 68 KB
+# A post (DeviceWaiter._post): a layer's new table and copies the host lists while the device
+# computes, for that layer's kernel of one pass to take without asking. POST_ID names the pass
+# and layer (`post_id`); the kernel that takes it writes TAKEN, then the post's words are its.
+POST_ID, TAKEN, POST_N_TABLE, POST_N_COPIES = 10, 11, 12, 13
+POST_TABLE_AT = GUESSES_AT + MAX_GUESSES
+POST_COPIES_AT = (POST_TABLE_AT + MAX_TABLE) // 2  # in uint64 words
+MAX_POST_COPIES = 512
+WORDS = POST_TABLE_AT + MAX_TABLE + 6 * MAX_POST_COPIES  # 96 KB
+NO_POST = 0xFFFFFFFF
+MAX_POST_LAYERS = 255  # a post id keeps 8 bits of the layer
 # About 10 s at an H200's clock before a kernel stops waiting (the service is gone).
 WAIT_LIMIT_CYCLES = 20_000_000_000
 
@@ -72,11 +81,38 @@ _SOURCE = """
 
 # The same handshake (thread 0), then the whole block takes the host's answer: the layer's new
 # wait table and the list of copies (page-locked staging -> slots) that `_PULL_COPY` makes.
+# With POSTS, a post for this pass and layer is taken first (its table and copies; TAKEN
+# written before anything else, so the host knows before any later request); then the
+# ids are looked up in the table as it now is, and an answer's copies follow the post's.
 _PULL_SOURCE = """
     volatile unsigned int* mb = reinterpret_cast<volatile unsigned int*>(box[0]);
     volatile unsigned int* tab = reinterpret_cast<volatile unsigned int*>(const_cast<unsigned int*>(table));
     __shared__ int asked;
+    __shared__ int posted;
     int t = threadIdx.x;
+    if (t == 0) {
+        posted = 0;
+        if (POSTS) {
+            unsigned int pid = ((tag[0] & 0xFFFFFFu) << 8) | (layer[0] & 0xFFu);
+            if (mb[POST_ID_W] == pid) {
+                mb[TAKEN_W] = pid;
+                __threadfence_system();
+                posted = 1;
+            }
+        }
+    }
+    __syncthreads();
+    unsigned long long n_posted = 0;
+    if (posted) {
+        unsigned int n_ptable = mb[POST_N_TABLE_W];
+        for (unsigned int i = t; i < n_ptable; i += blockDim.x) tab[i] = mb[POST_TABLE_AT + i];
+        n_posted = mb[POST_N_COPIES_W];
+        if (n_posted > MAXP) n_posted = MAXP;
+        volatile unsigned long long* pl = reinterpret_cast<volatile unsigned long long*>(mb) + POST_COPIES_AT;
+        for (unsigned long long i = t; i < 3 * n_posted; i += blockDim.x) plan[1 + i] = pl[i];
+    }
+    __threadfence();
+    __syncthreads();
     if (t == 0) {
         bool resident = !ALWAYS;
         if (resident) {
@@ -95,9 +131,9 @@ _PULL_SOURCE = """
         n_copies = mb[7];
         if (n_copies > MAXC) n_copies = MAXC;
         volatile unsigned long long* cl = reinterpret_cast<volatile unsigned long long*>(mb) + COPIES_AT;
-        for (unsigned long long i = t; i < 3 * n_copies; i += blockDim.x) plan[1 + i] = cl[i];
+        for (unsigned long long i = t; i < 3 * n_copies; i += blockDim.x) plan[1 + 3 * n_posted + i] = cl[i];
     }
-    if (t == 0) plan[0] = n_copies;
+    if (t == 0) plan[0] = n_posted + n_copies;
     __threadfence();
     __syncthreads();
     for (int i = t; i < N; i += blockDim.x) {
@@ -152,8 +188,11 @@ INPUTS = ["ids", "table", "box", "layer", "tag", "guess", "glayer", "after"]
 def kernel_source(kind: str) -> str:
     """The body of the `wait` or `pull` kernel with its constants filled in."""
     src = _SOURCE if kind == "wait" else _PULL_SOURCE
-    return (src.replace("LIMIT", f"{WAIT_LIMIT_CYCLES}LL").replace("TABLE_AT", str(TABLE_AT))
-            .replace("COPIES_AT", str(COPIES_AT)).replace("GUESSES_AT", str(GUESSES_AT)))
+    return (src.replace("LIMIT", f"{WAIT_LIMIT_CYCLES}LL").replace("POST_TABLE_AT", str(POST_TABLE_AT))
+            .replace("POST_COPIES_AT", str(POST_COPIES_AT)).replace("TABLE_AT", str(TABLE_AT))
+            .replace("COPIES_AT", str(COPIES_AT)).replace("GUESSES_AT", str(GUESSES_AT))
+            .replace("POST_ID_W", str(POST_ID)).replace("TAKEN_W", str(TAKEN))
+            .replace("POST_N_TABLE_W", str(POST_N_TABLE)).replace("POST_N_COPIES_W", str(POST_N_COPIES)))
 
 
 def _get_kernel(kind: str = "wait"):
@@ -181,9 +220,21 @@ def max_copies(n_ids: int, n_guesses: int = 0) -> int:
     return min(MAX_COPIES, 16 * (n_ids + n_guesses) + (1 if n_guesses else 0))
 
 
+def max_post_copies(n_ids: int) -> int:
+    """How many copies a post for a layer of `n_ids` ids may list (the pulling kernel's plan
+    keeps that much room for one)."""
+    return min(MAX_POST_COPIES, 16 * n_ids)
+
+
+def post_id(tag: int, layer: int) -> int:
+    """The mailbox's name for a post to `layer`'s kernel of pass `tag` (as the kernel makes it)."""
+    return ((tag & 0xFFFFFF) << 8) | (layer & 0xFF)
+
+
 def wait_for_experts(ids: mx.array, table: mx.array, box: mx.array, layer: mx.array, tag: mx.array | None = None,
                      always: bool = False, pull: bool = False, guesses: mx.array | None = None,
-                     guess_layer: mx.array | None = None, after: mx.array | None = None) -> mx.array:
+                     guess_layer: mx.array | None = None, after: mx.array | None = None,
+                     posts: bool = False) -> mx.array:
     """Slot ids for `ids` (any shape, at most MAX_IDS), once every one is resident.
 
     `table`: the layer's wait table; `box`: the mailbox address (uint64[1]); `layer`: the
@@ -192,7 +243,8 @@ def wait_for_experts(ids: mx.array, table: mx.array, box: mx.array, layer: mx.ar
     answers with the new table and a list of copies (`DevicePull`), which the device makes
     before the slots are used. `guesses` (expert ids of layer `guess_layer`): sent along
     with a request, for the host to load into that layer while this one waits. `after`: an
-    array this kernel waits for (the previous layer's slot ids): one kernel asks at a time."""
+    array this kernel waits for (the previous layer's slot ids): one kernel asks at a time.
+    `posts` (with `pull`): first take a post the host left for this pass and layer, if any."""
     n = ids.size
     if n > MAX_IDS:
         raise ValueError(f"{n} expert ids do not fit the mailbox ({MAX_IDS})")
@@ -211,8 +263,11 @@ def wait_for_experts(ids: mx.array, table: mx.array, box: mx.array, layer: mx.ar
                                   output_shapes=[(n,)], output_dtypes=[mx.uint32])[0]
         return out.reshape(ids.shape)
     maxc = max_copies(n, g)
-    slots, plan = _get_kernel("pull")(inputs=inputs, template=template + [("MAXC", maxc)], grid=(128, 1, 1),
-                                      threadgroup=(128, 1, 1), output_shapes=[(n,), (1 + 3 * maxc,)],
+    maxp = max_post_copies(n) if posts else 0
+    slots, plan = _get_kernel("pull")(inputs=inputs, template=template + [("MAXC", maxc), ("POSTS", int(posts)),
+                                                                          ("MAXP", maxp)],
+                                      grid=(128, 1, 1), threadgroup=(128, 1, 1),
+                                      output_shapes=[(n,), (1 + 3 * (maxc + maxp),)],
                                       output_dtypes=[mx.uint32, mx.uint64])
     out = _get_kernel("copy")(inputs=[plan, slots], template=[("N", n)], grid=(PULL_BLOCKS * PULL_THREADS, 1, 1),
                               threadgroup=(PULL_THREADS, 1, 1), output_shapes=[(n,)], output_dtypes=[mx.uint32])[0]
@@ -264,6 +319,7 @@ class Mailbox:
     def __init__(self, words: np.ndarray, device_address: int, free=None):
         self.words = words
         self.words[:] = 0
+        self.words[POST_ID] = self.words[TAKEN] = NO_POST
         self.device_address = device_address
         self.box = mx.array(np.array([device_address], dtype=np.uint64))
         self._free = free
@@ -297,6 +353,25 @@ class Mailbox:
         w.view(np.uint64)[COPIES_AT : COPIES_AT + 3 * len(copies)] = np.asarray(copies, dtype=np.uint64).reshape(-1)
         w[N_TABLE], w[N_COPIES] = len(table), len(copies)
 
+    def post(self, pid: int, table: np.ndarray, copies: list):
+        """Leave a post (`post_id`) for one layer's kernel: its new wait table and the copies
+        [(source, destination, bytes)] it makes before its experts compute. The words first,
+        the id last: a kernel that sees the id sees the rest."""
+        if len(table) > MAX_TABLE or len(copies) > MAX_POST_COPIES:
+            raise ValueError(f"a post of {len(copies)} copies for {len(table)} experts does not fit the mailbox")
+        w = self.words
+        w[POST_TABLE_AT : POST_TABLE_AT + len(table)] = table
+        w.view(np.uint64)[POST_COPIES_AT : POST_COPIES_AT + 3 * len(copies)] = (
+            np.asarray(copies, dtype=np.uint64).reshape(-1))
+        w[POST_N_TABLE], w[POST_N_COPIES] = len(table), len(copies)
+        w[POST_ID] = pid
+
+    def take_back_post(self, pid: int) -> bool:
+        """Withdraw post `pid` (its layer's kernel has passed); whether that kernel took it."""
+        w = self.words
+        w[POST_ID] = NO_POST
+        return int(w[TAKEN]) == pid
+
     def close(self):
         free, self._free = self._free, None
         if free is not None:
@@ -313,9 +388,21 @@ def host_kernel(mailbox: Mailbox):
     """`wait_for_experts` done by the host, for backends without the kernel (tests): the
     same mailbox protocol, with the calling thread in the device's place."""
 
-    def wait(ids, table, box, layer, tag=None, always=False, pull=False, guesses=None, guess_layer=None, after=None):
+    def wait(ids, table, box, layer, tag=None, always=False, pull=False, guesses=None, guess_layer=None, after=None,
+             posts=False):
+        from .cache import _numpy_view
+
         flat = np.array(ids).reshape(-1).astype(np.uint32)
         words = mailbox.words
+        if pull and posts:  # a post for this pass and layer: taken first, as the kernel does
+            pid = post_id(int(np.array(layer if tag is None else tag)[0]), int(np.array(layer)[0]))
+            if int(words[POST_ID]) == pid:
+                words[TAKEN] = pid
+                n_table = int(words[POST_N_TABLE])
+                n_copies = min(int(words[POST_N_COPIES]), max_post_copies(flat.size))
+                _numpy_view(table)[:n_table] = words[POST_TABLE_AT : POST_TABLE_AT + n_table]
+                for src, dst, n in words.view(np.uint64)[POST_COPIES_AT : POST_COPIES_AT + 3 * n_copies].reshape(-1, 3).tolist():
+                    ctypes.memmove(dst, src, n)
         if always or (np.array(table)[flat] == ABSENT).any():
             seq = (int(words[PUB]) + 1) & 0xFFFFFFFF
             words[LAYER], words[COUNT] = int(np.array(layer)[0]), flat.size
@@ -329,8 +416,6 @@ def host_kernel(mailbox: Mailbox):
             while int(words[ACK]) != seq:
                 time.sleep(20e-6)
             if pull:  # the device's part of a pulled load: the new table, then the copies
-                from .cache import _numpy_view
-
                 # As the kernel: no more copies than its plan has room for.
                 n_table = int(words[N_TABLE])
                 n_copies = min(int(words[N_COPIES]), max_copies(flat.size, int(words[N_GUESSES])))

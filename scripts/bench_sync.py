@@ -128,9 +128,10 @@ def main():
                          "its N most costly functions (own time and with callees) to stderr (not with --interleave)")
     ap.add_argument("--guesses", default=None, metavar="N[,N...]",
                     help="with a predictor: prefetch this many guesses a layer (one configuration each; default top-k)")
-    ap.add_argument("--guess-reads", default=None, metavar="stage,load",
+    ap.add_argument("--guess-reads", default=None, metavar="stage,post,load",
                     help="device-wait with a predictor: read guesses into staging after the answer (stage, the "
-                         "default) or load them inside the request (load); one configuration each")
+                         "default), and post them to their layer's kernel (post), or load them inside the request "
+                         "(load); one configuration each")
     ap.add_argument("--io-threads", metavar="N[,N...]",
                     help="reader threads for prefetches (one configuration each; 0: read on the main thread right "
                          "after the next launch; default 4, 16 with --io-sim)")
@@ -166,8 +167,8 @@ def main():
         ap.error("--modes device-wait needs MLX's CUDA backend (a GPU, without --cpu)")
     if any(v.partition(":")[2] == "table" for v in args.modes.split(",")) and args.routing != "trained":
         ap.error("predictor 'table' (--modes MODE:table) needs --routing trained")
-    if args.guess_reads and not set(args.guess_reads.split(",")) <= {"stage", "load"}:
-        ap.error(f"--guess-reads {args.guess_reads}: each one of stage, load")
+    if args.guess_reads and not set(args.guess_reads.split(",")) <= {"stage", "post", "load"}:
+        ap.error(f"--guess-reads {args.guess_reads}: each one of stage, post, load")
     if args.split_reads and not set(args.split_reads.split(",")) <= {"auto", "threads"}:
         ap.error(f"--split-reads {args.split_reads}: each one of auto, threads")
     forced = None
@@ -270,6 +271,7 @@ def main():
             "decode_bytes_read_per_token", "belady_decode_bytes_read_per_token",
             "effective_load_bytes_per_s", "load_rate_to_roofline", "decode_misses_per_token",
             "prefetch_hits_per_token", "device_waits_per_token", "staged_guesses_used_per_token",
+            "posts_taken_per_token",
             "prediction_recall", "mlx_peak_memory_bytes", "error"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))

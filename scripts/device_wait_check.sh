@@ -72,7 +72,7 @@ step phases-q48 200 python3 scripts/decode_load_phases.py --model "$Q48" --routi
 step cost 200 python3 scripts/device_wait_cost.py --model "$Q48" --rounds 3 --max-tokens 32 --load-mb 2.65 --json "$OUT/cost.json"
 # Guesses on q48: MODES=device-wait,device-wait:table (the `table` predictor, bench_guesses.py: next-layer
 # guesses as good as the demo's gate predictor; the gate predictor itself would read the random routers);
-# GUESSES=8,16 sets how many a layer; GUESS_READS=stage,load how they are read (preread.py, or inside the request).
+# GUESSES=8,16 sets how many a layer; GUESS_READS=stage,post,load how they are read (preread.py; posted to the kernel; inside the request).
 step bench 420 env ${READ_THREADS:+CHRONOS_READ_THREADS=$READ_THREADS} python3 scripts/bench_sync.py --model "$Q48" --routing trained --budgets "$BUDGETS" \
   --modes "${MODES:-device-wait,optimistic,per-layer}" --max-tokens "$TOKENS" --repeats "${REPEATS:-1}" --prompts 1 \
   --interleave ${PROBE:-} ${SPLIT:+--split-reads $SPLIT} ${IO_SIM:+--io-sim $IO_SIM} ${GUESSES:+--guesses $GUESSES} ${GUESS_READS:+--guess-reads $GUESS_READS} ${DUMP:+--dump-stacks $OUT/stacks.txt} --json "$OUT/bench.json"

@@ -201,6 +201,58 @@ def test_a_staged_guess_whose_read_failed_is_read_by_the_load_that_needs_it(demo
     assert runtime.stats()["staged_guesses_used"] == 0
 
 
+def _no_slot_left_reserved(runtime):
+    return all((L.expert_in != -2).all() for L in runtime.cache.layers)
+
+
+@pytest.mark.parametrize("budget", [0.5, 0.25])
+def test_posted_guesses_are_taken_by_their_layers_kernel_without_asking(budget, demo_f32, demo_prompt_ids, waiting):
+    """"post": once a request's guesses for the next layer are staged, the service posts them
+    (that layer's new table and the copies) for the next layer's kernel of the same pass, which
+    takes the post before it looks its ids up. Layers whose misses were all posted never ask."""
+    from chronos_mlx.predict_runtime import attach_predictor
+
+    want = stock_greedy(demo_f32, demo_prompt_ids, MAX_TOKENS)[0]
+    model, runtime = waiting(budget, pull=True, path=demo_f32)
+    assert _decode(runtime, model, demo_prompt_ids)[0] == want
+    without = runtime.stats()["device_waits"]
+    model, runtime = waiting(budget, pull=True, path=demo_f32)
+    attach_predictor(model, runtime, "gate")
+    runtime.guess_reads = "post"
+    assert _decode(runtime, model, demo_prompt_ids)[0] == want
+    waiter = runtime.waiter
+    assert 0 < waiter.posts_taken <= waiter.posts
+    assert runtime.stats()["device_waits"] < without
+    assert runtime.cache_totals()["prefetch_hits"] > 0
+    assert _no_slot_left_reserved(runtime)
+
+
+def test_a_post_that_comes_too_late_is_not_taken_and_the_host_agrees(demo_f32, demo_prompt_ids, waiting):
+    """Every other kernel looks for a post before the service has left it (it passes without
+    one): such a post is withdrawn unused, its victims are resident again and its staged bytes
+    serve a later load. Tokens stay stock's; no slot stays reserved."""
+    from chronos_mlx.predict_runtime import attach_predictor
+
+    want = stock_greedy(demo_f32, demo_prompt_ids, MAX_TOKENS)[0]
+    model, runtime = waiting(0.5, pull=True, path=demo_f32)
+    attach_predictor(model, runtime, "gate")
+    runtime.guess_reads = "post"
+    waiter, calls = runtime.waiter, []
+    kernel = waiter._kernel
+
+    def early_every_other(*args, posts=False, **kwargs):
+        calls.append(posts)
+        return kernel(*args, posts=posts and len(calls) % 2 == 0, **kwargs)
+
+    waiter._kernel = early_every_other
+    assert _decode(runtime, model, demo_prompt_ids)[0] == want
+    assert 0 < waiter.posts_taken < waiter.posts
+    assert _no_slot_left_reserved(runtime)
+    for L in runtime.cache.layers:  # host maps agree with each other
+        resident = np.flatnonzero(L.slot_of >= 0)
+        assert (L.expert_in[L.slot_of[resident]] == resident).all()
+
+
 @pytest.mark.parametrize("room", [0, 9, 10, 28, 1000])
 def test_guesses_take_only_the_room_the_kernels_plan_has_left(room, waiting):
     """A request's own copies come first; its guesses get what is left of the kernel's plan —

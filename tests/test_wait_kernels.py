@@ -60,8 +60,10 @@ def test_the_shipped_kernels_compile_for_a_hopper_gpu():
     ids = [("uint64_t" if name == "box" else "uint32_t", name) for name in wait_kernels.INPUTS]
     for name, inputs, outputs, consts, body in [
         ("wait", ids, [("uint32_t", "slots")], [("N", 8), ("ALWAYS", 0), ("G", 0)], wait_kernels.kernel_source("wait")),
-        ("pull", ids, [("uint32_t", "slots"), ("uint64_t", "plan")], [("N", 8), ("ALWAYS", 0), ("G", 16), ("MAXC", 128)],
-         wait_kernels.kernel_source("pull")),
+        ("pull", ids, [("uint32_t", "slots"), ("uint64_t", "plan")],
+         [("N", 8), ("ALWAYS", 0), ("G", 16), ("MAXC", 128), ("POSTS", 0), ("MAXP", 0)], wait_kernels.kernel_source("pull")),
+        ("pull_posts", ids, [("uint32_t", "slots"), ("uint64_t", "plan")],
+         [("N", 8), ("ALWAYS", 0), ("G", 16), ("MAXC", 128), ("POSTS", 1), ("MAXP", 128)], wait_kernels.kernel_source("pull")),
         ("copy", [("uint64_t", "plan"), ("uint32_t", "slots")], [("uint32_t", "out")], [("N", 8)], wait_kernels._PULL_COPY),
     ]:
         assert _compile_like_mlx(nvrtc, name, inputs, outputs, consts, body) == "", name
@@ -109,3 +111,37 @@ def test_kernels_that_share_no_buffer_still_ask_one_at_a_time():
     assert got["asked"] == list(range(8))
     assert not got["gave_up"]
     assert got["slots_right"]
+
+
+@cuda
+def test_a_kernel_takes_the_post_for_its_pass_and_layer_and_no_other():
+    """A post (the layer's new table and a copy from page-locked staging) left for pass 5,
+    layer 2: that kernel takes it without asking — TAKEN names it, the copy is made, the slot
+    read from the new table — while the same layer's kernel of pass 6 leaves it alone."""
+    from chronos_mlx.cache import _numpy_view
+
+    lib = wait_kernels.driver()
+    box = Mailbox.pinned(lib)
+    staging = wait_kernels.pinned_alloc(lib)(64)
+    staging[:16] = np.arange(16, dtype=np.uint8) + 100
+    slots = mx.zeros((4, 16), dtype=mx.uint8)
+    table = mx.array(np.array([ABSENT, 0, ABSENT, ABSENT], dtype=np.uint32))
+    mx.eval(slots, table)
+    from chronos_mlx.upload import slot_address
+
+    dst = slot_address(_numpy_view(slots)) + 3 * 16
+    new_table = np.array([ABSENT, 0, 3, ABSENT], dtype=np.uint32)
+    pid = wait_kernels.post_id(5, 2)
+    box.post(pid, new_table, [(staging.ctypes.data, dst, 16)])
+    layer, ids = mx.array([2], dtype=mx.uint32), mx.array([2, 1], dtype=mx.uint32)
+    other = wait_kernels.wait_for_experts(ids[1:], table, box.box, layer, mx.array([6], dtype=mx.uint32), pull=True,
+                                          posts=True)
+    assert np.array(other).tolist() == [0] and int(box.words[wait_kernels.TAKEN]) != pid
+    out = wait_kernels.wait_for_experts(ids, table, box.box, layer, mx.array([5], dtype=mx.uint32), pull=True,
+                                        posts=True, after=other)
+    assert np.array(out).tolist() == [3, 0]
+    assert int(box.words[wait_kernels.PUB]) == 0  # nobody asked
+    assert box.take_back_post(pid)
+    assert np.array(slots)[3].tolist() == list(range(100, 116))
+    assert np.array(table).tolist() == new_table.tolist()
+    box.close()
