@@ -275,7 +275,7 @@ class DeviceWaiter:
         until `end` (`_hold_collector`)."""
         cache = self.runtime.cache
         self._hold_collector()
-        self._posting = (self.pull is not None and getattr(self.runtime, "guess_reads", "stage") == "post"
+        self._posting = (self.pull is not None and getattr(self.runtime, "guess_reads", "load") == "post"
                          and self.runtime.predictor is not None and len(cache.layers) <= MAX_POST_LAYERS)
         self._last_asked = (0, -1)
         self.warm()
@@ -403,7 +403,7 @@ class DeviceWaiter:
     def _staging_guesses(self) -> bool:
         """Whether guesses are read into staging after the answer (`runtime.guess_reads`
         "stage", pulled loads): the `PreReader` is made at the first request with guesses."""
-        if getattr(self.runtime, "guess_reads", "stage") not in ("stage", "post"):
+        if getattr(self.runtime, "guess_reads", "load") not in ("stage", "post"):
             return False
         if self.prereader is None:
             from .preread import PreReader

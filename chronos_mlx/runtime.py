@@ -68,10 +68,11 @@ class Runtime:
         # is then reported to observers only once the step is kept.
         self.deferred_observations: list | None = None
         self.guesses = 16  # per layer; attach_predictor sets the model's top-k
-        # Device-wait requests carry guesses for the next layer: "stage" reads them into
-        # staging after the answer (preread.py), "post" also leaves them for that layer's
-        # kernel to take without asking, "load" loads them inside the request.
-        self.guess_reads = "stage"
+        # Device-wait requests carry guesses for the next layer: "load" loads them inside the
+        # request; "stage" reads them into staging after the answer (preread.py), "post" also
+        # leaves them for that layer's kernel to take without asking. On an H200 (session 18)
+        # every form decoded slower than no guesses; "load" is the one measured longest.
+        self.guess_reads = "load"
         self.predict_stream = mx.new_stream(mx.default_device())
         self._predicted: dict = {}
         self.recall_hits = 0

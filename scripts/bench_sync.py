@@ -67,6 +67,28 @@ def _with_guesses(setup, guesses, reads=None):
     return apply
 
 
+def _dump_stacks_every(seconds: float, path: str):
+    """Every `seconds`, every thread's stack to `path`, from a thread of its own. Not
+    faulthandler's `dump_traceback_later`: it reads the frames without Python's lock and
+    crashed a bench on the H200 (Python 3.12, session 18). This one needs the lock, so a run
+    whose writes stop was stuck in a call that held it — which says something too."""
+    import threading
+    import time
+    import traceback
+
+    def dump():
+        with open(path, "w") as out:
+            while True:
+                time.sleep(seconds)
+                names = {t.ident: t.name for t in threading.enumerate()}
+                out.write(f"--- {time.strftime('%H:%M:%S')}\n")
+                for ident, frame in sys._current_frames().items():
+                    out.write(f"thread {names.get(ident, ident)}:\n" + "".join(traceback.format_stack(frame)))
+                out.flush()
+
+    threading.Thread(target=dump, name="stack-dumper", daemon=True).start()
+
+
 def _print_profile(prof, name: str, n: int):
     import io
     import pstats
@@ -129,9 +151,9 @@ def main():
     ap.add_argument("--guesses", default=None, metavar="N[,N...]",
                     help="with a predictor: prefetch this many guesses a layer (one configuration each; default top-k)")
     ap.add_argument("--guess-reads", default=None, metavar="stage,post,load",
-                    help="device-wait with a predictor: read guesses into staging after the answer (stage, the "
-                         "default), and post them to their layer's kernel (post), or load them inside the request "
-                         "(load); one configuration each")
+                    help="device-wait with a predictor: load guesses inside the request (load, the default), read "
+                         "them into staging after the answer (stage), and post them to their layer's kernel (post); "
+                         "one configuration each")
     ap.add_argument("--io-threads", metavar="N[,N...]",
                     help="reader threads for prefetches (one configuration each; 0: read on the main thread right "
                          "after the next launch; default 4, 16 with --io-sim)")
@@ -140,15 +162,12 @@ def main():
     ap.add_argument("--planner-trace", metavar="FILE",
                     help="write every segment planner decision and step measurement to FILE (JSON)")
     ap.add_argument("--dump-stacks", metavar="FILE", default=None,
-                    help="every 4 s, every thread's stack to FILE (faulthandler: also while Python's lock is "
-                         "held), to see where a run that hangs waits")
+                    help="every 4 s, every thread's stack to FILE (a thread of its own; writes stop while a call "
+                         "holds Python's lock), to see where a run that hangs waits")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if args.dump_stacks:
-        import faulthandler
-
-        _stacks = open(args.dump_stacks, "w")
-        faulthandler.dump_traceback_later(4.0, repeat=True, file=_stacks)
+        _dump_stacks_every(4.0, args.dump_stacks)
     trace = _trace_planner() if args.planner_trace else None
 
     if args.cpu:

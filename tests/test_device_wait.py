@@ -160,7 +160,7 @@ def test_a_guess_that_cannot_be_loaded_empties_its_layer_and_the_request_is_answ
 @pytest.mark.parametrize("budget", [0.5, 0.25])
 def test_guesses_read_into_staging_after_the_answer_spare_reads_inside_requests(budget, demo_f32, demo_prompt_ids,
                                                                                 waiting):
-    """The default ("stage", preread.py): the service reads a request's guesses into staging
+    """"stage" (preread.py): the service reads a request's guesses into staging
     once it has answered, and a later load of one lists its copies from there. Residency is
     decided as without guesses — the same requests, the same misses — and tokens are stock's
     (demo_f32: the demo stored in float32, whose experts need no conversion, as in bf16 on a GPU)."""
@@ -172,7 +172,7 @@ def test_guesses_read_into_staging_after_the_answer_spare_reads_inside_requests(
     without = runtime.stats()
     model, runtime = waiting(budget, pull=True, path=demo_f32)
     attach_predictor(model, runtime, "gate")
-    assert runtime.guess_reads == "stage"
+    runtime.guess_reads = "stage"
     assert _decode(runtime, model, demo_prompt_ids)[0] == want
     stats = runtime.stats()
     assert stats["device_waits"] == without["device_waits"]
@@ -189,6 +189,7 @@ def test_a_staged_guess_whose_read_failed_is_read_by_the_load_that_needs_it(demo
     want = stock_greedy(demo_f32, demo_prompt_ids, MAX_TOKENS)[0]
     model, runtime = waiting(0.5, pull=True, path=demo_f32)
     attach_predictor(model, runtime, "gate")
+    runtime.guess_reads = "stage"
     real = runtime.cache.reader.read_runs
 
     def failing_for_guesses(runs, checked=False):
