@@ -141,6 +141,23 @@ class MissService:
                     if self.error is None:
                         self.error = e
 
+    def where(self) -> str:
+        """What the thread is doing now: the request it serves and its innermost frames (for an
+        error that says why a kernel stopped waiting)."""
+        import sys
+        import traceback
+
+        words = self.mailbox.words
+        asked, answered = int(words[PUB]), int(words[ACK])
+        state = (f"request {asked} from layer {int(words[LAYER])} of pass {int(words[TAG])} unanswered"
+                 if asked != answered else "no request outstanding")
+        frame = sys._current_frames().get(self._thread.ident)
+        if frame is None:
+            return f"{state}; the loading thread has ended"
+        at = "; ".join(f"{f.name} ({os.path.basename(f.filename)}:{f.lineno})"
+                       for f in traceback.extract_stack(frame)[-4:])
+        return f"{state}; the loading thread is in {at}"
+
     def stop(self):
         """End the thread (call only while no request is outstanding)."""
         self._stop = True
@@ -573,7 +590,7 @@ class DeviceWaiter:
             self._gave_up = gave_up
             raise DeviceWaitError("a MoE layer stopped waiting for its experts (the loading thread did not answer "
                                   "within ~10 s); the step was refused. `--sync per-layer` routes without the "
-                                  "device waiting.")
+                                  f"device waiting. ({self.service.where()})")
 
     def close(self):
         self._release_collector()  # a `begin` never ended
