@@ -89,6 +89,7 @@ class _Step:
     may_miss: bool = False  # some expert it could use was absent at launch
     misses_at_launch: Optional[list] = None  # per-layer demand loads before a per-layer step
     waited: Optional[tuple] = None  # device-wait routing: (pass, layers, sizes, ids), read once it ran
+    token: Optional[mx.array] = None  # device-wait routing: `y` copied on the CPU stream (see `launch`)
     miss: Optional[SegmentMiss] = None  # it stopped at a segment end: this layer missed
 
 
@@ -202,6 +203,12 @@ def generate_step(
                         y, lp = forward(tokens, after)  # per-layer routing loads what it needs as it goes
                         waited = None
                     step = _Step(tokens, y, lp, None, None, False, checkpoint, waited=waited)
+                    if waited is not None:
+                        # The token is read through a copy made on the CPU stream, as the ids
+                        # are (`DeviceWaiter.end_pass`): reading `y` itself is a host access to
+                        # a GPU buffer, done under Python's lock, which may wait for the device
+                        # — whose next step may be waiting for the service thread.
+                        step.token = mx.add(y, 0, stream=mx.cpu)
                     step.observations = runtime.deferred_observations
                     step.misses_at_launch = misses
                     return step
@@ -235,6 +242,7 @@ def generate_step(
         if step.waited is not None:  # device-wait routing: exact unless the service failed
             tag, layers, sizes, flat = step.waited
             t0 = time.perf_counter()
+            mx.eval(flat)  # waits without Python's lock; the read below is then of host memory
             host = np.array(flat)
             c.sync_wait_s += time.perf_counter() - t0
             c.host_syncs += 1
@@ -383,7 +391,11 @@ def generate_step(
                 if discarded:
                     c.discarded_steps += 1
                     nxt = launch(step.y, speculate=speculate, ends=ends)
-            token = step.y.item()
+            if step.token is not None:
+                mx.eval(step.token)
+                token = int(np.array(step.token).reshape(-1)[0])
+            else:
+                token = step.y.item()
             c.host_syncs += 1
             now = time.perf_counter()
             if t_first is not None and nxt is not None and may_miss:
