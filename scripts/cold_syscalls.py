@@ -4,9 +4,9 @@
 
 Medians of 300: a 64-byte and an expert-tensor-sized `preadv` from the page cache, and
 `getppid`, in a tight loop and right after an MLX evaluation of one-token work (as
-scripts/cold_reads.py). Session 18 on the 2-core box: 64 B 0.5 -> 10.3 us, 24 KB 1.2 -> 12.6 us,
-getppid 0.1 -> 1.7 us: a pread right after compute costs ~10 us whatever its size, and a miss
-reads nine tensors.
+scripts/cold_reads.py). Session 18 on the 2-core box, two runs: 64 B 0.5 -> 5.5-10.3 us, 24 KB
+1.2 -> 10.9-12.6 us, getppid 0.1 -> 1.6-1.7 us: a pread right after compute costs 5-10 us before
+its bytes count, and a miss reads nine tensors.
 """
 
 import os
