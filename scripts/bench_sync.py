@@ -153,7 +153,8 @@ def main():
     ap.add_argument("--guess-reads", default=None, metavar="stage,post,load",
                     help="device-wait with a predictor: load guesses inside the request (load, the default), read "
                          "them into staging after the answer (stage), and post them to their layer's kernel (post); "
-                         "one configuration each")
+                         "one configuration each. On the H200 (session 18) stage and post were slower than no "
+                         "guesses, and stage hung twice (docs/device_wait.md)")
     ap.add_argument("--io-threads", metavar="N[,N...]",
                     help="reader threads for prefetches (one configuration each; 0: read on the main thread right "
                          "after the next launch; default 4, 16 with --io-sim)")
