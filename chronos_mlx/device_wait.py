@@ -17,6 +17,10 @@ it, and the host changes a layer's slots and table only while that layer's kerne
 for it (nothing queued after it has run yet). A kernel that waits too long (the service died)
 gives up, marks the mailbox, and the decode loop refuses the step.
 
+With a predictor, requests carry guesses for the next layer: loaded inside the request
+("load", the default form), or read into staging after the answer (preread.py, "stage") and
+posted for that layer's kernel to take without asking ("post"); `runtime.guess_reads`.
+
 `available()` says whether this backend can do it: MLX's CUDA backend with `mx.fast.cuda_kernel`.
 The kernels and the mailbox are in wait_kernels.py; this module is the host's side.
 """

@@ -5,8 +5,9 @@ Mailbox protocol (uint32 words; page-locked host memory the GPU addresses over P
 that finds an absent id writes LAYER, COUNT, TAG and the ids, then increments PUB and spins
 until the host sets ACK to the same count; a pulled load's answer also carries the layer's new
 wait table (from word TABLE_AT) and a list of copies (uint64 triples from uint64 word COPIES_AT),
-which the kernels apply before the layer's experts compute. After WAIT_LIMIT_CYCLES a kernel
-stops waiting and sets GAVE_UP. Kernel sources are compiled by MLX (`mx.fast.cuda_kernel`) at
+which the kernels apply before the layer's experts compute. A *post* (POST_ID and the post area)
+is such an answer left in advance for one layer's kernel of one pass, which takes it without
+asking (TAKEN). After WAIT_LIMIT_CYCLES a kernel stops waiting and sets GAVE_UP. Kernel sources are compiled by MLX (`mx.fast.cuda_kernel`) at
 first use; tests/test_device_wait.py also compiles them with NVRTC where there is no GPU.
 """
 
