@@ -621,7 +621,9 @@ class ExpertCache:
                         demand.append((e, slot))
                     batch = self._reserve(L, demand, prefetch=prefetch)
                     futures += [fut for *_, fut in batch]
-                    running = [f for _, f, pf in L.pending.values() if pf] if blocked else []
+                    # Every read that holds a slot: prefetches and another thread's loads
+                    # (a profile's pre-warm reserves free slots without being a prefetch).
+                    running = [f for _, f, _ in L.pending.values()] if blocked else []
             except BaseException as exc:  # nothing reserved here may stay claimed
                 self._release_demand(L, demand, exc)
                 raise
@@ -632,7 +634,7 @@ class ExpertCache:
         for fut in futures:
             fut.result()
         if blocked:
-            # Prefetches in flight hold the remaining slots: let them land (they become
+            # Reads in flight hold the remaining slots: let them land (they become
             # evictable), then place what is still missing.
             for fut in running:
                 try:

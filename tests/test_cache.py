@@ -313,3 +313,21 @@ def test_a_float16_checkpoint_run_at_float32_gets_converted_values_from_small_lo
 
     got = [t for t, _ in generate_step(mx.array(prompt), model, rt, max_tokens=6)]
     assert got == ids
+
+
+def test_a_demand_load_waits_for_a_prewarm_that_holds_every_slot(runtime):
+    # A profile's pre-warm reserves free slots from its own thread; a decode step that
+    # finds every slot reserved by it must wait for those reads to land (then evict),
+    # not give up after spinning through its retries (it once did, in CI).
+    cache = runtime.cache
+    cache.reader.simulator = SimulatedSSD(bandwidth=1e6, latency=0.3)
+    L = cache.layers[5]
+    t = threading.Thread(target=cache.prewarm, args=({5: list(range(L.num_slots))},))
+    t.start()
+    time.sleep(0.05)
+    assert int((L.expert_in == -2).sum()) == L.num_slots  # every slot is being filled
+    want = list(range(L.num_experts - 8, L.num_experts))
+    cache.ensure(5, want)
+    t.join()
+    L.refresh()
+    assert all(L.slot_of[e] >= 0 for e in want)
