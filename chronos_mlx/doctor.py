@@ -234,6 +234,8 @@ def diagnose(
     """The doctor's report as a dict (the `--json` schema)."""
     import tempfile
 
+    import mlx.core as mx
+
     from .loader import compute_dtype, plan_model
     from .memory import machine_memory
     from .generate import available_sync_modes, resolve_sync
@@ -307,6 +309,8 @@ def diagnose(
         "expert_writes": expert_write_path(),
         "sync_modes": available_sync_modes(),
         "default_sync": resolve_sync("auto"),
+        # How per-layer routing waits for a layer's routing (Runtime.late_rows).
+        "per_layer": "late rows" if mx.default_device() == mx.cpu else "gates",
         "split_reads": split_read_path(),
     }
     rec: dict = {"fits": True, "error": None}

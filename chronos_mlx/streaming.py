@@ -14,6 +14,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.switch_layers import SwitchGLU, SwitchMLP
 
+from . import late_rows
 from .kernel_match import plan_call
 
 SWITCH_TYPES = (SwitchGLU, SwitchMLP)
@@ -145,6 +146,8 @@ class StreamingSwitch(nn.Module):
 
     def __call__(self, x, indices) -> mx.array:
         indices = mx.stop_gradient(indices)
+        if late_rows.applies(self._runtime, self._layer, indices):
+            return late_rows.compute(self._runtime, self, self._layer, x, indices)
         slots = self._runtime.route(self._layer, indices, x)
         x = mx.expand_dims(x, (-2, -3))
         if slots is None:  # more experts than slots: stream them through in waves

@@ -3,7 +3,8 @@
 A gated MoE layer's experts are built before its router's choice is known (they read their
 slots through a device table) and computed only after the host has read that choice at the
 next layer, loaded what was missing and rewritten the table. These tests pin that contract
-against stock mlx_lm's own SwitchGLU on the same weights.
+against stock mlx_lm's own SwitchGLU on the same weights. (On MLX's CPU backend per-layer
+routing computes late rows instead, late_rows.py; these runtimes are set to gate.)
 """
 
 import mlx.core as mx
@@ -22,6 +23,12 @@ def stock_model():
     return model
 
 
+def _gated(budget):
+    model, tok, runtime = chronos_mlx.load(None, expert_budget=budget)
+    runtime.late_rows = False
+    return model, tok, runtime
+
+
 def _switch(model, layer):
     return model.model.layers[layer].mlp.switch_mlp
 
@@ -38,7 +45,7 @@ def _absent(runtime, layer, inds):
 
 
 def test_a_layer_is_gated_without_a_host_read_and_exact_once_its_gate_opens(stock_model):
-    model, _, runtime = chronos_mlx.load(None, expert_budget=0.25)
+    model, _, runtime = _gated(0.25)
     x, inds = _inputs(0)
     assert _absent(runtime, 3, inds)  # it needs loads
     syncs = runtime.layer_syncs
@@ -51,7 +58,7 @@ def test_a_layer_is_gated_without_a_host_read_and_exact_once_its_gate_opens(stoc
 
 
 def test_the_next_layer_opens_the_previous_gate_before_anything_reads_it(stock_model):
-    model, _, runtime = chronos_mlx.load(None, expert_budget=0.25)
+    model, _, runtime = _gated(0.25)
     (x3, i3), (x4, i4) = _inputs(1), _inputs(2)
     y3 = _switch(model, 3)(x3, i3)
     y4 = _switch(model, 4)(x4, i4)  # routing layer 4 decides layer 3 first
@@ -65,7 +72,7 @@ def test_an_outside_caller_never_sees_a_gate_left_open_after_a_forward_pass(demo
     """mlx_lm's own loop evaluates the logits itself: the last MoE layer is routed on the spot."""
     from mlx_lm.models.cache import make_prompt_cache
 
-    model, _, runtime = chronos_mlx.load(None, expert_budget=0.25)
+    model, _, runtime = _gated(0.25)
     cache = make_prompt_cache(model)
     for token in demo_prompt_ids[:4]:
         model(mx.array([[token]]), cache=cache)
@@ -75,7 +82,7 @@ def test_an_outside_caller_never_sees_a_gate_left_open_after_a_forward_pass(demo
 def test_a_caller_that_defers_the_last_layer_opens_its_gate_itself(demo_prompt_ids):
     from mlx_lm.models.cache import make_prompt_cache
 
-    model, _, runtime = chronos_mlx.load(None, expert_budget=0.25)
+    model, _, runtime = _gated(0.25)
     runtime.defer_last = True
     logits = model(mx.array([demo_prompt_ids[:1]]), cache=make_prompt_cache(model))
     assert runtime.gated(runtime.last_moe_layer)
@@ -85,7 +92,7 @@ def test_a_caller_that_defers_the_last_layer_opens_its_gate_itself(demo_prompt_i
 
 
 def test_a_batch_larger_than_the_slots_is_routed_on_the_spot_not_gated():
-    model, _, runtime = chronos_mlx.load(None, expert_budget=0.125)  # 8 slots
+    model, _, runtime = _gated(0.125)  # 8 slots
     x, inds = _inputs(3, n_tokens=4)  # up to 32 distinct experts
     y = _switch(model, 2)(x, inds)
     assert not runtime.gated(2)
@@ -93,7 +100,7 @@ def test_a_batch_larger_than_the_slots_is_routed_on_the_spot_not_gated():
 
 
 def test_unpipelined_per_layer_routing_stops_at_each_layer_and_gives_the_same_output(stock_model):
-    model, _, runtime = chronos_mlx.load(None, expert_budget=0.25)
+    model, _, runtime = _gated(0.25)
     runtime.pipelined = False
     x, inds = _inputs(4)
     syncs = runtime.layer_syncs
@@ -103,7 +110,7 @@ def test_unpipelined_per_layer_routing_stops_at_each_layer_and_gives_the_same_ou
 
 
 def test_the_gate_table_is_rewritten_only_after_its_layer_changed():
-    _, _, runtime = chronos_mlx.load(None, expert_budget=0.25)
+    _, _, runtime = _gated(0.25)
     cache = runtime.cache
     L = cache.layers[1]
     cache.ensure(1, [0, 1, 2])

@@ -181,8 +181,9 @@ LOAD_OPTIONS = [
             "backend when the budget is below the model, optimistic elsewhere. optimistic: compute from the "
             "resident experts and read the routing back at a few segment ends per token, chosen "
             "from measured miss rates and round-trip costs; a miss recomputes from the layer "
-            "that missed (fast). per-layer: read each MoE layer's routing before computing "
-            "it (one host sync per layer). device-wait (CUDA only): each MoE "
+            "that missed (fast). per-layer: read each MoE layer's routing back (one host sync per "
+            "layer); on MLX's CPU backend the layer's experts compute meanwhile on those resident "
+            "and only the rows whose expert was missing are recomputed. device-wait (CUDA only): each MoE "
             "layer waits on the GPU for a loader thread only when one of its experts is absent; "
             "no host sync per layer. All give the same tokens."
         ),
