@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 import pytest
 
 from chronos_mlx import DEFAULT_MODEL
@@ -92,3 +93,27 @@ def demo_f32(tmp_path_factory):
                         {k: v.astype(mx.float32) if v.dtype == mx.bfloat16 else v for k, v in weights.items()},
                         metadata={"format": "mlx"})
     return path
+
+
+@pytest.fixture(scope="module")
+def stock_demo():
+    """Stock mlx_lm's demo model at float32: its own SwitchGLU modules are the reference."""
+    from mlx_lm import load
+
+    model, _ = load(str(DEMO))
+    model.set_dtype(mx.float32)
+    return model
+
+
+def demo_switch(model, layer):
+    """The expert module of a demo model's MoE layer (stock SwitchGLU or chronos's StreamingSwitch)."""
+    return model.model.layers[layer].mlp.switch_mlp
+
+
+def switch_inputs(seed, n_tokens=1):
+    """(hidden states, top-8 expert ids) a demo MoE layer's experts are called with."""
+    rng = np.random.default_rng(seed)
+    x = mx.array(rng.standard_normal((1, n_tokens, 384)).astype(np.float32))
+    inds = mx.array(np.stack([rng.choice(64, 8, replace=False) for _ in range(n_tokens)])[None].astype(np.uint32))
+    return x, inds
+

@@ -10,17 +10,9 @@ routing computes late rows instead, late_rows.py; these runtimes are set to gate
 import mlx.core as mx
 import numpy as np
 import pytest
-from mlx_lm import load as stock_load
 
 import chronos_mlx
-from conftest import DEMO
-
-
-@pytest.fixture(scope="module")
-def stock_model():
-    model, _ = stock_load(str(DEMO))
-    model.set_dtype(mx.float32)
-    return model
+from conftest import demo_switch, switch_inputs
 
 
 def _gated(budget):
@@ -29,43 +21,32 @@ def _gated(budget):
     return model, tok, runtime
 
 
-def _switch(model, layer):
-    return model.model.layers[layer].mlp.switch_mlp
-
-
-def _inputs(seed, n_tokens=1):
-    rng = np.random.default_rng(seed)
-    x = mx.array(rng.standard_normal((1, n_tokens, 384)).astype(np.float32))
-    inds = mx.array(np.stack([rng.choice(64, 8, replace=False) for _ in range(n_tokens)])[None].astype(np.uint32))
-    return x, inds
-
-
 def _absent(runtime, layer, inds):
     return (runtime.cache.layers[layer].slot_of[np.array(inds).reshape(-1)] < 0).any()
 
 
-def test_a_layer_is_gated_without_a_host_read_and_exact_once_its_gate_opens(stock_model):
+def test_a_layer_is_gated_without_a_host_read_and_exact_once_its_gate_opens(stock_demo):
     model, _, runtime = _gated(0.25)
-    x, inds = _inputs(0)
+    x, inds = switch_inputs(0)
     assert _absent(runtime, 3, inds)  # it needs loads
     syncs = runtime.layer_syncs
-    y = _switch(model, 3)(x, inds)
+    y = demo_switch(model, 3)(x, inds)
     assert runtime.gated(3) and runtime.layer_syncs == syncs  # nothing read back yet
     runtime.open_gate()
     assert not runtime.gated(3) and runtime.layer_syncs == syncs + 1
     assert not _absent(runtime, 3, inds)
-    np.testing.assert_array_equal(np.array(y), np.array(_switch(stock_model, 3)(x, inds)))
+    np.testing.assert_array_equal(np.array(y), np.array(demo_switch(stock_demo, 3)(x, inds)))
 
 
-def test_the_next_layer_opens_the_previous_gate_before_anything_reads_it(stock_model):
+def test_the_next_layer_opens_the_previous_gate_before_anything_reads_it(stock_demo):
     model, _, runtime = _gated(0.25)
-    (x3, i3), (x4, i4) = _inputs(1), _inputs(2)
-    y3 = _switch(model, 3)(x3, i3)
-    y4 = _switch(model, 4)(x4, i4)  # routing layer 4 decides layer 3 first
+    (x3, i3), (x4, i4) = switch_inputs(1), switch_inputs(2)
+    y3 = demo_switch(model, 3)(x3, i3)
+    y4 = demo_switch(model, 4)(x4, i4)  # routing layer 4 decides layer 3 first
     assert not runtime.gated(3) and runtime.gated(4)
     runtime.open_gate()
-    np.testing.assert_array_equal(np.array(y3), np.array(_switch(stock_model, 3)(x3, i3)))
-    np.testing.assert_array_equal(np.array(y4), np.array(_switch(stock_model, 4)(x4, i4)))
+    np.testing.assert_array_equal(np.array(y3), np.array(demo_switch(stock_demo, 3)(x3, i3)))
+    np.testing.assert_array_equal(np.array(y4), np.array(demo_switch(stock_demo, 4)(x4, i4)))
 
 
 def test_an_outside_caller_never_sees_a_gate_left_open_after_a_forward_pass(demo_prompt_ids):
@@ -93,20 +74,20 @@ def test_a_caller_that_defers_the_last_layer_opens_its_gate_itself(demo_prompt_i
 
 def test_a_batch_larger_than_the_slots_is_routed_on_the_spot_not_gated():
     model, _, runtime = _gated(0.125)  # 8 slots
-    x, inds = _inputs(3, n_tokens=4)  # up to 32 distinct experts
-    y = _switch(model, 2)(x, inds)
+    x, inds = switch_inputs(3, n_tokens=4)  # up to 32 distinct experts
+    y = demo_switch(model, 2)(x, inds)
     assert not runtime.gated(2)
     mx.eval(y)
 
 
-def test_unpipelined_per_layer_routing_stops_at_each_layer_and_gives_the_same_output(stock_model):
+def test_unpipelined_per_layer_routing_stops_at_each_layer_and_gives_the_same_output(stock_demo):
     model, _, runtime = _gated(0.25)
     runtime.pipelined = False
-    x, inds = _inputs(4)
+    x, inds = switch_inputs(4)
     syncs = runtime.layer_syncs
-    y = _switch(model, 5)(x, inds)
+    y = demo_switch(model, 5)(x, inds)
     assert not runtime.gated(5) and runtime.layer_syncs == syncs + 1
-    np.testing.assert_array_equal(np.array(y), np.array(_switch(stock_model, 5)(x, inds)))
+    np.testing.assert_array_equal(np.array(y), np.array(demo_switch(stock_demo, 5)(x, inds)))
 
 
 def test_the_gate_table_is_rewritten_only_after_its_layer_changed():

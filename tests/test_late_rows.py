@@ -9,36 +9,17 @@ the same weights, and stock mlx_lm's decoding.
 import mlx.core as mx
 import numpy as np
 import pytest
-from mlx_lm import load as stock_load
 
 import chronos_mlx
 from chronos_mlx import late_rows
 from chronos_mlx.generate import generate_step
-from conftest import DEMO, stock_greedy
-
-
-@pytest.fixture(scope="module")
-def stock_model():
-    model, _ = stock_load(str(DEMO))
-    model.set_dtype(mx.float32)
-    return model
+from conftest import DEMO, demo_switch, stock_greedy, switch_inputs
 
 
 def _rows_runtime(budget):
     model, _, runtime = chronos_mlx.load(None, expert_budget=budget)
     runtime.late_rows = True  # the default on the CPU backend; set for other backends too
     return model, runtime
-
-
-def _switch(model, layer):
-    return model.model.layers[layer].mlp.switch_mlp
-
-
-def _inputs(seed, n_tokens=1):
-    rng = np.random.default_rng(seed)
-    x = mx.array(rng.standard_normal((1, n_tokens, 384)).astype(np.float32))
-    inds = mx.array(np.stack([rng.choice(64, 8, replace=False) for _ in range(n_tokens)])[None].astype(np.uint32))
-    return x, inds
 
 
 def _count_recomputed_rows(monkeypatch, switch):
@@ -58,31 +39,31 @@ def test_the_cpu_backend_routes_per_layer_with_late_rows():
     assert runtime.late_rows == (mx.default_device() == mx.cpu)
 
 
-def test_a_layer_with_missing_experts_is_exact_and_recomputes_only_their_rows(stock_model, monkeypatch):
+def test_a_layer_with_missing_experts_is_exact_and_recomputes_only_their_rows(stock_demo, monkeypatch):
     model, runtime = _rows_runtime(0.25)
-    x, inds = _inputs(0)
+    x, inds = switch_inputs(0)
     ids = np.array(inds).reshape(-1)
     runtime.cache.ensure(3, ids[:5].tolist())  # five of the eight resident, three missing
-    counted = _count_recomputed_rows(monkeypatch, _switch(model, 3))
+    counted = _count_recomputed_rows(monkeypatch, demo_switch(model, 3))
     syncs = runtime.layer_syncs
-    y = _switch(model, 3)(x, inds)
+    y = demo_switch(model, 3)(x, inds)
     assert runtime.layer_syncs == syncs + 1 and runtime.gate is None  # read at once, never gated
     assert counted == [3]
     assert (runtime.cache.layers[3].slot_of[ids] >= 0).all()
-    np.testing.assert_array_equal(np.array(y), np.array(_switch(stock_model, 3)(x, inds)))
+    np.testing.assert_array_equal(np.array(y), np.array(demo_switch(stock_demo, 3)(x, inds)))
 
 
-def test_a_layer_whose_experts_are_all_resident_recomputes_nothing(stock_model, monkeypatch):
+def test_a_layer_whose_experts_are_all_resident_recomputes_nothing(stock_demo, monkeypatch):
     model, runtime = _rows_runtime(0.25)
-    x, inds = _inputs(1)
+    x, inds = switch_inputs(1)
     runtime.cache.ensure(2, np.array(inds).reshape(-1).tolist())
-    counted = _count_recomputed_rows(monkeypatch, _switch(model, 2))
-    y = _switch(model, 2)(x, inds)
+    counted = _count_recomputed_rows(monkeypatch, demo_switch(model, 2))
+    y = demo_switch(model, 2)(x, inds)
     assert counted == []
-    np.testing.assert_array_equal(np.array(y), np.array(_switch(stock_model, 2)(x, inds)))
+    np.testing.assert_array_equal(np.array(y), np.array(demo_switch(stock_demo, 2)(x, inds)))
 
 
-def test_garbage_rows_never_reach_the_output(stock_model):
+def test_garbage_rows_never_reach_the_output(stock_demo):
     # Nothing resident: every row is first computed from a free slot, here full of NaN
     # scales. Each is recomputed after the loads; none is combined with anything.
     model, runtime = _rows_runtime(0.25)
@@ -91,35 +72,35 @@ def test_garbage_rows_never_reach_the_output(stock_model):
     for name, p in L.params.items():
         if name.endswith("scales"):
             p.view[:] = np.nan
-    x, inds = _inputs(2)
-    y = np.array(_switch(model, 4)(x, inds))
+    x, inds = switch_inputs(2)
+    y = np.array(demo_switch(model, 4)(x, inds))
     assert np.isfinite(y).all()
-    np.testing.assert_array_equal(y, np.array(_switch(stock_model, 4)(x, inds)))
+    np.testing.assert_array_equal(y, np.array(demo_switch(stock_demo, 4)(x, inds)))
 
 
-def test_an_expert_that_landed_after_the_layer_took_its_map_is_still_recomputed(stock_model):
+def test_an_expert_that_landed_after_the_layer_took_its_map_is_still_recomputed(stock_demo):
     # A prefetch may map an expert between the map the rows were computed with and the host's
     # read of the ids: its row was computed from another slot and must be recomputed anyway.
     model, runtime = _rows_runtime(0.25)
     L = runtime.cache.layers[5]
-    x, inds = _inputs(3)
+    x, inds = switch_inputs(3)
     ids = np.array(inds).reshape(-1).tolist()
     runtime.cache.ensure(5, ids[:4])
     L.refresh()  # the map the layer will compute with: ids[4:] absent ...
     runtime.cache.ensure(5, ids[4:])  # ... then they land, after the snapshot, as a prefetch would
     L.dirty = False  # (the layer's snapshot stays the one taken above)
-    y = _switch(model, 5)(x, inds)
-    np.testing.assert_array_equal(np.array(y), np.array(_switch(stock_model, 5)(x, inds)))
+    y = demo_switch(model, 5)(x, inds)
+    np.testing.assert_array_equal(np.array(y), np.array(demo_switch(stock_demo, 5)(x, inds)))
 
 
 def test_prefill_sized_calls_and_resident_layers_take_the_other_paths():
     model, runtime = _rows_runtime(0.125)  # 8 slots
-    x, inds = _inputs(4, n_tokens=4)  # 32 rows, more than the slots: waves
+    x, inds = switch_inputs(4, n_tokens=4)  # 32 rows, more than the slots: waves
     assert not late_rows.applies(runtime, 2, inds)
     _, full = _rows_runtime(1.0)
-    assert not late_rows.applies(full, 2, _inputs(5)[1])  # nothing can miss: no host read
+    assert not late_rows.applies(full, 2, switch_inputs(5)[1])  # nothing can miss: no host read
     runtime.mode = "optimistic"
-    assert not late_rows.applies(runtime, 2, _inputs(6)[1])  # optimistic steps record instead
+    assert not late_rows.applies(runtime, 2, switch_inputs(6)[1])  # optimistic steps record instead
 
 
 @pytest.mark.parametrize("budget", [0.5, 0.25, 0.125])
