@@ -134,15 +134,17 @@ class StreamingSwitch(nn.Module):
         x = self.activation(self._project("fc1", x, idx, total_rows))
         return self._project("fc2", x, idx, total_rows)
 
-    def _padded_experts(self, x_rows, idx: np.ndarray, total_rows: int):
-        """`_experts` of part of a call, padded with copies of its last row to the rows the
-        kernel stock's whole call uses needs (kernel_match.py); the copies are dropped."""
-        n = len(idx)
+    def _padded_experts(self, x_rows, idx, total_rows: int):
+        """`_experts` of part of a call (slot ids `idx`: a list or numpy array), padded with
+        copies of its last row to the rows the kernel stock's whole call uses needs
+        (kernel_match.py); the copies are dropped."""
+        ids = idx if isinstance(idx, list) else idx.tolist()
+        n = len(ids)
         need = max(self._plan(name, total_rows).min_rows for name in self._specs)
         if n < need:
-            idx = np.concatenate([idx, np.repeat(idx[-1:], need - n)])
+            ids = ids + [ids[-1]] * (need - n)
             x_rows = mx.concatenate([x_rows, mx.repeat(x_rows[-1:], need - n, axis=0)])
-        return self._experts(x_rows, mx.array(idx.astype(np.uint32)), total_rows)[:n]
+        return self._experts(x_rows, mx.array(ids, dtype=mx.uint32), total_rows)[:n]
 
     def __call__(self, x, indices) -> mx.array:
         indices = mx.stop_gradient(indices)
