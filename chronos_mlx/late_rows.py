@@ -78,12 +78,12 @@ def compute(runtime, switch, layer: int, x: mx.array, indices: mx.array) -> mx.a
     if not stale:
         L.counters.hits += len(uniq)
         cache.mark_used(layer, uniq)
-        submit_guesses(runtime, layer, scores)
+        _prefetch(runtime, layer, scores)
         return y.squeeze(-2)
     with cache.one_copy_wait():  # CUDA: the experts' copies, one stream wait
         runtime.load_for(layer, sorted(uniq))
     cache.mark_used(layer, uniq)
-    submit_guesses(runtime, layer, scores)  # after mark_used: guesses never evict this layer's experts
+    _prefetch(runtime, layer, scores)  # after mark_used: guesses never evict this layer's experts
     # Plain Python on a handful of rows: right after compute each numpy call runs cold (a
     # fancy index of the slot map alone measured ~80 us here).
     ids = host.tolist()
@@ -98,3 +98,13 @@ def compute(runtime, switch, layer: int, x: mx.array, indices: mx.array) -> mx.a
         take[i] = n + j
     flat = mx.concatenate([y.reshape(n, *y.shape[-2:]), fixed], axis=0)[mx.array(take, dtype=mx.uint32)]
     return mx.unflatten(flat, 0, indices.shape).squeeze(-2)
+
+
+def _prefetch(runtime, layer: int, scores):
+    """The predictor's guesses for the next layers, read now where reads are inline: the
+    device is still computing this layer's rows, and a guess must land before the next layer
+    takes its slot map to spare a recomputed row (a later read only spares the read)."""
+    submit_guesses(runtime, layer, scores)
+    if runtime.cache.deferred:
+        runtime.cache.run_deferred()
+
