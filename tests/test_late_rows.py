@@ -113,3 +113,32 @@ def test_per_layer_decoding_with_late_rows_gives_stock_tokens(budget, demo_promp
         np.testing.assert_array_equal(np.array(lp), want)
     assert runtime.cache_totals()["misses"] > 0  # it loaded on the way
     assert runtime.gate is None
+
+
+def test_inline_guesses_land_before_the_next_layer_takes_its_map(demo_prompt_ids, monkeypatch):
+    # With inline reads, a layer reads the predictor's guesses for the next layer while its own
+    # rows compute: they are in the next layer's map, so that layer recomputes only the rows of
+    # experts it had to load itself (a guess read later would cost a recomputed row anyway).
+    from chronos_mlx.predict_runtime import attach_predictor
+
+    ref, _ = stock_greedy(DEMO, demo_prompt_ids, 10)
+    model, _, runtime = chronos_mlx.load(None, expert_budget=0.25, io_threads=0)
+    runtime.late_rows = True
+    attach_predictor(model, runtime, "gate")
+    recomputed, per_call = [], []
+    real_pad = type(demo_switch(model, 0))._padded_experts
+    monkeypatch.setattr(type(demo_switch(model, 0)), "_padded_experts",
+                        lambda self, x, idx, total: (recomputed.append(len(idx)), real_pad(self, x, idx, total))[1])
+    real_compute = late_rows.compute
+
+    def compute(rt, switch, layer, x, indices):
+        before, rows = rt.cache.layers[layer].counters.misses, len(recomputed)
+        y = real_compute(rt, switch, layer, x, indices)
+        per_call.append((sum(recomputed[rows:]), rt.cache.layers[layer].counters.misses - before))
+        return y
+
+    monkeypatch.setattr(late_rows, "compute", compute)
+    got = [t for t, _ in generate_step(mx.array(demo_prompt_ids), model, runtime, max_tokens=10, sync="per-layer")]
+    assert got == ref
+    assert runtime.stats()["prefetch_hits"] > 0
+    assert per_call and all(rows == loaded for rows, loaded in per_call)  # one token a step: a row an expert
