@@ -195,7 +195,7 @@ def _plain_run(model, runtime, prompt, max_tokens, forced=None, temp=None):
             if t_first is None:  # decode-only figures start here, like chronos's loop
                 t_first = time.perf_counter()
                 first = (runtime.cache_totals(), runtime.counters.io_wait_s, runtime.layer_syncs,
-                         runtime.counters.sync_wait_s)
+                         runtime.counters.sync_wait_s, runtime.counters.recomputed_rows)
                 if prof is not None:
                     prof.enable()
             tokens.append(int(tok))
@@ -212,6 +212,7 @@ def _plain_run(model, runtime, prompt, max_tokens, forced=None, temp=None):
         "hits": s["hits"], "misses": s["misses"], "bytes_read": s["bytes_read"],
         # Per-layer reads (+ the sampled token) per generated token, like the decode loop counts.
         "host_syncs": runtime.layer_syncs + len(tokens), "recomputes": 0, "recomputed_layers": 0,
+        "recomputed_rows": runtime.counters.recomputed_rows - first[4],
         "prefetch_hits": s["prefetch_hits"], "decode_hits": d["hits"], "decode_misses": d["misses"],
         "decode_bytes_read": d["bytes_read"], "decode_prefetch_hits": d["prefetch_hits"],
         "prefetch_wasted_bytes": s["prefetch_wasted_bytes"], "prediction_recall": s["prediction_recall"],
@@ -261,6 +262,7 @@ def _chronos_run(model, runtime, prompt, max_tokens, sync, forced=None, temp=Non
         "host_syncs": c.host_syncs,
         "recomputes": c.recomputes,
         "recomputed_layers": c.recomputed_layers,
+        "recomputed_rows": c.recomputed_rows,
         "discarded_steps": c.discarded_steps,
         "settled_first": c.settled_first,
         "device_waits": s.get("device_waits", 0),
@@ -330,6 +332,8 @@ def _aggregate(runs: list[dict]) -> dict:
             recomputed_layers=sum(r["recomputed_layers"] for r in runs),
             recomputed_layers_per_token=sum(r["recomputed_layers"] for r in runs) / max(steps, 1),
             recompute_rate=sum(r["recomputes"] for r in runs) / max(tokens, 1),
+            # Late rows (per-layer routing on the CPU backend): rows recomputed after a load.
+            recomputed_rows_per_token=sum(r.get("recomputed_rows", 0) for r in runs) / max(steps, 1),
             # Steps launched behind one that missed (thrown away) and steps verified before
             # the next was launched because a miss was likely.
             discarded_steps_per_token=sum(r.get("discarded_steps", 0) for r in runs) / max(tokens, 1),

@@ -88,6 +88,7 @@ def compute(runtime, switch, layer: int, x: mx.array, indices: mx.array) -> mx.a
     # fancy index of the slot map alone measured ~80 us here).
     ids = host.tolist()
     rows = [i for i, e in enumerate(ids) if e in stale]
+    runtime.counters.recomputed_rows += len(rows)
     slot_of, M, n = L.slot_of, indices.shape[-1], len(ids)
     slots = [int(slot_of[ids[i]]) for i in rows]
     fixed = switch._padded_experts(xe.flatten(0, -3)[mx.array([i // M for i in rows], dtype=mx.uint32)], slots,

@@ -40,6 +40,7 @@ class DecodeCounters:
     host_syncs: int = 0
     recomputes: int = 0
     recomputed_layers: int = 0
+    recomputed_rows: int = 0  # late rows: (token, k) rows recomputed once their expert was loaded
     discarded_steps: int = 0  # steps launched behind one that then missed, thrown away
     settled_first: int = 0  # steps verified before the next was launched (a miss was likely)
     # Cache activity while decoding (after the first token), apart from the prefill's.
@@ -204,6 +205,7 @@ class Runtime:
             "decode_recovery_wait_s": c.decode_recovery_wait_s,
             "host_syncs_per_token": c.host_syncs / c.generated_tokens if c.generated_tokens else 0.0,
             "recomputed_layers": c.recomputed_layers,
+            "recomputed_rows": c.recomputed_rows,
             "recomputes": c.recomputes,
             "discarded_steps": c.discarded_steps,
             "settled_first": c.settled_first,

@@ -290,7 +290,7 @@ def main():
     out = report(rows, probe=probe, command=" ".join(sys.argv), io_sim=args.io_sim, max_tokens=args.max_tokens,
                  decoding=decoding, routing=routing)
     cols = ["name", "decode_tokens_per_s", "ratio_to_resident", "roofline_tokens_per_s", "ratio_to_roofline",
-            "host_syncs_per_token", "recompute_rate", "recomputed_layers_per_token",
+            "host_syncs_per_token", "recompute_rate", "recomputed_layers_per_token", "recomputed_rows_per_token",
             "decode_hit_rate", "stall_s_per_token", "sync_wait_s_per_token", "recovery_wait_s_per_token",
             "decode_bytes_read_per_token", "belady_decode_bytes_read_per_token",
             "effective_load_bytes_per_s", "load_rate_to_roofline", "decode_misses_per_token",

@@ -142,3 +142,10 @@ def test_inline_guesses_land_before_the_next_layer_takes_its_map(demo_prompt_ids
     assert got == ref
     assert runtime.stats()["prefetch_hits"] > 0
     assert per_call and all(rows == loaded for rows, loaded in per_call)  # one token a step: a row an expert
+
+
+def test_recomputed_rows_are_counted_in_the_stats(demo_prompt_ids):
+    model, runtime = _rows_runtime(0.25)
+    list(generate_step(mx.array(demo_prompt_ids), model, runtime, max_tokens=6, sync="per-layer"))
+    s = runtime.stats()
+    assert 0 < s["recomputed_rows"] <= s["misses"]  # one token a step: at most a row a loaded expert

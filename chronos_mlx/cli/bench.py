@@ -36,6 +36,7 @@ IO_COLUMNS = [
     ("load_rate_to_roofline", "x probe rate"),
     ("host_syncs_per_token", "syncs/tok"),
     ("recomputed_layers_per_token", "recomputed layers/tok"),
+    ("recomputed_rows_per_token", "recomputed rows/tok"),
 ]  # everything else (prefill, spread, prefetch...) is in --json
 
 
