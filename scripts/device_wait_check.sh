@@ -4,7 +4,7 @@
 # long costs only its own limit and the others' output still comes back.
 #   OUT=$OUT bash scripts/device_wait_check.sh            (after `source .device/final/install.sh`)
 # Q48=/tmp/q48 is written first if missing (~1 min); BUDGETS, TOKENS, MODES, READ_THREADS, SPLIT (auto,threads),
-# IO_SIM (bandwidth=5GB/s,latency=80us), REPEATS, GUESSES (with MODES ...:table) shape step bench;
+# IO_SIM (bandwidth=5GB/s,latency=80us), REPEATS, CPU_MODES (step cpu16), GUESSES (with MODES ...:table) shape step bench;
 # DUMP=1 writes every thread's stack every 4 s to $OUT/stacks.txt (a run that hangs).
 # A device call may run 600 s: split with STEPS, back to back on the warm machine, e.g.
 #   STEPS=warm-up,race,make-q48,warm-q48,trace-q48,save-ptx   then   STEPS=bench   then
@@ -73,13 +73,13 @@ step cost 200 python3 scripts/device_wait_cost.py --model "$Q48" --rounds 3 --ma
 # Guesses on q48: MODES=device-wait,device-wait:table (the `table` predictor, bench_guesses.py: next-layer
 # guesses as good as the demo's gate predictor; the gate predictor itself would read the random routers);
 # GUESSES=8,16 sets how many a layer; GUESS_READS=stage,post,load how they are read (preread.py; posted to the kernel; inside the request).
-step bench 420 env ${READ_THREADS:+CHRONOS_READ_THREADS=$READ_THREADS} python3 scripts/bench_sync.py --model "$Q48" --routing trained --budgets "$BUDGETS" \
+step bench ${BENCH_S:-420} env ${READ_THREADS:+CHRONOS_READ_THREADS=$READ_THREADS} python3 scripts/bench_sync.py --model "$Q48" --routing trained --budgets "$BUDGETS" \
   --modes "${MODES:-device-wait,optimistic,per-layer}" --max-tokens "$TOKENS" --repeats "${REPEATS:-1}" --prompts 1 \
   --interleave ${PROBE:-} ${SPLIT:+--split-reads $SPLIT} ${IO_SIM:+--io-sim $IO_SIM} ${GUESSES:+--guesses $GUESSES} ${GUESS_READS:+--guess-reads $GUESS_READS} ${DUMP:+--dump-stacks $OUT/stacks.txt} --json "$OUT/bench.json"
 # MLX's CPU backend on this host's cores (the closest thing here to a Mac's unified memory): own loop,
 # per-layer and the plain mlx_lm loop side by side; where a per-layer miss's time goes; a profile of each.
 step cpu16 420 bash -c "python3 scripts/bench_sync.py --cpu --dtype float32 --budgets 1.0,0.5,0.25 \
-  --modes optimistic,per-layer,mlx_lm --max-tokens 32 --repeats 3 --prompts 2 --interleave --no-probe --json $OUT/cpu16.json
+  --modes ${CPU_MODES:-optimistic,per-layer,mlx_lm} --max-tokens 32 --repeats 3 --prompts 2 --interleave --no-probe --json $OUT/cpu16.json
   python3 scripts/decode_cost_split.py --cpu --budget 0.5 --rounds 3 --max-tokens 32 --json $OUT/cpu16-split.json"
 step cpu16-profile 300 python3 scripts/bench_sync.py --cpu --dtype float32 --budgets 0.5 --modes optimistic,mlx_lm \
   --max-tokens 32 --repeats 1 --prompts 2 --no-probe --profile 30
