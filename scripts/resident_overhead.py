@@ -49,6 +49,17 @@ def split_step(model, prompt: mx.array, tokens: int) -> dict:
     return {"build_us": statistics.median(builds) * 1e6, "eval_us": statistics.median(evals) * 1e6}
 
 
+def one_layer_us(switch, x: mx.array, indices: mx.array, calls: int = 200) -> float:
+    """Median time (µs) of one MoE layer's expert call, built and evaluated alone."""
+    mx.eval(switch(x, indices))
+    ts = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        mx.eval(switch(x, indices))
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts) * 1e6
+
+
 def decode(model, prompt: mx.array, tokens: int):
     """(tokens, decode tok/s after the first) of mlx_lm's pipelined loop."""
     from mlx_lm.generate import generate_step
@@ -86,11 +97,22 @@ def main():
     model, _, runtime = chronos_mlx.load(args.model, expert_budget=1.0, dtype=args.dtype)
     models = {"stock": stock, "chronos": model}
     n_moe = len(runtime.cache.layers)
+    from chronos_mlx.traces import moe_modules
+
+    # Layer 0's expert call alone, on the same input and ids: the kernels' own time apart from the loop.
+    switches = {name: moe_modules(m)[0][1] for name, m in models.items()}
+    proj = next(iter(switches["stock"].children().values()))
+    x = mx.random.normal((1, 1, stock.args.hidden_size)).astype(proj["scales"].dtype if "scales" in proj
+                                                                 else proj["weight"].dtype)
+    ids = mx.array([[list(range(runtime.info["top_k"]))]], dtype=mx.uint32)
+    layer_us = {name: one_layer_us(sw, x, ids) for name, sw in switches.items()}
+    layers = runtime.cache.layers
     for m in models.values():  # warm-up: kernels compile on first use
         split_step(m, prompt, 4)
         decode(m, prompt, 4)
     out = {"model": str(path), "device": str(mx.default_device()), "moe_layers": n_moe, "tokens": args.tokens,
-           "rounds": args.rounds, "split": {}, "decode_tokens_per_s": {k: [] for k in models}}
+           "rounds": args.rounds, "split": {}, "one_layer_us": layer_us,
+           "identity_layers": sum(L.identity for L in layers), "full_layers": sum(L.full for L in layers), "decode_tokens_per_s": {k: [] for k in models}}
     splits = {k: [] for k in models}
     identical = True
     for _ in range(args.rounds):
@@ -111,6 +133,8 @@ def main():
     for name in models:
         print(f"{name:8s} build {out['split'][name]['build_us']:8.0f} us  eval {out['split'][name]['eval_us']:8.0f} us"
               f"  pipelined {tps[name]:6.1f} tok/s")
+    print(f"layer 0's expert call alone: stock {layer_us['stock']:.0f} us, chronos {layer_us['chronos']:.0f} us; "
+          f"layers full {out['full_layers']}/{n_moe}, slot table the identity {out['identity_layers']}/{n_moe}")
     print(f"chronos / stock {out['ratio']:.3f}x; chronos adds {out['added_build_us_per_moe_layer']:.1f} us of build "
           f"and {out['added_eval_us_per_moe_layer']:.1f} us of eval per MoE layer ({n_moe}); tokens identical: {identical}")
     save_json(args.json, out, indent=2)
