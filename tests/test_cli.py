@@ -91,6 +91,13 @@ def test_generate_json_verbose_adds_per_layer_counters(runner):
     assert len(data["stats"]["per_layer"]) == 8
 
 
+@pytest.mark.parametrize("flag", ["--expert-budget", "--budget", "-b"])
+def test_the_budget_has_a_short_name_too(runner, flag):
+    """`--budget` (what `chronos bench --budgets` suggests) and `-b` mean `--expert-budget`."""
+    data = run_json(runner, "-p", PROMPT, "--max-tokens", "2", flag, "0.25")
+    assert data["stats"]["slots_per_layer"] == 16  # a quarter of the demo's 64 experts
+
+
 def test_generate_json_tokens_at_smallest_budget_are_stock_mlx_lms(runner, stock):
     """8 of 64 experts per layer: almost every token misses and is recomputed, yet the
     tokens are exactly mlx_lm's greedy tokens."""

@@ -152,6 +152,7 @@ LOAD_OPTIONS = [
         "auto",
         str,
         "--expert-budget",
+        "--budget",
         "-b",
         metavar="BUDGET",
         help=(

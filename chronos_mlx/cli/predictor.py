@@ -163,7 +163,7 @@ PromptsOpt = Annotated[
 ]
 BudgetOpt = Annotated[
     str,
-    typer.Option("--expert-budget", "-b", metavar="BUDGET", help="Expert memory while recording traces (as for generate)."),
+    typer.Option("--expert-budget", "--budget", "-b", metavar="BUDGET", help="Expert memory while recording traces (as for generate)."),
 ]
 
 

@@ -66,7 +66,7 @@ def record(
         Optional[Path], typer.Option("--out", "-o", metavar="PATH", help="Write here instead of the user profile directory.")
     ] = None,
     expert_budget: Annotated[
-        str, typer.Option("--expert-budget", "-b", help="Expert budget while recording (routing does not depend on it).")
+        str, typer.Option("--expert-budget", "--budget", "-b", help="Expert budget while recording (routing does not depend on it).")
     ] = "1.0",
     dtype: Annotated[str, typer.Option("--dtype", help="Compute dtype (auto, float32, bfloat16, float16).")] = "auto",
 ):
