@@ -346,16 +346,22 @@ def _aggregate(runs: list[dict]) -> dict:
             posts_taken_per_token=sum(r.get("posts_taken", 0) for r in runs) / max(tokens, 1),
             prefetch_hits=sum(r["prefetch_hits"] for r in runs),
             prefetch_wasted_bytes=sum(r["prefetch_wasted_bytes"] for r in runs),
-            prediction_recall=statistics.fmean(r["prediction_recall"] for r in runs),
+            prediction_recall=_mean_known(r["prediction_recall"] for r in runs),
         )
     return out
+
+
+def _mean_known(values):
+    """The mean of the values that are not None (None if all are: e.g. recall without a predictor)."""
+    known = [v for v in values if v is not None]
+    return statistics.fmean(known) if known else None
 
 
 def _summarise(repeats: list[dict]) -> dict:
     out = {}
     for key in repeats[0]:
-        values = [r[key] for r in repeats]
-        out[key] = statistics.median(values)
+        values = [r[key] for r in repeats if r[key] is not None]
+        out[key] = statistics.median(values) if values else None
         if key == "decode_tokens_per_s":
             out["decode_tokens_per_s_min"] = min(values)
             out["decode_tokens_per_s_max"] = max(values)

@@ -197,7 +197,7 @@ class Runtime:
             "evictions": sum(L.counters.evictions for L in layers),
             "prefetch_hits": sum(L.counters.prefetch_hits for L in layers),
             "prefetch_wasted_bytes": sum(L.counters.prefetch_wasted_bytes for L in layers),
-            "prediction_recall": self.recall_hits / self.recall_total if self.recall_total else 0.0,
+            "prediction_recall": self.recall_hits / self.recall_total if self.recall_total else None,  # None: nothing predicted
             "bytes_read": sum(L.counters.bytes_read for L in layers),
             "stall_s": c.stall_s,
             "io_wait_s": c.io_wait_s,

@@ -39,6 +39,7 @@ def test_bench_writes_one_report_with_the_generate_json_stat_names(tiny, tmp_pat
                 "ratio_to_resident", "prediction_recall", "mlx_peak_memory_bytes", "belady_bytes_read_per_token"):
         assert key in lru
     assert lru["belady_bytes_read_per_token"] <= lru["bytes_read_per_token"]  # nobody beats the oracle
+    assert lru["prediction_recall"] is None  # no predictor: no recall (not a recall of 0)
     assert lru["device_copy_bytes"] == 0 and lru["device_copy_error"] is None  # no CUDA here: host writes
     assert (tmp_path / "r.png").stat().st_size > 1000
 
