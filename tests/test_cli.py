@@ -258,6 +258,7 @@ def test_chat_with_piped_input_runs_a_turn_and_the_commands(runner):
     assert result.exit_code == 0, result.output
     assert "demo-moe-4bit" in result.stderr and "16 experts/layer" in result.stderr  # banner
     assert "runtime stats" in result.stdout and "hit_rate" in result.stdout  # /stats
+    assert "None" not in result.stdout  # what was not measured shows as "-"
     assert "cleared" in result.stderr  # /reset
     assert "/quit" in result.stdout  # /help
     assert result.stderr.count("8 tokens") == 1  # one turn ran; "never read" was not

@@ -390,9 +390,11 @@ def human_bytes(n) -> str:
 
 
 def _fmt_stat(key: str, value) -> str:
+    if value is None:  # not measured here (no predictor, no device copies ...)
+        return "-"
     if isinstance(value, bool):
         return "yes" if value else "no"
-    if key.endswith("bytes") or key == "bytes_read":
+    if key.endswith("bytes") or key.endswith("bytes_read"):
         return human_bytes(value)
     if key == "hit_rate":
         return f"{value:.1%}"
