@@ -107,6 +107,9 @@ def main():
     ids = mx.array([[list(range(runtime.info["top_k"]))]], dtype=mx.uint32)
     layer_us = {name: one_layer_us(sw, x, ids) for name, sw in switches.items()}
     layers = runtime.cache.layers
+    print(f"layer 0's expert call alone: stock {layer_us['stock']:.0f} us, chronos {layer_us['chronos']:.0f} us; "
+          f"layers full {sum(L.full for L in layers)}/{n_moe}, slot table the identity "
+          f"{sum(L.identity for L in layers)}/{n_moe}", flush=True)
     for m in models.values():  # warm-up: kernels compile on first use
         split_step(m, prompt, 4)
         decode(m, prompt, 4)
@@ -133,8 +136,6 @@ def main():
     for name in models:
         print(f"{name:8s} build {out['split'][name]['build_us']:8.0f} us  eval {out['split'][name]['eval_us']:8.0f} us"
               f"  pipelined {tps[name]:6.1f} tok/s")
-    print(f"layer 0's expert call alone: stock {layer_us['stock']:.0f} us, chronos {layer_us['chronos']:.0f} us; "
-          f"layers full {out['full_layers']}/{n_moe}, slot table the identity {out['identity_layers']}/{n_moe}")
     print(f"chronos / stock {out['ratio']:.3f}x; chronos adds {out['added_build_us_per_moe_layer']:.1f} us of build "
           f"and {out['added_eval_us_per_moe_layer']:.1f} us of eval per MoE layer ({n_moe}); tokens identical: {identical}")
     save_json(args.json, out, indent=2)
