@@ -8,7 +8,8 @@ stock and chronos alike, each decode step is timed in three parts, unpipelined:
   build  the model call that builds the step's graph (host only; nothing is evaluated),
   eval   evaluating it (the device's work plus MLX's encoding of it),
 then both models decode `--tokens` tokens through `mlx_lm.generate_step` (pipelined: the
-host builds step n+1 while the device runs step n), interleaved `--rounds` times. Where
+host builds step n+1 while the device runs step n), interleaved `--rounds` times, who goes
+first alternating. Where
 the build is close to the eval, the host is the bottleneck of the pipelined loop and every
 microsecond chronos adds per layer shows in tok/s (the H200 at 1.0: stock 71 tok/s, 48 MoE
 layers). The tokens must be identical.
@@ -118,10 +119,12 @@ def main():
            "identity_layers": sum(L.identity for L in layers), "full_layers": sum(L.full for L in layers), "decode_tokens_per_s": {k: [] for k in models}}
     splits = {k: [] for k in models}
     identical = True
-    for _ in range(args.rounds):
-        for name, m in models.items():
+    for r in range(args.rounds):
+        # Who goes first alternates: a model run second in every round might pay for the first's garbage.
+        order = list(models.items())[:: 1 if r % 2 == 0 else -1]
+        for name, m in order:
             splits[name].append(split_step(m, prompt, args.tokens))
-        got = {name: decode(m, prompt, args.tokens) for name, m in models.items()}
+        got = {name: decode(m, prompt, args.tokens) for name, m in order}
         identical &= got["stock"][0] == got["chronos"][0]
         for name, (_, tps) in got.items():
             out["decode_tokens_per_s"][name].append(tps)
