@@ -25,7 +25,7 @@ import mlx.core as mx  # noqa: E402
 from results import save_json  # noqa: E402
 
 
-def _decode(steps, n: int):
+def drive(steps):
     """Drive a (token, logprobs) generator; returns (tokens, decode tok/s after the first token)."""
     tokens, t_first = [], None
     for tok, _ in steps:
@@ -67,12 +67,12 @@ def main():
             "plain": lambda: plain_step(prompt, model, max_tokens=n),
         }
         for fn in runs.values():  # warm-up: kernels, page cache, the planner's first estimates
-            _decode(fn(), n)
+            drive(fn())
         ratios = {"own": [], "plain": []}
         stock_tps = []
         identical = True
         for _ in range(args.rounds):
-            got = {name: _decode(fn(), n) for name, fn in runs.items()}
+            got = {name: drive(fn()) for name, fn in runs.items()}
             identical &= got["own"][0] == got["stock"][0] == got["plain"][0]
             stock_tps.append(got["stock"][1])
             for name in ratios:

@@ -26,6 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import mlx.core as mx  # noqa: E402
+from own_vs_plain import drive  # noqa: E402
 from results import save_json  # noqa: E402
 
 
@@ -65,12 +66,7 @@ def decode(model, prompt: mx.array, tokens: int):
     """(tokens, decode tok/s after the first) of mlx_lm's pipelined loop."""
     from mlx_lm.generate import generate_step
 
-    out, t_first = [], None
-    for tok, _ in generate_step(prompt, model, max_tokens=tokens):
-        out.append(int(tok))
-        if t_first is None:
-            t_first = time.perf_counter()
-    return out, (len(out) - 1) / (time.perf_counter() - t_first)
+    return drive(generate_step(prompt, model, max_tokens=tokens))
 
 
 def main():
