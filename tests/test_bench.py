@@ -32,6 +32,7 @@ def test_bench_writes_one_report_with_the_generate_json_stat_names(tiny, tmp_pat
     names = [r["name"] for r in report["results"]]
     assert names[:2] == ["mlx_lm-resident", "mlx_lm-mmap"]
     assert "chronos-lru@1.0" in names and "chronos-lru@0.25" in names
+    assert "chronos-usage@0.25" in names  # the default policy: what generate, chat and serve run
     for key in ("platform", "mlx", "device", "memory_bytes", "expert_writes"):
         assert key in report["machine"]
     lru = next(r for r in report["results"] if r["name"] == "chronos-lru@0.25")
@@ -112,6 +113,7 @@ def test_device_wait_routing_is_compared_where_the_gpu_can_wait(monkeypatch):
     "extra, message",
     [
         (["--budgets", "0.01"], "one token uses"),
+        (["--policy", "fifo"], "--policy must be one of lfu, lru, usage"),
         (["--io-sim", "speed=fast"], "unknown key"),
         (["--budgets", "1", "--workload", "klingon"], "no workload"),
     ],

@@ -84,6 +84,7 @@ def bench(
     max_prompt_tokens: Annotated[int, typer.Option("--max-prompt-tokens", min=1, help="Prompts are cut to their last N tokens.")] = 128,
     repeats: Annotated[int, typer.Option("--repeats", min=1, help="Measured repetitions per configuration (median and spread reported).")] = 3,
     warmup: Annotated[int, typer.Option("--warmup", min=0, help="Unmeasured warm-up repetitions.")] = 1,
+    policy: Annotated[str, typer.Option("--policy", help="Also measure chronos with this eviction policy (lru, lfu, usage): the row chronos-POLICY. Default usage, what generate, chat and serve use; lru: the chronos-lru rows only.")] = "usage",
     only: Annotated[Optional[str], typer.Option("--only", help="Only configurations whose name starts with one of these (comma-separated).")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write every figure, the machine and the command to this JSON file.")] = None,
     png: Annotated[Optional[Path], typer.Option("--png", help="Write a plot of decode speed against budget.")] = None,
@@ -99,9 +100,9 @@ def bench(
     """Benchmark stock mlx_lm and chronos side by side, in one process, on the same prompts.
 
     Configurations: mlx_lm-resident (whole model in memory: the ceiling; skipped when it does
-    not fit), mlx_lm-mmap (lazy load), chronos-lru (on-demand loads), chronos-predict (async
-    I/O + predictors), chronos-profile (profile + usage policy), chronos-all; each chronos one
-    at every --budgets value. Each is warmed up and repeated; medians and spread are shown.
+    not fit), mlx_lm-mmap (lazy load), chronos-lru (on-demand loads), chronos-usage (the default
+    policy: what generate, chat and serve run), chronos-predict (async I/O + predictors),
+    chronos-profile (profile + usage policy), chronos-all; each chronos one at every --budgets value. Each is warmed up and repeated; medians and spread are shown.
 
     Decoding: replay by default (each workload text is cut into a prompt and the tokens that
     follow it, which are forced one by one: real token statistics, the same tokens for every
@@ -122,6 +123,10 @@ def bench(
     from ..workloads import load_prompts
 
     parse_io_sim(io_sim)  # a bad spec is an error before anything is loaded
+    from ..policy import POLICIES
+
+    if policy not in POLICIES:
+        raise ChronosError(f"--policy must be one of {', '.join(sorted(POLICIES))}, not '{policy}'")
     for path, what in ((json_out, "--json"), (png, "--png")):  # outputs: checked now, not after the run
         if path is not None:
             check_output_file(path, what)
@@ -157,7 +162,7 @@ def bench(
         prompt_ids = load_prompts(workload, model, limit=prompts, max_prompt_tokens=max_prompt_tokens, split="heldout")
     configs, notices = B.plan_configs(
         budget_list, info=info, io_sim=io_sim, direct_io=direct_io, predictor=predictor, profile=profile,
-        only=only.split(",") if only else None,
+        policy=policy, only=only.split(",") if only else None,
     )
     routing_info = None
     if routing == "trained":
