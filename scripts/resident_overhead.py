@@ -1,6 +1,6 @@
 """Where a resident decode step's time goes, stock mlx_lm against chronos at budget 1.0.
 
-    python scripts/resident_overhead.py [--model DIR] [--tokens 64] [--rounds 3] [--json OUT]
+    python scripts/resident_overhead.py [--model DIR] [--tokens 64] [--rounds 3] [--stock-experts] [--json OUT]
 
 With every expert resident nothing can miss, so chronos's only cost is what it adds to
 building each step's graph (Python, on the host) and to the graph itself (device). For
@@ -12,7 +12,8 @@ host builds step n+1 while the device runs step n), interleaved `--rounds` times
 first alternating. Where
 the build is close to the eval, the host is the bottleneck of the pipelined loop and every
 microsecond chronos adds per layer shows in tok/s (the H200 at 1.0: stock 71 tok/s, 48 MoE
-layers). The tokens must be identical.
+layers). `--stock-experts` adds a chronos model whose expert modules are stock's: a gap it
+shares lies outside StreamingSwitch. The tokens must be identical.
 """
 
 from __future__ import annotations
@@ -75,6 +76,8 @@ def main():
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--dtype", default=None)
+    ap.add_argument("--stock-experts", action="store_true",
+                    help="also a chronos model whose expert modules are stock's (bisects a gap)")
     ap.add_argument("--json")
     args = ap.parse_args()
 
@@ -96,8 +99,19 @@ def main():
     n_moe = len(runtime.cache.layers)
     from chronos_mlx.traces import moe_modules
 
+    if args.stock_experts:
+        # A second chronos model whose expert modules are stock's own (the same weights): the
+        # process and the model as chronos makes them, the experts' forward as stock's. Between
+        # the two chronos rows is what StreamingSwitch costs; between it and stock, the rest.
+        hybrid, _, _ = chronos_mlx.load(args.model, expert_budget=1.0, dtype=args.dtype)
+        by_path = dict(moe_modules(stock))
+        for name, _ in moe_modules(hybrid):
+            parent, attr = name.rsplit(".", 1)
+            setattr(dict(hybrid.named_modules())[parent], attr, by_path[name])
+        models["chronos-stock-experts"] = hybrid
+
     # Layer 0's expert call alone, on the same input and ids: the kernels' own time apart from the loop.
-    switches = {name: moe_modules(m)[0][1] for name, m in models.items()}
+    switches = {name: moe_modules(models[name])[0][1] for name in ("stock", "chronos")}
     proj = next(iter(switches["stock"].children().values()))
     x = mx.random.normal((1, 1, stock.args.hidden_size)).astype(proj["scales"].dtype if "scales" in proj
                                                                  else proj["weight"].dtype)
@@ -121,7 +135,7 @@ def main():
         for name, m in order:
             splits[name].append(split_step(m, prompt, args.tokens))
         got = {name: decode(m, prompt, args.tokens) for name, m in order}
-        identical &= got["stock"][0] == got["chronos"][0]
+        identical &= all(toks == got["stock"][0] for toks, _ in got.values())
         for name, (_, tps) in got.items():
             out["decode_tokens_per_s"][name].append(tps)
     for name, rows in splits.items():
@@ -129,12 +143,13 @@ def main():
     s, c = out["split"]["stock"], out["split"]["chronos"]
     tps = {k: statistics.median(v) for k, v in out["decode_tokens_per_s"].items()}
     out["ratio"] = tps["chronos"] / tps["stock"]
+    out["ratios"] = {k: v / tps["stock"] for k, v in tps.items()}
     out["added_build_us_per_moe_layer"] = (c["build_us"] - s["build_us"]) / n_moe
     out["added_eval_us_per_moe_layer"] = (c["eval_us"] - s["eval_us"]) / n_moe
     out["tokens_identical"] = identical
     for name in models:
-        print(f"{name:8s} build {out['split'][name]['build_us']:8.0f} us  eval {out['split'][name]['eval_us']:8.0f} us"
-              f"  pipelined {tps[name]:6.1f} tok/s")
+        print(f"{name:21s} build {out['split'][name]['build_us']:8.0f} us  eval {out['split'][name]['eval_us']:8.0f} us"
+              f"  pipelined {tps[name]:6.1f} tok/s ({out['ratios'][name]:.3f}x)")
     print(f"chronos / stock {out['ratio']:.3f}x; chronos adds {out['added_build_us_per_moe_layer']:.1f} us of build "
           f"and {out['added_eval_us_per_moe_layer']:.1f} us of eval per MoE layer ({n_moe}); tokens identical: {identical}")
     save_json(args.json, out, indent=2)
