@@ -5,6 +5,11 @@ bfloat16, so exactness there also rests on calling MLX's kernels as stock does
 (kernel_match.py), whose rules are read from one MLX version's dispatch: after an MLX
 upgrade, or on a GPU nobody has checked, this runs the same comparison where the user is.
 
+Where stock mlx_lm is not deterministic itself (measured on CUDA: a random-weight bfloat16
+model whose two best logits tie exactly, and stock's own runs part at different tokens),
+there is no one reference past the point where two of its runs part: stock decodes every
+prompt twice, and chronos's tokens are compared with the prefix both runs share.
+
 Stock mlx_lm loads every weight of the model, so the check refuses a model larger than the
 memory this process may use (a small model of the same architecture and quantization checks
 the same kernels).
@@ -33,6 +38,11 @@ class TokenCheck:
     exact: bool
     first_difference: Optional[int]  # index of the first differing token, None when exact
     tokens: int
+    compared: int = -1  # tokens compared: stock's repeatable prefix (all `tokens` where stock is deterministic)
+
+    def __post_init__(self):
+        if self.compared < 0:
+            self.compared = self.tokens
 
 
 @dataclass
@@ -43,14 +53,30 @@ class EquivalenceReport:
     prompts: list
     checks: list = field(default_factory=list)
     predictor: Optional[str] = None  # attached to every chronos run (its guesses prefetched)
+    # Per prompt: how many tokens two runs of stock mlx_lm agree on (all of them where it is deterministic).
+    stock_repeatable: list = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         return all(c.exact for c in self.checks)
 
+    @property
+    def stock_deterministic(self) -> bool:
+        return all(c.compared == c.tokens for c in self.checks)
+
     def to_json(self) -> dict:
         return {"model": str(self.model), "device": self.device, "dtype": self.dtype, "ok": self.ok,
-                "predictor": self.predictor, "prompts": self.prompts, "checks": [asdict(c) for c in self.checks]}
+                "predictor": self.predictor, "prompts": self.prompts, "stock_repeatable": self.stock_repeatable,
+                "stock_deterministic": self.stock_deterministic, "checks": [asdict(c) for c in self.checks]}
+
+
+def first_difference(a: list, b: list) -> Optional[int]:
+    """The index of the first token where `a` and `b` differ (a shorter one differs where it
+    ends), None when they are the same."""
+    first = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), None)
+    if first is None and len(a) != len(b):
+        first = min(len(a), len(b))
+    return first
 
 
 def default_prompts() -> list:
@@ -111,8 +137,14 @@ def check_against_stock(
         stock.set_dtype(target)
     texts = list(prompts) if prompts else default_prompts()
     encoded = [mx.array(tokenizer.encode(t)) for t in texts]
-    wanted = [[int(t) for t, _ in stock_step(p, stock, max_tokens=max_tokens)] for p in encoded]
-    report = EquivalenceReport(path, str(mx.default_device()), info["dtype"], texts, predictor=predictor)
+    wanted, repeatable = [], []
+    for p in encoded:
+        runs = [[int(t) for t, _ in stock_step(p, stock, max_tokens=max_tokens)] for _ in range(2)]
+        parted = first_difference(*runs)
+        wanted.append(runs[0])
+        repeatable.append(len(runs[0]) if parted is None else parted)
+    report = EquivalenceReport(path, str(mx.default_device()), info["dtype"], texts, predictor=predictor,
+                               stock_repeatable=repeatable)
     del stock
     for budget in budgets:
         for routing in routings:
@@ -121,12 +153,10 @@ def check_against_stock(
                 from .predict_runtime import attach_predictor
 
                 attach_predictor(cm, runtime, predictor)
-            for i, (prompt, want) in enumerate(zip(encoded, wanted)):
+            for i, (prompt, want, n) in enumerate(zip(encoded, wanted, repeatable)):
                 got = [int(t) for t, _ in generate_step(prompt, cm, runtime, max_tokens=max_tokens, sync=routing)]
-                first = next((k for k, (a, b) in enumerate(zip(got, want)) if a != b), None)
-                if first is None and len(got) != len(want):
-                    first = min(len(got), len(want))
-                check = TokenCheck(i, prompt.size, float(budget), routing, first is None, first, len(want))
+                first = first_difference(got[:n], want[:n])
+                check = TokenCheck(i, prompt.size, float(budget), routing, first is None, first, len(want), n)
                 report.checks.append(check)
                 if on_check is not None:
                     on_check(check)

@@ -4,6 +4,7 @@ Exactness is always checked against stock mlx_lm (never against chronos itself):
 reference tokens come from `mlx_lm.load` + float32 + `mlx_lm.generate.generate_step`.
 """
 
+import importlib
 import json
 import os
 import signal
@@ -239,6 +240,23 @@ def test_verify_tokens_exits_1_and_says_so_when_a_token_differs(runner, monkeypa
     assert result.exit_code == 1
     assert "DIFFERS at token 0" in result.stdout
     assert "1 of 1 check(s) differ from stock mlx_lm" in result.stderr and "Traceback" not in result.output
+
+
+def test_verify_tokens_says_when_stock_itself_is_not_deterministic(runner, monkeypatch):
+    stock = importlib.import_module("mlx_lm.generate")  # `from mlx_lm import generate` is the function
+
+    real, calls = stock.generate_step, []
+
+    def parts_at_token_2_every_second_run(*a, **k):
+        calls.append(1)
+        return ((t + (len(calls) % 2 == 0 and i == 2), lp) for i, (t, lp) in enumerate(real(*a, **k)))
+
+    monkeypatch.setattr(stock, "generate_step", parts_at_token_2_every_second_run)
+    result = runner.invoke(app, ["verify", "--tokens", "--budgets", "0.5", "--routing", "optimistic",
+                                 "-p", "Once upon a time", "--max-tokens", "4"])
+    assert result.exit_code == 0, result.output
+    assert "identical for the 2 of 4 tokens stock repeats" in result.stdout
+    assert "note:" in result.stderr and "stock mlx_lm itself decoded different tokens" in result.stderr
 
 
 def test_verify_tokens_rejects_a_budget_outside_0_1_in_one_line(runner):

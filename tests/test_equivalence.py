@@ -2,6 +2,8 @@
 on whatever device runs it. Here (MLX's CPU backend) they are identical; the check must also
 say so when they are not, and refuse what it cannot compare."""
 
+import importlib
+
 import pytest
 
 import chronos_mlx
@@ -32,6 +34,50 @@ def test_a_different_token_is_reported_with_where_it_happened(monkeypatch):
     report = check_against_stock(budgets=(0.5,), routings=("optimistic",), prompts=["Once upon a time"], max_tokens=4)
     assert not report.ok
     assert [(c.exact, c.first_difference) for c in report.checks] == [(False, 2)]
+
+
+def _stock_that_parts_at(monkeypatch, token: int):
+    """Stock mlx_lm's greedy decode, but every second run takes another token at `token`
+    (as stock did on CUDA with a random-weight bfloat16 model whose best logits tie)."""
+    stock = importlib.import_module("mlx_lm.generate")  # `from mlx_lm import generate` is the function
+
+    real, calls = stock.generate_step, []
+
+    def step(*args, **kwargs):
+        calls.append(1)
+        second = len(calls) % 2 == 0
+        for i, (t, lp) in enumerate(real(*args, **kwargs)):
+            yield (t + 1 if second and i == token else t), lp
+
+    monkeypatch.setattr(stock, "generate_step", step)
+
+
+def test_stock_decodes_each_prompt_twice_and_here_repeats_itself():
+    report = check_against_stock(budgets=(0.5,), routings=("optimistic",), prompts=["Once upon a time"], max_tokens=4)
+    assert report.stock_repeatable == [4] and report.stock_deterministic
+    assert [(c.exact, c.compared, c.tokens) for c in report.checks] == [(True, 4, 4)]
+
+
+def test_where_stock_is_not_deterministic_only_the_tokens_it_repeats_are_compared(monkeypatch):
+    _stock_that_parts_at(monkeypatch, 3)
+    report = check_against_stock(budgets=(0.5,), routings=("optimistic",), prompts=["Once upon a time"], max_tokens=6)
+    assert report.stock_repeatable == [3] and not report.stock_deterministic
+    assert [(c.exact, c.compared, c.tokens) for c in report.checks] == [(True, 3, 6)]
+    assert report.ok and report.to_json()["stock_deterministic"] is False
+
+
+def test_a_difference_before_stock_parts_from_itself_is_still_caught(monkeypatch):
+    _stock_that_parts_at(monkeypatch, 3)
+    real = generate.generate_step
+
+    def second_token_off(*args, **kwargs):
+        for i, (token, logprobs) in enumerate(real(*args, **kwargs)):
+            yield (token + 1 if i == 1 else token), logprobs
+
+    monkeypatch.setattr(generate, "generate_step", second_token_off)
+    report = check_against_stock(budgets=(0.5,), routings=("optimistic",), prompts=["Once upon a time"], max_tokens=6)
+    assert not report.ok
+    assert [(c.exact, c.first_difference, c.compared) for c in report.checks] == [(False, 1, 3)]
 
 
 def test_a_model_stock_cannot_hold_is_refused_before_anything_is_loaded():

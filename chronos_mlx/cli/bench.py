@@ -11,7 +11,7 @@ from rich.table import Table
 
 from ..errors import ChronosError
 from .app import app
-from .common import MODEL_HELP, DTYPE_HELP, DtypeChoice, err, human_bytes, model_name, out, user_errors
+from .common import MODEL_HELP, DTYPE_HELP, DtypeChoice, err, human_bytes, model_name, note_line, out, user_errors
 
 BENCH_COLUMNS = [
     ("name", "config"),
@@ -187,7 +187,7 @@ def bench(
         except (OSError, ValueError) as e:
             notices.append(f"read probe skipped: {e}")
     for n in notices:
-        err.print(f"[yellow]note:[/yellow] {escape(n)}")
+        note_line(n)
     rows = []
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err, transient=not err.is_terminal) as progress:

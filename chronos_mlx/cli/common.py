@@ -52,6 +52,11 @@ def hint_line(message: str) -> None:
     err.print(f"[dim]hint: {escape(str(message))}[/dim]", soft_wrap=True)
 
 
+def note_line(message: str) -> None:
+    """Something the user should know that is not an error (stderr, like the rest)."""
+    err.print(f"[yellow]note:[/yellow] {escape(str(message))}", soft_wrap=True)
+
+
 def os_error_text(e: BaseException) -> str:
     """`path: reason` for an OSError (permission denied, no space left...), without a traceback."""
     if isinstance(e, UnicodeError):
@@ -296,7 +301,7 @@ def load_model(opts: LoadOptions, chat_template: Optional[bool] = None):
     else:
         model, tokenizer, runtime = chronos_mlx.load(**opts.load_kwargs())
     if runtime.notice:
-        err.print(f"[yellow]note:[/yellow] {escape(runtime.notice)}", soft_wrap=True)
+        note_line(runtime.notice)
     if runtime.cache is not None:
         from ..predict_runtime import attach_predictor, default_predictor
 

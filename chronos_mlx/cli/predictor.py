@@ -23,7 +23,7 @@ from rich.table import Table
 
 from ..errors import ChronosError
 from .app import command_group
-from .common import err, out, read_prompt_file, user_errors as _user_errors
+from .common import err, note_line, out, read_prompt_file, user_errors as _user_errors
 
 
 predictor_app = command_group(
@@ -295,7 +295,7 @@ def evaluate(
         raise PredictorCliError(f"{model_name(model)} has no MoE layers: there is nothing to predict")
     trained = load_predictors(src, fingerprint=model_fingerprint(m)) if Path(src).is_dir() else {}
     if not trained:
-        err.print(f"[yellow]note:[/yellow] no trained predictors in {escape(str(src))}: baselines only", soft_wrap=True)
+        note_line(f"no trained predictors in {src}: baselines only")
     trace = record(m, tokenizer, texts, max_tokens, max_prompt_tokens)
     preds = {
         "previous token": PreviousTokenPredictor.for_trace(trace),

@@ -323,15 +323,13 @@ def diff(
     from rich.table import Table
 
     from ..profiles import compare_profiles, load_profile
+    from .common import note_line
 
     out, err = _consoles()
     pa, pb = load_profile(a), load_profile(b)
     rows = compare_profiles(pa, pb, top)
     if pa.fingerprint.get("router_sha256") != pb.fingerprint.get("router_sha256"):
-        err.print(
-            "[yellow]note:[/yellow] the profiles were recorded on different models: expert numbers may not correspond",
-            soft_wrap=True,
-        )
+        note_line("the profiles were recorded on different models: expert numbers may not correspond")
     if as_json:
         sys.stdout.write(json.dumps(rows) + "\n")
         return
