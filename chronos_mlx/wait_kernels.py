@@ -14,6 +14,7 @@ first use; tests/test_device_wait.py also compiles them with NVRTC where there i
 from __future__ import annotations
 
 import ctypes
+import os
 import time
 
 import mlx.core as mx
@@ -149,6 +150,7 @@ _PULL_SOURCE = """
 # after the copies. MLX's CUDA graphs order kernels by the buffers they read and write; a
 # product that only `mx.depends` on the copy's own output may run beside the copy and read
 # a slot before its new expert arrives (measured on an H200: wrong tokens from token 0).
+# UNROLL loads are issued before their stores (more bytes in flight over PCIe per thread).
 _PULL_COPY = """
     unsigned long long count = plan[0];
     size_t tid = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
@@ -158,15 +160,37 @@ _PULL_COPY = """
         size_t whole = ((src | dst) & 15) == 0 ? n / 16 : 0;
         const uint4* s4 = reinterpret_cast<const uint4*>(src);
         uint4* d4 = reinterpret_cast<uint4*>(dst);
-        for (size_t i = tid; i < whole; i += stride) d4[i] = __ldcv(s4 + i);
+        size_t i = tid;
+        for (; i + (UNROLL - 1) * stride < whole; i += UNROLL * stride) {
+            uint4 v[UNROLL];
+            #pragma unroll
+            for (int u = 0; u < UNROLL; ++u) v[u] = __ldcv(s4 + i + u * stride);
+            #pragma unroll
+            for (int u = 0; u < UNROLL; ++u) d4[i + u * stride] = v[u];
+        }
+        for (; i < whole; i += stride) d4[i] = __ldcv(s4 + i);
         const volatile unsigned char* s1 = reinterpret_cast<const volatile unsigned char*>(src);
         unsigned char* d1 = reinterpret_cast<unsigned char*>(dst);
-        for (size_t i = whole * 16 + tid; i < n; i += stride) d1[i] = s1[i];
+        for (size_t j = whole * 16 + tid; j < n; j += stride) d1[j] = s1[j];
     }
     if (tid < N) out[tid] = slots[tid];
 """
 
-PULL_BLOCKS, PULL_THREADS = 64, 256
+
+def pull_grid() -> tuple:
+    """(blocks, threads a block, loads in flight a thread) of the copy kernel;
+    CHRONOS_PULL_GRID="BLOCKSxTHREADSxUNROLL" overrides it (scripts/pull_rate.py measures them)."""
+    env = os.environ.get("CHRONOS_PULL_GRID")
+    if env:
+        try:
+            blocks, threads, unroll = (int(x) for x in env.lower().split("x"))
+        except ValueError:
+            raise ValueError(f"CHRONOS_PULL_GRID takes BLOCKSxTHREADSxUNROLL, e.g. 64x256x1, got '{env}'") from None
+        return blocks, threads, unroll
+    return PULL_BLOCKS, PULL_THREADS, PULL_UNROLL
+
+
+PULL_BLOCKS, PULL_THREADS, PULL_UNROLL = 64, 256, 1
 
 _kernels: dict = {}
 
@@ -270,9 +294,18 @@ def wait_for_experts(ids: mx.array, table: mx.array, box: mx.array, layer: mx.ar
                                       grid=(128, 1, 1), threadgroup=(128, 1, 1),
                                       output_shapes=[(n,), (1 + 3 * (maxc + maxp),)],
                                       output_dtypes=[mx.uint32, mx.uint64])
-    out = _get_kernel("copy")(inputs=[plan, slots], template=[("N", n)], grid=(PULL_BLOCKS * PULL_THREADS, 1, 1),
-                              threadgroup=(PULL_THREADS, 1, 1), output_shapes=[(n,)], output_dtypes=[mx.uint32])[0]
+    out = pull_copies(plan, slots)
     return out.reshape(ids.shape)
+
+
+def pull_copies(plan: mx.array, slots: mx.array, grid: tuple | None = None) -> mx.array:
+    """Make the copies `plan` lists ([count, (source, destination, bytes) ...], uint64) on the
+    device; returns `slots` again, after them. `grid`: (blocks, threads, unroll), default `pull_grid()`."""
+    blocks, threads, unroll = grid or pull_grid()
+    n = slots.size
+    return _get_kernel("copy")(inputs=[plan, slots], template=[("N", n), ("UNROLL", unroll)],
+                               grid=(blocks * threads, 1, 1), threadgroup=(threads, 1, 1), output_shapes=[(n,)],
+                               output_dtypes=[mx.uint32])[0]
 
 
 def ask_in_turn(n_layers: int = 8, chain: bool = True) -> dict:

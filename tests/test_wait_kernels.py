@@ -64,9 +64,41 @@ def test_the_shipped_kernels_compile_for_a_hopper_gpu():
          [("N", 8), ("ALWAYS", 0), ("G", 16), ("MAXC", 128), ("POSTS", 0), ("MAXP", 0)], wait_kernels.kernel_source("pull")),
         ("pull_posts", ids, [("uint32_t", "slots"), ("uint64_t", "plan")],
          [("N", 8), ("ALWAYS", 0), ("G", 16), ("MAXC", 128), ("POSTS", 1), ("MAXP", 128)], wait_kernels.kernel_source("pull")),
-        ("copy", [("uint64_t", "plan"), ("uint32_t", "slots")], [("uint32_t", "out")], [("N", 8)], wait_kernels._PULL_COPY),
+        ("copy", [("uint64_t", "plan"), ("uint32_t", "slots")], [("uint32_t", "out")], [("N", 8), ("UNROLL", 1)],
+         wait_kernels._PULL_COPY),
+        ("copy_unrolled", [("uint64_t", "plan"), ("uint32_t", "slots")], [("uint32_t", "out")], [("N", 8), ("UNROLL", 4)],
+         wait_kernels._PULL_COPY),
     ]:
         assert _compile_like_mlx(nvrtc, name, inputs, outputs, consts, body) == "", name
+
+
+def test_the_copy_kernels_grid_can_be_set_from_the_environment(monkeypatch):
+    assert wait_kernels.pull_grid() == (wait_kernels.PULL_BLOCKS, wait_kernels.PULL_THREADS, wait_kernels.PULL_UNROLL)
+    monkeypatch.setenv("CHRONOS_PULL_GRID", "264x512x4")
+    assert wait_kernels.pull_grid() == (264, 512, 4)
+    monkeypatch.setenv("CHRONOS_PULL_GRID", "lots")
+    with pytest.raises(ValueError, match="BLOCKSxTHREADSxUNROLL"):
+        wait_kernels.pull_grid()
+
+
+@cuda
+def test_pulled_copies_land_whole_whatever_the_grid():
+    """Tensors of odd sizes and alignments, copied by the kernel from page-locked memory."""
+    from chronos_mlx.cache import _numpy_view
+
+    staging = wait_kernels.pinned_alloc(wait_kernels.driver())(1 << 20)
+    staging[:] = np.random.default_rng(0).integers(0, 256, staging.size, dtype=np.uint8)
+    for grid in [(64, 256, 1), (132, 512, 4), (1, 32, 8)]:
+        dest = mx.zeros((1 << 18,), dtype=mx.uint32)
+        mx.eval(dest)
+        view = _numpy_view(dest).view(np.uint8)
+        pieces = [(0, 0, 300_000), (300_000, 300_016, 4099), (400_003, 500_001, 77)]
+        plan = [len(pieces)] + [x for s, d, n in pieces for x in (staging.ctypes.data + s, view.ctypes.data + d, n)]
+        out = wait_kernels.pull_copies(mx.array(np.array(plan, dtype=np.uint64)), mx.array([5, 6], dtype=mx.uint32), grid)
+        assert np.array(out).tolist() == [5, 6]
+        got = np.array(dest).view(np.uint8)
+        for s, d, n in pieces:
+            assert np.array_equal(got[d : d + n], staging[s : s + n]), (grid, s, d, n)
 
 
 @cuda
