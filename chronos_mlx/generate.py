@@ -91,6 +91,7 @@ class _Step:
     waited: Optional[tuple] = None  # device-wait routing: (pass, layers, sizes, ids), read once it ran
     token: Optional[mx.array] = None  # device-wait routing: `y` copied on the CPU stream (see `launch`)
     miss: Optional[SegmentMiss] = None  # it stopped at a segment end: this layer missed
+    context: Optional[mx.array] = None  # with logits processors: every token up to its input (mlx_lm's `tokens`)
 
 
 def generate_step(
@@ -100,6 +101,7 @@ def generate_step(
     *,
     max_tokens: int = 256,
     sampler: Optional[Callable] = None,
+    logits_processors: Optional[list] = None,
     prompt_cache=None,
     prefill_step_size: int = 2048,
     sync: str = "auto",
@@ -109,7 +111,10 @@ def generate_step(
 
     sync="optimistic" verifies each step in segments whose ends a cost model picks
     (verification.py); `segment_ends` fixes them instead (a set of MoE layer indices;
-    empty: one read after the whole step). "auto": see `resolve_sync`."""
+    empty: one read after the whole step). "auto": see `resolve_sync`.
+    `logits_processors`: as mlx_lm's, called with every token so far (the prompt, then each
+    step's input) and the step's logits; a step computed again after a miss passes the same
+    tokens again, so they must be functions of their arguments (mlx_lm's are)."""
     if sync != "auto" and sync not in SYNC_MODES:
         raise ValueError(f"sync must be 'auto' or one of {SYNC_MODES}, got '{sync}'")
     sync = resolve_sync(sync, runtime)
@@ -128,7 +133,7 @@ def generate_step(
     c = runtime.counters
     n_moe = len(runtime.cache.layers) if streaming else 0
 
-    def forward(tokens, after=None):
+    def forward(tokens, after=None, context=None):
         defer_last = runtime.defer_last
         runtime.defer_last = True  # the last MoE layer is gated too: its gate opens below
         try:
@@ -142,6 +147,9 @@ def generate_step(
             runtime.defer_last = defer_last
             if after is not None:  # before the sampler, which may read the caches (replay)
                 after.restore()
+        if logits_processors and context is not None:
+            for processor in logits_processors:
+                logits = processor(context, logits)
         logprobs = logits - mx.logsumexp(logits, keepdims=True)
         y, logprobs = sampler(logprobs), logprobs.squeeze(0)
         if waiting:
@@ -158,11 +166,17 @@ def generate_step(
     def can_miss() -> bool:
         return not all(L.full for L in runtime.cache.layers)
 
-    def launch(tokens, speculate: bool, start=None, ends=frozenset(), behind=None) -> _Step:
+    def after_step(step: _Step) -> Optional[mx.array]:
+        """The logits processors' tokens for the step fed with `step`'s token."""
+        return mx.concatenate([step.context, step.y]) if logits_processors else None
+
+    def launch(tokens, speculate: bool, start=None, ends=frozenset(), behind=None, context=None) -> _Step:
         """`build` a step and start computing it. Like mlx_lm, the graph is built on the
         generation stream but evaluated from outside its context (measured: on MLX's CPU
-        backend an async_eval inside the stream context cost ~15 ms per token)."""
-        step = build(tokens, speculate, start, ends, behind)
+        backend an async_eval inside the stream context cost ~15 ms per token).
+        `context`: every token up to and including `tokens` (with logits processors)."""
+        step = build(tokens, speculate, start, ends, behind, context)
+        step.context = context
         if step.y is not None:
             extra = [a for a in (step.flat, step.waited[-1] if step.waited else None) if a is not None]
             mx.async_eval(step.y, step.logprobs, *extra)
@@ -170,7 +184,7 @@ def generate_step(
             runtime.cache.run_deferred()
         return step
 
-    def build(tokens, speculate: bool, start=None, ends=frozenset(), behind=None) -> _Step:
+    def build(tokens, speculate: bool, start=None, ends=frozenset(), behind=None, context=None) -> _Step:
         """Build and start one forward pass; `speculate` routes it optimistically, reading
         the routing back at the MoE layers in `ends` and after the step.
 
@@ -195,12 +209,12 @@ def generate_step(
                     if waiting:
                         mode, runtime.mode = runtime.mode, "device-wait"
                         try:
-                            y, lp = forward(tokens, after)
+                            y, lp = forward(tokens, after, context)
                         finally:
                             runtime.mode = mode
                             waited = runtime.waiter.end_pass()
                     else:
-                        y, lp = forward(tokens, after)  # per-layer routing loads what it needs as it goes
+                        y, lp = forward(tokens, after, context)  # per-layer routing loads what it needs as it goes
                         waited = None
                     step = _Step(tokens, y, lp, None, None, False, checkpoint, waited=waited)
                     if waited is not None:
@@ -214,7 +228,7 @@ def generate_step(
                     return step
                 try:
                     with runtime.recording(ends) as record:
-                        y, lp = forward(tokens, after)
+                        y, lp = forward(tokens, after, context)
                 except SegmentMiss as miss:  # stopped at a segment end: redo from `miss.first`
                     step = _Step(tokens, None, None, record, None, True, checkpoint, ends=ends, miss=miss)
                 else:
@@ -316,10 +330,11 @@ def generate_step(
             # Retry optimistically with the same ends (cheap where a host round trip is
             # dear); the last attempt routes per layer, which is exact in one pass.
             speculate = attempt < MAX_OPTIMISTIC_RETRIES - 1 and not too_many
-            step = launch(step.tokens, speculate=speculate, start=start, ends=step.ends)
+            step = launch(step.tokens, speculate=speculate, start=start, ends=step.ends, context=step.context)
         return step, discarded
 
     tic = time.perf_counter()
+    whole_prompt = prompt  # the logits processors see all of it (prefill consumes `prompt`)
     c.prompt_tokens += prompt.size
     intent = runtime.intent if streaming else None
     if intent is not None:  # it reads the prompt's routing (and hidden states) during prefill
@@ -354,7 +369,7 @@ def generate_step(
             runtime.segment_planner = planner
     ends = planner.ends() if optimistic else frozenset()
     try:
-        step = launch(prompt, speculate=optimistic, ends=ends)
+        step = launch(prompt, speculate=optimistic, ends=ends, context=whole_prompt if logits_processors else None)
     except BaseException:
         if waiting:
             runtime.waiter.end(generation_stream())
@@ -384,13 +399,13 @@ def generate_step(
                 # waited for first (a whole step of device time); verify, then launch.
                 step, _ = settle(step, None)
                 c.settled_first += 1
-                nxt = launch(step.y, speculate=speculate, ends=ends)
+                nxt = launch(step.y, speculate=speculate, ends=ends, context=after_step(step))
             else:
-                nxt = launch(step.y, speculate=speculate, ends=ends, behind=step)
+                nxt = launch(step.y, speculate=speculate, ends=ends, behind=step, context=after_step(step))
                 step, discarded = settle(step, nxt)
                 if discarded:
                     c.discarded_steps += 1
-                    nxt = launch(step.y, speculate=speculate, ends=ends)
+                    nxt = launch(step.y, speculate=speculate, ends=ends, context=after_step(step))
             if step.token is not None:
                 mx.eval(step.token)
                 token = int(np.array(step.token).reshape(-1)[0])

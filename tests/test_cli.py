@@ -48,14 +48,15 @@ def stock():
     return model, tokenizer
 
 
-def stock_greedy(stock, text: str, max_tokens: int) -> list:
+def stock_greedy(stock, text: str, max_tokens: int, logits_processors=None) -> list:
     """mlx_lm's greedy tokens for `text`, up to (not including) end of sequence."""
     from mlx_lm.generate import generate_step
 
     model, tokenizer = stock
     ids = tokenizer.encode(text, add_special_tokens=tokenizer.bos_token is None or not text.startswith(tokenizer.bos_token))
     tokens = []
-    for (token, _), _ in zip(generate_step(mx.array(ids), model, max_tokens=max_tokens), range(max_tokens)):
+    steps = generate_step(mx.array(ids), model, max_tokens=max_tokens, logits_processors=logits_processors)
+    for (token, _), _ in zip(steps, range(max_tokens)):
         token = int(token)
         if token in tokenizer.eos_token_ids:
             break
@@ -106,6 +107,23 @@ def test_generate_json_tokens_at_smallest_budget_are_stock_mlx_lms(runner, stock
 
     assert data["token_ids"] == stock_greedy(stock, PROMPT, 8)
     assert data["stats"]["misses"] > 0
+
+
+def test_a_repetition_penalty_gives_stock_mlx_lms_penalised_tokens(runner, stock):
+    from mlx_lm.sample_utils import make_logits_processors
+
+    want = stock_greedy(stock, PROMPT, 12, make_logits_processors(repetition_penalty=1.5))
+    assert want != stock_greedy(stock, PROMPT, 12)  # it changes the text here
+    data = run_json(runner, "-p", PROMPT, "--max-tokens", "12", "-b", "0.25", "--repetition-penalty", "1.5")
+    assert data["token_ids"] == want
+
+
+@pytest.mark.parametrize("flags", [["--top-k", "1"], ["--min-p", "1.0"], ["--top-p", "0.0001", "--top-k", "1"]])
+def test_sampling_filters_are_mlx_lms(runner, stock, flags):
+    """Sampling at a high temperature among one candidate (top-k 1, or min-p 1: only the
+    likeliest token) is greedy decoding: stock's greedy tokens."""
+    data = run_json(runner, "-p", PROMPT, "--max-tokens", "6", "-b", "0.25", "--temp", "2.0", "--seed", "3", *flags)
+    assert data["token_ids"] == stock_greedy(stock, PROMPT, 6)
 
 
 def test_generate_per_layer_sync_gives_the_same_tokens(runner, stock):

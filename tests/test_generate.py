@@ -203,3 +203,26 @@ def test_stopping_early_leaves_the_kv_cache_exactly_as_stock(demo_prompt_ids):
         assert o1 == o2
         np.testing.assert_allclose(k1, k2, atol=1e-5)
         np.testing.assert_allclose(v1, v2, atol=1e-5)
+
+
+@pytest.mark.parametrize("sync", ["optimistic", "per-layer"])
+def test_logits_processors_see_the_tokens_stock_mlx_lm_gives_them(demo_prompt_ids, stock_demo, sync):
+    """A repetition penalty and a logit bias (mlx_lm's own processors) change the greedy
+    tokens; under misses, with steps computed again, chronos still gives stock's."""
+    from mlx_lm.generate import generate_step as stock_step
+    from mlx_lm.sample_utils import make_logits_processors
+
+    def processors():
+        return make_logits_processors(logit_bias={11: 3.0, 198: -5.0}, repetition_penalty=1.5,
+                                      repetition_context_size=8)
+
+    stock_model = stock_demo
+    plain = [int(t) for t, _ in stock_step(mx.array(demo_prompt_ids), stock_model, max_tokens=16)]
+    want = [int(t) for t, _ in stock_step(mx.array(demo_prompt_ids), stock_model, max_tokens=16,
+                                          logits_processors=processors())]
+    assert want != plain  # the processors matter here
+    model, _, runtime = chronos_mlx.load(None, 0.25, dtype="float32")
+    got = [t for t, _ in generate_step(mx.array(demo_prompt_ids), model, runtime, max_tokens=16, sync=sync,
+                                       logits_processors=processors())]
+    assert got == want
+    assert runtime.total_misses() > 0

@@ -48,12 +48,13 @@ def stock_alone(stock, ids, n):
     return out
 
 
-def stock_batch(stock, prompts_ids, n, prefill_step_size):
+def stock_batch(stock, prompts_ids, n, prefill_step_size, logits_processors=None):
     from mlx_lm.generate import BatchGenerator, make_stop_sequences
 
     model, tok = stock
     gen = BatchGenerator(model, max_tokens=n, prefill_step_size=prefill_step_size)
-    uids = gen.insert(prompts_ids, stop_sequences=[make_stop_sequences(tok)] * len(prompts_ids))
+    uids = gen.insert(prompts_ids, stop_sequences=[make_stop_sequences(tok)] * len(prompts_ids),
+                      logits_processors=logits_processors)
     out = {u: [] for u in uids}
     done = set()
     while len(done) < len(uids):
@@ -236,6 +237,38 @@ def test_engine_batch_equals_stock_batch_generator(stock):
     assert runtime.total_misses() > 0
 
 
+def test_penalties_and_logit_bias_are_mlx_lm_servers(stock):
+    """Per-request logits processors (mlx_lm's own, as mlx_lm.server makes them) in one batch
+    beside a request without any: every sequence is stock BatchGenerator's with the same ones."""
+    from mlx_lm.sample_utils import make_logits_processors
+
+    model, tok, runtime = chronos_mlx.load(None, 0.25, dtype="float32")
+    ids = [tok.encode(p) for p in PROMPTS[:3]]
+    params = [SamplingParams(max_tokens=12, repetition_penalty=1.5, repetition_context_size=8),
+              SamplingParams(max_tokens=12, logit_bias={11: 4.0}, presence_penalty=0.5, frequency_penalty=0.3),
+              SamplingParams(max_tokens=12)]
+    engine = BatchEngine(model, tok, runtime, prefill_step_size=4)
+    handles = [engine.submit(i, p) for i, p in zip(ids, params)]
+    with engine:
+        got = [[e.token for e in h.events() if e.token is not None] for h in handles]
+    processors = [make_logits_processors(repetition_penalty=1.5, repetition_context_size=8),
+                  make_logits_processors(logit_bias={11: 4.0}, presence_penalty=0.5, frequency_penalty=0.3), []]
+    want = stock_batch(stock, ids, 12, prefill_step_size=4, logits_processors=processors)
+    plain = stock_batch(stock, ids, 12, prefill_step_size=4)
+    assert want[0] != plain[0] and want[1] != plain[1]  # they change the text here
+    assert got == [[t for t in w if t not in tok.eos_token_ids] for w in want]
+
+
+def test_sampling_options_of_mlx_lm_server_reach_the_request(served, client):
+    """top_k / min_p (mlx_lm.server's) and OpenAI's logit_bias, through the official client."""
+    r = client.completions.create(model="demo", prompt=PROMPTS[0], max_tokens=3, logit_bias={"11": 100}, logprobs=True)
+    assert [e["id"] for e in r.choices[0].logprobs.content] == [11, 11, 11]
+    kw = dict(model="demo", prompt=PROMPTS[2], max_tokens=6, temperature=2.0, seed=5)
+    greedy = client.completions.create(model="demo", prompt=PROMPTS[2], max_tokens=6).choices[0].text
+    assert client.completions.create(extra_body={"top_k": 1}, **kw).choices[0].text == greedy
+    assert client.completions.create(extra_body={"min_p": 1.0}, **kw).choices[0].text == greedy
+
+
 # --- cancellation and malformed requests -----------------------------------------------------
 
 
@@ -288,6 +321,14 @@ def test_disconnecting_non_stream_client_cancels_its_generation(served):
         ("/v1/completions", {"prompt": "a", "stream": "yes"}, 400, "stream"),
         ("/v1/completions", {"prompt": "a", "stop": 5}, 400, "stop"),
         ("/v1/completions", {"prompt": [999999]}, 400, "token id"),
+        ("/v1/completions", {"prompt": "a", "logit_bias": {"x": 1}}, 400, "logit_bias"),
+        ("/v1/completions", {"prompt": "a", "logit_bias": {"999999": 1}}, 400, "out of range"),
+        ("/v1/completions", {"prompt": "a", "logit_bias": {"5": 500}}, 400, "-100 to 100"),
+        ("/v1/completions", {"prompt": "a", "logit_bias": [1]}, 400, "logit_bias"),
+        ("/v1/completions", {"prompt": "a", "top_k": -1}, 400, "top_k"),
+        ("/v1/completions", {"prompt": "a", "min_p": 1.5}, 400, "min_p"),
+        ("/v1/completions", {"prompt": "a", "repetition_penalty": "high"}, 400, "repetition_penalty"),
+        ("/v1/completions", {"prompt": "a", "presence_penalty": 3}, 400, "presence_penalty"),
         ("/v1/chat/completions", {"prompt": "a"}, 400, "messages"),
         ("/v1/chat/completions", {"messages": [{"content": "x"}]}, 400, "role"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, 400, "content"),

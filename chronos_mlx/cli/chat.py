@@ -13,8 +13,9 @@ from . import common
 from ..errors import ChronosError
 from .app import app
 from .common import (
-    Completion, LoadOptions, encode_messages, encode_text, err, error_line, human_bytes, load_model,
-    make_sampler, model_name, out, run_completion, stats_table, use_template, user_errors, with_load_options,
+    Completion, LoadOptions, MinPOption, RepetitionPenaltyOption, Sampling, SeedOption, TempOption, TopKOption,
+    TopPOption, encode_messages, encode_text, err, error_line, human_bytes, load_model, model_name, out,
+    run_completion, stats_table, use_template, user_errors, with_load_options,
 )
 
 
@@ -208,8 +209,12 @@ def _read_line(interactive: bool) -> str:
 def chat(
     opts: LoadOptions,
     max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", min=1, help="Most tokens per reply.")] = 256,
-    temp: Annotated[float, typer.Option("--temp", min=0.0, help="Sampling temperature; 0 is greedy.")] = 0.0,
-    seed: Annotated[Optional[int], typer.Option("--seed", min=0, max=2**63 - 1, help="Random seed for sampling.")] = None,
+    temp: TempOption = 0.0,
+    seed: SeedOption = None,
+    top_p: TopPOption = 1.0,
+    top_k: TopKOption = 0,
+    min_p: MinPOption = 0.0,
+    repetition_penalty: RepetitionPenaltyOption = 0.0,
     chat_template: Annotated[
         Optional[bool],
         typer.Option(
@@ -237,7 +242,8 @@ def chat(
 
     usage_stats = ActivationStats.for_runtime(runtime) if runtime.cache is not None else None
     template = use_template(tokenizer, chat_template)
-    sampler = make_sampler(temp, seed)
+    sampling = Sampling(temp, seed, top_p, top_k, min_p, repetition_penalty)
+    sampler, processors = sampling.sampler(), sampling.logits_processors()
     session = ChatSession(model, tokenizer, template=template)
     interactive = sys.stdin.isatty()
     err.print(banner(runtime, template), soft_wrap=True)
@@ -300,6 +306,7 @@ def chat(
             opts=opts,
             max_tokens=max_tokens,
             sampler=sampler,
+            logits_processors=processors,
             prompt_cache=session.cache,
             on_text=show,
         )

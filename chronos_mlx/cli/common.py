@@ -478,13 +478,44 @@ def use_template(tokenizer, requested: Optional[bool]) -> bool:
     return available if requested is None else requested
 
 
-def make_sampler(temp: float, seed: Optional[int]):
-    import mlx.core as mx
-    from mlx_lm.sample_utils import make_sampler as mlx_make_sampler
+# Sampling options of `generate` and `chat`: mlx_lm's own sampler and logits processors.
+TempOption = Annotated[float, typer.Option("--temp", min=0.0, help="Sampling temperature; 0 is greedy.")]
+SeedOption = Annotated[Optional[int], typer.Option("--seed", min=0, max=2**63 - 1, help="Random seed for sampling.")]
+TopPOption = Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling (with --temp); 1 keeps every token.")]
+TopKOption = Annotated[int, typer.Option("--top-k", min=0, help="Sample among the K likeliest tokens (with --temp); 0: all.")]
+MinPOption = Annotated[float, typer.Option("--min-p", min=0.0, max=1.0, help="Drop tokens below this fraction of the likeliest one's probability (with --temp).")]
+RepetitionPenaltyOption = Annotated[
+    float,
+    typer.Option("--repetition-penalty", min=0.0, help="Penalise tokens among the last 20 (mlx_lm's; e.g. 1.1); 0 or 1: off. Applies when greedy too."),
+]
 
-    if seed is not None:
-        mx.random.seed(seed)
-    return mlx_make_sampler(temp=temp)  # argmax when temp == 0
+
+@dataclass
+class Sampling:
+    """How `generate` and `chat` pick tokens: mlx_lm's sampler and logits processors."""
+
+    temp: float = 0.0
+    seed: Optional[int] = None
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 0.0
+
+    def sampler(self):
+        import mlx.core as mx
+        from mlx_lm.sample_utils import make_sampler as mlx_make_sampler
+
+        if self.seed is not None:
+            mx.random.seed(self.seed)
+        # argmax when temp == 0; mlx_lm's top_p of 0 (or 1) keeps every token
+        return mlx_make_sampler(temp=self.temp, top_p=self.top_p if self.top_p < 1 else 0.0, min_p=self.min_p,
+                                top_k=self.top_k)
+
+    def logits_processors(self) -> Optional[list]:
+        from mlx_lm.sample_utils import make_logits_processors
+
+        penalty = self.repetition_penalty if self.repetition_penalty not in (0.0, 1.0) else None
+        return make_logits_processors(repetition_penalty=penalty) or None
 
 
 class DeferredInterrupt:
@@ -523,7 +554,8 @@ class Completion:
     interrupted: bool = False
 
 
-def run_completion(model, tokenizer, runtime, prompt_ids, *, opts, max_tokens, sampler, prompt_cache=None, on_text=None) -> Completion:
+def run_completion(model, tokenizer, runtime, prompt_ids, *, opts, max_tokens, sampler, prompt_cache=None, on_text=None,
+                   logits_processors=None) -> Completion:
     """Stream one completion; on_text(piece) sees the text as it comes. Stops early (with
     interrupted=True) after the current token on Ctrl-C."""
     from ..generate import stream_generate
@@ -537,6 +569,7 @@ def run_completion(model, tokenizer, runtime, prompt_ids, *, opts, max_tokens, s
             runtime,
             max_tokens=max_tokens,
             sampler=sampler,
+            logits_processors=logits_processors,
             prompt_cache=prompt_cache,
             **opts.generate_kwargs(),
         )

@@ -9,8 +9,9 @@ import typer
 from . import common
 from .app import app
 from .common import (
-    CliError, LoadOptions, TEMPLATE_HELP, encode_messages, encode_text, err, load_model, make_sampler,
-    read_prompt, run_completion, stats_table, summary_line, use_template, user_errors, with_load_options,
+    CliError, LoadOptions, MinPOption, RepetitionPenaltyOption, Sampling, SeedOption, TEMPLATE_HELP, TempOption,
+    TopKOption, TopPOption, encode_messages, encode_text, err, load_model, read_prompt, run_completion, stats_table,
+    summary_line, use_template, user_errors, with_load_options,
 )
 
 @app.command()
@@ -24,8 +25,12 @@ def generate(
         typer.Option("--prompt-file", metavar="FILE", help="Read the prompt from FILE ('-' for stdin)."),
     ] = None,
     max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", min=1, help="Most tokens to generate.")] = 256,
-    temp: Annotated[float, typer.Option("--temp", min=0.0, help="Sampling temperature; 0 is greedy.")] = 0.0,
-    seed: Annotated[Optional[int], typer.Option("--seed", min=0, max=2**63 - 1, help="Random seed for sampling.")] = None,
+    temp: TempOption = 0.0,
+    seed: SeedOption = None,
+    top_p: TopPOption = 1.0,
+    top_k: TopKOption = 0,
+    min_p: MinPOption = 0.0,
+    repetition_penalty: RepetitionPenaltyOption = 0.0,
     chat_template: Annotated[
         Optional[bool], typer.Option("--chat-template/--no-chat-template", help=TEMPLATE_HELP, show_default=False)
     ] = None,
@@ -56,7 +61,7 @@ def generate(
         ids = encode_text(tokenizer, text)
     if not ids:
         raise CliError("the prompt encodes to no tokens")
-    sampler = make_sampler(temp, seed)
+    sampling = Sampling(temp, seed, top_p, top_k, min_p, repetition_penalty)
 
     streamed = {"newline": True}
 
@@ -71,7 +76,8 @@ def generate(
         ids,
         opts=opts,
         max_tokens=max_tokens,
-        sampler=sampler,
+        sampler=sampling.sampler(),
+        logits_processors=sampling.logits_processors(),
         on_text=None if as_json else show,
     )
     stats = runtime.stats()

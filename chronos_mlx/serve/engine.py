@@ -39,6 +39,14 @@ class SamplingParams:
     stop: list = field(default_factory=list)  # stop strings
     logprobs: bool = False
     top_logprobs: int = 0
+    top_k: int = 0  # 0: every token
+    min_p: float = 0.0
+    # mlx_lm's logits processors (sample_utils.make_logits_processors); 0 or None: off
+    repetition_penalty: Optional[float] = None
+    repetition_context_size: int = 20
+    presence_penalty: Optional[float] = None
+    frequency_penalty: Optional[float] = None
+    logit_bias: Optional[dict] = None  # token id -> added logit
 
 
 @dataclass
@@ -65,21 +73,40 @@ def make_sampler(params: SamplingParams, tokenizer=None):
     if params.seed is None:
         from mlx_lm.sample_utils import make_sampler as mlx_make_sampler
 
-        return mlx_make_sampler(params.temperature, top_p=params.top_p if params.top_p < 1 else 0.0)
-    from mlx_lm.sample_utils import apply_top_p
+        return mlx_make_sampler(params.temperature, top_p=params.top_p if params.top_p < 1 else 0.0,
+                                min_p=params.min_p, top_k=params.top_k)
+    from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
 
     state = {"key": mx.random.key(params.seed)}
     inv_temp = 1.0 / params.temperature
-    top_p = params.top_p
+    top_p, min_p, top_k = params.top_p, params.min_p, params.top_k
 
     def sampler(logprobs):
+        # The filters in mlx_lm's order (sample_utils.make_sampler), then this request's own key.
         if 0 < top_p < 1:
             logprobs = apply_top_p(logprobs, top_p)
+        if min_p != 0.0:
+            logprobs = apply_min_p(logprobs, min_p)
+        if top_k > 0:
+            logprobs = apply_top_k(logprobs, top_k)
         key, sub = mx.random.split(state["key"])
         state["key"] = key
         return mx.random.categorical(logprobs * inv_temp, key=sub)
 
     return sampler
+
+
+def make_logits_processors(params: SamplingParams) -> list:
+    """mlx_lm's logits processors for a request (empty: none), as mlx_lm.server makes them."""
+    from mlx_lm.sample_utils import make_logits_processors as mlx_make_logits_processors
+
+    return mlx_make_logits_processors(
+        logit_bias=params.logit_bias or None,
+        repetition_penalty=params.repetition_penalty or None,
+        repetition_context_size=params.repetition_context_size,
+        presence_penalty=params.presence_penalty or None,
+        frequency_penalty=params.frequency_penalty or None,
+    )
 
 
 class RequestHandle:
@@ -340,6 +367,7 @@ class BatchEngine:
             [h.prompt_ids for h in new],
             max_tokens=[h.params.max_tokens for h in new],
             samplers=[make_sampler(h.params, self.tokenizer) for h in new],
+            logits_processors=[make_logits_processors(h.params) for h in new],
             stop_sequences=[eos_stops] * len(new),
         )
         for uid, h in zip(uids, new):

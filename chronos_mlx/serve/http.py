@@ -70,6 +70,28 @@ def _check(body: dict, name: str, types, *, lo=None, hi=None, default=None):
     return value
 
 
+def _logit_bias(body: dict, vocab: int) -> Optional[dict]:
+    """OpenAI's logit_bias ({"token id": bias}, keys are strings in JSON) as {int: float}."""
+    bias = body.get("logit_bias")
+    if bias is None:
+        return None
+    if not isinstance(bias, dict):
+        raise BadRequest("logit_bias must be an object mapping token ids to numbers", param="logit_bias")
+    out = {}
+    for key, value in bias.items():
+        try:
+            token = int(key)
+        except (TypeError, ValueError):
+            raise BadRequest(f"logit_bias: '{key}' is not a token id", param="logit_bias") from None
+        if not 0 <= token < vocab:
+            raise BadRequest(f"logit_bias: token id {token} is out of range", param="logit_bias")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not -100 <= value <= 100:
+            raise BadRequest(f"logit_bias: the bias of token {token} must be a number from -100 to 100",
+                             param="logit_bias")
+        out[token] = float(value)
+    return out or None
+
+
 def _type_names(types) -> str:
     types = types if isinstance(types, tuple) else (types,)
     return " or ".join(t.__name__ for t in types)
@@ -252,6 +274,14 @@ class Handler(BaseHTTPRequestHandler):
                 stop=stop,
                 logprobs=bool(logprobs),
                 top_logprobs=int(top_logprobs or 0),
+                # mlx_lm.server's extensions, and OpenAI's penalties and logit_bias
+                top_k=_check(body, "top_k", int, lo=0, default=0),
+                min_p=float(_check(body, "min_p", (int, float), lo=0, hi=1, default=0.0)),
+                repetition_penalty=float(_check(body, "repetition_penalty", (int, float), lo=0, default=0.0)),
+                repetition_context_size=_check(body, "repetition_context_size", int, lo=1, default=20),
+                presence_penalty=float(_check(body, "presence_penalty", (int, float), lo=-2, hi=2, default=0.0)),
+                frequency_penalty=float(_check(body, "frequency_penalty", (int, float), lo=-2, hi=2, default=0.0)),
+                logit_bias=_logit_bias(body, self._vocab_size()),
             ),
         }
         if kind == "chat":
@@ -276,10 +306,14 @@ class Handler(BaseHTTPRequestHandler):
                 raise BadRequest("prompt must be a non-empty string (or a list of token ids)", param="prompt")
         return req
 
+    def _vocab_size(self) -> int:
+        tok = self.server.engine.tokenizer
+        return getattr(tok, "vocab_size", None) or len(tok.vocab)
+
     def _tokenize(self, req: dict) -> list:
         tok = self.server.engine.tokenizer
         if "prompt_ids" in req:
-            vocab = getattr(tok, "vocab_size", None) or len(tok.vocab)
+            vocab = self._vocab_size()
             if any(t < 0 or t >= vocab for t in req["prompt_ids"]):
                 raise BadRequest("prompt token id out of range", param="prompt")
             return list(req["prompt_ids"])
