@@ -269,6 +269,23 @@ def test_sampling_options_of_mlx_lm_server_reach_the_request(served, client):
     assert client.completions.create(extra_body={"min_p": 1.0}, **kw).choices[0].text == greedy
 
 
+def test_the_servers_sampling_defaults_apply_to_requests_that_set_none(served, client):
+    """`chronos serve --temp 2 --top-k 1`: a request without sampling fields samples among one
+    token, which is greedy decoding."""
+    _, engine, _, _ = served
+    hot = make_server(engine, "127.0.0.1", 0, model_id="demo", default_temperature=2.0, default_top_k=1)
+    thread = threading.Thread(target=hot.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        code, data = raw(f"http://127.0.0.1:{hot.server_address[1]}", "POST", "/v1/completions",
+                         {"prompt": PROMPTS[2], "max_tokens": 6, "seed": 1})
+    finally:
+        hot.shutdown()
+        hot.server_close()
+    assert code == 200
+    assert data["choices"][0]["text"] == client.completions.create(model="demo", prompt=PROMPTS[2], max_tokens=6).choices[0].text
+
+
 # --- cancellation and malformed requests -----------------------------------------------------
 
 

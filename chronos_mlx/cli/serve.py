@@ -27,6 +27,8 @@ def serve(
     ] = 512,
     temp: Annotated[float, typer.Option("--temp", min=0.0, help="Default temperature (0: greedy).")] = 0.0,
     top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Default top_p.")] = 1.0,
+    top_k: Annotated[int, typer.Option("--top-k", min=0, help="Default top_k (0: every token).")] = 0,
+    min_p: Annotated[float, typer.Option("--min-p", min=0.0, max=1.0, help="Default min_p.")] = 0.0,
     decode_concurrency: Annotated[
         int, typer.Option("--decode-concurrency", min=1, help="Most requests decoded together in one batch.")
     ] = 32,
@@ -85,7 +87,7 @@ def serve(
     try:
         server = make_server(
             engine, host, port, model_id=name, default_max_tokens=max_tokens, default_temperature=temp,
-            default_top_p=top_p, info=runtime.info,
+            default_top_p=top_p, default_top_k=top_k, default_min_p=min_p, info=runtime.info,
         )
     except OSError as e:
         from .common import CliError

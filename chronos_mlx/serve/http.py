@@ -102,12 +102,15 @@ class ChronosServer(ThreadingHTTPServer):
     allow_reuse_address = True
 
     def __init__(self, address, engine: BatchEngine, model_id: str, *, default_max_tokens: int = 512,
-                 default_temperature: float = 0.0, default_top_p: float = 1.0, info: Optional[dict] = None):
+                 default_temperature: float = 0.0, default_top_p: float = 1.0, default_top_k: int = 0,
+                 default_min_p: float = 0.0, info: Optional[dict] = None):
         self.engine = engine
         self.model_id = model_id
         self.default_max_tokens = default_max_tokens
         self.default_temperature = default_temperature
         self.default_top_p = default_top_p
+        self.default_top_k = default_top_k
+        self.default_min_p = default_min_p
         self.info = info or {}
         self.created = int(time.time())
         self.fingerprint = "chronos-mlx"
@@ -275,8 +278,8 @@ class Handler(BaseHTTPRequestHandler):
                 logprobs=bool(logprobs),
                 top_logprobs=int(top_logprobs or 0),
                 # mlx_lm.server's extensions, and OpenAI's penalties and logit_bias
-                top_k=_check(body, "top_k", int, lo=0, default=0),
-                min_p=float(_check(body, "min_p", (int, float), lo=0, hi=1, default=0.0)),
+                top_k=_check(body, "top_k", int, lo=0, default=s.default_top_k),
+                min_p=float(_check(body, "min_p", (int, float), lo=0, hi=1, default=s.default_min_p)),
                 repetition_penalty=float(_check(body, "repetition_penalty", (int, float), lo=0, default=0.0)),
                 repetition_context_size=_check(body, "repetition_context_size", int, lo=1, default=20),
                 presence_penalty=float(_check(body, "presence_penalty", (int, float), lo=-2, hi=2, default=0.0)),
