@@ -1075,3 +1075,45 @@ def write_synthetic_moe(
     config["torch_dtype"] = dtype
     _atomic_write_json(out / "config.json", dict(sorted(config.items())))
     return out
+
+
+# A chat template that renders tools and earlier tool calls (arguments as objects, as
+# mlx_lm.server passes them), for tokenizers that call tools with `<tool_call>{json}</tool_call>`.
+CHAT_TEMPLATE = (
+    "{%- if tools %}Tools:\n{%- for tool in tools %}\n{{ tool | tojson }}{%- endfor %}\n"
+    "Call one as <tool_call>{\"name\": ..., \"arguments\": ...}</tool_call>\n{% endif %}"
+    "{%- for m in messages %}{{ m.role }}: {{ m.content }}"
+    "{%- if m.tool_calls %}{%- for tool_call in m.tool_calls %}"
+    "<tool_call>{\"name\": \"{{ tool_call.function.name }}\", \"arguments\": {\"city\": "
+    "\"{{ tool_call.function.arguments['city'] }}\"}}"
+    "</tool_call>{%- endfor %}{%- endif %}\n{% endfor %}"
+    "{%- if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
+def write_chat_model(path: Path, thinking: bool = True) -> Path:
+    """The demo model (its weights linked, not copied) with a tokenizer that has a chat
+    template, mlx_lm's `json_tools` tool parser and, with `thinking`, `<think>` / `</think>`
+    tokens (added after the model's vocabulary: for the tokenizer's markers only, never fed
+    to the model)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    demo = Path(DEFAULT_MODEL)
+    for f in demo.iterdir():
+        if f.name in ("tokenizer_config.json", "tokenizer.json"):
+            continue
+        target = path / f.name
+        if not target.exists():
+            target.symlink_to(f.resolve())
+    config = json.loads((demo / "tokenizer_config.json").read_text())
+    config.update(chat_template=CHAT_TEMPLATE, tool_parser_type="json_tools")
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    tok = json.loads((demo / "tokenizer.json").read_text())
+    if thinking:
+        top = max(max(tok["model"]["vocab"].values()), *(t["id"] for t in tok.get("added_tokens", [])))
+        for i, marker in enumerate(("<think>", "</think>"), 1):
+            tok.setdefault("added_tokens", []).append({"id": top + i, "content": marker, "single_word": False,
+                                                       "lstrip": False, "rstrip": False, "normalized": False,
+                                                       "special": False})
+    (path / "tokenizer.json").write_text(json.dumps(tok))
+    return path

@@ -286,6 +286,49 @@ def test_the_servers_sampling_defaults_apply_to_requests_that_set_none(served, c
     assert data["choices"][0]["text"] == client.completions.create(model="demo", prompt=PROMPTS[2], max_tokens=6).choices[0].text
 
 
+def test_tools_and_earlier_calls_reach_the_chat_template_and_the_reply_is_stocks(tmp_path, stock):
+    """With a tokenizer that calls tools (mlx_lm's json_tools parser): `tools` and a history with
+    a call (its arguments a JSON string, as OpenAI sends them) are rendered by the template as
+    mlx_lm.server renders them. The demo model then starts a call of its own (stock's greedy
+    text begins with the marker) that the token limit cuts: as in mlx_lm.server, none of its
+    text is content and a call that does not parse is left out."""
+    import mlx_lm
+    from synthetic import write_chat_model
+
+    path = write_chat_model(tmp_path / "chat", thinking=False)
+    model, tok, runtime = chronos_mlx.load(str(path), 0.25, dtype="float32")
+    tools = [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]
+    messages = [{"role": "user", "content": "Weather in Rome?"},
+                {"role": "assistant", "content": None,
+                 "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Rome"}'}}]},
+                {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]
+    as_template_sees_it = [messages[0], dict(messages[1], content="", tool_calls=[
+        {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": {"city": "Rome"}}}]), messages[2]]
+    want_ids = tok.apply_chat_template(as_template_sees_it, tools=tools, add_generation_prompt=True)
+    assert '"city": "Rome"' in tok.decode(want_ids)
+    engine = BatchEngine(model, tok, runtime, prefill_step_size=64).start()
+    server = make_server(engine, "127.0.0.1", 0, model_id="chat")
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    body = {"messages": messages, "tools": tools, "max_tokens": 8}
+    try:
+        code, data = raw(url, "POST", "/v1/chat/completions", body)
+        _, streamed = raw(url, "POST", "/v1/chat/completions", dict(body, stream=True))
+    finally:
+        server.shutdown()
+        server.server_close()
+        engine.stop()
+    assert code == 200, data
+    assert data["usage"]["prompt_tokens"] == len(want_ids)
+    stock_text = mlx_lm.generate(stock[0], stock[1], want_ids, max_tokens=8)
+    assert stock_text.startswith("<tool_call>") and "</tool_call>" not in stock_text
+    message = data["choices"][0]["message"]
+    assert message["content"] is None and "tool_calls" not in message
+    assert data["choices"][0]["finish_reason"] == "length"
+    assert "<tool_call>" not in streamed and '"finish_reason": "length"' in streamed
+
+
 # --- cancellation and malformed requests -----------------------------------------------------
 
 
@@ -349,6 +392,9 @@ def test_disconnecting_non_stream_client_cancels_its_generation(served):
         ("/v1/chat/completions", {"prompt": "a"}, 400, "messages"),
         ("/v1/chat/completions", {"messages": [{"content": "x"}]}, 400, "role"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, 400, "content"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tools": "all"}, 400, "tools"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "chat_template_kwargs": 1}, 400,
+         "chat_template_kwargs"),
         ("/v1/nothing", {"prompt": "a"}, 404, "no endpoint"),
     ],
 )

@@ -4,9 +4,11 @@ Standard library `ThreadingHTTPServer` (as mlx_lm.server): one thread per connec
 parsing, tokenization and writing; all model work is on the engine's thread. Endpoints:
 
 - POST /v1/completions, /v1/chat/completions (also /chat/completions): `prompt` or
-  `messages`, `max_tokens` / `max_completion_tokens`, `temperature`, `top_p`, `seed`, `stop`,
-  `logprobs` (+ `top_logprobs`), `stream` (server-sent events ending in `data: [DONE]`),
-  `stream_options.include_usage`.
+  `messages`, `max_tokens` / `max_completion_tokens`, `temperature`, `top_p`, `top_k`, `min_p`,
+  `seed`, `stop`, the penalties and `logit_bias`, `logprobs` (+ `top_logprobs`), `stream`
+  (server-sent events ending in `data: [DONE]`), `stream_options.include_usage`; for chat also
+  `tools` and `chat_template_kwargs` (given to the chat template), and replies split into
+  content, `reasoning` and `tool_calls` as mlx_lm.server splits them (replies.py).
 - GET /v1/models, /health.
 
 Malformed requests get a 4xx JSON error `{"error": {"message", "type", "code"}}`; a client
@@ -24,6 +26,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Optional
 
 from .engine import BatchEngine, EngineError, SamplingParams
+from .replies import ChatReply, ReplyPart, initial_state
 
 
 class BadRequest(ValueError):
@@ -90,6 +93,26 @@ def _logit_bias(body: dict, vocab: int) -> Optional[dict]:
                              param="logit_bias")
         out[token] = float(value)
     return out or None
+
+
+def _template_message(message: dict) -> dict:
+    """A message as chat templates take it (as mlx_lm.server gives it them): text content, and
+    the arguments of earlier tool calls as objects (OpenAI sends them as JSON strings)."""
+    out = dict(message, content=_content_text(message.get("content")))
+    calls = message.get("tool_calls")
+    if isinstance(calls, list):
+        fixed = []
+        for call in calls:
+            func = call.get("function") if isinstance(call, dict) else None
+            if isinstance(func, dict) and isinstance(func.get("arguments"), str):
+                try:
+                    func = dict(func, arguments=json.loads(func["arguments"]))
+                except json.JSONDecodeError:
+                    raise BadRequest("a tool call's arguments are not valid JSON", param="messages") from None
+                call = dict(call, function=func)
+            fixed.append(call)
+        out["tool_calls"] = fixed
+    return out
 
 
 def _type_names(types) -> str:
@@ -210,7 +233,7 @@ class Handler(BaseHTTPRequestHandler):
             return self._error(400, "request body must be a JSON object")
         try:
             req = self._parse(kinds[path], body)
-            prompt_ids = self._tokenize(req)
+            prompt_ids = req["prompt_tokens"] = self._tokenize(req)
         except BadRequest as e:
             return self._error(e.status, str(e), e.param)
         try:
@@ -297,6 +320,13 @@ class Handler(BaseHTTPRequestHandler):
                 if m.get("content") is not None:
                     _content_text(m["content"])
             req["messages"] = messages
+            tools = body.get("tools")
+            if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+                raise BadRequest("tools must be a list of objects", param="tools")
+            kwargs = body.get("chat_template_kwargs")
+            if kwargs is not None and not isinstance(kwargs, dict):
+                raise BadRequest("chat_template_kwargs must be an object", param="chat_template_kwargs")
+            req["tools"], req["template_kwargs"] = tools or None, kwargs or {}
         else:
             prompt = body.get("prompt")
             if isinstance(prompt, list) and len(prompt) == 1:
@@ -322,10 +352,13 @@ class Handler(BaseHTTPRequestHandler):
             return list(req["prompt_ids"])
         if req["kind"] == "text":
             return list(tok.encode(req["prompt"]))
-        messages = [dict(m, content=_content_text(m.get("content"))) for m in req["messages"]]
+        messages = [_template_message(m) for m in req["messages"]]
         if getattr(tok, "has_chat_template", False) or getattr(tok, "chat_template", None):
+            kwargs = dict(req["template_kwargs"])
+            if req["tools"]:
+                kwargs["tools"] = req["tools"]
             try:
-                ids = tok.apply_chat_template(messages, add_generation_prompt=True)
+                ids = tok.apply_chat_template(messages, add_generation_prompt=True, **kwargs)
             except Exception as e:
                 raise BadRequest(f"the chat template rejected the messages: {e}", param="messages")
             if isinstance(ids, str):
@@ -345,7 +378,15 @@ class Handler(BaseHTTPRequestHandler):
             "created": int(time.time()),
         }
 
-    def _choice(self, req: dict, text: str, finish, logprobs: Optional[list], stream: bool) -> dict:
+    def _reply(self, req: dict, stream: bool) -> Optional[ChatReply]:
+        """How a chat request's text is split (None for plain completions)."""
+        if req["kind"] != "chat":
+            return None
+        tok = self.server.engine.tokenizer
+        return ChatReply(tok, req["tools"], streaming=stream, initial=initial_state(tok, req["prompt_tokens"]))
+
+    def _choice(self, req: dict, text: str, finish, logprobs: Optional[list], stream: bool,
+                part: Optional[ReplyPart] = None) -> dict:
         choice = {"index": 0, "finish_reason": finish}
         if logprobs:
             choice["logprobs"] = {"content": logprobs}
@@ -354,13 +395,19 @@ class Handler(BaseHTTPRequestHandler):
         else:
             choice["logprobs"] = None
         if req["kind"] == "chat":
+            if part is not None:
+                text = part.content
             if stream:
                 delta = {"role": "assistant"}
                 if text:
                     delta["content"] = text
-                choice["delta"] = delta
             else:
-                choice["message"] = {"role": "assistant", "content": text if text else None}
+                delta = {"role": "assistant", "content": text if text else None}
+            if part is not None and part.reasoning:
+                delta["reasoning"] = part.reasoning
+            if part is not None and part.tool_calls:
+                delta["tool_calls"] = part.tool_calls
+            choice["delta" if stream else "message"] = delta
         else:
             choice["text"] = text
         return choice
@@ -386,8 +433,11 @@ class Handler(BaseHTTPRequestHandler):
     def _complete(self, req: dict, handle):
         rid = ("chatcmpl-" if req["kind"] == "chat" else "cmpl-") + str(uuid.uuid4())
         text, logprobs, finish, error = "", [], None, None
+        reply, whole = self._reply(req, stream=False), ReplyPart()
         for ev in handle.events(alive=self._client_alive):
             text += ev.text
+            if reply is not None:
+                _join(whole, reply.feed(ev.text))
             if ev.logprob is not None:
                 logprobs.append(self._logprob_entry(ev))
             if ev.finish_reason:
@@ -398,7 +448,10 @@ class Handler(BaseHTTPRequestHandler):
         if finish == "error":
             return self._error(500, error or "generation failed", kind="server_error")
         resp = self._base(req, rid, "chat.completion" if req["kind"] == "chat" else "text_completion")
-        resp["choices"] = [self._choice(req, text, finish, logprobs, stream=False)]
+        if reply is not None:
+            _join(whole, reply.finish(finish))
+            finish = reply.finish_reason(finish)
+        resp["choices"] = [self._choice(req, text, finish, logprobs, stream=False, part=whole if reply else None)]
         resp["usage"] = self._usage(handle)
         self._send_json(200, resp)
 
@@ -417,20 +470,31 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(f"data: {json.dumps(obj_)}\n\n".encode())
             self.wfile.flush()
 
-        finish = None
+        finish, reply, held = None, self._reply(req, stream=True), []
         for ev in handle.events(alive=self._client_alive):
             if ev.finish_reason == "cancelled":
                 return
             if ev.finish_reason == "error":
                 send({"error": {"message": ev.error or "generation failed", "type": "server_error", "code": 500}})
                 break
-            lp = [self._logprob_entry(ev)] if ev.logprob is not None else None
-            if ev.finish_reason:
-                finish = ev.finish_reason
-            if ev.text or lp or ev.finish_reason:
+            if ev.logprob is not None:
+                held.append(self._logprob_entry(ev))
+            reason = ev.finish_reason
+            part = None
+            if reply is not None:
+                part = reply.feed(ev.text)
+                if reason:
+                    _join(part, reply.finish(reason))
+                    reason = reply.finish_reason(reason)
+                if reply.in_tool_call and not part and not reason:
+                    continue  # a call's text is sent whole, once it has ended (its logprobs with it)
+            if reason:
+                finish = reason
+            if (part if part is not None else ev.text) or held or reason:
                 chunk = self._base(req, rid, obj)
-                chunk["choices"] = [self._choice(req, ev.text, ev.finish_reason, lp, stream=True)]
+                chunk["choices"] = [self._choice(req, ev.text, reason, held or None, stream=True, part=part)]
                 send(chunk)
+                held = []
         if finish is not None and req["include_usage"]:
             usage = self._base(req, rid, obj)
             usage["choices"] = []
@@ -438,3 +502,9 @@ class Handler(BaseHTTPRequestHandler):
             send(usage)
         self.wfile.write(b"data: [DONE]\n\n")
         self.wfile.flush()
+
+
+def _join(into: ReplyPart, part: ReplyPart):
+    into.content += part.content
+    into.reasoning += part.reasoning
+    into.tool_calls += part.tool_calls
