@@ -133,6 +133,7 @@ def test_completion_equals_stock_generate_with_mlx_lm_server_shape(served, clien
     assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (
         len(tok.encode(PROMPTS[0])), 12, len(tok.encode(PROMPTS[0])) + 12,
     )
+    assert r.usage.prompt_tokens_details.cached_tokens == 0  # this engine keeps no prompt cache
     assert runtime.total_misses() > misses  # experts were streamed for it
 
 
@@ -327,6 +328,53 @@ def test_tools_and_earlier_calls_reach_the_chat_template_and_the_reply_is_stocks
     assert message["content"] is None and "tool_calls" not in message
     assert data["choices"][0]["finish_reason"] == "length"
     assert "<tool_call>" not in streamed and '"finish_reason": "length"' in streamed
+
+
+def stock_turns(stock, turns, n, prefill_step_size):
+    """Stock mlx_lm (BatchGenerator and LRUPromptCache, as mlx_lm.server keeps a conversation)
+    decoding `turns` one after another: each starts from the longest cached prefix of its prompt."""
+    from mlx_lm.generate import BatchGenerator, make_stop_sequences
+    from mlx_lm.models.cache import LRUPromptCache, trim_prompt_cache
+
+    model, tok = stock
+    kept, outs = LRUPromptCache(10), []
+    for ids in turns:
+        cache, rest = kept.fetch_nearest_cache("model", ids)
+        if cache is not None and not rest:
+            trim_prompt_cache(cache, 1)
+            rest = ids[-1:]
+        cached = len(ids) - len(rest) if cache is not None else 0
+        gen = BatchGenerator(model, max_tokens=n, prefill_step_size=prefill_step_size)
+        gen.insert([ids[cached:]], caches=[cache], all_tokens=[ids[:cached]], stop_sequences=[make_stop_sequences(tok)])
+        out, done = [], False
+        while not done:
+            for r in gen.next_generated():
+                out.append(int(r.token))
+                if r.finish_reason:
+                    kept.insert_cache("model", list(r.all_tokens), r.prompt_cache)
+                    done = True
+        gen.close()
+        outs.append((out, cached))
+    return outs
+
+
+def test_a_conversations_next_turn_starts_from_its_kept_kv_cache_as_mlx_lm_servers_does(stock):
+    """Two turns (the second prompt is the first, its reply and more): the second prefills only
+    what is new, and both give stock mlx_lm's tokens decoded the same way."""
+    model, tok, runtime = chronos_mlx.load(None, 0.25, dtype="float32")
+    first = tok.encode(PROMPTS[0])
+    engine = BatchEngine(model, tok, runtime, prefill_step_size=16, prompt_cache_size=4)
+    with engine:
+        h1 = engine.submit(first, SamplingParams(max_tokens=10))
+        reply = [e.token for e in h1.events() if e.token is not None]
+        second = first + reply + tok.encode(" and then", add_special_tokens=False)
+        h2 = engine.submit(second, SamplingParams(max_tokens=10))
+        again = [e.token for e in h2.events() if e.token is not None]
+    (want1, _), (want2, cached) = stock_turns(stock, [first, second], 10, prefill_step_size=16)
+    assert reply == [t for t in want1 if t not in tok.eos_token_ids]
+    assert again == [t for t in want2 if t not in tok.eos_token_ids]
+    assert h1.cached_tokens == 0 and h2.cached_tokens == cached > len(first)
+    assert engine.cached_prompt_tokens == cached
 
 
 # --- cancellation and malformed requests -----------------------------------------------------

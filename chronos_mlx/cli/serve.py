@@ -52,6 +52,15 @@ def serve(
             help="KV cache (tokens summed over concurrent requests) that --expert-budget auto leaves room for.",
         ),
     ] = DEFAULT_KV_TOKENS,
+    prompt_cache_size: Annotated[
+        int,
+        typer.Option(
+            "--prompt-cache-size",
+            min=0,
+            help="Finished requests whose KV cache is kept (as mlx_lm.server): a conversation's next turn "
+            "prefills only its new tokens. Kept caches and the running batch stay within --kv-tokens. 0: none.",
+        ),
+    ] = 10,
     model_id: Annotated[
         Optional[str], typer.Option("--model-id", help="Model name in /v1/models. Default: the --model given, or the directory name.")
     ] = None,
@@ -83,6 +92,8 @@ def serve(
         decode_concurrency=decode_concurrency,
         prefill_concurrency=prefill_concurrency,
         prefill_step_size=prefill_step_size,
+        prompt_cache_size=prompt_cache_size,
+        prompt_cache_bytes=_kv_room(runtime.info, kv_tokens),
     )
     try:
         server = make_server(
@@ -126,6 +137,20 @@ def serve(
         server.server_close()
         engine.stop()
     _leave_without_teardown()
+
+
+def _kv_room(info: dict, kv_tokens: int) -> Optional[int]:
+    """Bytes of KV cache --kv-tokens stands for (what --expert-budget auto left room for)."""
+    import json
+
+    from ..budget import kv_bytes_per_token
+
+    try:
+        config = json.loads((Path(info["path"]) / "config.json").read_text())
+    except (KeyError, OSError, ValueError):
+        return None
+    per_value = {"float32": 4}.get(str(info.get("dtype")), 2)
+    return kv_bytes_per_token(config, per_value) * kv_tokens
 
 
 def _leave_without_teardown():

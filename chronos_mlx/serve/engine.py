@@ -120,6 +120,7 @@ class RequestHandle:
         self.done = threading.Event()
         self.uid: Optional[int] = None
         self.completion_tokens = 0
+        self.cached_tokens = 0  # prompt tokens taken from the prompt cache (not prefilled)
         self.submitted_at = time.perf_counter()
         self.first_token_at: Optional[float] = None
 
@@ -195,7 +196,12 @@ class BatchEngine:
     and tokenizer with runtime=None, for comparisons). `prefill_step_size` bounds how long a
     new prompt holds up the running batch (one chunk per decode step);
     `decode_concurrency` is the largest decode batch, `prefill_concurrency` how many prompts
-    are prefilled together."""
+    are prefilled together.
+
+    `prompt_cache_size` finished requests keep their KV cache (mlx_lm's `LRUPromptCache`, as
+    mlx_lm.server does; 0: none): a request whose prompt begins with one of them (the next turn
+    of a conversation) prefills only the rest. `prompt_cache_bytes` bounds what they and the
+    running batch's KV take together (the kept ones are dropped, least recently used first)."""
 
     def __init__(
         self,
@@ -207,6 +213,8 @@ class BatchEngine:
         prefill_concurrency: int = 8,
         prefill_step_size: int = 256,
         max_kv_size: Optional[int] = None,
+        prompt_cache_size: int = 0,
+        prompt_cache_bytes: Optional[int] = None,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -218,6 +226,11 @@ class BatchEngine:
         self.prefill_concurrency = prefill_concurrency
         self.prefill_step_size = prefill_step_size
         self.max_kv_size = max_kv_size
+        from mlx_lm.models.cache import LRUPromptCache
+
+        self.prompt_cache = LRUPromptCache(prompt_cache_size) if prompt_cache_size > 0 else None
+        self.prompt_cache_bytes = prompt_cache_bytes
+        self.cached_prompt_tokens = 0  # prompt tokens not prefilled again (counter)
         self._inbox: queue.Queue = queue.Queue()
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
@@ -363,9 +376,12 @@ class BatchEngine:
         new = [h for h in new if not self._drop_if_cancelled(h)]
         if not new:
             return
+        caches, rests = zip(*(self._cached(h) for h in new))
         uids = gen.insert(
-            [h.prompt_ids for h in new],
+            list(rests),
             max_tokens=[h.params.max_tokens for h in new],
+            caches=list(caches),
+            all_tokens=[h.prompt_ids[: h.cached_tokens] for h in new],
             samplers=[make_sampler(h.params, self.tokenizer) for h in new],
             logits_processors=[make_logits_processors(h.params) for h in new],
             stop_sequences=[eos_stops] * len(new),
@@ -374,6 +390,29 @@ class BatchEngine:
             h.uid = uid
             self._active[uid] = _Sequence(h, self.tokenizer)
         self.insert_log.append((self.steps, list(uids)))
+        if self.prompt_cache is not None and self.prompt_cache_bytes is not None:
+            self.prompt_cache.trim_to(n_bytes=self.prompt_cache_bytes - gen.prompt_cache_nbytes)
+
+    _CACHE_KEY = "model"  # one model an engine
+
+    def _cached(self, h: RequestHandle) -> tuple:
+        """(KV cache to start from or None, prompt tokens still to prefill) for a request: the
+        longest cached prefix of its prompt (`LRUPromptCache.fetch_nearest_cache`). At least the
+        last prompt token is prefilled: its logits give the first generated token."""
+        ids, cache = h.prompt_ids, None
+        if self.prompt_cache is not None:
+            from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
+
+            cache, rest = self.prompt_cache.fetch_nearest_cache(self._CACHE_KEY, ids)
+            if cache is not None and not rest:
+                if can_trim_prompt_cache(cache):
+                    trim_prompt_cache(cache, 1)
+                else:
+                    cache = None
+            if cache is not None:
+                h.cached_tokens = len(ids) - max(len(rest), 1)
+                self.cached_prompt_tokens += h.cached_tokens
+        return cache, ids[h.cached_tokens :]
 
     @staticmethod
     def _drop_if_cancelled(h: RequestHandle) -> bool:
@@ -414,6 +453,9 @@ class BatchEngine:
             )
         )
         if finish is not None:
+            if self.prompt_cache is not None and getattr(r, "prompt_cache", None) is not None:
+                # Finished by the generator itself (end of sequence, length): the conversation so far.
+                self.prompt_cache.insert_cache(self._CACHE_KEY, list(r.all_tokens), r.prompt_cache)
             return [r.uid]
         return []
 

@@ -428,6 +428,7 @@ class Handler(BaseHTTPRequestHandler):
             "prompt_tokens": handle.prompt_tokens,
             "completion_tokens": handle.completion_tokens,
             "total_tokens": handle.prompt_tokens + handle.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": handle.cached_tokens},  # as mlx_lm.server
         }
 
     def _complete(self, req: dict, handle):
