@@ -373,6 +373,7 @@ def test_a_conversations_next_turn_starts_from_its_kept_kv_cache_as_mlx_lm_serve
     (want1, _), (want2, cached) = stock_turns(stock, [first, second], 10, prefill_step_size=16)
     assert reply == [t for t in want1 if t not in tok.eos_token_ids]
     assert again == [t for t in want2 if t not in tok.eos_token_ids]
+    assert again == stock_alone(stock, second, 10)  # the same as prefilling the whole conversation
     assert h1.cached_tokens == 0 and h2.cached_tokens == cached > len(first)
     assert engine.cached_prompt_tokens == cached
 
