@@ -378,6 +378,51 @@ def test_a_conversations_next_turn_starts_from_its_kept_kv_cache_as_mlx_lm_serve
     assert engine.cached_prompt_tokens == cached
 
 
+def test_a_system_prompt_kept_while_its_request_still_runs_is_not_prefilled_again(stock):
+    """A request asks for its prompt's KV cache to be kept where its system part ends: a second
+    conversation with the same system part, arriving while the first still decodes, starts
+    from there. Both give stock mlx_lm's tokens."""
+    model, tok, runtime = chronos_mlx.load(None, 0.25, dtype="float32")
+    system = tok.encode(PROMPTS[0] + " " + PROMPTS[2])
+    one, two = system + tok.encode(" and the", add_special_tokens=False), system + tok.encode(" but", add_special_tokens=False)
+    engine = BatchEngine(model, tok, runtime, prefill_step_size=8, prompt_cache_size=4)
+    with engine:
+        h1 = engine.submit(one, SamplingParams(max_tokens=24), keep_at=[len(system)])
+        events = h1.events()
+        first = next(e for e in events if e.token is not None)  # its prompt, system part kept, is done
+        h2 = engine.submit(two, SamplingParams(max_tokens=8), keep_at=[len(system)])
+        got2 = [e.token for e in h2.events() if e.token is not None]
+        got1 = [first.token] + [e.token for e in events if e.token is not None]
+    assert h2.cached_tokens == len(system) and h1.cached_tokens == 0
+    assert got2 == stock_alone(stock, two, 8)
+    assert got1 == stock_alone(stock, one, 24)
+
+
+def test_a_chat_prompts_system_part_is_found_as_mlx_lm_server_finds_it(tmp_path):
+    from synthetic import write_chat_model
+
+    path = write_chat_model(tmp_path / "chat", thinking=False)
+    model, tok, runtime = chronos_mlx.load(str(path), 0.25, dtype="float32")
+    engine = BatchEngine(model, tok, runtime, prompt_cache_size=4).start()
+    server = make_server(engine, "127.0.0.1", 0, model_id="chat")
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    system = {"role": "system", "content": PROMPTS[0] + " " + PROMPTS[2]}
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        _, first = raw(url, "POST", "/v1/chat/completions", {"messages": [system, {"role": "user", "content": "Hi"}], "max_tokens": 2})
+        _, second = raw(url, "POST", "/v1/chat/completions", {"messages": [system, {"role": "user", "content": "Bye"}], "max_tokens": 2})
+    finally:
+        server.shutdown()
+        server.server_close()
+        engine.stop()
+    head = tok.apply_chat_template([system, {"role": "user", "content": ""}], add_generation_prompt=False)
+    full = tok.apply_chat_template([system, {"role": "user", "content": "Bye"}], add_generation_prompt=True)
+    shared = next(i for i, (a, b) in enumerate(zip(head, full)) if a != b)
+    assert first["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    assert second["usage"]["prompt_tokens_details"]["cached_tokens"] == shared > len(tok.encode(system["content"])) // 2
+
+
 # --- cancellation and malformed requests -----------------------------------------------------
 
 

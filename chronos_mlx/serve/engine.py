@@ -121,6 +121,7 @@ class RequestHandle:
         self.uid: Optional[int] = None
         self.completion_tokens = 0
         self.cached_tokens = 0  # prompt tokens taken from the prompt cache (not prefilled)
+        self.keep_at: list = []  # prompt lengths whose KV cache goes into the prompt cache
         self.submitted_at = time.perf_counter()
         self.first_token_at: Optional[float] = None
 
@@ -269,7 +270,10 @@ class BatchEngine:
         return False
 
     # --- requests ----------------------------------------------------------------------
-    def submit(self, prompt_ids, params: Optional[SamplingParams] = None) -> RequestHandle:
+    def submit(self, prompt_ids, params: Optional[SamplingParams] = None, keep_at=()) -> RequestHandle:
+        """Queue a request. `keep_at`: prompt lengths at which its KV cache is worth keeping for
+        other requests (with a prompt cache): where a chat prompt's system messages end, say,
+        which many conversations share (as mlx_lm.server keeps its system and user segments)."""
         if not self.healthy:
             raise EngineError(f"the generation engine is not running ({self.failure!r})")
         params = params or SamplingParams()
@@ -278,6 +282,7 @@ class BatchEngine:
         if params.max_tokens < 1:
             raise ValueError("max_tokens must be at least 1")
         handle = RequestHandle(prompt_ids, params)
+        handle.keep_at = sorted(n for n in set(keep_at) if 0 < n < len(handle.prompt_ids))
         self._inbox.put(handle)
         return handle
 
@@ -333,13 +338,16 @@ class BatchEngine:
         )
         eos_stops = make_stop_sequences(self.tokenizer)
         self._active: dict = {}
+        self._keep: dict = {}  # uid -> prompt segment ends still to be put in the prompt cache
         try:
             while not self._stop.is_set():
                 self._admit(gen, eos_stops, block=not self._active)
                 self._cancel(gen)
                 if not self._active:
                     continue
-                _, responses = gen.next()
+                prompt_responses, responses = gen.next()
+                if self._keep and prompt_responses:
+                    self._keep_segment_ends(gen, prompt_responses)
                 if responses:
                     self.steps += 1
                     self.batch_sizes.append(len(responses))
@@ -353,6 +361,7 @@ class BatchEngine:
                     gen.remove([u for u in finished if self._in_batch(gen, u)])
                     for u in finished:
                         self._active.pop(u, None)
+                        self._keep.pop(u, None)
         finally:
             self._fail_all("the server is shutting down")
             gen.close()
@@ -377,8 +386,9 @@ class BatchEngine:
         if not new:
             return
         caches, rests = zip(*(self._cached(h) for h in new))
-        uids = gen.insert(
-            list(rests),
+        segments = [self._segments(h, rest) for h, rest in zip(new, rests)]
+        uids = gen.insert_segments(
+            [seg for seg, _ in segments],
             max_tokens=[h.params.max_tokens for h in new],
             caches=list(caches),
             all_tokens=[h.prompt_ids[: h.cached_tokens] for h in new],
@@ -386,14 +396,36 @@ class BatchEngine:
             logits_processors=[make_logits_processors(h.params) for h in new],
             stop_sequences=[eos_stops] * len(new),
         )
-        for uid, h in zip(uids, new):
+        for uid, h, (_, kept) in zip(uids, new, segments):
             h.uid = uid
             self._active[uid] = _Sequence(h, self.tokenizer)
+            if kept:
+                self._keep[uid] = kept
         self.insert_log.append((self.steps, list(uids)))
         if self.prompt_cache is not None and self.prompt_cache_bytes is not None:
             self.prompt_cache.trim_to(n_bytes=self.prompt_cache_bytes - gen.prompt_cache_nbytes)
 
     _CACHE_KEY = "model"  # one model an engine
+
+    def _segments(self, h: RequestHandle, rest: list) -> tuple:
+        """(the prompt still to prefill cut where its cache is to be kept, how many of those
+        ends to keep): the last segment is the rest of the prompt and is kept at the end of
+        the request, with the reply."""
+        if self.prompt_cache is None:
+            return [rest], 0
+        cuts = [n - h.cached_tokens for n in h.keep_at if n > h.cached_tokens]
+        bounds = [0] + cuts + [len(rest)]
+        segments = [rest[a:b] for a, b in zip(bounds, bounds[1:]) if b > a]
+        return segments, len(segments) - 1
+
+    def _keep_segment_ends(self, gen, prompt_responses):
+        """Put the KV cache of a prompt at a segment end it was to be kept at into the cache."""
+        ends = [r.uid for r in prompt_responses if r.end_of_segment and not r.end_of_prompt and self._keep.get(r.uid)]
+        if not ends:
+            return
+        for uid, (cache, tokens) in gen.extract_cache(ends).items():
+            self._keep[uid] -= 1
+            self.prompt_cache.insert_cache(self._CACHE_KEY, list(tokens), cache, cache_type="system")
 
     def _cached(self, h: RequestHandle) -> tuple:
         """(KV cache to start from or None, prompt tokens still to prefill) for a request: the
@@ -427,6 +459,7 @@ class BatchEngine:
             gen.remove(gone)
             for u in gone:
                 self._active.pop(u).handle._put(Event(finish_reason="cancelled"))
+                self._keep.pop(u, None)
 
     def _deliver(self, seq: _Sequence, r) -> list:
         h = seq.handle

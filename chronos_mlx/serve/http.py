@@ -237,7 +237,7 @@ class Handler(BaseHTTPRequestHandler):
         except BadRequest as e:
             return self._error(e.status, str(e), e.param)
         try:
-            handle = self.server.engine.submit(prompt_ids, req["params"])
+            handle = self.server.engine.submit(prompt_ids, req["params"], keep_at=req.get("keep_at", ()))
         except (EngineError, ValueError) as e:
             return self._error(503 if isinstance(e, EngineError) else 400, str(e), kind="server_error")
         try:
@@ -362,10 +362,12 @@ class Handler(BaseHTTPRequestHandler):
             except Exception as e:
                 raise BadRequest(f"the chat template rejected the messages: {e}", param="messages")
             if isinstance(ids, str):
-                return list(tok.encode(ids, add_special_tokens=False))
-            if hasattr(ids, "keys"):
+                ids = tok.encode(ids, add_special_tokens=False)
+            elif hasattr(ids, "keys"):
                 ids = ids["input_ids"]
-            return [int(t) for t in ids]
+            ids = [int(t) for t in ids]
+            req["keep_at"] = self._system_end(messages, ids, kwargs)
+            return ids
         return list(tok.encode(convert_chat(messages)))
 
     # --- responses ----------------------------------------------------------------------
@@ -377,6 +379,23 @@ class Handler(BaseHTTPRequestHandler):
             "model": req["model"],
             "created": int(time.time()),
         }
+
+    def _system_end(self, messages: list, ids: list, kwargs: dict) -> tuple:
+        """Where the system messages end in a chat prompt (as mlx_lm.server finds it: the prompt
+        against the template applied to them and an empty user turn), for the prompt cache to
+        keep: conversations that share them prefill them once. () when there are none."""
+        n = next((i for i, m in enumerate(messages) if m.get("role") != "system"), len(messages))
+        if n == 0 or messages[-1].get("role") != "user" or self.server.engine.prompt_cache is None:
+            return ()
+        try:
+            head = self.server.engine.tokenizer.apply_chat_template(
+                messages[:n] + [{"role": "user", "content": ""}], add_generation_prompt=False, **kwargs)
+        except Exception:  # the template wants something else: nothing to keep
+            return ()
+        if isinstance(head, str) or hasattr(head, "keys"):
+            return ()
+        end = next((i for i, (a, b) in enumerate(zip(head, ids)) if a != b), 0)
+        return (end,) if end > 0 else ()
 
     def _reply(self, req: dict, stream: bool) -> Optional[ChatReply]:
         """How a chat request's text is split (None for plain completions)."""
