@@ -13,9 +13,8 @@ from . import common
 from ..errors import ChronosError
 from .app import app
 from .common import (
-    Completion, LoadOptions, MinPOption, RepetitionPenaltyOption, Sampling, SeedOption, TempOption, TopKOption,
-    TopPOption, encode_messages, encode_text, err, error_line, human_bytes, load_model, model_name, out,
-    run_completion, stats_table, use_template, user_errors, with_load_options,
+    Completion, LoadOptions, Sampling, encode_messages, encode_text, err, error_line, human_bytes, load_model,
+    model_name, out, run_completion, stats_table, use_template, user_errors, with_load_options, with_sampling_options,
 )
 
 
@@ -206,15 +205,11 @@ def _read_line(interactive: bool) -> str:
 @app.command()
 @user_errors
 @with_load_options
+@with_sampling_options
 def chat(
     opts: LoadOptions,
+    sampling: Sampling,
     max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", min=1, help="Most tokens per reply.")] = 256,
-    temp: TempOption = 0.0,
-    seed: SeedOption = None,
-    top_p: TopPOption = 1.0,
-    top_k: TopKOption = 0,
-    min_p: MinPOption = 0.0,
-    repetition_penalty: RepetitionPenaltyOption = 0.0,
     chat_template: Annotated[
         Optional[bool],
         typer.Option(
@@ -242,7 +237,6 @@ def chat(
 
     usage_stats = ActivationStats.for_runtime(runtime) if runtime.cache is not None else None
     template = use_template(tokenizer, chat_template)
-    sampling = Sampling(temp, seed, top_p, top_k, min_p, repetition_penalty)
     sampler, processors = sampling.sampler(), sampling.logits_processors()
     session = ChatSession(model, tokenizer, template=template)
     interactive = sys.stdin.isatty()

@@ -478,18 +478,6 @@ def use_template(tokenizer, requested: Optional[bool]) -> bool:
     return available if requested is None else requested
 
 
-# Sampling options of `generate` and `chat`: mlx_lm's own sampler and logits processors.
-TempOption = Annotated[float, typer.Option("--temp", min=0.0, help="Sampling temperature; 0 is greedy.")]
-SeedOption = Annotated[Optional[int], typer.Option("--seed", min=0, max=2**63 - 1, help="Random seed for sampling.")]
-TopPOption = Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling (with --temp); 1 keeps every token.")]
-TopKOption = Annotated[int, typer.Option("--top-k", min=0, help="Sample among the K likeliest tokens (with --temp); 0: all.")]
-MinPOption = Annotated[float, typer.Option("--min-p", min=0.0, max=1.0, help="Drop tokens below this fraction of the likeliest one's probability (with --temp).")]
-RepetitionPenaltyOption = Annotated[
-    float,
-    typer.Option("--repetition-penalty", min=0.0, help="Penalise tokens among the last 20 (mlx_lm's; e.g. 1.1); 0 or 1: off. Applies when greedy too."),
-]
-
-
 @dataclass
 class Sampling:
     """How `generate` and `chat` pick tokens: mlx_lm's sampler and logits processors."""
@@ -516,6 +504,39 @@ class Sampling:
 
         penalty = self.repetition_penalty if self.repetition_penalty not in (0.0, 1.0) else None
         return make_logits_processors(repetition_penalty=penalty) or None
+
+
+def _sampling_option(name: str, default, annotation, *decls: str, **kwargs) -> inspect.Parameter:
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                             annotation=Annotated[annotation, typer.Option(*decls, rich_help_panel="Sampling", **kwargs)])
+
+
+# mlx_lm's sampler and logits processors (`generate`, `chat`).
+SAMPLING_OPTIONS = [
+    _sampling_option("temp", 0.0, float, "--temp", min=0.0, help="Sampling temperature; 0 is greedy."),
+    _sampling_option("seed", None, Optional[int], "--seed", min=0, max=2**63 - 1, help="Random seed for sampling."),
+    _sampling_option("top_p", 1.0, float, "--top-p", min=0.0, max=1.0, help="Nucleus sampling (with --temp); 1 keeps every token."),
+    _sampling_option("top_k", 0, int, "--top-k", min=0, help="Sample among the K likeliest tokens (with --temp); 0: all."),
+    _sampling_option("min_p", 0.0, float, "--min-p", min=0.0, max=1.0,
+                     help="Drop tokens below this fraction of the likeliest one's probability (with --temp)."),
+    _sampling_option("repetition_penalty", 0.0, float, "--repetition-penalty", min=0.0,
+                     help="Penalise tokens among the last 20 (mlx_lm's; e.g. 1.1); 0 or 1: off. Applies when greedy too."),
+]
+
+
+def with_sampling_options(fn: Callable) -> Callable:
+    """Add SAMPLING_OPTIONS to a command; it receives them as `sampling: Sampling`."""
+    sig = inspect.signature(fn)
+    own = [p for p in sig.parameters.values() if p.name != "sampling"]
+    names = [p.name for p in SAMPLING_OPTIONS]
+
+    @functools.wraps(fn)
+    def wrapper(**kwargs):
+        return fn(sampling=Sampling(**{n: kwargs.pop(n) for n in names}), **kwargs)
+
+    wrapper.__signature__ = sig.replace(parameters=own + SAMPLING_OPTIONS)
+    wrapper.__annotations__ = {p.name: p.annotation for p in own + SAMPLING_OPTIONS}
+    return wrapper
 
 
 class DeferredInterrupt:

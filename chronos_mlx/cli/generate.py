@@ -9,28 +9,24 @@ import typer
 from . import common
 from .app import app
 from .common import (
-    CliError, LoadOptions, MinPOption, RepetitionPenaltyOption, Sampling, SeedOption, TEMPLATE_HELP, TempOption,
-    TopKOption, TopPOption, encode_messages, encode_text, err, load_model, read_prompt, run_completion, stats_table,
-    summary_line, use_template, user_errors, with_load_options,
+    CliError, LoadOptions, Sampling, TEMPLATE_HELP, encode_messages, encode_text, err, load_model, read_prompt,
+    run_completion, stats_table, summary_line, use_template, user_errors, with_load_options, with_sampling_options,
 )
+
 
 @app.command()
 @user_errors
 @with_load_options
+@with_sampling_options
 def generate(
     opts: LoadOptions,
+    sampling: Sampling,
     prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="The prompt text.")] = None,
     prompt_file: Annotated[
         Optional[Path],
         typer.Option("--prompt-file", metavar="FILE", help="Read the prompt from FILE ('-' for stdin)."),
     ] = None,
     max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", min=1, help="Most tokens to generate.")] = 256,
-    temp: TempOption = 0.0,
-    seed: SeedOption = None,
-    top_p: TopPOption = 1.0,
-    top_k: TopKOption = 0,
-    min_p: MinPOption = 0.0,
-    repetition_penalty: RepetitionPenaltyOption = 0.0,
     chat_template: Annotated[
         Optional[bool], typer.Option("--chat-template/--no-chat-template", help=TEMPLATE_HELP, show_default=False)
     ] = None,
@@ -61,7 +57,6 @@ def generate(
         ids = encode_text(tokenizer, text)
     if not ids:
         raise CliError("the prompt encodes to no tokens")
-    sampling = Sampling(temp, seed, top_p, top_k, min_p, repetition_penalty)
 
     streamed = {"newline": True}
 
