@@ -378,6 +378,29 @@ def test_a_conversations_next_turn_starts_from_its_kept_kv_cache_as_mlx_lm_serve
     assert engine.cached_prompt_tokens == cached
 
 
+def test_a_hybrid_models_conversation_resumes_from_its_kept_state_exactly(tmp_path):
+    """qwen3_next keeps linear-attention state that cannot be trimmed back: a next turn still
+    starts from the kept state of the whole conversation, and gives stock mlx_lm's tokens for
+    the whole conversation."""
+    from mlx_lm import load
+    from mlx_lm.generate import generate_step
+    from synthetic import write_synthetic_moe
+
+    path = write_synthetic_moe(tmp_path / "qwen3_next", "qwen3_next", bits=4)
+    model, tok, runtime = chronos_mlx.load(str(path), 0.5, dtype="float32")
+    first = list(range(5, 45))
+    with BatchEngine(model, tok, runtime, prefill_step_size=16, prompt_cache_size=4) as engine:
+        h1 = engine.submit(first, SamplingParams(max_tokens=6))
+        reply = [e.token for e in h1.events() if e.token is not None]
+        second = first + reply + list(range(100, 110))
+        h2 = engine.submit(second, SamplingParams(max_tokens=6))
+        got = [e.token for e in h2.events() if e.token is not None]
+    stock_model, _ = load(str(path))
+    stock_model.set_dtype(mx.float32)
+    assert got == [int(t) for t, _ in generate_step(mx.array(second), stock_model, max_tokens=6)]
+    assert h2.cached_tokens == len(first) + len(reply)
+
+
 def test_a_system_prompt_kept_while_its_request_still_runs_is_not_prefilled_again(stock):
     """A request asks for its prompt's KV cache to be kept where its system part ends: a second
     conversation with the same system part, arriving while the first still decodes, starts
