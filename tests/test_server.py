@@ -378,6 +378,21 @@ def test_a_conversations_next_turn_starts_from_its_kept_kv_cache_as_mlx_lm_serve
     assert engine.cached_prompt_tokens == cached
 
 
+def test_kept_caches_stay_within_the_bytes_given_them(stock):
+    """With room for about one and a half of these conversations' KV, later ones push the
+    least recently used out (without a bound all three stay)."""
+    model, tok, runtime = chronos_mlx.load(None, 0.25, dtype="float32")
+    room = 0
+    with BatchEngine(model, tok, runtime, prompt_cache_size=4) as engine:
+        engine.generate(tok.encode(PROMPTS[0]), SamplingParams(max_tokens=4))
+        room = int(engine.prompt_cache.nbytes * 1.5)
+    with BatchEngine(model, tok, runtime, prompt_cache_size=4, prompt_cache_bytes=room) as engine:
+        for p in PROMPTS[:3]:
+            engine.generate(tok.encode(p), SamplingParams(max_tokens=4))
+            assert 0 < engine.prompt_cache.nbytes <= room
+        assert len(engine.prompt_cache) < 3
+
+
 def test_a_hybrid_models_conversation_resumes_from_its_kept_state_exactly(tmp_path):
     """qwen3_next keeps linear-attention state that cannot be trimmed back: a next turn still
     starts from the kept state of the whole conversation, and gives stock mlx_lm's tokens for

@@ -362,6 +362,7 @@ class BatchEngine:
                     for u in finished:
                         self._active.pop(u, None)
                         self._keep.pop(u, None)
+                    self._trim_prompt_cache(gen)
         finally:
             self._fail_all("the server is shutting down")
             gen.close()
@@ -402,6 +403,10 @@ class BatchEngine:
             if kept:
                 self._keep[uid] = kept
         self.insert_log.append((self.steps, list(uids)))
+        self._trim_prompt_cache(gen)
+
+    def _trim_prompt_cache(self, gen):
+        """Drop kept caches (least recently used first) until they and the batch's fit."""
         if self.prompt_cache is not None and self.prompt_cache_bytes is not None:
             self.prompt_cache.trim_to(n_bytes=self.prompt_cache_bytes - gen.prompt_cache_nbytes)
 
