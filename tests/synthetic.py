@@ -1080,6 +1080,7 @@ def write_synthetic_moe(
 # A chat template that renders tools and earlier tool calls (arguments as objects, as
 # mlx_lm.server passes them), for tokenizers that call tools with `<tool_call>{json}</tool_call>`.
 CHAT_TEMPLATE = (
+    "{%- if preamble %}{{ preamble }}\n{% endif %}"
     "{%- if tools %}Tools:\n{%- for tool in tools %}\n{{ tool | tojson }}{%- endfor %}\n"
     "Call one as <tool_call>{\"name\": ..., \"arguments\": ...}</tool_call>\n{% endif %}"
     "{%- for m in messages %}{{ m.role }}: {{ m.content }}"

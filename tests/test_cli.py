@@ -459,3 +459,53 @@ def test_a_device_wait_step_that_fails_is_one_error_line_not_a_traceback(runner,
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output
     assert ("stopped waiting" if failure == "gave up" else "the file is gone") in result.output
+
+
+# --- system prompt and chat template arguments ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory):
+    """The demo's weights with a tokenizer that has a chat template (tests/synthetic.py)."""
+    from synthetic import write_chat_model
+
+    path = write_chat_model(tmp_path_factory.mktemp("chat") / "model", thinking=False)
+    import mlx_lm
+
+    model, tokenizer = mlx_lm.load(str(path))
+    model.set_dtype(mx.float32)
+    return path, model, tokenizer
+
+
+def _stock_ids(model, ids, n):
+    from mlx_lm.generate import generate_step
+
+    return [int(t) for t, _ in generate_step(mx.array(ids), model, max_tokens=n)]
+
+
+def test_a_system_prompt_and_template_arguments_reach_the_chat_template(runner, chat_model):
+    path, model, tok = chat_model
+    messages = [{"role": "system", "content": "Answer in one line."}, {"role": "user", "content": PROMPT}]
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, preamble="Be brief.")
+    data = run_json(runner, "-m", str(path), "-p", PROMPT, "--max-tokens", "6", "-b", "0.25",
+                    "--system-prompt", "Answer in one line.", "--chat-template-config", '{"preamble": "Be brief."}')
+    assert data["stats"]["prompt_tokens"] == len(ids)
+    want = _stock_ids(model, ids, 6)
+    assert data["token_ids"] == [t for t in want[: len(data["token_ids"])]] and data["token_ids"]
+
+
+def test_chat_keeps_its_system_prompt_through_a_reset(runner, chat_model):
+    path, model, tok = chat_model
+    result = runner.invoke(app, ["chat", "-m", str(path), "--max-tokens", "4", "-b", "0.25", "--system-prompt",
+                                 "Answer in one line."], input="Hello\n/reset\nHello\n/quit\n")
+    assert result.exit_code == 0, result.output
+    ids = tok.apply_chat_template([{"role": "system", "content": "Answer in one line."},
+                                   {"role": "user", "content": "Hello"}], add_generation_prompt=True)
+    reply = tok.decode(_stock_ids(model, ids, 4))
+    assert result.stdout.count(reply.strip()) == 2  # the same first turn before and after /reset
+
+
+@pytest.mark.parametrize("config,fragment", [("{nope", "not valid JSON"), ("[1]", "must be a JSON object")])
+def test_a_bad_template_config_is_a_clear_error_before_loading(runner, config, fragment):
+    result = runner.invoke(app, ["generate", "-p", "x", "--chat-template-config", config])
+    assert result.exit_code == 2 and fragment in result.stderr and "Traceback" not in result.output

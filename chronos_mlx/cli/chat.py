@@ -13,8 +13,9 @@ from . import common
 from ..errors import ChronosError
 from .app import app
 from .common import (
-    Completion, LoadOptions, Sampling, encode_messages, encode_text, err, error_line, human_bytes, load_model,
-    model_name, out, run_completion, stats_table, use_template, user_errors, with_load_options, with_sampling_options,
+    Completion, LoadOptions, Sampling, SystemPromptOption, TemplateConfigOption, encode_messages, encode_text, err,
+    error_line, human_bytes, load_model, model_name, out, run_completion, stats_table, template_config, use_template,
+    user_errors, with_load_options, with_sampling_options,
 )
 
 
@@ -47,24 +48,27 @@ class ChatSession:
     conversation would, while normally feeding only the new message.
     """
 
-    def __init__(self, model, tokenizer, *, template: bool):
+    def __init__(self, model, tokenizer, *, template: bool, system: Optional[str] = None,
+                 template_kwargs: Optional[dict] = None):
         self.model = model
         self.tokenizer = tokenizer
         self.template = template
+        self.system = system  # stays through /reset
+        self.template_kwargs = template_kwargs or {}
         self.reset()
 
     def reset(self):
         from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache
 
-        self.messages: list = []
-        self.text = ""
+        self.messages: list = [{"role": "system", "content": self.system}] if self.system and self.template else []
+        self.text = self.system + "\n" if self.system and not self.template else ""
         self.cache = make_prompt_cache(self.model)
         self.reusable = can_trim_prompt_cache(self.cache) and all(hasattr(c, "offset") for c in self.cache)
         self.cached: list = []  # the tokens whose keys/values the cache holds, in order
 
     def conversation_ids(self, user: str) -> list:
         if self.template:
-            return encode_messages(self.tokenizer, self.messages + [{"role": "user", "content": user}])
+            return encode_messages(self.tokenizer, self.messages + [{"role": "user", "content": user}], self.template_kwargs)
         return encode_text(self.tokenizer, self._joined(user))
 
     def _joined(self, user: str) -> str:
@@ -219,6 +223,8 @@ def chat(
             show_default=False,
         ),
     ] = None,
+    system_prompt: SystemPromptOption = None,
+    chat_template_config: TemplateConfigOption = None,
 ):
     """Chat with a model in the terminal, keeping the conversation and its KV cache.
 
@@ -232,13 +238,14 @@ def chat(
 
     [cyan]printf 'The Roman Empire\\n/stats\\n/quit\\n' | chronos chat --max-tokens 20[/cyan]
     """
+    template_kwargs = template_config(chat_template_config)  # a bad one is an error before anything loads
     model, tokenizer, runtime = load_model(opts, chat_template)
     from ..usage import ActivationStats
 
     usage_stats = ActivationStats.for_runtime(runtime) if runtime.cache is not None else None
     template = use_template(tokenizer, chat_template)
     sampler, processors = sampling.sampler(), sampling.logits_processors()
-    session = ChatSession(model, tokenizer, template=template)
+    session = ChatSession(model, tokenizer, template=template, system=system_prompt, template_kwargs=template_kwargs)
     interactive = sys.stdin.isatty()
     err.print(banner(runtime, template), soft_wrap=True)
 

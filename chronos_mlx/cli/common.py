@@ -460,14 +460,47 @@ def encode_text(tokenizer, text: str) -> list:
     return list(tokenizer.encode(text, add_special_tokens=bos is None or not text.startswith(bos)))
 
 
-def encode_messages(tokenizer, messages: list) -> list:
-    """Token ids of a conversation through the tokenizer's chat template (generation prompt added)."""
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+def encode_messages(tokenizer, messages: list, template_kwargs: Optional[dict] = None) -> list:
+    """Token ids of a conversation through the tokenizer's chat template (generation prompt
+    added); `template_kwargs` go to the template (--chat-template-config)."""
+    try:
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, **(template_kwargs or {}))
+    except Exception as e:  # a Jinja error from the template (or its kwargs): the user's to fix
+        if isinstance(e, (KeyboardInterrupt, MemoryError)):
+            raise
+        raise CliError(f"the chat template failed: {e}") from None
     if isinstance(ids, str):
         return list(tokenizer.encode(ids, add_special_tokens=False))
     if hasattr(ids, "keys"):  # a BatchEncoding from newer transformers
         ids = ids["input_ids"]
     return [int(t) for t in ids]
+
+
+SystemPromptOption = Annotated[
+    Optional[str],
+    typer.Option("--system-prompt", metavar="TEXT", help="A system message first (with the chat template; without one, "
+                 "the text the conversation starts with)."),
+]
+TemplateConfigOption = Annotated[
+    Optional[str],
+    typer.Option("--chat-template-config", metavar="JSON", help="Arguments for the chat template, as mlx_lm's, e.g. "
+                 "'{\"enable_thinking\": false}'."),
+]
+
+
+def template_config(text: Optional[str]) -> dict:
+    """--chat-template-config: a JSON object, or a clear error."""
+    if not text:
+        return {}
+    import json
+
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise CliError(f"--chat-template-config is not valid JSON ({e.msg} at character {e.pos})") from None
+    if not isinstance(config, dict):
+        raise CliError("--chat-template-config must be a JSON object, e.g. '{\"enable_thinking\": false}'")
+    return config
 
 
 def use_template(tokenizer, requested: Optional[bool]) -> bool:

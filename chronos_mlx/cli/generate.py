@@ -9,8 +9,9 @@ import typer
 from . import common
 from .app import app
 from .common import (
-    CliError, LoadOptions, Sampling, TEMPLATE_HELP, encode_messages, encode_text, err, load_model, read_prompt,
-    run_completion, stats_table, summary_line, use_template, user_errors, with_load_options, with_sampling_options,
+    CliError, LoadOptions, Sampling, SystemPromptOption, TEMPLATE_HELP, TemplateConfigOption, encode_messages,
+    encode_text, err, load_model, read_prompt, run_completion, stats_table, summary_line, template_config,
+    use_template, user_errors, with_load_options, with_sampling_options,
 )
 
 
@@ -30,6 +31,8 @@ def generate(
     chat_template: Annotated[
         Optional[bool], typer.Option("--chat-template/--no-chat-template", help=TEMPLATE_HELP, show_default=False)
     ] = None,
+    system_prompt: SystemPromptOption = None,
+    chat_template_config: TemplateConfigOption = None,
     as_json: Annotated[
         bool,
         typer.Option("--json", help="Print one JSON object {text, token_ids, finish_reason, stats, model} and nothing else on stdout."),
@@ -50,11 +53,13 @@ def generate(
     text = read_prompt(prompt, prompt_file)
     if not text:
         raise CliError("the prompt is empty")
+    kwargs = template_config(chat_template_config)
     model, tokenizer, runtime = load_model(opts, chat_template)
     if use_template(tokenizer, chat_template):
-        ids = encode_messages(tokenizer, [{"role": "user", "content": text}])
+        system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+        ids = encode_messages(tokenizer, system + [{"role": "user", "content": text}], kwargs)
     else:
-        ids = encode_text(tokenizer, text)
+        ids = encode_text(tokenizer, f"{system_prompt}\n{text}" if system_prompt else text)
     if not ids:
         raise CliError("the prompt encodes to no tokens")
 
