@@ -298,6 +298,7 @@ def test_tools_and_earlier_calls_reach_the_chat_template_and_the_reply_is_stocks
 
     path = write_chat_model(tmp_path / "chat", thinking=False)
     model, tok, runtime = chronos_mlx.load(str(path), 0.25, dtype="float32")
+    preamble = {"preamble": "Tools first."}  # `chronos serve --chat-template-config`: every request's
     tools = [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]
     messages = [{"role": "user", "content": "Weather in Rome?"},
                 {"role": "assistant", "content": None,
@@ -305,10 +306,10 @@ def test_tools_and_earlier_calls_reach_the_chat_template_and_the_reply_is_stocks
                 {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]
     as_template_sees_it = [messages[0], dict(messages[1], content="", tool_calls=[
         {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": {"city": "Rome"}}}]), messages[2]]
-    want_ids = tok.apply_chat_template(as_template_sees_it, tools=tools, add_generation_prompt=True)
+    want_ids = tok.apply_chat_template(as_template_sees_it, tools=tools, add_generation_prompt=True, **preamble)
     assert '"city": "Rome"' in tok.decode(want_ids)
     engine = BatchEngine(model, tok, runtime, prefill_step_size=64).start()
-    server = make_server(engine, "127.0.0.1", 0, model_id="chat")
+    server = make_server(engine, "127.0.0.1", 0, model_id="chat", template_kwargs=preamble)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{server.server_address[1]}"

@@ -10,7 +10,9 @@ import typer
 from rich.markup import escape
 
 from .app import app
-from .common import LoadOptions, err, human_bytes, load_model, user_errors, with_load_options
+from .common import (
+    LoadOptions, TemplateConfigOption, err, human_bytes, load_model, template_config, user_errors, with_load_options,
+)
 
 DEFAULT_KV_TOKENS = 16384
 
@@ -61,6 +63,7 @@ def serve(
             "prefills only its new tokens. Kept caches and the running batch stay within --kv-tokens. 0: none.",
         ),
     ] = 10,
+    chat_template_config: TemplateConfigOption = None,
     model_id: Annotated[
         Optional[str], typer.Option("--model-id", help="Model name in /v1/models. Default: the --model given, or the directory name.")
     ] = None,
@@ -82,6 +85,7 @@ def serve(
     """
     from ..serve import BatchEngine, make_server
 
+    template_kwargs = template_config(chat_template_config)  # a bad one is an error before anything loads
     opts = replace(opts, context_tokens=kv_tokens)
     model, tokenizer, runtime = load_model(opts)
     name = model_id or opts.model or Path(runtime.info.get("path", "model")).name
@@ -98,7 +102,8 @@ def serve(
     try:
         server = make_server(
             engine, host, port, model_id=name, default_max_tokens=max_tokens, default_temperature=temp,
-            default_top_p=top_p, default_top_k=top_k, default_min_p=min_p, info=runtime.info,
+            default_top_p=top_p, default_top_k=top_k, default_min_p=min_p, template_kwargs=template_kwargs,
+            info=runtime.info,
         )
     except OSError as e:
         from .common import CliError

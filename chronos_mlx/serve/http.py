@@ -126,7 +126,7 @@ class ChronosServer(ThreadingHTTPServer):
 
     def __init__(self, address, engine: BatchEngine, model_id: str, *, default_max_tokens: int = 512,
                  default_temperature: float = 0.0, default_top_p: float = 1.0, default_top_k: int = 0,
-                 default_min_p: float = 0.0, info: Optional[dict] = None):
+                 default_min_p: float = 0.0, template_kwargs: Optional[dict] = None, info: Optional[dict] = None):
         self.engine = engine
         self.model_id = model_id
         self.default_max_tokens = default_max_tokens
@@ -134,6 +134,7 @@ class ChronosServer(ThreadingHTTPServer):
         self.default_top_p = default_top_p
         self.default_top_k = default_top_k
         self.default_min_p = default_min_p
+        self.template_kwargs = template_kwargs or {}  # a request's chat_template_kwargs add to these
         self.info = info or {}
         self.created = int(time.time())
         self.fingerprint = "chronos-mlx"
@@ -326,7 +327,7 @@ class Handler(BaseHTTPRequestHandler):
             kwargs = body.get("chat_template_kwargs")
             if kwargs is not None and not isinstance(kwargs, dict):
                 raise BadRequest("chat_template_kwargs must be an object", param="chat_template_kwargs")
-            req["tools"], req["template_kwargs"] = tools or None, kwargs or {}
+            req["tools"], req["template_kwargs"] = tools or None, {**self.server.template_kwargs, **(kwargs or {})}
         else:
             prompt = body.get("prompt")
             if isinstance(prompt, list) and len(prompt) == 1:
