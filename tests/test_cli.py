@@ -509,3 +509,23 @@ def test_chat_keeps_its_system_prompt_through_a_reset(runner, chat_model):
 def test_a_bad_template_config_is_a_clear_error_before_loading(runner, config, fragment):
     result = runner.invoke(app, ["generate", "-p", "x", "--chat-template-config", config])
     assert result.exit_code == 2 and fragment in result.stderr and "Traceback" not in result.output
+
+
+def test_a_thinking_models_reasoning_is_dimmed_and_its_tool_calls_get_a_line(tmp_path):
+    """chat's printer on a tokenizer with think and tool-call markers (mlx_lm's json_tools)."""
+    from mlx_lm import load
+    from rich.console import Console
+    from synthetic import write_chat_model
+
+    from chronos_mlx.cli.chat import ReplyPrinter
+
+    _, tok = load(str(write_chat_model(tmp_path / "thinking", thinking=True)))
+    console = Console(record=True, force_terminal=True, color_system="standard", width=200)
+    printer = ReplyPrinter(tok, tok.encode("user: Weather?", add_special_tokens=False), console=console)
+    for piece in ["Let me ", "<thi", "nk>plan it</th", "ink>Sure. ",
+                  '<tool_call>{"name": "weather", "arguments": {"city": "Rome"}}</tool_call>']:
+        printer.write(piece)
+    printer.finish("stop")
+    assert console.export_text(clear=False) == 'Let me plan itSure. \n-> weather({"city": "Rome"})\n'
+    assert "\x1b[2mplan it" in console.export_text(styles=True)  # dim
+    assert printer.ended_line

@@ -153,6 +153,50 @@ class ChatSession:
             self.text = self._joined(user) + reply
 
 
+class ReplyPrinter:
+    """Streams a reply: a thinking model's reasoning dimmed, each tool call it makes as a line
+    of its own, the rest as it comes (the markers themselves are not shown; serve/replies.py
+    splits the text as mlx_lm.server does). A tokenizer without such markers gets the text
+    exactly as decoded. What goes into the conversation is the raw text either way."""
+
+    def __init__(self, tokenizer, prompt_ids: list, console=None):
+        from ..serve.replies import ChatReply, initial_state
+
+        self.console = console
+        self.ended_line = True
+        marked = getattr(tokenizer, "has_thinking", False) or getattr(tokenizer, "has_tool_calling", False)
+        self.reply = ChatReply(tokenizer, initial=initial_state(tokenizer, prompt_ids)) if marked else None
+
+    def _text(self, text: str, style: Optional[str] = None):
+        if not text:
+            return
+        if self.console is None and style is None:
+            common._write(text)
+        else:
+            from rich.text import Text
+
+            (self.console or out).print(Text(text, style=style or ""), end="", soft_wrap=True)
+        self.ended_line = text.endswith("\n")
+
+    def write(self, piece: str):
+        if self.reply is None:
+            return self._text(piece)
+        self._show(self.reply.feed(piece))
+
+    def finish(self, reason: Optional[str]):
+        if self.reply is not None:
+            self._show(self.reply.finish("stop" if reason == "stop" else "length"))
+
+    def _show(self, part):
+        self._text(part.reasoning, style="dim")
+        self._text(part.content)
+        for call in part.tool_calls:
+            if not self.ended_line:
+                self._text("\n")
+            f = call.get("function", {})
+            self._text(f"-> {f.get('name')}({f.get('arguments')})\n", style="cyan")
+
+
 def banner(runtime, template: bool) -> str:
     info = runtime.info
     parts = [f"[bold]chronos chat[/bold] · {escape(model_name(info))} ({info.get('model_type')})"]
@@ -292,11 +336,7 @@ def chat(
 
         ids = session.conversation_ids(line)
         feed = session.prepare(ids)
-        ended = {"newline": True}
-
-        def show(piece: str):
-            common._write(piece)
-            ended["newline"] = piece.endswith("\n")
+        printer = ReplyPrinter(tokenizer, ids)
 
         before = runtime.stats()
         done = run_completion(
@@ -309,10 +349,11 @@ def chat(
             sampler=sampler,
             logits_processors=processors,
             prompt_cache=session.cache,
-            on_text=show,
+            on_text=printer.write,
         )
+        printer.finish(done.finish_reason)
         session.record(feed, done)
-        if not ended["newline"]:
+        if not printer.ended_line:
             common._write("\n")
         if done.interrupted:
             err.print("[yellow]\\[interrupted][/yellow]")
