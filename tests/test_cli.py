@@ -529,3 +529,18 @@ def test_a_thinking_models_reasoning_is_dimmed_and_its_tool_calls_get_a_line(tmp
     assert console.export_text(clear=False) == 'Let me plan itSure. \n-> weather({"city": "Rome"})\n'
     assert "\x1b[2mplan it" in console.export_text(styles=True)  # dim
     assert printer.ended_line
+
+
+def test_a_bounded_kv_cache_gives_stock_mlx_lms_tokens_with_the_same_bound(runner, stock):
+    """--max-kv-size 16 with a longer prompt: mlx_lm's rotating cache, older tokens fall out;
+    stock with the same bound gives the same tokens (and not those of an unbounded cache)."""
+    from mlx_lm.generate import generate_step
+
+    model, tok = stock
+    text = "The history of the Roman Empire begins with the founding of the city and the kings who ruled it"
+    ids = tok.encode(text)
+    assert len(ids) > 16
+    want = [int(t) for t, _ in generate_step(mx.array(ids), model, max_tokens=10, max_kv_size=16)]
+    data = run_json(runner, "-p", text, "--max-tokens", "10", "-b", "0.25", "--max-kv-size", "16", "--no-chat-template")
+    assert data["token_ids"] == [t for t in want if t not in tok.eos_token_ids][: len(data["token_ids"])]
+    assert data["token_ids"] != stock_greedy(stock, text, 10)

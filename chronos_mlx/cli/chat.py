@@ -13,7 +13,7 @@ from . import common
 from ..errors import ChronosError
 from .app import app
 from .common import (
-    Completion, LoadOptions, Sampling, SystemPromptOption, TemplateConfigOption, encode_messages, encode_text, err,
+    Completion, LoadOptions, MaxKvOption, Sampling, SystemPromptOption, TemplateConfigOption, encode_messages, encode_text, err,
     error_line, human_bytes, load_model, model_name, out, run_completion, stats_table, template_config, use_template,
     user_errors, with_load_options, with_sampling_options,
 )
@@ -49,8 +49,9 @@ class ChatSession:
     """
 
     def __init__(self, model, tokenizer, *, template: bool, system: Optional[str] = None,
-                 template_kwargs: Optional[dict] = None):
+                 template_kwargs: Optional[dict] = None, max_kv_size: Optional[int] = None):
         self.model = model
+        self.max_kv_size = max_kv_size  # a rotating cache (it cannot be trimmed once it wraps)
         self.tokenizer = tokenizer
         self.template = template
         self.system = system  # stays through /reset
@@ -62,7 +63,7 @@ class ChatSession:
 
         self.messages: list = [{"role": "system", "content": self.system}] if self.system and self.template else []
         self.text = self.system + "\n" if self.system and not self.template else ""
-        self.cache = make_prompt_cache(self.model)
+        self.cache = make_prompt_cache(self.model, max_kv_size=self.max_kv_size)
         self.reusable = can_trim_prompt_cache(self.cache) and all(hasattr(c, "offset") for c in self.cache)
         self.cached: list = []  # the tokens whose keys/values the cache holds, in order
 
@@ -80,7 +81,7 @@ class ChatSession:
         if not self.reusable:
             from mlx_lm.models.cache import make_prompt_cache
 
-            self.cache, self.cached = make_prompt_cache(self.model), []
+            self.cache, self.cached = make_prompt_cache(self.model, max_kv_size=self.max_kv_size), []
             return ids
         keep = 0
         for a, b in zip(self.cached, ids):
@@ -122,7 +123,7 @@ class ChatSession:
         if not any(c.offset > n for c in self.cache):
             return
         if not can_trim_prompt_cache(self.cache):
-            self.cache, self.cached = make_prompt_cache(self.model), []
+            self.cache, self.cached = make_prompt_cache(self.model, max_kv_size=self.max_kv_size), []
             return
         for c in self.cache:
             if c.offset > n:
@@ -269,6 +270,7 @@ def chat(
     ] = None,
     system_prompt: SystemPromptOption = None,
     chat_template_config: TemplateConfigOption = None,
+    max_kv_size: MaxKvOption = None,
 ):
     """Chat with a model in the terminal, keeping the conversation and its KV cache.
 
@@ -289,7 +291,8 @@ def chat(
     usage_stats = ActivationStats.for_runtime(runtime) if runtime.cache is not None else None
     template = use_template(tokenizer, chat_template)
     sampler, processors = sampling.sampler(), sampling.logits_processors()
-    session = ChatSession(model, tokenizer, template=template, system=system_prompt, template_kwargs=template_kwargs)
+    session = ChatSession(model, tokenizer, template=template, system=system_prompt, template_kwargs=template_kwargs,
+                          max_kv_size=max_kv_size)
     interactive = sys.stdin.isatty()
     err.print(banner(runtime, template), soft_wrap=True)
 

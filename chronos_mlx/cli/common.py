@@ -488,6 +488,13 @@ TemplateConfigOption = Annotated[
 ]
 
 
+MaxKvOption = Annotated[
+    Optional[int],
+    typer.Option("--max-kv-size", min=1, metavar="TOKENS", help="Keep at most this many tokens of KV cache (a rotating "
+                 "cache, as mlx_lm's): bounded memory for long contexts; older tokens fall out."),
+]
+
+
 def template_config(text: Optional[str]) -> dict:
     """--chat-template-config: a JSON object, or a clear error."""
     if not text:

@@ -9,7 +9,7 @@ import typer
 from . import common
 from .app import app
 from .common import (
-    CliError, LoadOptions, Sampling, SystemPromptOption, TEMPLATE_HELP, TemplateConfigOption, encode_messages,
+    CliError, LoadOptions, MaxKvOption, Sampling, SystemPromptOption, TEMPLATE_HELP, TemplateConfigOption, encode_messages,
     encode_text, err, load_model, read_prompt, run_completion, stats_table, summary_line, template_config,
     use_template, user_errors, with_load_options, with_sampling_options,
 )
@@ -33,6 +33,7 @@ def generate(
     ] = None,
     system_prompt: SystemPromptOption = None,
     chat_template_config: TemplateConfigOption = None,
+    max_kv_size: MaxKvOption = None,
     as_json: Annotated[
         bool,
         typer.Option("--json", help="Print one JSON object {text, token_ids, finish_reason, stats, model} and nothing else on stdout."),
@@ -78,6 +79,7 @@ def generate(
         max_tokens=max_tokens,
         sampler=sampling.sampler(),
         logits_processors=sampling.logits_processors(),
+        prompt_cache=_kv_cache(model, max_kv_size),
         on_text=None if as_json else show,
     )
     stats = runtime.stats()
@@ -104,3 +106,12 @@ def generate(
         raise typer.Exit(130)
 
 
+
+
+def _kv_cache(model, max_kv_size: Optional[int]):
+    """A rotating KV cache of `max_kv_size` tokens (mlx_lm's), or None: the decode loop makes a plain one."""
+    if max_kv_size is None:
+        return None
+    from mlx_lm.models.cache import make_prompt_cache
+
+    return make_prompt_cache(model, max_kv_size=max_kv_size)
