@@ -6,7 +6,8 @@ Records the demo model's (or --model's) routing on replayed workload text (every
 experts at every step, all experts resident), then replays it per layer through a cache of
 the budget's slots with chronos's own policies (lru, lfu, usage) and with three that know
 the future: the next token's experts (what a perfect next-token predictor could tell an
-eviction), the next two tokens', and Belady's (every future use). A step's experts are
+eviction), the next two tokens', the set used in the rest of the generation but not when
+(`rest-set`: what a perfect intent predictor could tell it), and Belady's (every future use). A step's experts are
 never evicted for each other; the prefill's experts fill the cache first. Prints decode
 misses per token (summed over layers).
 """
@@ -56,6 +57,12 @@ class _Future:
         self.policy, self.horizon = policy, horizon
 
     def victim(self, candidates, t, seq):
+        if self.horizon == "set":  # only whether each is used again in this generation, not when
+            rest = set().union(*seq[t + 1 :]) if t + 1 < len(seq) else set()
+            unused = [e for e in candidates if e not in rest]
+            if unused:
+                return self.policy.victims(1, (set(candidates) - set(unused)) | self._others)[0]
+            return self.policy.victims(1, self._others)[0]
         end = len(seq) if self.horizon is None else min(len(seq), t + 1 + self.horizon)
 
         def next_use(e):
@@ -76,7 +83,7 @@ class _Future:
 def misses(seq, slots, num_experts, name):
     from chronos_mlx.policy import make_policy
 
-    oracle = {"next-token": 1, "next-2-tokens": 2, "belady": None}
+    oracle = {"next-token": 1, "next-2-tokens": 2, "rest-set": "set", "belady": None}
     policy = make_policy("usage" if name in oracle else name, num_experts)
     future = _Future(policy, oracle[name]) if name in oracle else None
     cache, count = [], 0
@@ -112,7 +119,7 @@ def main():
     ap.add_argument("--max-prompt-tokens", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--greedy", action="store_true", help="the model's greedy continuation instead of the workload text")
-    ap.add_argument("--policies", default="lru,lfu,usage,next-token,next-2-tokens,belady")
+    ap.add_argument("--policies", default="lru,lfu,usage,next-token,next-2-tokens,rest-set,belady")
     ap.add_argument("--json")
     args = ap.parse_args()
     traces, num_experts = record(args.model, args.workload, args.prompts, args.max_prompt_tokens, args.max_tokens,
