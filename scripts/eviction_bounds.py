@@ -4,7 +4,8 @@
 
 Records the demo model's (or --model's) routing on replayed workload text (every layer's
 experts at every step, all experts resident), then replays it per layer through a cache of
-the budget's slots with chronos's own policies (lru, lfu, usage) and with three that know
+the budget's slots with chronos's own policies (lru, lfu, usage), an offline guess of each
+expert's next use from its own intervals (`reuse`), and with four that know
 the future: the next token's experts (what a perfect next-token predictor could tell an
 eviction), the next two tokens', the set used in the rest of the generation but not when
 (`rest-set`: what a perfect intent predictor could tell it), and Belady's (every future use). A step's experts are
@@ -80,11 +81,46 @@ class _Future:
         return self.policy.victims(1, protected | self._others)[0]
 
 
+class _ReuseInterval:
+    """Offline only (`reuse`): Belady with guessed times. Each expert's next use is guessed from
+    its own history: an average of its intervals between uses (EMA), plus the time since its last
+    use spread over its uses; evict the one guessed furthest away."""
+
+    def __init__(self, num_experts: int, alpha: float = 0.2):
+        self.t, self.alpha, self.resident = 0, alpha, set()
+        self.last = np.full(num_experts, -1.0)
+        self.interval = np.full(num_experts, 8.0)
+        self.uses = np.zeros(num_experts)
+
+    def touch(self, experts):
+        self.t += 1
+        for e in experts:
+            if self.last[e] >= 0:
+                self.interval[e] += self.alpha * (self.t - self.last[e] - self.interval[e])
+            self.last[e], self.uses[e] = self.t, self.uses[e] + 1
+
+    def added(self, e):
+        self.resident.add(int(e))
+
+    def removed(self, e):
+        self.resident.discard(int(e))
+
+    def victims(self, n, protected):
+        def guess(e):
+            since = self.t - self.last[e] if self.last[e] >= 0 else 1e6
+            return since / max(self.uses[e], 1) + self.interval[e]
+
+        return sorted((e for e in self.resident if e not in protected), key=guess, reverse=True)[:n]
+
+
 def misses(seq, slots, num_experts, name):
     from chronos_mlx.policy import make_policy
 
     oracle = {"next-token": 1, "next-2-tokens": 2, "rest-set": "set", "belady": None}
-    policy = make_policy("usage" if name in oracle else name, num_experts)
+    if name == "reuse":
+        policy = _ReuseInterval(num_experts)
+    else:
+        policy = make_policy("usage" if name in oracle else name, num_experts)
     future = _Future(policy, oracle[name]) if name in oracle else None
     cache, count = [], 0
     for t, used in enumerate(seq):
