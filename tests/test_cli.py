@@ -148,6 +148,12 @@ def test_generate_reads_the_prompt_from_a_file(runner, tmp_path, stock):
     assert data["token_ids"] == stock_greedy(stock, PROMPT, 4)
 
 
+def test_a_prompt_of_dash_is_read_from_stdin_as_mlx_lm_reads_it(runner, stock):
+    result = runner.invoke(app, ["generate", "-p", "-", "--max-tokens", "4", "--json"], input=PROMPT)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["token_ids"] == stock_greedy(stock, PROMPT, 4)
+
+
 def test_ctrl_c_stops_generate_after_the_current_token(runner, monkeypatch):
     pieces = []
 

@@ -665,9 +665,9 @@ def _write(text: str):
 def read_prompt(prompt: Optional[str], prompt_file: Optional[Path]) -> str:
     if (prompt is None) == (prompt_file is None):
         raise CliError("give exactly one of --prompt/-p and --prompt-file")
-    if prompt is not None:
+    if prompt is not None and prompt != "-":
         return prompt
-    if str(prompt_file) == "-":
+    if prompt == "-" or str(prompt_file) == "-":  # stdin, as mlx_lm.generate's `--prompt -`
         try:
             return sys.stdin.read()
         except UnicodeDecodeError:

@@ -22,7 +22,7 @@ from .common import (
 def generate(
     opts: LoadOptions,
     sampling: Sampling,
-    prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="The prompt text.")] = None,
+    prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="The prompt text ('-': read it from stdin).")] = None,
     prompt_file: Annotated[
         Optional[Path],
         typer.Option("--prompt-file", metavar="FILE", help="Read the prompt from FILE ('-' for stdin)."),
