@@ -471,6 +471,25 @@ def test_a_chat_prompts_system_part_is_found_as_mlx_lm_server_finds_it(tmp_path)
     assert second["usage"]["prompt_tokens_details"]["cached_tokens"] == shared > len(tok.encode(system["content"])) // 2
 
 
+def test_each_post_is_reported_with_what_it_cost(served):
+    _, engine, tok, _ = served
+    reports = []
+    server = make_server(engine, "127.0.0.1", 0, model_id="demo", on_request=reports.append)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        raw(url, "POST", "/v1/completions", {"prompt": PROMPTS[1], "max_tokens": 3})
+        raw(url, "POST", "/v1/completions", {"prompt": PROMPTS[1], "max_tokens": 0})
+    finally:
+        server.shutdown()
+        server.server_close()
+    done, refused = reports
+    assert (done["status"], done["completion_tokens"], done["finish_reason"]) == (200, 3, "length")
+    assert done["prompt_tokens"] == len(tok.encode(PROMPTS[1])) and done["seconds"] > 0
+    assert (refused["status"], refused["prompt_tokens"], refused["finish_reason"]) == (400, 0, None)
+
+
 # --- cancellation and malformed requests -----------------------------------------------------
 
 
@@ -626,3 +645,5 @@ def test_chronos_serve_command_serves_with_a_memory_limit_and_stops_on_sigterm(t
         rc = proc.wait(20)
     assert rc == 0, log.read_text()
     assert "terminate called" not in log.read_text()
+    # one line a request on stderr: what it asked and how it ended
+    assert re.search(r"POST /v1/completions 200 · \d+ prompt tokens → 6 · [\d.]+ s · length", log.read_text())

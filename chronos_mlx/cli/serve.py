@@ -64,6 +64,7 @@ def serve(
         ),
     ] = 10,
     chat_template_config: TemplateConfigOption = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No line on stderr for each request.")] = False,
     model_id: Annotated[
         Optional[str], typer.Option("--model-id", help="Model name in /v1/models. Default: the --model given, or the directory name.")
     ] = None,
@@ -103,7 +104,7 @@ def serve(
         server = make_server(
             engine, host, port, model_id=name, default_max_tokens=max_tokens, default_temperature=temp,
             default_top_p=top_p, default_top_k=top_k, default_min_p=min_p, template_kwargs=template_kwargs,
-            info=runtime.info,
+            info=runtime.info, on_request=None if quiet else _log_request,
         )
     except OSError as e:
         from .common import CliError
@@ -142,6 +143,17 @@ def serve(
         server.server_close()
         engine.stop()
     _leave_without_teardown()
+
+
+def _log_request(r: dict):
+    """One line on stderr a request (as mlx_lm.server logs them): what it asked and what it cost."""
+    if r["status"] is None and r["finish_reason"] is None:
+        return  # the client left before anything was sent
+    cached = f" ({r['cached_tokens']} cached)" if r["cached_tokens"] else ""
+    tokens = f" · {r['prompt_tokens']} prompt tokens{cached} → {r['completion_tokens']}" if r["prompt_tokens"] else ""
+    finish = f" · {r['finish_reason']}" if r["finish_reason"] else ""
+    err.print(f"[dim]{r['method']} {escape(r['path'])} {r['status'] or '-'}{tokens} · {r['seconds']:.2f} s{finish}[/dim]",
+              soft_wrap=True)
 
 
 def _kv_room(info: dict, kv_tokens: int) -> Optional[int]:

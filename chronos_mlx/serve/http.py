@@ -126,7 +126,10 @@ class ChronosServer(ThreadingHTTPServer):
 
     def __init__(self, address, engine: BatchEngine, model_id: str, *, default_max_tokens: int = 512,
                  default_temperature: float = 0.0, default_top_p: float = 1.0, default_top_k: int = 0,
-                 default_min_p: float = 0.0, template_kwargs: Optional[dict] = None, info: Optional[dict] = None):
+                 default_min_p: float = 0.0, template_kwargs: Optional[dict] = None, info: Optional[dict] = None,
+                 on_request=None):
+        """`on_request(summary)`: called after each POST with a dict (method, path, status,
+        prompt / cached / completion tokens, seconds, finish reason): the CLI logs it."""
         self.engine = engine
         self.model_id = model_id
         self.default_max_tokens = default_max_tokens
@@ -135,6 +138,7 @@ class ChronosServer(ThreadingHTTPServer):
         self.default_top_k = default_top_k
         self.default_min_p = default_min_p
         self.template_kwargs = template_kwargs or {}  # a request's chat_template_kwargs add to these
+        self.on_request = on_request
         self.info = info or {}
         self.created = int(time.time())
         self.fingerprint = "chronos-mlx"
@@ -156,6 +160,7 @@ class Handler(BaseHTTPRequestHandler):
 
     # --- plumbing -----------------------------------------------------------------------
     def _send_json(self, status: int, obj):
+        self._status = status
         data = json.dumps(obj).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
@@ -208,6 +213,27 @@ class Handler(BaseHTTPRequestHandler):
 
     # --- POST ---------------------------------------------------------------------------
     def do_POST(self):
+        self._status, self._handle, self._finish = None, None, None
+        t0 = time.perf_counter()
+        try:
+            self._post()
+        finally:
+            self._report(t0)
+
+    def _report(self, t0: float):
+        report = self.server.on_request
+        if report is None:
+            return
+        h = self._handle
+        try:
+            report({"method": "POST", "path": self.path.split("?", 1)[0], "status": self._status,
+                    "prompt_tokens": h.prompt_tokens if h else 0, "cached_tokens": h.cached_tokens if h else 0,
+                    "completion_tokens": h.completion_tokens if h else 0, "seconds": time.perf_counter() - t0,
+                    "finish_reason": self._finish})
+        except Exception:  # a logger that fails must not take the request down with it
+            pass
+
+    def _post(self):
         path = self.path.split("?", 1)[0].rstrip("/")
         kinds = {"/v1/completions": "text", "/completions": "text", "/v1/chat/completions": "chat", "/chat/completions": "chat"}
         length = self.headers.get("Content-Length")
@@ -238,7 +264,7 @@ class Handler(BaseHTTPRequestHandler):
         except BadRequest as e:
             return self._error(e.status, str(e), e.param)
         try:
-            handle = self.server.engine.submit(prompt_ids, req["params"], keep_at=req.get("keep_at", ()))
+            handle = self._handle = self.server.engine.submit(prompt_ids, req["params"], keep_at=req.get("keep_at", ()))
         except (EngineError, ValueError) as e:
             return self._error(503 if isinstance(e, EngineError) else 400, str(e), kind="server_error")
         try:
@@ -463,6 +489,7 @@ class Handler(BaseHTTPRequestHandler):
                 logprobs.append(self._logprob_entry(ev))
             if ev.finish_reason:
                 finish, error = ev.finish_reason, ev.error
+        self._finish = finish
         if finish == "cancelled":
             self.close_connection = True
             return
@@ -472,6 +499,7 @@ class Handler(BaseHTTPRequestHandler):
         if reply is not None:
             _join(whole, reply.finish(finish))
             finish = reply.finish_reason(finish)
+        self._finish = finish
         resp["choices"] = [self._choice(req, text, finish, logprobs, stream=False, part=whole if reply else None)]
         resp["usage"] = self._usage(handle)
         self._send_json(200, resp)
@@ -480,6 +508,7 @@ class Handler(BaseHTTPRequestHandler):
         rid = ("chatcmpl-" if req["kind"] == "chat" else "cmpl-") + str(uuid.uuid4())
         obj = "chat.completion.chunk" if req["kind"] == "chat" else "text_completion"
         self.send_response(200)
+        self._status = 200
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
         self.send_header("Access-Control-Allow-Origin", "*")
@@ -510,7 +539,7 @@ class Handler(BaseHTTPRequestHandler):
                 if reply.in_tool_call and not part and not reason:
                     continue  # a call's text is sent whole, once it has ended (its logprobs with it)
             if reason:
-                finish = reason
+                finish = self._finish = reason
             if (part if part is not None else ev.text) or held or reason:
                 chunk = self._base(req, rid, obj)
                 chunk["choices"] = [self._choice(req, ev.text, reason, held or None, stream=True, part=part)]
