@@ -75,6 +75,8 @@ def serve(
     GET /v1/models and /health. Concurrent requests share one model and one expert cache
     and are decoded as one batch (mlx_lm's BatchGenerator): each layer loads the union of
     the batch's experts once. Greedy tokens equal stock mlx_lm's for the same batch.
+    A conversation's next turn prefills only its new tokens (the prompt cache); chat
+    requests take tools, and replies carry reasoning and tool calls as mlx_lm.server's do.
 
     [bold]Examples[/bold]
 
