@@ -23,14 +23,19 @@ def test_the_demo_model_gives_stock_tokens_at_every_budget_and_routing():
     assert report.to_json()["ok"] is True and report.to_json()["device"] == report.device
 
 
-def test_a_different_token_is_reported_with_where_it_happened(monkeypatch):
+def _chronos_off_at(monkeypatch, token: int):
+    """chronos's decode loop, but another token at index `token` (a fault to be caught)."""
     real = generate.generate_step
 
-    def third_token_off(*args, **kwargs):
-        for i, (token, logprobs) in enumerate(real(*args, **kwargs)):
-            yield (token + 1 if i == 2 else token), logprobs
+    def off(*args, **kwargs):
+        for i, (t, logprobs) in enumerate(real(*args, **kwargs)):
+            yield (t + 1 if i == token else t), logprobs
 
-    monkeypatch.setattr(generate, "generate_step", third_token_off)
+    monkeypatch.setattr(generate, "generate_step", off)
+
+
+def test_a_different_token_is_reported_with_where_it_happened(monkeypatch):
+    _chronos_off_at(monkeypatch, 2)
     report = check_against_stock(budgets=(0.5,), routings=("optimistic",), prompts=["Once upon a time"], max_tokens=4)
     assert not report.ok
     assert [(c.exact, c.first_difference) for c in report.checks] == [(False, 2)]
@@ -68,13 +73,7 @@ def test_where_stock_is_not_deterministic_only_the_tokens_it_repeats_are_compare
 
 def test_a_difference_before_stock_parts_from_itself_is_still_caught(monkeypatch):
     _stock_that_parts_at(monkeypatch, 3)
-    real = generate.generate_step
-
-    def second_token_off(*args, **kwargs):
-        for i, (token, logprobs) in enumerate(real(*args, **kwargs)):
-            yield (token + 1 if i == 1 else token), logprobs
-
-    monkeypatch.setattr(generate, "generate_step", second_token_off)
+    _chronos_off_at(monkeypatch, 1)
     report = check_against_stock(budgets=(0.5,), routings=("optimistic",), prompts=["Once upon a time"], max_tokens=6)
     assert not report.ok
     assert [(c.exact, c.first_difference, c.compared) for c in report.checks] == [(False, 1, 3)]

@@ -141,13 +141,33 @@ class LoadOptions:
         return dict(sync=self.sync)
 
 
-def _option(name: str, default, annotation, *decls: str, **kwargs) -> inspect.Parameter:
+def _option(name: str, default, annotation, *decls: str, panel: str = _PANEL, **kwargs) -> inspect.Parameter:
     return inspect.Parameter(
         name,
         inspect.Parameter.KEYWORD_ONLY,
         default=default,
-        annotation=Annotated[annotation, typer.Option(*decls, rich_help_panel=_PANEL, **kwargs)],
+        annotation=Annotated[annotation, typer.Option(*decls, rich_help_panel=panel, **kwargs)],
     )
+
+
+def _option_group(options: list, argument: str, make: Callable) -> Callable:
+    """A decorator that adds `options` to a command, which receives them as one argument
+    named `argument`, built by `make(**values)`."""
+    names = [p.name for p in options]
+
+    def decorate(fn: Callable) -> Callable:
+        sig = inspect.signature(fn)
+        own = [p for p in sig.parameters.values() if p.name != argument]
+
+        @functools.wraps(fn)
+        def wrapper(**kwargs):
+            return fn(**{argument: make(**{n: kwargs.pop(n) for n in names})}, **kwargs)
+
+        wrapper.__signature__ = sig.replace(parameters=own + options)
+        wrapper.__annotations__ = {p.name: p.annotation for p in own + options}
+        return wrapper
+
+    return decorate
 
 
 LOAD_OPTIONS = [
@@ -266,18 +286,7 @@ LOAD_OPTIONS = [
 
 def with_load_options(fn: Callable) -> Callable:
     """Add LOAD_OPTIONS to a command; it receives them as `opts: LoadOptions`."""
-    sig = inspect.signature(fn)
-    own = [p for p in sig.parameters.values() if p.name != "opts"]
-    names = [p.name for p in LOAD_OPTIONS]
-
-    @functools.wraps(fn)
-    def wrapper(**kwargs):
-        opts = LoadOptions(**{n: kwargs.pop(n) for n in names})
-        return fn(opts=opts, **kwargs)
-
-    wrapper.__signature__ = sig.replace(parameters=own + LOAD_OPTIONS)
-    wrapper.__annotations__ = {p.name: p.annotation for p in own + LOAD_OPTIONS}
-    return wrapper
+    return _option_group(LOAD_OPTIONS, "opts", LoadOptions)(fn)
 
 
 def load_model(opts: LoadOptions, chat_template: Optional[bool] = None):
@@ -547,8 +556,7 @@ class Sampling:
 
 
 def _sampling_option(name: str, default, annotation, *decls: str, **kwargs) -> inspect.Parameter:
-    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
-                             annotation=Annotated[annotation, typer.Option(*decls, rich_help_panel="Sampling", **kwargs)])
+    return _option(name, default, annotation, *decls, panel="Sampling", **kwargs)
 
 
 # mlx_lm's sampler and logits processors (`generate`, `chat`).
@@ -566,17 +574,7 @@ SAMPLING_OPTIONS = [
 
 def with_sampling_options(fn: Callable) -> Callable:
     """Add SAMPLING_OPTIONS to a command; it receives them as `sampling: Sampling`."""
-    sig = inspect.signature(fn)
-    own = [p for p in sig.parameters.values() if p.name != "sampling"]
-    names = [p.name for p in SAMPLING_OPTIONS]
-
-    @functools.wraps(fn)
-    def wrapper(**kwargs):
-        return fn(sampling=Sampling(**{n: kwargs.pop(n) for n in names}), **kwargs)
-
-    wrapper.__signature__ = sig.replace(parameters=own + SAMPLING_OPTIONS)
-    wrapper.__annotations__ = {p.name: p.annotation for p in own + SAMPLING_OPTIONS}
-    return wrapper
+    return _option_group(SAMPLING_OPTIONS, "sampling", Sampling)(fn)
 
 
 class DeferredInterrupt:
