@@ -578,6 +578,12 @@ def add_ratios(rows: list[dict], probe: dict | None = None) -> list[dict]:
             continue
         rate = r.get("io_sim_bandwidth_bytes_per_s") or best
         read = r.get("decode_bytes_read_per_token")
+        if r.get("sync") == "device-fetch" and ceiling and read:
+            # The device copies while no host thread waits: its stall is the time a token takes
+            # beyond stock's (everything it adds counted as loading: a lower bound on the rate).
+            excess = max(0.0, 1 / speed - 1 / ceiling) if speed else None
+            r["stall_s_per_token"] = excess
+            r["effective_load_bytes_per_s"] = read / excess if excess else None
         if rate:
             r["roofline_load_bytes_per_s"] = rate
             if r.get("effective_load_bytes_per_s"):
@@ -631,10 +637,13 @@ def plan_configs(budgets, *, info: dict, io_sim=None, direct_io=False, predictor
 
     if device_wait.available():  # CUDA: the same loads, layers waiting on the GPU instead of host reads
         variants.append(("chronos-device-wait", {"policy": "lru"}, None))
+        if not io_sim:  # the shards page-locked in host memory, the device copying its own misses
+            variants.append(("chronos-device-fetch", {"policy": "usage"}, None))
+    on_device = {"chronos-device-wait": "device-wait", "chronos-device-fetch": "device-fetch"}
     for name, opts, prof in variants:
         for b in budgets:
             cfg = BenchConfig(f"{name}@{b}", budget=str(b), options={**io, **opts},
-                              sync="device-wait" if name == "chronos-device-wait" else "optimistic")
+                              sync=on_device.get(name, "optimistic"))
             cfg.profile = prof
             configs.append(cfg)
     if only:

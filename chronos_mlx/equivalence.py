@@ -160,5 +160,7 @@ def check_against_stock(
                 report.checks.append(check)
                 if on_check is not None:
                     on_check(check)
+            if runtime.waiter is not None:  # its thread, or the shards it holds page-locked
+                runtime.waiter.close()
             del cm, runtime
     return report

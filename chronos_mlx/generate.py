@@ -29,14 +29,16 @@ from .rollback import Checkpoint, checkpointable
 from .runtime import Runtime
 from .verification import SegmentMiss, SegmentPlanner, StepRecord
 
-# optimistic: segments chosen per step (verification.py); device-wait: CUDA only (device_wait.py)
-SYNC_MODES = ("optimistic", "per-layer", "device-wait")
+# optimistic: segments chosen per step (verification.py); device-wait: CUDA only (device_wait.py);
+# device-fetch: CUDA only, the shards page-locked in host memory (device_fetch.py)
+SYNC_MODES = ("optimistic", "per-layer", "device-wait", "device-fetch")
+ON_DEVICE = ("device-wait", "device-fetch")  # the device routes a step's layers; the host reads it once
 _STREAMS: dict = {}
 
 
 def available_sync_modes() -> list:
-    """The routing modes this machine can run (device-wait: MLX's CUDA backend only)."""
-    return [m for m in SYNC_MODES if m != "device-wait" or device_wait.available()]
+    """The routing modes this machine can run (device-wait, device-fetch: MLX's CUDA backend only)."""
+    return [m for m in SYNC_MODES if m not in ON_DEVICE or device_wait.available()]
 
 
 def resolve_sync(sync: str, runtime: Optional[Runtime] = None) -> str:
@@ -50,6 +52,19 @@ def resolve_sync(sync: str, runtime: Optional[Runtime] = None) -> str:
     cache = runtime.cache if runtime is not None else None
     every_expert_fits = cache is not None and all(L.num_slots >= L.num_experts for L in cache.layers)
     return "device-wait" if device_wait.available() and not every_expert_fits else "optimistic"
+
+
+def _device_router(runtime: Runtime, sync: str):
+    """`runtime.waiter` for `sync` (device-wait or device-fetch), made on first use; one of
+    the other kind is closed first (its state would no longer match the cache's)."""
+    from .device_fetch import DeviceFetcher
+
+    kind = DeviceFetcher if sync == "device-fetch" else device_wait.DeviceWaiter
+    if isinstance(runtime.waiter, kind):
+        return
+    if runtime.waiter is not None:
+        runtime.waiter.close()
+    runtime.waiter = kind(runtime)
 
 
 def generation_stream():
@@ -118,8 +133,8 @@ def generate_step(
     if sync != "auto" and sync not in SYNC_MODES:
         raise ValueError(f"sync must be 'auto' or one of {SYNC_MODES}, got '{sync}'")
     sync = resolve_sync(sync, runtime)
-    if sync == "device-wait" and not device_wait.available():
-        raise ValueError("sync='device-wait' needs MLX's CUDA backend (mx.fast.cuda_kernel)")
+    if sync in ON_DEVICE and not device_wait.available():
+        raise ValueError(f"sync='{sync}' needs MLX's CUDA backend (mx.fast.cuda_kernel)")
     sampler = sampler or greedy
     if prompt_cache is None:
         prompt_cache = make_prompt_cache(model)
@@ -127,9 +142,9 @@ def generate_step(
     # Optimistic steps must be undoable exactly: every cache object is checkpointed before
     # each step (see rollback.py); one that cannot be makes every step route per layer.
     optimistic = streaming and sync == "optimistic" and checkpointable(prompt_cache)
-    waiting = streaming and sync == "device-wait"
-    if waiting and runtime.waiter is None:
-        runtime.waiter = device_wait.DeviceWaiter(runtime)
+    waiting = streaming and sync in ON_DEVICE
+    if waiting:
+        _device_router(runtime, sync)
     c = runtime.counters
     n_moe = len(runtime.cache.layers) if streaming else 0
 

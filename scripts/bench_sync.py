@@ -136,7 +136,7 @@ def main():
     ap.add_argument("--io-sim", default=None)
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--modes", default="optimistic,per-layer,mlx_lm",
-                    help="chronos variants: optimistic (segments), per-layer (late rows on MLX's CPU backend, gated elsewhere), device-wait (CUDA: layers wait on the GPU for a loader thread, the GPU copying the loads), whole-token (optimistic, no segment end: a miss reloads every missed layer at once and recomputes), per-layer-stop (per-layer that stops graph construction at each layer, as before gates), mlx_lm (the chronos model in stock mlx_lm's loop); a -gates suffix (per-layer-gates, optimistic-gates, mlx_lm-gates) routes per layer through gates where late rows are the default (MLX's CPU backend), a -rows suffix (per-layer-rows, ...) with late rows where gates are (GPUs); :predictor appends one (gate, markov, lookahead, intent, all; table: with --routing trained, guesses as good as the demo's gate predictor, bench_guesses.py)")
+                    help="chronos variants: optimistic (segments), per-layer (late rows on MLX's CPU backend, gated elsewhere), device-wait (CUDA: layers wait on the GPU for a loader thread, the GPU copying the loads), device-fetch (CUDA: layers copy their misses themselves from the shards held page-locked in host memory; no --io-sim), whole-token (optimistic, no segment end: a miss reloads every missed layer at once and recomputes), per-layer-stop (per-layer that stops graph construction at each layer, as before gates), mlx_lm (the chronos model in stock mlx_lm's loop); a -gates suffix (per-layer-gates, optimistic-gates, mlx_lm-gates) routes per layer through gates where late rows are the default (MLX's CPU backend), a -rows suffix (per-layer-rows, ...) with late rows where gates are (GPUs); :predictor appends one (gate, markov, lookahead, intent, all; table: with --routing trained, guesses as good as the demo's gate predictor, bench_guesses.py)")
     ap.add_argument("--interleave", action="store_true", help="load all, measure round-robin (noisy machines)")
     ap.add_argument("--max-prompt-tokens", type=int, default=128)
     ap.add_argument("--greedy", action="store_true", help="greedy decoding instead of replay")
@@ -185,8 +185,9 @@ def main():
         ap.error("--routing trained needs replay (no --greedy / --temp)")
     from chronos_mlx import device_wait
 
-    if "device-wait" in args.modes.replace(":", ",").split(",") and (args.cpu or not device_wait.available()):
-        ap.error("--modes device-wait needs MLX's CUDA backend (a GPU, without --cpu)")
+    on_device = {"device-wait", "device-fetch"} & set(args.modes.replace(":", ",").split(","))
+    if on_device and (args.cpu or not device_wait.available()):
+        ap.error(f"--modes {', '.join(sorted(on_device))} needs MLX's CUDA backend (a GPU, without --cpu)")
     if any(v.partition(":")[2] == "table" for v in args.modes.split(",")) and args.routing != "trained":
         ap.error("predictor 'table' (--modes MODE:table) needs --routing trained")
     if args.guess_reads and not set(args.guess_reads.split(",")) <= {"stage", "post", "load"}:

@@ -10,7 +10,7 @@
 #   STEPS=warm-up,race,make-q48,warm-q48,trace-q48,save-ptx   then   STEPS=bench   then
 #   STEPS=phases-q48,tests,exact,exact-guesses,guesses,cost
 set -uo pipefail
-STEPS=${STEPS:-warm-up,race,trace,tests,exact,exact-guesses,guesses,make-q48,warm-q48,trace-q48,phases-q48,cost,bench,save-ptx}
+STEPS=${STEPS:-warm-up,race,trace,tests,fetch,exact,exact-guesses,guesses,make-q48,warm-q48,trace-q48,phases-q48,cost,bench,save-ptx}
 OUT=${OUT:-/tmp/out}
 Q48=${Q48:-/tmp/q48}
 BUDGETS=${BUDGETS:-0.97,0.5,0.25}
@@ -43,6 +43,10 @@ step race 60 bash -c "python3 scripts/device_wait_race.py && python3 scripts/dev
 # Every request timed; if requests stop, every thread's stack (faulthandler) — a hang shows where.
 step trace 120 python3 scripts/device_wait_trace.py --budget 0.5 --tokens 8 --limit-s 2
 step tests 240 python3 -m pytest -q -p no:cacheprovider -o addopts="" -o faulthandler_timeout=60 tests/test_device_wait.py tests/test_wait_kernels.py
+# Device-fetch (device_fetch.py): its kernel against the stand-in, its decode against stock, then beside device-wait.
+step fetch 300 bash -c "python3 -m pytest -q -p no:cacheprovider -o addopts='' -o faulthandler_timeout=60 \
+  tests/test_fetch_kernels.py tests/test_device_fetch.py; python3 scripts/exact_check.py --budgets 0.5,0.25 \
+  --max-tokens 16 --ends device-fetch,device-wait --workload python --prompts 2 --json $OUT/exact-fetch.json"
 step exact 240 python3 scripts/exact_check.py --budgets 0.5,0.25 --max-tokens 16 --ends planned,device-wait --workload python --prompts 3 \
   --json "$OUT/exact.json"
 # Requests that carry next-layer guesses (the gate predictor): exact against stock, and how many requests they spare.

@@ -32,7 +32,7 @@ def main():
     ap.add_argument("--prompt", default="The history of the Roman Empire begins")
     ap.add_argument("--workload", default="en", help="bundled workload (or .jsonl) for --prompts")
     ap.add_argument("--prompts", type=int, default=0, help="also this many prompts of --workload")
-    ap.add_argument("--ends", default="planned", help="comma-separated: planned (the planner's segment ends), none (whole-token optimism), device-wait (CUDA: layers wait on the device, which copies the loads the host staged)")
+    ap.add_argument("--ends", default="planned", help="comma-separated: planned (the planner's segment ends), none (whole-token optimism), device-wait (CUDA: layers wait on the device, which copies the loads the host staged), device-fetch (CUDA: layers copy their misses from the page-locked shards)")
     ap.add_argument("--predictor", default=None, help="attach this predictor (gate, lookahead, ...): with device-wait, requests carry next-layer guesses")
     ap.add_argument("--cpu", action="store_true")
     ap.add_argument("--json")
@@ -74,7 +74,7 @@ def main():
 
                     attach_predictor(cm, rt, args.predictor)
                 got = [t for t, _ in generate_step(prompt, cm, rt, max_tokens=args.max_tokens,
-                                                   sync="device-wait" if ends == "device-wait" else "optimistic",
+                                                   sync=ends if ends in ("device-wait", "device-fetch") else "optimistic",
                                                    segment_ends=frozenset() if ends == "none" else None)]
                 if rt.waiter is not None:
                     rt.waiter.close()

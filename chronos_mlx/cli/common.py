@@ -211,7 +211,9 @@ LOAD_OPTIONS = [
             "layer); on MLX's CPU backend the layer's experts compute meanwhile on those resident "
             "and only the rows whose expert was missing are recomputed. device-wait (CUDA only): each MoE "
             "layer waits on the GPU for a loader thread only when one of its experts is absent; "
-            "no host sync per layer. All give the same tokens."
+            "no host sync per layer. device-fetch (CUDA only): each MoE layer copies its absent experts "
+            "itself from the shards, which it holds page-locked in host memory (the whole model in "
+            "host RAM, the budget on the GPU); no loader thread. All give the same tokens."
         ),
     ),
     _option(
@@ -340,11 +342,11 @@ def check_load_options(opts: LoadOptions):
     parse_io_sim(opts.io_sim)
     if opts.predictor is not None and opts.predictor not in PREDICTORS:
         raise CliError(f"--predictor: unknown predictor '{opts.predictor}' (choose from {', '.join(PREDICTORS)})")
-    if opts.sync == "device-wait":
+    if opts.sync in ("device-wait", "device-fetch"):
         from .. import device_wait
 
         if not device_wait.available():
-            raise CliError("--sync device-wait needs MLX's CUDA backend (a GPU with mx.fast.cuda_kernel); "
+            raise CliError(f"--sync {opts.sync} needs MLX's CUDA backend (a GPU with mx.fast.cuda_kernel); "
                            "use --sync optimistic or per-layer here")
     if opts.profile:
         from ..profiles import resolve_profile

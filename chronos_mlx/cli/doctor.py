@@ -95,7 +95,7 @@ def doctor(
     grid.add_row("split reads", escape(mach["split_reads"]))
     modes = mach.get("sync_modes", [])
     grid.add_row("--sync", ", ".join(modes) + f"  (auto: {mach['default_sync']})"
-                 + ("" if "device-wait" in modes else "  [dim](device-wait needs MLX's CUDA backend)[/dim]"))
+                 + ("" if "device-wait" in modes else "  [dim](device-wait, device-fetch need MLX's CUDA backend)[/dim]"))
     if mach.get("per_layer"):
         grid.add_row("per-layer routing", escape(mach["per_layer"]))
     out.print()

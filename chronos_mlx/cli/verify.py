@@ -45,7 +45,7 @@ def verify(
     budgets: Annotated[str, typer.Option("--budgets", metavar="B,B", help="With --tokens: expert budgets to check.")] = "0.5,0.125",
     routing: Annotated[
         Optional[str], typer.Option("--routing", metavar="MODE,MODE", help="With --tokens: decode routings to check "
-                                    "(optimistic, per-layer; device-wait on CUDA). Default: every one this machine runs.")
+                                    "(optimistic, per-layer; device-wait, device-fetch on CUDA). Default: every one this machine runs.")
     ] = None,
     prompt: Annotated[
         Optional[list[str]], typer.Option("--prompt", "-p", metavar="TEXT", help="With --tokens: a prompt (repeat for more). Default: a short and a long one.")

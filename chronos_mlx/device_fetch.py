@@ -1,0 +1,312 @@
+"""The device fetches its own misses from the shards in host memory (CUDA; `--sync device-fetch`).
+
+Device-wait routing (device_wait.py) answers each miss through a host thread: the kernel
+asks, the thread reads the experts into staging, chooses victims and answers — ~0.5–1 ms a
+request on the H200, 40-odd requests a token at half the experts. Here no host thread takes
+part while steps run. The shard files are mapped and registered with the GPU
+(`cuMemHostRegister`, read-only: their pages locked in host memory, which the device reads
+over PCIe), and each MoE layer's kernel (fetch_kernels.py) chooses slots for its absent
+experts itself — a free slot, else the least-used resident expert the call does not use, by
+the same decayed-use order as the `usage` policy — and copies their bytes from the
+registered shards; the products read the slots after the copies. The host reads the step's
+ids and per-layer counts once the step has run (hits, misses, bytes, the policy's history),
+and the slots' owners when the generation ends, so prefill and the other modes find the
+cache as the device left it.
+
+The cost: the whole of every shard is held page-locked in host memory while the model is
+loaded (the GPU's memory still holds only the budget). That is the page cache's copy, not
+a second one, but it is locked: use it where host memory holds the model and the GPU does
+not. It refuses shards larger than most of the host's memory, experts whose resident dtype
+differs from the disk's (the device copies bytes as they are), and a simulated drive.
+
+Exact by construction, as device-wait: a layer's slots and table change only inside its
+own kernel, which runs after every kernel queued before it (each takes the previous one's
+output) and before its products (which read the slots the copies hand on); victims are
+never among the call's experts.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from .device_wait import _drain
+from .errors import ChronosError, DeviceWaitError
+from .fetch_kernels import N_COUNTS, fetch_experts
+from .wait_kernels import ABSENT, driver
+
+# Page-locked mappings of more than this share of the host's memory are refused.
+MAX_HOST_SHARE = 0.85
+_PAGE = mmap.PAGESIZE
+
+
+def host_memory_bytes() -> int | None:
+    """Physical memory of this host (Linux /proc/meminfo, or sysconf), or None."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+class RegisteredShards:
+    """The shard files mapped read-only and, with `lib` (libcuda), registered with the GPU:
+    `address[path]` is the device address of the file's first byte (the host address
+    without `lib`, for the host stand-in)."""
+
+    def __init__(self, paths, lib=None):
+        self.address: dict = {}
+        self._maps: list = []  # (path, file, mmap, numpy view, host address, registered)
+        self._lib = lib
+        paths = sorted({Path(p) for p in paths})
+        total = sum(p.stat().st_size for p in paths)
+        memory = host_memory_bytes()
+        if lib is not None and memory and total > MAX_HOST_SHARE * memory:
+            raise ChronosError(
+                f"--sync device-fetch holds every shard page-locked in host memory: {total / 2**30:.1f} GiB of shards "
+                f"against {memory / 2**30:.1f} GiB of memory; use --sync device-wait")
+        if lib is not None:
+            from .upload import make_context_current
+
+            lib.cuMemHostRegister_v2.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint]
+            lib.cuMemHostUnregister.argtypes = [ctypes.c_void_p]
+            make_context_current(lib)
+        try:
+            for path in paths:
+                self._map(path)
+        except BaseException:
+            self.close()
+            raise
+
+    def _map(self, path: Path):
+        f = open(path, "rb")
+        try:
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except BaseException:
+            f.close()
+            raise
+        view = np.frombuffer(mm, dtype=np.uint8)
+        host = view.ctypes.data
+        entry = [path, f, mm, view, host, False]
+        self._maps.append(entry)
+        if self._lib is None:
+            self.address[path] = host
+            return
+        size = (len(view) + _PAGE - 1) // _PAGE * _PAGE  # the mapping covers whole pages
+        # PORTABLE | DEVICEMAP | READ_ONLY (a read-only mapping can be registered only so)
+        err = self._lib.cuMemHostRegister_v2(ctypes.c_void_p(host), size, 0x1 | 0x2 | 0x8)
+        if err:
+            raise ChronosError(f"--sync device-fetch: the GPU could not map {path} (cuMemHostRegister error {err}); "
+                               "use --sync device-wait")
+        entry[5] = True
+        dptr = ctypes.c_uint64()
+        err = self._lib.cuMemHostGetDevicePointer_v2(ctypes.byref(dptr), ctypes.c_void_p(host), 0)
+        if err:
+            raise ChronosError(f"--sync device-fetch: no device address for {path} (error {err}); use --sync device-wait")
+        self.address[path] = dptr.value
+
+    def close(self):
+        maps, self._maps = self._maps, []
+        for path, f, mm, view, host, registered in maps:
+            if registered:
+                self._lib.cuMemHostUnregister(ctypes.c_void_p(host))
+            del view
+            try:
+                mm.close()
+            except BufferError:  # a view still alive somewhere: the mapping goes with it
+                pass
+            f.close()
+        self.address = {}
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown
+            pass
+
+
+class DeviceFetcher:
+    """Device-fetch routing's state for one streamed model (`Runtime.waiter`): the registered
+    shards, each MoE layer's device arrays (fetch_kernels.py), and the pass being built.
+    The decode loop drives it as it drives a `DeviceWaiter`: `begin`, `route` for every MoE
+    layer of a step, `end_pass`, `account` once the step ran, `end`."""
+
+    requests = posts = posts_taken = 0  # no host requests, no posts: the stats of DeviceWaiter
+    prereader = None
+
+    def __init__(self, runtime, kernel=None, lib=None, register: bool | None = None):
+        """`kernel`: `fetch_experts` (default) or the host stand-in `fetch_kernels.host_fetch`;
+        `register`: register the shards with the GPU (default: with the CUDA kernel)."""
+        self.runtime = runtime
+        cache = runtime.cache
+        if getattr(cache.reader, "simulator", None) is not None:
+            raise ChronosError("--sync device-fetch reads the shards from host memory: a simulated drive (--io-sim) "
+                               "does not apply; use --sync device-wait")
+        for L in cache.layers:
+            for name, p in L.params.items():
+                if p.convert:
+                    raise ChronosError(
+                        f"--sync device-fetch copies experts as they are on disk, and '{name}' is {p.source.dtype} there "
+                        f"but {p.dtype} in memory; load with the checkpoint's dtype or use --sync device-wait")
+        self._kernel = kernel or fetch_experts
+        if register is None:
+            register = kernel is None
+        self.shards = RegisteredShards({path for L in cache.layers for path in L.files},
+                                       (lib or driver()) if register else None)
+        policy = getattr(cache.layers[0].policy, "name", "lru") if cache.layers else "lru"
+        self.lru = policy != "usage"
+        self.half_life = int(getattr(cache.layers[0].policy, "half_life", 32)) if cache.layers else 32
+        self.state = [self._layer_state(L) for L in cache.layers]
+        self._passes = 1 << 20  # stamps below the first pass's: see `begin`
+        self._tag = None
+        self._pass: list = []
+        self._after = None
+        self._warmed = False
+
+    def _layer_state(self, L) -> dict:
+        from .cache import _numpy_view
+
+        params = list(L.params.values())
+        base = self.shards.address
+        src = np.array([[base[Path(p.paths[e])] + p.offsets[e] for p in params] for e in range(L.num_experts)],
+                       dtype=np.uint64).reshape(-1)
+        state = {
+            "table": mx.full((L.num_experts,), ABSENT, dtype=mx.uint32),
+            "owner": mx.full((L.num_slots,), ABSENT, dtype=mx.uint32),
+            "score": mx.zeros((L.num_experts,), dtype=mx.float32),
+            "stamp": mx.zeros((L.num_experts,), dtype=mx.uint32),
+            "src": mx.array(src),
+            "dst": mx.array(np.array([p.addr for p in params], dtype=np.uint64)),
+            "nbytes": mx.array(np.array([p.source.nbytes for p in params], dtype=np.uint64)),
+        }
+        mx.eval(list(state.values()))
+        state["views"] = {k: _numpy_view(state[k]) for k in ("table", "owner", "score", "stamp")}
+        return state
+
+    # --- the decode loop's calls --------------------------------------------------------
+    def begin(self):
+        """Before steps are launched (nothing queued): the device's tables, owners and use
+        scores say what the host's cache holds now (prefill may have loaded experts)."""
+        cache = self.runtime.cache
+        cache.wait_for_loads()
+        cache.copy_engine_paused = True  # only the kernels write slots while steps run
+        self.warm()
+        now = self._passes
+        with cache._lock:
+            for L, state in zip(cache.layers, self.state):
+                v = state["views"]
+                v["table"][:] = L.slot_of.astype(np.uint32)  # -1 wraps to ABSENT
+                v["owner"][:] = np.where(L.expert_in >= 0, L.expert_in, -1).astype(np.uint32)
+                v["score"][:], v["stamp"][:] = self._seed(L.policy, now)
+
+    def _seed(self, policy, now: int) -> tuple:
+        """The device's use scores and stamps from the host policy's history: `usage`'s decayed
+        uses as of now; otherwise stamps in the policy's eviction order (oldest first)."""
+        E = len(policy.live) if hasattr(policy, "live") else None
+        if E is not None:
+            scale = policy._scale()
+            score = (np.asarray(policy.live, dtype=np.float64) + np.asarray(policy._prior)) / scale
+            return score.astype(np.float32), np.full(E, now, dtype=np.uint32)
+        n = self.state[0]["table"].size if self.state else 0
+        stamp = np.full(n, now - n - 1, dtype=np.uint32)
+        order = list(getattr(policy, "_order", {}))  # LRU: least recently used first
+        stamp[order] = now - len(order) + np.arange(len(order), dtype=np.uint32)
+        return np.zeros(n, dtype=np.float32), stamp
+
+    def warm(self):
+        """Run the kernels once on a throwaway layer of the same shape (every id resident),
+        so MLX compiles them now and not inside the first timed step."""
+        if self._warmed or not self.state:
+            return
+        L = self.runtime.cache.layers[0]
+        k = min(int(self.runtime.info.get("top_k") or 1), L.num_slots)
+        s = self.state[0]
+        dummy = {"table": mx.array(np.arange(L.num_experts, dtype=np.uint32) % L.num_slots),
+                 "owner": mx.arange(L.num_slots, dtype=mx.uint32), "score": mx.zeros((L.num_experts,)),
+                 "stamp": mx.zeros((L.num_experts,), dtype=mx.uint32), "src": s["src"], "dst": s["dst"],
+                 "nbytes": s["nbytes"]}
+        mx.eval(self._kernel(mx.arange(k, dtype=mx.uint32), dummy, mx.array([1], dtype=mx.uint32),
+                             half_life=self.half_life, lru=self.lru))
+        self._warmed = True
+
+    def route(self, layer: int, indices: mx.array, guesses=None) -> mx.array:
+        """Slot ids for `indices`, through `layer`'s fetch kernel (`guesses` are not used)."""
+        if not self._pass:
+            self._passes = (self._passes + 1) & 0xFFFFFFFF
+            self._tag = mx.array([self._passes], dtype=mx.uint32)
+        slots, counts = self._kernel(indices, self.state[layer], self._tag, after=self._after,
+                                     half_life=self.half_life, lru=self.lru)
+        self._after = slots
+        self._pass.append((layer, indices, counts))
+        return slots
+
+    def end_pass(self):
+        """(pass, layers, sizes, every id then every layer's counts, one flat array) of the
+        pass just built, or None. Joined on the CPU stream, as device-wait's (host memory)."""
+        got, self._pass = self._pass, []
+        if not got:
+            return None
+        flat = mx.concatenate([i.reshape(-1).astype(mx.uint32) for _, i, _ in got] + [c for *_, c in got],
+                              stream=mx.cpu)
+        return self._passes, [l for l, _, _ in got], [i.size for _, i, _ in got], flat
+
+    def account(self, tag: int, layers: list, sizes: list, host: np.ndarray):
+        """A step's routing and what its kernels loaded, read once it ran."""
+        runtime, cache = self.runtime, self.runtime.cache
+        counts = host[sum(sizes):].reshape(-1, N_COUNTS)
+        pos = 0
+        per_expert = cache.bytes_on_disk_per_expert
+        for (layer, n), (loads, evicted, failed) in zip(zip(layers, sizes), counts.tolist()):
+            inds = host[pos : pos + n]
+            pos += n
+            if failed:
+                raise DeviceWaitError(f"MoE layer {layer} could not fetch its experts on the device (no slot free of "
+                                      "the call's experts, or an expert id out of range); the step was refused")
+            L = cache.layers[layer]
+            L.counters.hits += n - loads
+            L.counters.misses += loads
+            L.counters.evictions += evicted
+            L.counters.bytes_read += loads * per_expert
+            cache.mark_used(layer, set(inds.tolist()))
+            runtime._observe(layer, inds)
+
+    def check(self):
+        pass  # no host thread to fail; a kernel's failure is in its counts (`account`)
+
+    def end(self, stream=None):
+        """After the last step: once everything queued has run, the host's cache takes the
+        slots' owners from the device (what prefill and the other modes route with)."""
+        try:
+            _drain(stream)
+        finally:
+            self._after = None
+            self.runtime.cache.copy_engine_paused = False
+            self.sync_host()
+
+    def sync_host(self):
+        """The host's expert->slot maps and the policy's resident set, from the device's owners."""
+        cache = self.runtime.cache
+        with cache._lock:
+            for L, state in zip(cache.layers, self.state):
+                owner = state["views"]["owner"].astype(np.int64)
+                owner[owner == ABSENT] = -1
+                before = set(np.flatnonzero(L.slot_of >= 0).tolist())
+                L.expert_in[:] = owner
+                L.slot_of[:] = -1
+                held = owner >= 0
+                L.slot_of[owner[held]] = np.flatnonzero(held)
+                after = set(owner[held].tolist())
+                for e in before - after:
+                    L.policy.removed(e)
+                    L.prefetched.discard(e)
+                for e in after - before:
+                    L.policy.added(e)
+                L.dirty = L.gate_stale = L.wait_stale = True
+                L.full = L.identity = False
+
+    def close(self):
+        self.shards.close()

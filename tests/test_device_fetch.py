@@ -1,0 +1,221 @@
+"""Device-fetch routing (device_fetch.py): each MoE layer's kernel fetches its own misses from
+the shards, with no host thread while steps run.
+
+On a machine without CUDA the kernel's decisions and copies are made by the host stand-in
+(`fetch_kernels.host_fetch`) over the same device arrays, from the shard files mapped as the
+CUDA path maps them (unregistered); the decode loop, the accounting and the hand-back of the
+slots to the host's cache are the shipped ones. Tokens are compared with stock mlx_lm's.
+"""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import chronos_mlx
+from chronos_mlx import device_fetch, device_wait, wait_kernels
+from chronos_mlx.device_fetch import DeviceFetcher, RegisteredShards
+from chronos_mlx.errors import ChronosError, DeviceWaitError
+from chronos_mlx.fetch_kernels import host_fetch
+from chronos_mlx.generate import generate_step
+from conftest import DEMO, stock_greedy
+
+MAX_TOKENS = 12
+cuda = pytest.mark.skipif(not wait_kernels.available(), reason="needs MLX's CUDA backend")
+
+
+@pytest.fixture(scope="module")
+def reference(demo_prompt_ids):
+    return stock_greedy(DEMO, demo_prompt_ids, MAX_TOKENS)
+
+
+@pytest.fixture
+def fetching(monkeypatch):
+    """make(path, budget) -> (model, runtime) with a stand-in fetcher (closed after the test)."""
+    if wait_kernels.available():
+        pytest.skip("on CUDA the kernel itself is tested instead of the host stand-in")
+    monkeypatch.setattr(device_wait, "available", lambda: True)
+    made = []
+
+    def make(path, budget, **kw):
+        model, _, runtime = chronos_mlx.load(path, expert_budget=budget, **kw)
+        runtime.waiter = DeviceFetcher(runtime, kernel=host_fetch)
+        made.append(runtime.waiter)
+        return model, runtime
+
+    yield make
+    for fetcher in made:
+        fetcher.close()
+
+
+def _decode(runtime, model, prompt_ids, sync="device-fetch", max_tokens=MAX_TOKENS):
+    out = list(generate_step(mx.array(prompt_ids), model, runtime, max_tokens=max_tokens, sync=sync))
+    return [int(t) for t, _ in out], [lp for _, lp in out]
+
+
+@pytest.mark.parametrize("budget", [0.5, 0.125])  # 0.125: one token's experts, nearly every layer misses
+def test_layers_that_fetch_their_own_experts_give_stock_tokens(budget, reference, demo_f32, demo_prompt_ids, fetching):
+    model, runtime = fetching(demo_f32, budget)
+    ids, logprobs = _decode(runtime, model, demo_prompt_ids)
+    assert ids == reference[0]
+    for ours, theirs in zip(logprobs, reference[1]):
+        assert mx.array_equal(ours, theirs)
+    stats = runtime.stats()
+    assert stats["decode_misses"] > 0
+    assert stats["decode_bytes_read"] == stats["decode_misses"] * runtime.cache.bytes_on_disk_per_expert
+    assert stats["device_waits"] == 0  # no host thread answered anything
+    # One read of the step's routing (and one of its token) a step, never one a layer.
+    assert stats["host_syncs_per_token"] <= 2.5
+
+
+def test_after_a_generation_the_hosts_cache_holds_what_the_device_left(demo_f32, demo_prompt_ids, fetching):
+    """Every expert the host now maps is in its slot, byte for byte as in the shard."""
+    from chronos_mlx.cache import _numpy_view
+
+    model, runtime = fetching(demo_f32, 0.25)
+    _decode(runtime, model, demo_prompt_ids)
+    with open(next(demo_f32.glob("*.safetensors")), "rb") as f:
+        data = f.read()
+    for L in runtime.cache.layers:
+        resident = np.flatnonzero(L.slot_of >= 0)
+        assert len(resident) == L.num_slots  # the decode filled every slot
+        assert sorted(L.slot_of[resident].tolist()) == list(range(L.num_slots))
+        for e in resident.tolist():
+            slot = int(L.slot_of[e])
+            assert L.expert_in[slot] == e
+            for p in L.params.values():
+                assert _numpy_view(p.slots)[slot].tobytes() == data[p.offsets[e] : p.offsets[e] + p.source.nbytes]
+
+
+def test_generations_after_it_in_any_mode_start_from_its_cache_and_give_stock_tokens(reference, demo_f32,
+                                                                                      demo_prompt_ids, fetching):
+    model, runtime = fetching(demo_f32, 0.25)
+    for sync in ("device-fetch", "device-fetch", "per-layer", "optimistic", "device-fetch"):
+        assert _decode(runtime, model, demo_prompt_ids, sync=sync)[0] == reference[0], sync
+
+
+def test_every_use_is_counted_once_as_a_hit_or_a_miss(demo_f32, demo_prompt_ids, fetching):
+    model, runtime = fetching(demo_f32, 0.25)
+    _decode(runtime, model, demo_prompt_ids)
+    stats = runtime.stats()
+    top_k, n_layers = runtime.info["top_k"], len(runtime.cache.layers)
+    decode_steps = stats["generated_tokens"] - 1  # the first token comes from prefill
+    assert stats["hits"] + stats["misses"] >= decode_steps * top_k * n_layers
+    assert 0 < stats["decode_hit_rate"] < 1
+
+
+@pytest.fixture(scope="module")
+def other_models(tmp_path_factory):
+    from synthetic import write_synthetic_moe
+
+    root = tmp_path_factory.mktemp("fetching")
+    return {
+        "shared expert (qwen2_moe)": write_synthetic_moe(root / "qwen2_moe", "qwen2_moe", bits=4, seed=6),
+        "hybrid (qwen3_next)": write_synthetic_moe(root / "qwen3_next", "qwen3_next", bits=4, seed=7),
+        "sliding window (gpt_oss)": write_synthetic_moe(root / "gpt_oss", "gpt_oss", bits=4, seed=8),
+        # one tensor a file per expert, in several shards: each expert's bytes are elsewhere
+        "per-expert tensors in shards (mixtral)": write_synthetic_moe(root / "mixtral", "mixtral", bits=4, seed=9,
+                                                                     layout="per-expert", max_shard_bytes=200_000),
+    }
+
+
+@pytest.mark.parametrize("name", ["shared expert (qwen2_moe)", "hybrid (qwen3_next)", "sliding window (gpt_oss)",
+                                  "per-expert tensors in shards (mixtral)"])
+def test_other_architectures_fetch_their_experts_exactly(other_models, name, fetching):
+    """At the smallest legal budget (nearly every layer misses), against stock mlx_lm."""
+    from mlx_lm import load
+    from mlx_lm.generate import generate_step as stock_step
+
+    path = other_models[name]
+    prompt = np.random.default_rng(3).integers(1, 8000, size=24).tolist()
+    stock, _ = load(str(path))
+    stock.set_dtype(mx.float32)
+    want = [int(t) for t, _ in stock_step(mx.array(prompt), stock, max_tokens=MAX_TOKENS)]
+    info = chronos_mlx.loader.plan_model(path).info
+    model, runtime = fetching(path, info["top_k"] / info["num_experts"])
+    assert _decode(runtime, model, prompt)[0] == want
+    assert runtime.stats()["decode_misses"] > 0
+
+
+def test_experts_stored_in_another_dtype_are_refused_clearly(demo_prompt_ids, monkeypatch):
+    """The demo's scales are bf16 on disk and float32 on this CPU: the device copies bytes as
+    they are, so device-fetch says so instead of computing with wrong bytes."""
+    monkeypatch.setattr(device_wait, "available", lambda: True)
+    model, _, runtime = chronos_mlx.load(DEMO, expert_budget=0.5)
+    with pytest.raises(ChronosError, match="as they are on disk.*device-wait"):
+        DeviceFetcher(runtime, kernel=host_fetch)
+
+
+def test_a_simulated_drive_is_refused_clearly(demo_f32, monkeypatch):
+    monkeypatch.setattr(device_wait, "available", lambda: True)
+    model, _, runtime = chronos_mlx.load(demo_f32, expert_budget=0.5, io_sim="bandwidth=5GB/s")
+    with pytest.raises(ChronosError, match="io-sim"):
+        DeviceFetcher(runtime, kernel=host_fetch)
+
+
+class _Driver:
+    """libcuda's registration calls, answering `err`."""
+
+    def __init__(self, err=0):
+        self.err, self.registered, self.unregistered = err, [], []
+
+        class Call:
+            def __init__(self, fn):
+                self.fn, self.argtypes = fn, None
+
+            def __call__(self, *a):
+                return self.fn(*a)
+
+        self.cuMemHostRegister_v2 = Call(lambda p, n, flags: self.registered.append((p.value, n, flags)) or self.err)
+        self.cuMemHostUnregister = Call(lambda p: self.unregistered.append(p.value) or 0)
+        self.cuMemHostGetDevicePointer_v2 = Call(lambda out, p, flags: setattr(out._obj, "value", p.value) or 0)
+
+
+def test_shards_are_registered_read_only_and_unregistered_at_close(demo_f32, monkeypatch):
+    monkeypatch.setattr("chronos_mlx.upload.make_context_current", lambda lib: None)
+    lib = _Driver()
+    shards = RegisteredShards(list(demo_f32.glob("*.safetensors")), lib)
+    ((addr, size, flags),) = lib.registered
+    assert flags & 0x8 and flags & 0x2  # READ_ONLY | DEVICEMAP
+    assert size % 4096 == 0 and list(shards.address.values()) == [addr]
+    shards.close()
+    assert lib.unregistered == [addr]
+
+
+def test_a_gpu_that_cannot_map_the_shards_is_a_clear_error(demo_f32, monkeypatch):
+    monkeypatch.setattr("chronos_mlx.upload.make_context_current", lambda lib: None)
+    with pytest.raises(ChronosError, match="cuMemHostRegister error 2.*device-wait"):
+        RegisteredShards(list(demo_f32.glob("*.safetensors")), _Driver(err=2))
+
+
+def test_shards_larger_than_most_of_host_memory_are_refused(demo_f32, monkeypatch):
+    monkeypatch.setattr(device_fetch, "host_memory_bytes", lambda: 10_000)
+    monkeypatch.setattr("chronos_mlx.upload.make_context_current", lambda lib: None)
+    lib = _Driver()
+    with pytest.raises(ChronosError, match="page-locked in host memory"):
+        RegisteredShards(list(demo_f32.glob("*.safetensors")), lib)
+    assert lib.registered == []
+
+
+def test_a_kernel_that_could_not_fetch_makes_the_step_an_error(demo_f32, demo_prompt_ids, fetching, monkeypatch):
+    model, runtime = fetching(demo_f32, 0.25)
+
+    def failing(ids, state, tag, **kw):
+        slots, counts = host_fetch(ids, state, tag, **kw)
+        return slots, mx.array(np.array([0, 0, 1], dtype=np.uint32))
+
+    monkeypatch.setattr(runtime.waiter, "_kernel", failing)
+    with pytest.raises(DeviceWaitError, match="could not fetch"):
+        _decode(runtime, model, demo_prompt_ids)
+
+
+@cuda
+@pytest.mark.parametrize("budget", [0.5, 0.125])
+def test_on_cuda_layers_that_fetch_their_own_experts_give_stock_tokens(budget, demo_prompt_ids):
+    want = stock_greedy(DEMO, demo_prompt_ids, MAX_TOKENS, dtype=mx.bfloat16)[0]
+    model, _, runtime = chronos_mlx.load(DEMO, expert_budget=budget, dtype="bfloat16")
+    got = _decode(runtime, model, demo_prompt_ids)[0]
+    again = stock_greedy(DEMO, demo_prompt_ids, MAX_TOKENS, dtype=mx.bfloat16)[0]
+    # Stock itself is not deterministic on CUDA where bf16 logits tie: compare what it repeats.
+    n = next((i for i, (a, b) in enumerate(zip(want, again)) if a != b), len(want))
+    assert got[:n] == want[:n]
+    assert runtime.stats()["decode_misses"] > 0
