@@ -30,6 +30,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+import time
 from pathlib import Path
 
 import mlx.core as mx
@@ -53,6 +54,38 @@ def host_memory_bytes() -> int | None:
         return None
 
 
+# `--sync auto` takes device-fetch only while the shards are at most this share of host memory.
+AUTO_HOST_SHARE = 0.5
+
+
+def _unfit(runtime, share: float) -> str | None:
+    """Why device-fetch cannot run this runtime's model (None: it can), shards within `share`
+    of host memory."""
+    cache = runtime.cache
+    if getattr(cache.reader, "simulator", None) is not None:
+        return ("--sync device-fetch reads the shards from host memory: a simulated drive (--io-sim) does not "
+                "apply; use --sync device-wait")
+    for L in cache.layers:
+        for name, p in L.params.items():
+            if p.convert:
+                return (f"--sync device-fetch copies experts as they are on disk, and '{name}' is {p.source.dtype} "
+                        f"there but {p.dtype} in memory; load with the checkpoint's dtype or use --sync device-wait")
+    total = sum(Path(f).stat().st_size for f in {f for L in cache.layers for f in L.files})
+    memory = host_memory_bytes()
+    if memory and total > share * memory:
+        return (f"--sync device-fetch holds every shard page-locked in host memory: {total / 2**30:.1f} GiB of "
+                f"shards against {memory / 2**30:.1f} GiB of memory; use --sync device-wait")
+    return None
+
+
+def suitable(runtime) -> bool:
+    """Whether `--sync auto` should decode `runtime` with device-fetch: the shards fit in half
+    of host memory as they are on disk, no simulated drive, and it has not been refused."""
+    if runtime.cache is None or runtime.device_fetch_refused:
+        return False
+    return _unfit(runtime, AUTO_HOST_SHARE) is None
+
+
 class RegisteredShards:
     """The shard files mapped read-only and, with `lib` (libcuda), registered with the GPU:
     `address[path]` is the device address of the file's first byte (the host address
@@ -63,12 +96,6 @@ class RegisteredShards:
         self._maps: list = []  # (path, file, mmap, numpy view, host address, registered)
         self._lib = lib
         paths = sorted({Path(p) for p in paths})
-        total = sum(p.stat().st_size for p in paths)
-        memory = host_memory_bytes()
-        if lib is not None and memory and total > MAX_HOST_SHARE * memory:
-            raise ChronosError(
-                f"--sync device-fetch holds every shard page-locked in host memory: {total / 2**30:.1f} GiB of shards "
-                f"against {memory / 2**30:.1f} GiB of memory; use --sync device-wait")
         if lib is not None:
             from .upload import make_context_current
 
@@ -143,20 +170,16 @@ class DeviceFetcher:
         `register`: register the shards with the GPU (default: with the CUDA kernel)."""
         self.runtime = runtime
         cache = runtime.cache
-        if getattr(cache.reader, "simulator", None) is not None:
-            raise ChronosError("--sync device-fetch reads the shards from host memory: a simulated drive (--io-sim) "
-                               "does not apply; use --sync device-wait")
-        for L in cache.layers:
-            for name, p in L.params.items():
-                if p.convert:
-                    raise ChronosError(
-                        f"--sync device-fetch copies experts as they are on disk, and '{name}' is {p.source.dtype} there "
-                        f"but {p.dtype} in memory; load with the checkpoint's dtype or use --sync device-wait")
-        self._kernel = kernel or fetch_experts
         if register is None:
             register = kernel is None
+        why = _unfit(runtime, MAX_HOST_SHARE if register else float("inf"))  # unregistered: nothing locked
+        if why:
+            raise ChronosError(why)
+        self._kernel = kernel or fetch_experts
+        t0 = time.perf_counter()
         self.shards = RegisteredShards({path for L in cache.layers for path in L.files},
                                        (lib or driver()) if register else None)
+        self.setup_s = time.perf_counter() - t0  # mapping and page-locking the shards (read from disk if cold)
         policy = getattr(cache.layers[0].policy, "name", "lru") if cache.layers else "lru"
         self.lru = policy != "usage"
         self.half_life = int(getattr(cache.layers[0].policy, "half_life", 32)) if cache.layers else 32

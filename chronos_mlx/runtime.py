@@ -99,6 +99,8 @@ class Runtime:
         # device_wait.DeviceWaiter: on CUDA, MoE layers wait on the device for their experts
         # (mode "device-wait", set by the decode loop while it builds a step).
         self.waiter = None
+        self.sync_used = None  # the routing mode the last generation ran ("auto" resolved)
+        self.device_fetch_refused = None  # why device-fetch could not map the shards, once it could not
 
     @property
     def last_moe_layer(self) -> int:
@@ -180,6 +182,7 @@ class Runtime:
         misses = sum(L.counters.misses for L in layers)
         pre = self.waiter.prereader if self.waiter is not None else None
         return {
+            "sync": self.sync_used,
             "prompt_tokens": c.prompt_tokens,
             "generated_tokens": c.generated_tokens,
             "prefill_tokens_per_s": c.prompt_tokens / c.prefill_s if c.prefill_s else 0.0,
@@ -216,6 +219,8 @@ class Runtime:
             # Posts of staged guesses left for a layer's kernel, and those it took (no request).
             "posts": self.waiter.posts if self.waiter is not None else 0,
             "posts_taken": self.waiter.posts_taken if self.waiter is not None else 0,
+            # device-fetch: seconds spent mapping and page-locking the shards (once a model)
+            "device_fetch_setup_s": getattr(self.waiter, "setup_s", None),
             "peak_memory_bytes": peak_rss_bytes(),
             "mlx_peak_memory_bytes": mx.get_peak_memory(),
             "expert_budget_bytes": self.cache.resident_bytes if self.cache else 0,

@@ -137,10 +137,10 @@ def test_other_architectures_fetch_their_experts_exactly(other_models, name, fet
 
 
 def test_experts_stored_in_another_dtype_are_refused_clearly(demo_prompt_ids, monkeypatch):
-    """The demo's scales are bf16 on disk and float32 on this CPU: the device copies bytes as
+    """The demo's scales are bf16 on disk, float32 in memory here: the device copies bytes as
     they are, so device-fetch says so instead of computing with wrong bytes."""
     monkeypatch.setattr(device_wait, "available", lambda: True)
-    model, _, runtime = chronos_mlx.load(DEMO, expert_budget=0.5)
+    model, _, runtime = chronos_mlx.load(DEMO, expert_budget=0.5, dtype="float32")
     with pytest.raises(ChronosError, match="as they are on disk.*device-wait"):
         DeviceFetcher(runtime, kernel=host_fetch)
 
@@ -188,12 +188,54 @@ def test_a_gpu_that_cannot_map_the_shards_is_a_clear_error(demo_f32, monkeypatch
 
 
 def test_shards_larger_than_most_of_host_memory_are_refused(demo_f32, monkeypatch):
+    monkeypatch.setattr(device_wait, "available", lambda: True)
     monkeypatch.setattr(device_fetch, "host_memory_bytes", lambda: 10_000)
-    monkeypatch.setattr("chronos_mlx.upload.make_context_current", lambda lib: None)
+    model, _, runtime = chronos_mlx.load(demo_f32, expert_budget=0.5)
     lib = _Driver()
     with pytest.raises(ChronosError, match="page-locked in host memory"):
-        RegisteredShards(list(demo_f32.glob("*.safetensors")), lib)
+        DeviceFetcher(runtime, kernel=host_fetch, lib=lib, register=True)
     assert lib.registered == []
+
+
+def test_auto_takes_device_fetch_on_cuda_where_the_shards_fit_in_host_memory(demo_f32, monkeypatch):
+    from chronos_mlx.generate import resolve_sync
+
+    monkeypatch.setattr(device_wait, "available", lambda: True)
+    model, _, runtime = chronos_mlx.load(demo_f32, expert_budget=0.5)
+    assert resolve_sync("auto", runtime) == "device-fetch"
+    monkeypatch.setattr(device_fetch, "host_memory_bytes", lambda: 2 * 48_000_000)  # the shards: half or more
+    assert resolve_sync("auto", runtime) == "device-wait"
+    model, _, converted = chronos_mlx.load(DEMO, expert_budget=0.5, dtype="float32")  # bf16 on disk
+    monkeypatch.setattr(device_fetch, "host_memory_bytes", lambda: 2**40)
+    assert resolve_sync("auto", converted) == "device-wait"
+    model, _, whole = chronos_mlx.load(demo_f32, expert_budget=1.0)
+    assert resolve_sync("auto", whole) == "optimistic"  # nothing can miss
+
+
+def test_auto_falls_back_to_device_wait_when_the_gpu_cannot_map_the_shards(demo_f32, demo_prompt_ids, reference,
+                                                                            monkeypatch):
+    """Registration refused (here by a driver that says no): the generation goes on with
+    device-wait (its host stand-in), stock's tokens, and auto does not try again."""
+    from chronos_mlx.device_wait import DeviceWaiter, Mailbox, host_kernel
+
+    if wait_kernels.available():
+        pytest.skip("on CUDA the real driver registers")
+    monkeypatch.setattr(device_wait, "available", lambda: True)
+    monkeypatch.setattr("chronos_mlx.upload.make_context_current", lambda lib: None)
+    monkeypatch.setattr(device_fetch, "driver", lambda: _Driver(err=3))
+    box = Mailbox.host()
+    monkeypatch.setattr(device_wait, "DeviceWaiter",
+                        lambda runtime: DeviceWaiter(runtime, mailbox=box, kernel=host_kernel(box)))
+    model, _, runtime = chronos_mlx.load(demo_f32, expert_budget=0.5)
+    try:
+        assert _decode(runtime, model, demo_prompt_ids, sync="auto")[0] == reference[0]
+        assert isinstance(runtime.waiter, DeviceWaiter)
+        assert "cuMemHostRegister error 3" in runtime.device_fetch_refused
+        assert runtime.stats()["device_waits"] > 0
+    finally:
+        runtime.waiter.close()
+    with pytest.raises(ChronosError, match="cuMemHostRegister"):  # asked for by name: the error itself
+        _decode(runtime, model, demo_prompt_ids, sync="device-fetch")
 
 
 def test_a_kernel_that_could_not_fetch_makes_the_step_an_error(demo_f32, demo_prompt_ids, fetching, monkeypatch):
