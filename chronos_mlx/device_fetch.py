@@ -54,13 +54,9 @@ def host_memory_bytes() -> int | None:
         return None
 
 
-# `--sync auto` takes device-fetch only while the shards are at most this share of host memory.
-AUTO_HOST_SHARE = 0.5
-
-
 def _unfit(runtime, share: float) -> str | None:
-    """Why device-fetch cannot run this runtime's model (None: it can), shards within `share`
-    of host memory."""
+    """Why device-fetch cannot run this runtime's model (None: it can): the shards must be
+    within `share` of host memory."""
     cache = runtime.cache
     if getattr(cache.reader, "simulator", None) is not None:
         return ("--sync device-fetch reads the shards from host memory: a simulated drive (--io-sim) does not "
@@ -76,14 +72,6 @@ def _unfit(runtime, share: float) -> str | None:
         return (f"--sync device-fetch holds every shard page-locked in host memory: {total / 2**30:.1f} GiB of "
                 f"shards against {memory / 2**30:.1f} GiB of memory; use --sync device-wait")
     return None
-
-
-def suitable(runtime) -> bool:
-    """Whether `--sync auto` should decode `runtime` with device-fetch: the shards fit in half
-    of host memory as they are on disk, no simulated drive, and it has not been refused."""
-    if runtime.cache is None or runtime.device_fetch_refused:
-        return False
-    return _unfit(runtime, AUTO_HOST_SHARE) is None
 
 
 class RegisteredShards:

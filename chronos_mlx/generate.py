@@ -23,7 +23,6 @@ import numpy as np
 from mlx_lm.models.cache import make_prompt_cache
 
 from . import device_wait
-from .errors import ChronosError
 from .prefetch import prefetch_intent
 from .resume import kept_caches, resume_point
 from .rollback import Checkpoint, checkpointable
@@ -43,45 +42,31 @@ def available_sync_modes() -> list:
 
 
 def resolve_sync(sync: str, runtime: Optional[Runtime] = None) -> str:
-    """The routing mode "auto" stands for. Where MLX runs on CUDA and experts can miss:
-    device-fetch when the shards fit comfortably in host memory as they are (on the H200 it
-    decoded 2-2.7x faster than device-wait: docs/benchmarks.md, session 22), else device-wait
-    (1.1-1.4x faster than optimistic or per-layer there: session 15). Elsewhere optimistic
-    (with every expert resident nothing can miss, and optimistic steps read the routing once
-    a token)."""
+    """The routing mode "auto" stands for: device-wait where MLX runs on CUDA and experts
+    can miss (on the H200 it decoded 1.1-1.4x faster than optimistic or per-layer whenever
+    the budget was below the model: docs/benchmarks.md, session 15), optimistic elsewhere
+    (with every expert resident nothing can miss, and optimistic steps read the routing
+    once a token). Never device-fetch, faster still on CUDA (session 22): it holds every
+    shard page-locked in host memory, which only the user may decide to spend."""
     if sync != "auto":
         return sync
     cache = runtime.cache if runtime is not None else None
     every_expert_fits = cache is not None and all(L.num_slots >= L.num_experts for L in cache.layers)
-    if not device_wait.available() or every_expert_fits:
-        return "optimistic"
-    from .device_fetch import suitable
-
-    return "device-fetch" if runtime is not None and suitable(runtime) else "device-wait"
+    return "device-wait" if device_wait.available() and not every_expert_fits else "optimistic"
 
 
-def _device_router(runtime: Runtime, sync: str, fall_back: bool = False):
+def _device_router(runtime: Runtime, sync: str):
     """`runtime.waiter` for `sync` (device-wait or device-fetch), made on first use; one of
-    the other kind is closed first (its state would no longer match the cache's). With
-    `fall_back` (sync "auto"), device-fetch that cannot map the shards gives way to device-wait.
-    Returns the mode it runs."""
+    the other kind is closed first (its state would no longer match the cache's)."""
     from .device_fetch import DeviceFetcher
 
     kind = DeviceFetcher if sync == "device-fetch" else device_wait.DeviceWaiter
     if isinstance(runtime.waiter, kind):
-        return sync
+        return
     if runtime.waiter is not None:
         runtime.waiter.close()
         runtime.waiter = None
-    try:
-        runtime.waiter = kind(runtime)
-    except ChronosError as e:
-        if not (fall_back and kind is DeviceFetcher):
-            raise
-        runtime.device_fetch_refused = str(e)  # `device_fetch.suitable` says no from now on
-        runtime.waiter = device_wait.DeviceWaiter(runtime)
-        return "device-wait"
-    return sync
+    runtime.waiter = kind(runtime)
 
 
 def generation_stream():
@@ -149,7 +134,6 @@ def generate_step(
     tokens again, so they must be functions of their arguments (mlx_lm's are)."""
     if sync != "auto" and sync not in SYNC_MODES:
         raise ValueError(f"sync must be 'auto' or one of {SYNC_MODES}, got '{sync}'")
-    auto = sync == "auto"
     sync = resolve_sync(sync, runtime)
     if sync in ON_DEVICE and not device_wait.available():
         raise ValueError(f"sync='{sync}' needs MLX's CUDA backend (mx.fast.cuda_kernel)")
@@ -162,7 +146,7 @@ def generate_step(
     optimistic = streaming and sync == "optimistic" and checkpointable(prompt_cache)
     waiting = streaming and sync in ON_DEVICE
     if waiting:
-        sync = _device_router(runtime, sync, fall_back=auto)
+        _device_router(runtime, sync)
     if streaming:
         runtime.sync_used = sync
     c = runtime.counters

@@ -100,7 +100,6 @@ class Runtime:
         # (mode "device-wait", set by the decode loop while it builds a step).
         self.waiter = None
         self.sync_used = None  # the routing mode the last generation ran ("auto" resolved)
-        self.device_fetch_refused = None  # why device-fetch could not map the shards, once it could not
 
     @property
     def last_moe_layer(self) -> int:

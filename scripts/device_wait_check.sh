@@ -47,10 +47,10 @@ step tests 240 python3 -m pytest -q -p no:cacheprovider -o addopts="" -o faultha
 step fetch 300 bash -c "python3 -m pytest -q -p no:cacheprovider -o addopts='' -o faulthandler_timeout=60 \
   tests/test_fetch_kernels.py tests/test_device_fetch.py; python3 scripts/exact_check.py --budgets 0.5,0.25 \
   --max-tokens 16 --ends device-fetch,device-wait --workload python --prompts 2 --json $OUT/exact-fetch.json"
-# The CLI on CUDA: every routing this machine runs (device-fetch among them) against stock, and what auto picks.
+# The CLI on CUDA: every routing this machine runs (device-fetch among them) against stock; a generation by name.
 step verify-cli 240 bash -c "python3 -m chronos_mlx.cli verify --tokens --budgets 0.5,0.125 --json > $OUT/verify.json; \
-  python3 -m chronos_mlx.cli generate --budget 0.5 -p 'The history of the city' --max-tokens 24 --json > $OUT/generate-auto.json; \
-  python3 -c \"import json; d = json.load(open('$OUT/generate-auto.json')); print({k: d['stats'][k] for k in ('sync', 'device_fetch_setup_s', 'decode_tokens_per_s', 'device_waits', 'decode_misses')})\""
+  python3 -m chronos_mlx.cli generate --sync device-fetch --budget 0.5 -p 'The history of the city' --max-tokens 24 --json > $OUT/generate-fetch.json; \
+  python3 -c \"import json; d = json.load(open('$OUT/generate-fetch.json')); print({k: d['stats'][k] for k in ('sync', 'device_fetch_setup_s', 'decode_tokens_per_s', 'device_waits', 'decode_misses')})\""
 # The demo's trained routing: device-fetch beside device-wait and optimistic (bf16, replayed text).
 step fetch-demo 300 python3 scripts/bench_sync.py --dtype bfloat16 --budgets 0.5,0.25 --modes device-fetch,device-wait,optimistic \
   --max-tokens 48 --repeats 3 --prompts 2 --interleave --json "$OUT/fetch-demo.json"

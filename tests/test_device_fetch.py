@@ -197,45 +197,20 @@ def test_shards_larger_than_most_of_host_memory_are_refused(demo_f32, monkeypatc
     assert lib.registered == []
 
 
-def test_auto_takes_device_fetch_on_cuda_where_the_shards_fit_in_host_memory(demo_f32, monkeypatch):
+def test_auto_never_takes_device_fetch_it_would_lock_the_whole_model_in_memory(demo_f32, monkeypatch):
     from chronos_mlx.generate import resolve_sync
 
     monkeypatch.setattr(device_wait, "available", lambda: True)
     model, _, runtime = chronos_mlx.load(demo_f32, expert_budget=0.5)
-    assert resolve_sync("auto", runtime) == "device-fetch"
-    monkeypatch.setattr(device_fetch, "host_memory_bytes", lambda: 2 * 48_000_000)  # the shards: half or more
     assert resolve_sync("auto", runtime) == "device-wait"
-    model, _, converted = chronos_mlx.load(DEMO, expert_budget=0.5, dtype="float32")  # bf16 on disk
-    monkeypatch.setattr(device_fetch, "host_memory_bytes", lambda: 2**40)
-    assert resolve_sync("auto", converted) == "device-wait"
-    model, _, whole = chronos_mlx.load(demo_f32, expert_budget=1.0)
-    assert resolve_sync("auto", whole) == "optimistic"  # nothing can miss
+    assert resolve_sync("device-fetch", runtime) == "device-fetch"  # asked for by name
 
 
-def test_auto_falls_back_to_device_wait_when_the_gpu_cannot_map_the_shards(demo_f32, demo_prompt_ids, reference,
-                                                                            monkeypatch):
-    """Registration refused (here by a driver that says no): the generation goes on with
-    device-wait (its host stand-in), stock's tokens, and auto does not try again."""
-    from chronos_mlx.device_wait import DeviceWaiter, Mailbox, host_kernel
-
-    if wait_kernels.available():
-        pytest.skip("on CUDA the real driver registers")
-    monkeypatch.setattr(device_wait, "available", lambda: True)
-    monkeypatch.setattr("chronos_mlx.upload.make_context_current", lambda lib: None)
-    monkeypatch.setattr(device_fetch, "driver", lambda: _Driver(err=3))
-    box = Mailbox.host()
-    monkeypatch.setattr(device_wait, "DeviceWaiter",
-                        lambda runtime: DeviceWaiter(runtime, mailbox=box, kernel=host_kernel(box)))
-    model, _, runtime = chronos_mlx.load(demo_f32, expert_budget=0.5)
-    try:
-        assert _decode(runtime, model, demo_prompt_ids, sync="auto")[0] == reference[0]
-        assert isinstance(runtime.waiter, DeviceWaiter)
-        assert "cuMemHostRegister error 3" in runtime.device_fetch_refused
-        assert runtime.stats()["device_waits"] > 0
-    finally:
-        runtime.waiter.close()
-    with pytest.raises(ChronosError, match="cuMemHostRegister"):  # asked for by name: the error itself
-        _decode(runtime, model, demo_prompt_ids, sync="device-fetch")
+def test_the_stats_say_which_routing_ran(demo_f32, demo_prompt_ids, fetching):
+    model, runtime = fetching(demo_f32, 0.5)
+    _decode(runtime, model, demo_prompt_ids, max_tokens=3)
+    assert runtime.stats()["sync"] == "device-fetch"
+    assert runtime.stats()["device_fetch_setup_s"] >= 0
 
 
 def test_a_kernel_that_could_not_fetch_makes_the_step_an_error(demo_f32, demo_prompt_ids, fetching, monkeypatch):
