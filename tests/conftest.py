@@ -26,6 +26,13 @@ def stock_greedy(path, prompt_ids, max_tokens, dtype=mx.float32):
     return ids, logprobs
 
 
+def assert_stock(got: tuple, reference: tuple):
+    """(token ids, logprobs) equal stock's (`stock_greedy`'s), token for token and bit for bit."""
+    assert got[0] == reference[0]
+    for ours, theirs in zip(got[1], reference[1]):
+        assert mx.array_equal(ours, theirs)
+
+
 def stock_replay(path, params, prompt, forced):
     """(token, logprobs) of stock mlx_lm replaying `forced` after `prompt` with trained-like
     routing `params` installed (bench_routing.py), the reference for benchmark routing tests."""

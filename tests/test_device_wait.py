@@ -17,7 +17,7 @@ import chronos_mlx
 from chronos_mlx import device_wait, wait_kernels
 from chronos_mlx.device_wait import ABSENT, DevicePull, DeviceWaiter, Mailbox, MissService, host_kernel
 from chronos_mlx.generate import generate_step
-from conftest import DEMO, stock_greedy
+from conftest import DEMO, assert_stock, stock_greedy
 
 MAX_TOKENS = 12
 cuda = pytest.mark.skipif(not wait_kernels.available(), reason="needs MLX's CUDA backend")
@@ -68,10 +68,7 @@ def _decode(runtime, model, prompt_ids):
 def test_layers_that_wait_for_their_experts_give_stock_tokens(budget, pull, reference, demo_prompt_ids, waiting):
     """pull: the service reads loads into staging and the waiting kernel copies them (DevicePull)."""
     model, runtime = waiting(budget, pull)
-    ids, logprobs = _decode(runtime, model, demo_prompt_ids)
-    assert ids == reference[0]
-    for ours, theirs in zip(logprobs, reference[1]):
-        assert mx.array_equal(ours, theirs)
+    assert_stock(_decode(runtime, model, demo_prompt_ids), reference)
     stats = runtime.stats()
     assert stats["device_waits"] > 0  # misses went through the service thread
     assert stats["decode_misses"] > 0
