@@ -637,7 +637,14 @@ def plan_configs(budgets, *, info: dict, io_sim=None, direct_io=False, predictor
 
     if device_wait.available():  # CUDA: the same loads, layers waiting on the GPU instead of host reads
         variants.append(("chronos-device-wait", {"policy": "lru"}, None))
-        if not io_sim:  # the shards page-locked in host memory, the device copying its own misses
+        from .device_fetch import MAX_HOST_SHARE
+
+        # The shards page-locked in host memory, the device copying its own misses.
+        if io_sim:
+            notices.append("chronos-device-fetch skipped: it reads host memory, not a simulated drive")
+        elif not fits_in_memory(info, MAX_HOST_SHARE):
+            notices.append("chronos-device-fetch skipped: it locks every shard in host memory, and they do not fit")
+        else:
             variants.append(("chronos-device-fetch", {"policy": "usage"}, None))
     on_device = {"chronos-device-wait": "device-wait", "chronos-device-fetch": "device-fetch"}
     for name, opts, prof in variants:

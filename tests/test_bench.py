@@ -109,6 +109,20 @@ def test_device_wait_routing_is_compared_where_the_gpu_can_wait(monkeypatch):
     assert [c.name for c in waiting] == ["chronos-device-wait@0.5"]
 
 
+def test_device_fetch_is_compared_on_cuda_where_the_shards_fit_in_host_memory(monkeypatch):
+    from chronos_mlx import device_wait
+
+    monkeypatch.setattr(device_wait, "available", lambda: True)
+    monkeypatch.setattr(bench, "_memory_bytes", lambda: 10**9)
+    configs, _ = bench.plan_configs([0.5], info={"dense_bytes": 10**6, "expert_bytes_total": 10**6})
+    assert [c.name for c in configs if c.sync == "device-fetch"] == ["chronos-device-fetch@0.5"]
+    for info, io_sim, why in [({"dense_bytes": 10**6, "expert_bytes_total": 9 * 10**8}, None, "do not fit"),
+                              ({"dense_bytes": 10**6, "expert_bytes_total": 10**6}, "5GB/s", "simulated drive")]:
+        configs, notices = bench.plan_configs([0.5], info=info, io_sim=io_sim)
+        assert not any(c.sync == "device-fetch" for c in configs)
+        assert any(n.startswith("chronos-device-fetch skipped") and why in n for n in notices)
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
