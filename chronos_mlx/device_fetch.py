@@ -217,11 +217,14 @@ class DeviceFetcher:
     def _seed(self, policy, now: int) -> tuple:
         """The device's use scores and stamps from the host policy's history: `usage`'s decayed
         uses as of now; otherwise stamps in the policy's eviction order (oldest first)."""
-        E = len(policy.live) if hasattr(policy, "live") else None
-        if E is not None:
-            scale = policy._scale()
-            score = (np.asarray(policy.live, dtype=np.float64) + np.asarray(policy._prior)) / scale
-            return score.astype(np.float32), np.full(E, now, dtype=np.uint32)
+        if hasattr(policy, "live"):
+            # Each expert's decayed uses as of its last use, stamped that many passes ago: the
+            # same value now, and the same recency order for ties, as the host policy has.
+            policy._scale()  # rescales `live` if due; the scale is 2**((clock - base) / half_life)
+            value = np.asarray(policy.live, dtype=np.float64) + np.asarray(policy._prior)
+            age = np.minimum(policy.clock - np.asarray(policy.last_use, dtype=np.int64), (1 << 20) - 1)
+            score = value / np.exp2((policy.clock - age - policy._base) / policy.half_life)
+            return score.astype(np.float32), (now - age).astype(np.uint32)
         n = self.state[0]["table"].size if self.state else 0
         stamp = np.full(n, now - n - 1, dtype=np.uint32)
         order = list(getattr(policy, "_order", {}))  # LRU: least recently used first
