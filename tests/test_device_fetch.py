@@ -233,3 +233,22 @@ def test_on_cuda_layers_that_fetch_their_own_experts_give_stock_tokens(budget, d
     n = next((i for i, (a, b) in enumerate(zip(want, again)) if a != b), len(want))
     assert got[:n] == want[:n]
     assert runtime.stats()["decode_misses"] > 0
+
+
+def test_the_device_starts_from_the_host_policys_history(demo_f32, fetching):
+    """Each expert's decayed use now, and its recency, as the host's `usage` policy has them:
+    the device then evicts in the order the host would have."""
+    model, runtime = fetching(demo_f32, 0.5)
+    policy = runtime.cache.layers[0].policy
+    for used in ([1, 2, 3], [2, 3], [3, 4], [5]):
+        policy.touch(used)
+    runtime.waiter.begin()
+    v = runtime.waiter.state[0]["views"]
+    now = runtime.waiter._passes + 1  # the first pass's stamp
+    h = policy.half_life
+    effective = v["score"] * np.exp2(-(now - v["stamp"].astype(np.int64)) / h)
+    host = (np.array(policy.live) + np.array(policy._prior)) / policy._scale() * 2 ** (-1 / h)
+    assert np.allclose(effective[[1, 2, 3, 4, 5]], host[[1, 2, 3, 4, 5]], rtol=1e-5)
+    stamps = v["stamp"].astype(np.int64)
+    assert stamps[5] > stamps[4] == stamps[3] > stamps[2] > stamps[1]  # the last use first
+    runtime.waiter.end()
