@@ -38,7 +38,7 @@ import numpy as np
 
 from .device_wait import _drain
 from .errors import ChronosError, DeviceWaitError
-from .fetch_kernels import N_COUNTS, fetch_experts
+from .fetch_kernels import N_COUNTS, fetch_experts, fetch_threads
 from .wait_kernels import ABSENT, driver
 
 # Page-locked mappings of more than this share of the host's memory are refused.
@@ -172,6 +172,7 @@ class DeviceFetcher:
         self.lru = policy != "usage"
         self.half_life = int(getattr(cache.layers[0].policy, "half_life", 32)) if cache.layers else 32
         self.state = [self._layer_state(L) for L in cache.layers]
+        self.threads = runtime.fetch_threads or fetch_threads()
         self._passes = 1 << 20  # stamps below the first pass's: see `begin`
         self._tag = None
         self._pass: list = []
@@ -244,7 +245,7 @@ class DeviceFetcher:
                  "stamp": mx.zeros((L.num_experts,), dtype=mx.uint32), "src": s["src"], "dst": s["dst"],
                  "nbytes": s["nbytes"]}
         mx.eval(self._kernel(mx.arange(k, dtype=mx.uint32), dummy, mx.array([1], dtype=mx.uint32),
-                             half_life=self.half_life, lru=self.lru))
+                             half_life=self.half_life, lru=self.lru, threads=self.threads))
         self._warmed = True
 
     def route(self, layer: int, indices: mx.array, guesses=None) -> mx.array:
@@ -253,7 +254,7 @@ class DeviceFetcher:
             self._passes = (self._passes + 1) & 0xFFFFFFFF
             self._tag = mx.array([self._passes], dtype=mx.uint32)
         slots, counts = self._kernel(indices, self.state[layer], self._tag, after=self._after,
-                                     half_life=self.half_life, lru=self.lru)
+                                     half_life=self.half_life, lru=self.lru, threads=self.threads)
         self._after = slots
         self._pass.append((layer, indices, counts))
         return slots

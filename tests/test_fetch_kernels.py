@@ -92,20 +92,32 @@ def test_a_call_with_more_experts_than_slots_is_flagged(source):
     assert counts[2] == 1
 
 
-def test_the_kernel_compiles_for_a_hopper_gpu():
+@pytest.mark.parametrize("threads", [1, 128])
+def test_the_kernel_compiles_for_a_hopper_gpu(threads):
     nvrtc = _nvrtc()
     if nvrtc is None:
         pytest.skip("NVRTC not installed (the test extra installs it on Linux)")
     types = {"score": "float", "src": "uint64_t", "dst": "uint64_t", "nbytes": "uint64_t"}
     inputs = [(types.get(n, "uint32_t"), n) for n in fetch_kernels.INPUTS]
     outputs = [("uint32_t", "slots"), ("uint64_t", "plan"), ("uint32_t", "counts")]
-    consts = [("N", 8), ("S", 64), ("E", 128), ("T", 9), ("LRU", 0), ("HALF", 32), ("MAXC", 72)]
-    assert _compile_like_mlx(nvrtc, "fetch", inputs, outputs, consts, fetch_kernels.kernel_source()) == ""
+    consts = [("N", 8), ("S", 64), ("E", 128), ("T", 9), ("LRU", 0), ("HALF", 32), ("MAXC", 72), ("THREADS", threads)]
+    assert _compile_like_mlx(nvrtc, "fetch", inputs, outputs, consts, fetch_kernels.kernel_source(threads)) == ""
+
+
+def test_the_kernels_width_is_a_power_of_two_from_the_environment(monkeypatch):
+    assert fetch_kernels.fetch_threads() == 1  # the kernel measured on the H200
+    monkeypatch.setenv("CHRONOS_FETCH_THREADS", "128")
+    assert fetch_kernels.fetch_threads() == 128
+    for bad in ("96", "0", "many", "2048"):
+        monkeypatch.setenv("CHRONOS_FETCH_THREADS", bad)
+        with pytest.raises(ValueError, match="power of two"):
+            fetch_kernels.fetch_threads()
 
 
 @cuda
 @pytest.mark.parametrize("lru", [False, True])
-def test_on_cuda_the_kernel_decides_as_the_stand_in_and_copies_from_page_locked_memory(lru):
+@pytest.mark.parametrize("threads", [1, 32, 128])  # more threads than slots too
+def test_on_cuda_the_kernel_decides_as_the_stand_in_and_copies_from_page_locked_memory(lru, threads):
     """The same calls through the kernel and through the stand-in: the same slots, counts,
     tables and scores; the kernel's copies come from page-locked host memory, as the
     registered shards are."""
@@ -117,11 +129,51 @@ def test_on_cuda_the_kernel_decides_as_the_stand_in_and_copies_from_page_locked_
     dev, dev_views = _layer(pinned, *start)
     host, host_views = _layer(src, *start)
     for now, ids in enumerate([[1, 5], [3, 4], [0, 5], [2, 1]], start=10):
-        got = _run(fetch_experts, ids, dev, now, lru=lru)
+        got = _run(fetch_experts, ids, dev, now, lru=lru, threads=threads)
         want = _run(host_fetch, ids, host, now, lru=lru)
         assert got == want, now
         for k in ("table", "owner", "stamp"):
             assert np.array(dev[k]).tolist() == np.array(host[k]).tolist(), (now, k)
         assert np.allclose(np.array(dev["score"]), np.array(host["score"]), rtol=1e-6)
+    for t in range(T):
+        assert np.array_equal(dev_views[t], host_views[t])
+
+
+@cuda
+@pytest.mark.parametrize("threads", [1, 128])
+def test_on_cuda_a_long_run_of_calls_at_q48s_width_decides_as_the_stand_in(threads):
+    """128 experts, 64 slots, 40 calls of 8 ids drawn with a skew (as routing is): every call's
+    slots and counts, and the tables, owners and stamps after it, as the stand-in's."""
+    E_, S_ = 128, 64
+    rng = np.random.default_rng(2)
+    weights = 1.0 / np.arange(1, E_ + 1) ** 1.2
+    weights /= weights.sum()
+    nb = 16
+    src = rng.integers(0, 256, size=(E_, T, nb), dtype=np.uint8)
+    pinned = wait_kernels.pinned_alloc(wait_kernels.driver())(src.size).reshape(src.shape)
+    pinned[:] = src
+
+    def layer(source):
+        from chronos_mlx.cache import _numpy_view
+
+        slots = [mx.zeros((S_, nb), dtype=mx.uint8) for _ in range(T)]
+        mx.eval(slots)
+        views = [_numpy_view(s) for s in slots]
+        state = {"table": mx.full((E_,), ABSENT, dtype=mx.uint32), "owner": mx.full((S_,), ABSENT, dtype=mx.uint32),
+                 "score": mx.zeros((E_,), dtype=mx.float32), "stamp": mx.zeros((E_,), dtype=mx.uint32),
+                 "src": mx.array(np.array([[source[e, t].ctypes.data for t in range(T)] for e in range(E_)],
+                                          dtype=np.uint64).reshape(-1)),
+                 "dst": mx.array(np.array([v.ctypes.data for v in views], dtype=np.uint64)),
+                 "nbytes": mx.array(np.full(T, nb, dtype=np.uint64))}
+        mx.eval(list(state.values()))
+        return state, views
+
+    dev, dev_views = layer(pinned)
+    host, host_views = layer(src)
+    for now in range(1, 41):
+        ids = rng.choice(E_, size=8, replace=False, p=weights).tolist()
+        assert _run(fetch_experts, ids, dev, now, threads=threads) == _run(host_fetch, ids, host, now), now
+        for k in ("table", "owner", "stamp"):
+            assert np.array(dev[k]).tolist() == np.array(host[k]).tolist(), (now, k)
     for t in range(T):
         assert np.array_equal(dev_views[t], host_views[t])
