@@ -396,6 +396,7 @@ def test_ctrl_c_during_a_chat_reply_stops_it_and_the_chat_goes_on(runner, monkey
         (["generate", "--prompt-file", "{missing}"], "no such prompt file"),
         (["generate", "-p", PROMPT, "--chat-template"], "no chat template"),
         (["generate", "-p", PROMPT, "--sync", "device-wait"], "needs MLX's CUDA backend"),  # this box: CPU
+        (["generate", "-p", PROMPT, "--sync", "device-fetch"], "needs MLX's CUDA backend"),
     ],
 )
 def test_user_errors_are_one_error_line_and_exit_code_2(runner, tmp_path, args, message):
@@ -465,6 +466,19 @@ def test_a_device_wait_step_that_fails_is_one_error_line_not_a_traceback(runner,
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output
     assert ("stopped waiting" if failure == "gave up" else "the file is gone") in result.output
+
+
+def test_device_fetch_that_cannot_copy_the_experts_as_they_are_is_one_error_line(runner, monkeypatch):
+    """On a GPU, a model loaded in another dtype than its checkpoint's (here the demo's bf16 scales
+    as float32): device-fetch says why and what to use instead, no traceback."""
+    from chronos_mlx import device_wait
+
+    monkeypatch.setattr(device_wait, "available", lambda: True)
+    result = runner.invoke(app, ["generate", "-p", PROMPT, "--max-tokens", "4", "-b", "0.5", "--sync", "device-fetch",
+                                 "--dtype", "float32"])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    assert "as they are on disk" in result.output and "--sync device-wait" in result.output
 
 
 # --- system prompt and chat template arguments ----------------------------------------------
