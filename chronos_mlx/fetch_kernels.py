@@ -33,13 +33,32 @@ from .wait_kernels import ABSENT, pull_copies
 # the plan too small (the call's rows are then not exact; the decode loop refuses the step).
 N_COUNTS = 3
 
-_FETCH_SOURCE = """
+# The layer's arrays, written in place (MLX passes inputs as const), the pass and the decay rate.
+_STATE = """
     unsigned int* tab = const_cast<unsigned int*>(table);
     unsigned int* own = const_cast<unsigned int*>(owner);
     float* sc = const_cast<float*>(score);
     unsigned int* st = const_cast<unsigned int*>(stamp);
     const unsigned int now = tag[0];
     const float inv_half = 1.0f / (float)HALF;
+"""
+
+# Expert `e` into slot `best`: its old owner out of the table, the copies listed.
+_TAKE = """
+        unsigned int old = own[best];
+        if (old != 0xFFFFFFFFu) { tab[old] = 0xFFFFFFFFu; ++evicted; }
+        own[best] = e;
+        tab[e] = (unsigned int)best;
+        ++loads;
+        for (int q = 0; q < T; ++q) {
+            plan[1 + 3 * n_copies] = src[(unsigned long long)e * T + q];
+            plan[2 + 3 * n_copies] = dst[q] + (unsigned long long)best * nbytes[q];
+            plan[3 + 3 * n_copies] = nbytes[q];
+            ++n_copies;
+        }
+"""
+
+_FETCH_SOURCE = _STATE + """
     unsigned long long n_copies = 0;
     unsigned int loads = 0, evicted = 0, failed = 0;
     for (int i = 0; i < N; ++i) {  // this call's uses: decayed to now, plus one (once an expert)
@@ -67,18 +86,7 @@ _FETCH_SOURCE = """
             }
         }
         if (best < 0 || n_copies + T > MAXC) { failed = 1; continue; }
-        unsigned int old = own[best];
-        if (old != 0xFFFFFFFFu) { tab[old] = 0xFFFFFFFFu; ++evicted; }
-        own[best] = e;
-        tab[e] = (unsigned int)best;
-        ++loads;
-        for (int t = 0; t < T; ++t) {
-            plan[1 + 3 * n_copies] = src[(unsigned long long)e * T + t];
-            plan[2 + 3 * n_copies] = dst[t] + (unsigned long long)best * nbytes[t];
-            plan[3 + 3 * n_copies] = nbytes[t];
-            ++n_copies;
-        }
-    }
+""" + _TAKE + """    }
     plan[0] = n_copies;
     for (int i = 0; i < N; ++i) {
         unsigned int s = ids[i] < (unsigned int)E ? tab[ids[i]] : 0xFFFFFFFFu;
@@ -95,13 +103,7 @@ _FETCH_SOURCE = """
 # and a tree reduction picks the winner by the same order (free slots first, lowest index; then
 # least decayed use, oldest, lowest expert id). Uses are stamped one id a thread; the absent ids
 # are listed (in call order, once each) and their slots taken one after another by thread 0.
-_FETCH_WIDE_SOURCE = """
-    unsigned int* tab = const_cast<unsigned int*>(table);
-    unsigned int* own = const_cast<unsigned int*>(owner);
-    float* sc = const_cast<float*>(score);
-    unsigned int* st = const_cast<unsigned int*>(stamp);
-    const unsigned int now = tag[0];
-    const float inv_half = 1.0f / (float)HALF;
+_FETCH_WIDE_SOURCE = _STATE + """
     const int t = threadIdx.x;
     __shared__ unsigned int absent[N];
     __shared__ int n_absent;
@@ -165,18 +167,8 @@ _FETCH_WIDE_SOURCE = """
             if (r_cls[0] >= 2u || n_copies + T > MAXC) {
                 failed = 1u;
             } else {
-                unsigned int best = r_s[0], old = own[best];
-                if (old != 0xFFFFFFFFu) { tab[old] = 0xFFFFFFFFu; ++evicted; }
-                own[best] = e;
-                tab[e] = best;
-                ++loads;
-                for (int q = 0; q < T; ++q) {
-                    plan[1 + 3 * n_copies] = src[(unsigned long long)e * T + q];
-                    plan[2 + 3 * n_copies] = dst[q] + (unsigned long long)best * nbytes[q];
-                    plan[3 + 3 * n_copies] = nbytes[q];
-                    ++n_copies;
-                }
-            }
+                unsigned int best = r_s[0];
+""" + _TAKE + """            }
         }
         __syncthreads();
     }
