@@ -156,6 +156,25 @@ def measure_routing(model_spec, prompts: list, *, max_tokens: int = 32, dtype=No
     return steps
 
 
+def _device_fetch_fit(path, modes) -> dict | None:
+    """Whether `--sync device-fetch` could hold this model's shards page-locked here (CUDA only:
+    None elsewhere), and a line that says so."""
+    if "device-fetch" not in modes:
+        return None
+    from pathlib import Path
+
+    from .device_fetch import MAX_HOST_SHARE, host_memory_bytes
+
+    shards = sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
+    host = host_memory_bytes() or 0
+    fits = bool(host) and shards <= MAX_HOST_SHARE * host
+    gib = f"{shards / 2**30:.1f} GiB of shards, {host / 2**30:.1f} GiB of host memory"
+    line = (f"--sync device-fetch fits ({gib}): the fastest mode under misses on a GPU, holding every shard "
+            "page-locked in host memory; auto does not pick it" if fits else
+            f"--sync device-fetch does not fit ({gib}); device-wait it is")
+    return {"fits": fits, "shard_bytes": shards, "host_bytes": host, "line": line}
+
+
 def _is_repo_id(spec) -> bool:
     import re
 
@@ -312,6 +331,7 @@ def diagnose(
         # How per-layer routing waits for a layer's routing (Runtime.late_rows).
         "per_layer": "late rows" if mx.default_device() == mx.cpu else "gates",
         "split_reads": split_read_path(),
+        "device_fetch": None if remote else _device_fetch_fit(plan.path, available_sync_modes()),
     }
     rec: dict = {"fits": True, "error": None}
     try:

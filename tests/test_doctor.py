@@ -106,6 +106,19 @@ def test_doctor_prints_a_readable_report(runner):
         assert words in result.stdout
 
 
+def test_doctor_says_whether_device_fetch_would_fit_where_mlx_runs_on_cuda(runner, monkeypatch):
+    from chronos_mlx import device_fetch, device_wait
+
+    assert run_json(runner)["machine"]["device_fetch"] is None  # this box: no CUDA
+    monkeypatch.setattr(device_wait, "available", lambda: True)
+    fit = run_json(runner)["machine"]["device_fetch"]
+    assert fit["fits"] and fit["shard_bytes"] > 40 * 2**20 and "auto does not pick it" in fit["line"]
+    monkeypatch.setattr(device_fetch, "host_memory_bytes", lambda: 2**20)
+    assert run_json(runner)["machine"]["device_fetch"]["fits"] is False
+    result = runner.invoke(app, ["doctor"])
+    assert result.exit_code == 0 and "device-fetch does not fit" in result.stdout
+
+
 def test_lru_replay():
     steps = [[(True, [0, 1]), (False, [0, 2]), (False, [1, 2]), (False, [0, 1])]]
     # 2 slots: after warm {0,1}: [0 hit, 2 miss -> {0,2}], [1 miss, 2 hit -> {2,1}], [0 miss, 1 hit]

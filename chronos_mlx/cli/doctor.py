@@ -96,6 +96,8 @@ def doctor(
     modes = mach.get("sync_modes", [])
     grid.add_row("--sync", ", ".join(modes) + f"  (auto: {mach['default_sync']})"
                  + ("" if "device-wait" in modes else "  [dim](device-wait, device-fetch need MLX's CUDA backend)[/dim]"))
+    if mach.get("device_fetch"):
+        grid.add_row("device-fetch", escape(mach["device_fetch"]["line"]))
     if mach.get("per_layer"):
         grid.add_row("per-layer routing", escape(mach["per_layer"]))
     out.print()
