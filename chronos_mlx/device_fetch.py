@@ -204,6 +204,8 @@ class DeviceFetcher:
         """Before steps are launched (nothing queued): the device's tables, owners and use
         scores say what the host's cache holds now (prefill may have loaded experts)."""
         cache = self.runtime.cache
+        for path in self.shards.address:  # a shard replaced since it was mapped: refused, as every mode does
+            cache.reader.check(path)
         cache.wait_for_loads()
         cache.copy_engine_paused = True  # only the kernels write slots while steps run
         self.warm()

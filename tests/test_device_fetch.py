@@ -252,3 +252,23 @@ def test_the_device_starts_from_the_host_policys_history(demo_f32, fetching):
     stamps = v["stamp"].astype(np.int64)
     assert stamps[5] > stamps[4] == stamps[3] > stamps[2] > stamps[1]  # the last use first
     runtime.waiter.end()
+
+
+def test_a_shard_changed_since_it_was_mapped_stops_the_next_generation_with_a_clear_error(tmp_path, demo_f32,
+                                                                                         demo_prompt_ids, fetching):
+    import os
+    import shutil
+
+    from chronos_mlx.errors import ShardError
+
+    path = tmp_path / "model"
+    shutil.copytree(demo_f32, path)
+    model, runtime = fetching(path, 0.5)
+    _decode(runtime, model, demo_prompt_ids, max_tokens=2)
+    shard = next(path.glob("*.safetensors"))
+    os.utime(shard, ns=(1, 1))  # rewritten in place: its signature changes
+    # Before any step runs (a prefill that loads nothing would not notice): the device never copies from it.
+    with pytest.raises(ShardError, match="while the model was in use"):
+        runtime.waiter.begin()
+    with pytest.raises(ShardError, match="while the model was in use"):
+        _decode(runtime, model, demo_prompt_ids, max_tokens=2)
