@@ -213,7 +213,7 @@ LOAD_OPTIONS = [
             "layer waits on the GPU for a loader thread only when one of its experts is absent; "
             "no host sync per layer. device-fetch (CUDA only): each MoE layer copies its absent experts "
             "itself from the shards, which it holds page-locked in host memory (the whole model in "
-            "host RAM, the budget on the GPU); no loader thread, 2-2.7x device-wait's speed on an H200; auto never "
+            "host RAM, the budget on the GPU); no loader thread, 1.7-2.7x device-wait's speed on an H200; auto never "
             "picks it. All give the same tokens."
         ),
     ),
