@@ -38,7 +38,7 @@ import numpy as np
 
 from .device_wait import _drain
 from .errors import ChronosError, DeviceWaitError
-from .fetch_kernels import N_COUNTS, fetch_experts, fetch_threads
+from .fetch_kernels import Journal, fetch_experts
 from .wait_kernels import ABSENT, driver
 
 # Page-locked mappings of more than this share of the host's memory are refused.
@@ -165,21 +165,24 @@ class DeviceFetcher:
             raise ChronosError(why)
         self._kernel = kernel or fetch_experts
         t0 = time.perf_counter()
-        self.shards = RegisteredShards({path for L in cache.layers for path in L.files},
-                                       (lib or driver()) if register else None)
+        lib = (lib or driver()) if register else None
+        self.shards = RegisteredShards({path for L in cache.layers for path in L.files}, lib)
         self.setup_s = time.perf_counter() - t0  # mapping and page-locking the shards (read from disk if cold)
         policy = getattr(cache.layers[0].policy, "name", "lru") if cache.layers else "lru"
         self.lru = policy != "usage"
         self.half_life = int(getattr(cache.layers[0].policy, "half_life", 32)) if cache.layers else 32
-        self.state = [self._layer_state(L) for L in cache.layers]
-        self.threads = runtime.fetch_threads or fetch_threads()
+        # Each call's ids and counts, written by the kernels, read once the step ran (one sequence
+        # decodes top_k ids a layer; room for a few times that).
+        top_k = int(runtime.info.get("top_k") or 8)
+        self.journal = Journal(len(cache.layers), max(64, 4 * top_k), lib)
+        self.state = [self._layer_state(i, L) for i, L in enumerate(cache.layers)]
         self._passes = 1 << 20  # stamps below the first pass's: see `begin`
         self._tag = None
         self._pass: list = []
         self._after = None
         self._warmed = False
 
-    def _layer_state(self, L) -> dict:
+    def _layer_state(self, layer: int, L) -> dict:
         from .cache import _numpy_view
 
         params = list(L.params.values())
@@ -194,8 +197,11 @@ class DeviceFetcher:
             "src": mx.array(src),
             "dst": mx.array(np.array([p.addr for p in params], dtype=np.uint64)),
             "nbytes": mx.array(np.array([p.source.nbytes for p in params], dtype=np.uint64)),
+            "journal": self.journal.address(layer),
+            "ready": mx.zeros((1,), dtype=mx.uint32),
         }
         mx.eval(list(state.values()))
+        state["journal_width"] = self.journal.width
         state["views"] = {k: _numpy_view(state[k]) for k in ("table", "owner", "score", "stamp")}
         return state
 
@@ -245,9 +251,10 @@ class DeviceFetcher:
         dummy = {"table": mx.array(np.arange(L.num_experts, dtype=np.uint32) % L.num_slots),
                  "owner": mx.arange(L.num_slots, dtype=mx.uint32), "score": mx.zeros((L.num_experts,)),
                  "stamp": mx.zeros((L.num_experts,), dtype=mx.uint32), "src": s["src"], "dst": s["dst"],
-                 "nbytes": s["nbytes"]}
+                 "nbytes": s["nbytes"], "journal": s["journal"], "ready": mx.zeros((1,), dtype=mx.uint32),
+                 "journal_width": s["journal_width"]}
         mx.eval(self._kernel(mx.arange(k, dtype=mx.uint32), dummy, mx.array([1], dtype=mx.uint32),
-                             half_life=self.half_life, lru=self.lru, threads=self.threads))
+                             half_life=self.half_life, lru=self.lru))
         self._warmed = True
 
     def route(self, layer: int, indices: mx.array, guesses=None) -> mx.array:
@@ -255,31 +262,30 @@ class DeviceFetcher:
         if not self._pass:
             self._passes = (self._passes + 1) & 0xFFFFFFFF
             self._tag = mx.array([self._passes], dtype=mx.uint32)
-        slots, counts = self._kernel(indices, self.state[layer], self._tag, after=self._after,
-                                     half_life=self.half_life, lru=self.lru, threads=self.threads)
+        slots = self._kernel(indices, self.state[layer], self._tag, after=self._after,
+                             half_life=self.half_life, lru=self.lru)
         self._after = slots
-        self._pass.append((layer, indices, counts))
+        self._pass.append((layer, indices.size))
         return slots
 
     def end_pass(self):
-        """(pass, layers, sizes, every id then every layer's counts, one flat array) of the
-        pass just built, or None. Joined on the CPU stream, as device-wait's (host memory)."""
+        """(pass, layers, sizes, None) of the pass just built, or None: the kernels write its ids
+        and counts to the journal, which `account` reads once the step ran (no array to wait on)."""
         got, self._pass = self._pass, []
         if not got:
             return None
-        flat = mx.concatenate([i.reshape(-1).astype(mx.uint32) for _, i, _ in got] + [c for *_, c in got],
-                              stream=mx.cpu)
-        return self._passes, [l for l, _, _ in got], [i.size for _, i, _ in got], flat
+        return self._passes, [l for l, _ in got], [n for _, n in got], None
 
-    def account(self, tag: int, layers: list, sizes: list, host: np.ndarray):
-        """A step's routing and what its kernels loaded, read once it ran."""
+    def account(self, tag: int, layers: list, sizes: list, host=None):
+        """A step's routing and what its kernels loaded, read from the journal once it ran."""
         runtime, cache = self.runtime, self.runtime.cache
-        counts = host[sum(sizes):].reshape(-1, N_COUNTS)
-        pos = 0
         per_expert = cache.bytes_on_disk_per_expert
-        for (layer, n), (loads, evicted, failed) in zip(zip(layers, sizes), counts.tolist()):
-            inds = host[pos : pos + n]
-            pos += n
+        for layer, n in zip(layers, sizes):
+            got = self.journal.read(layer, tag)
+            if got is None or got[0].size != n:
+                raise DeviceWaitError(f"MoE layer {layer} left no record of its fetch for this step (pass {tag}); "
+                                      "the step was refused")
+            inds, (loads, evicted, failed) = got
             if failed:
                 raise DeviceWaitError(f"MoE layer {layer} could not fetch its experts on the device (no slot free of "
                                       "the call's experts, or an expert id out of range); the step was refused")
@@ -327,3 +333,4 @@ class DeviceFetcher:
 
     def close(self):
         self.shards.close()
+        self.journal.close()

@@ -1,250 +1,212 @@
 """The CUDA kernel of device-fetch routing (device_fetch.py), and a host stand-in of it.
 
-In front of each MoE layer's expert products, one thread of the `fetch` kernel looks the
-layer's ids up in its wait table. For each absent one it takes a slot itself — a free one,
-else the slot of the resident expert with the least decayed use (the `usage` policy's
-order; least recently used with `LRU`) that this call does not use — updates the table, the
-slot's owner and the use scores, and lists the expert's copies (one a tensor) from the
-shards, which are registered with the GPU (page-locked in host memory, device-readable).
-The grid-wide copy kernel of device-wait's pulled loads (wait_kernels._PULL_COPY) makes
-them and hands the slots on, so the products read them only after their bytes arrived.
-No host thread takes part while steps run: the host reads what the kernels did once a
-step has run (its per-call counts) and the slots' owners when the generation ends.
+In front of each MoE layer's expert products, one launch of the `fetch` kernel does it all.
+Its first thread looks the layer's ids up in the layer's table and, for each absent one,
+takes a slot itself — a free one, else the slot of the resident expert with the least
+decayed use (the `usage` policy's order; least recently used with `LRU`) that this call does
+not use — updates the table, the slot's owner and the use scores, and lists the expert's
+copies (one a tensor) from the shards, which are registered with the GPU (page-locked in
+host memory, device-readable). It writes the call's ids and counts to the layer's row of a
+journal in page-locked host memory, then raises the layer's `ready` word to the pass number;
+every block of the grid waits for that and makes the copies (device-wait's copy loop,
+wait_kernels.COPY_LOOP). The products take the kernel's slot ids, so they read the slots only
+once every copy arrived. No host thread takes part while steps run: the host reads the
+journal once a step has run, and the slots' owners when the generation ends.
+
+One launch a layer, not a plan kernel, a copy kernel and reshapes: on the H200 a q48 decode
+step is bound by the host's work to build and launch it (measured, session 23: chronos at
+1.0 spent 7 ms a token more than stock with nothing to copy), so every graph node a layer
+costs. The grid's blocks wait for the first one: all of them fit on the GPU at once (64).
 
 Per layer, device arrays: `table` (uint32[E], slot or ABSENT), `owner` (uint32[S], expert or
 ABSENT), `score` (float32[E], decayed uses as of `stamp`), `stamp` (uint32[E], the pass of
 the last use); `src` (uint64[E*T], each expert's tensors in the registered shards), `dst`
-and `nbytes` (uint64[T], slot 0 of each tensor, and an expert's bytes). `tag` is the pass
-number: each decode pass calls each layer once, so a stamp equal to it marks this call's
-experts, which are never victims.
+and `nbytes` (uint64[T], slot 0 of each tensor, and an expert's bytes); `journal` (uint64[1],
+the address of the layer's journal rows) and `ready` (uint32[1]). `tag` is the pass number:
+each decode pass calls each layer once, so a stamp equal to it marks this call's experts,
+which are never victims.
 """
 
 from __future__ import annotations
 
 import ctypes
-import os
 
 import mlx.core as mx
 import numpy as np
 
-from .wait_kernels import ABSENT, pull_copies
+from .wait_kernels import ABSENT, COPY_LOOP, pull_grid
 
-# counts: experts loaded, experts evicted, and a flag: an id out of range, no slot to take, or
-# the plan too small (the call's rows are then not exact; the decode loop refuses the step).
-N_COUNTS = 3
+# A journal row: the pass, experts loaded, experts evicted, a flag (an id out of range or no
+# slot to take: the call's rows are then not exact, and the decode loop refuses the step),
+# the number of ids, then the ids. JOURNAL_SETS rows a layer, by pass number: the decode loop
+# reads a pass before the one two after it starts.
+HEAD, N_COUNTS, JOURNAL_SETS = 5, 3, 4
 
-# The layer's arrays, written in place (MLX passes inputs as const), the pass and the decay rate.
-_STATE = """
+_SOURCE = """
     unsigned int* tab = const_cast<unsigned int*>(table);
     unsigned int* own = const_cast<unsigned int*>(owner);
     float* sc = const_cast<float*>(score);
     unsigned int* st = const_cast<unsigned int*>(stamp);
+    unsigned int* rdy = const_cast<unsigned int*>(ready);
     const unsigned int now = tag[0];
-    const float inv_half = 1.0f / (float)HALF;
-"""
-
-# Expert `e` into slot `best`: its old owner out of the table, the copies listed.
-_TAKE = """
-        unsigned int old = own[best];
-        if (old != 0xFFFFFFFFu) { tab[old] = 0xFFFFFFFFu; ++evicted; }
-        own[best] = e;
-        tab[e] = (unsigned int)best;
-        ++loads;
-        for (int q = 0; q < T; ++q) {
-            plan[1 + 3 * n_copies] = src[(unsigned long long)e * T + q];
-            plan[2 + 3 * n_copies] = dst[q] + (unsigned long long)best * nbytes[q];
-            plan[3 + 3 * n_copies] = nbytes[q];
-            ++n_copies;
-        }
-"""
-
-_FETCH_SOURCE = _STATE + """
-    unsigned long long n_copies = 0;
-    unsigned int loads = 0, evicted = 0, failed = 0;
-    for (int i = 0; i < N; ++i) {  // this call's uses: decayed to now, plus one (once an expert)
-        unsigned int e = ids[i];
-        if (e >= (unsigned int)E) { failed = 1; continue; }
-        if (st[e] != now) {
-            sc[e] = sc[e] * exp2f(-(float)(now - st[e]) * inv_half) + 1.0f;
-            st[e] = now;
-        }
-    }
-    for (int i = 0; i < N; ++i) {
-        unsigned int e = ids[i];
-        if (e >= (unsigned int)E || tab[e] != 0xFFFFFFFFu) continue;
-        int best = -1;
-        float best_key = 0.0f;
-        unsigned int best_age = 0u, best_x = 0u;
-        for (int s = 0; s < S; ++s) {
-            unsigned int x = own[s];
-            if (x == 0xFFFFFFFFu) { best = s; break; }  // a free slot first
-            if (st[x] == now) continue;  // used by this call: never a victim
-            unsigned int age = now - st[x];
-            float key = LRU ? 0.0f : sc[x] * exp2f(-(float)age * inv_half);
-            if (best < 0 || key < best_key || (key == best_key && (age > best_age || (age == best_age && x < best_x)))) {
-                best = s; best_key = key; best_age = age; best_x = x;
+    if (blockIdx.x == 0 && threadIdx.x == 0) {
+        const float inv_half = 1.0f / (float)HALF;
+        unsigned long long n_copies = 0;
+        unsigned int loads = 0, evicted = 0, failed = 0;
+        for (int i = 0; i < N; ++i) {  // this call's uses: decayed to now, plus one (once an expert)
+            unsigned int e = ids[i];
+            if (e >= (unsigned int)E) { failed = 1; continue; }
+            if (st[e] != now) {
+                sc[e] = sc[e] * exp2f(-(float)(now - st[e]) * inv_half) + 1.0f;
+                st[e] = now;
             }
         }
-        if (best < 0 || n_copies + T > MAXC) { failed = 1; continue; }
-""" + _TAKE + """    }
-    plan[0] = n_copies;
-    for (int i = 0; i < N; ++i) {
-        unsigned int s = ids[i] < (unsigned int)E ? tab[ids[i]] : 0xFFFFFFFFu;
-        slots[i] = s == 0xFFFFFFFFu ? 0u : s;
-    }
-    counts[0] = loads;
-    counts[1] = evicted;
-    counts[2] = failed;
-"""
-
-# The same decisions made by a block of THREADS threads (a power of two): each absent expert's
-# victim search reads every slot's owner, stamp and score — on one thread ~3 dependent global
-# loads a slot, tens of microseconds a miss at 64 slots — so here each thread takes some slots
-# and a tree reduction picks the winner by the same order (free slots first, lowest index; then
-# least decayed use, oldest, lowest expert id). Uses are stamped one id a thread; the absent ids
-# are listed (in call order, once each) and their slots taken one after another by thread 0.
-_FETCH_WIDE_SOURCE = _STATE + """
-    const int t = threadIdx.x;
-    __shared__ unsigned int absent[N];
-    __shared__ int n_absent;
-    __shared__ unsigned int failed;
-    __shared__ unsigned int r_cls[THREADS], r_age[THREADS], r_x[THREADS], r_s[THREADS];
-    __shared__ float r_key[THREADS];
-    if (t == 0) { n_absent = 0; failed = 0u; }
-    __syncthreads();
-    for (int i = t; i < N; i += THREADS) {  // this call's uses, once an expert
-        unsigned int e = ids[i];
-        bool first = true;
-        for (int j = 0; j < i; ++j) if (ids[j] == e) { first = false; break; }
-        if (e >= (unsigned int)E) atomicOr(&failed, 1u);
-        else if (first && st[e] != now) {
-            sc[e] = sc[e] * exp2f(-(float)(now - st[e]) * inv_half) + 1.0f;
-            st[e] = now;
-        }
-    }
-    __syncthreads();
-    if (t == 0) {
         for (int i = 0; i < N; ++i) {
             unsigned int e = ids[i];
             if (e >= (unsigned int)E || tab[e] != 0xFFFFFFFFu) continue;
-            bool seen = false;
-            for (int j = 0; j < n_absent; ++j) if (absent[j] == e) { seen = true; break; }
-            if (!seen) absent[n_absent++] = e;
-        }
-    }
-    __syncthreads();
-    unsigned long long n_copies = 0;
-    unsigned int loads = 0u, evicted = 0u;
-    for (int a = 0; a < n_absent; ++a) {
-        // Class 0: free; 1: a candidate victim; 2: used by this call; 3: none seen.
-        unsigned int bc = 3u, ba = 0u, bx = 0u, bs = 0xFFFFFFFFu;
-        float bk = 0.0f;
-        for (int s = t; s < S; s += THREADS) {
-            unsigned int x = own[s], c = 1u, age = 0u;
-            float k = 0.0f;
-            if (x == 0xFFFFFFFFu) { c = 0u; x = 0u; }
-            else if (st[x] == now) { c = 2u; }
-            else { age = now - st[x]; k = LRU ? 0.0f : sc[x] * exp2f(-(float)age * inv_half); }
-            if (c < bc || (c == bc && (k < bk || (k == bk && (age > ba || (age == ba && (x < bx || (x == bx && (unsigned int)s < bs)))))))) {
-                bc = c; bk = k; ba = age; bx = x; bs = (unsigned int)s;
-            }
-        }
-        r_cls[t] = bc; r_key[t] = bk; r_age[t] = ba; r_x[t] = bx; r_s[t] = bs;
-        __syncthreads();
-        for (int w = THREADS / 2; w > 0; w >>= 1) {
-            if (t < w) {
-                unsigned int c = r_cls[t + w], age = r_age[t + w], x = r_x[t + w], s = r_s[t + w];
-                float k = r_key[t + w];
-                if (c < r_cls[t] || (c == r_cls[t] && (k < r_key[t] || (k == r_key[t] && (age > r_age[t] ||
-                    (age == r_age[t] && (x < r_x[t] || (x == r_x[t] && s < r_s[t])))))))) {
-                    r_cls[t] = c; r_key[t] = k; r_age[t] = age; r_x[t] = x; r_s[t] = s;
+            int best = -1;
+            float best_key = 0.0f;
+            unsigned int best_age = 0u, best_x = 0u;
+            for (int s = 0; s < S; ++s) {
+                unsigned int x = own[s];
+                if (x == 0xFFFFFFFFu) { best = s; break; }  // a free slot first
+                if (st[x] == now) continue;  // used by this call: never a victim
+                unsigned int age = now - st[x];
+                float key = LRU ? 0.0f : sc[x] * exp2f(-(float)age * inv_half);
+                if (best < 0 || key < best_key || (key == best_key && (age > best_age || (age == best_age && x < best_x)))) {
+                    best = s; best_key = key; best_age = age; best_x = x;
                 }
             }
-            __syncthreads();
+            if (best < 0 || n_copies + T > MAXC) { failed = 1; continue; }
+            unsigned int old = own[best];
+            if (old != 0xFFFFFFFFu) { tab[old] = 0xFFFFFFFFu; ++evicted; }
+            own[best] = e;
+            tab[e] = (unsigned int)best;
+            ++loads;
+            for (int q = 0; q < T; ++q) {
+                plan[1 + 3 * n_copies] = src[(unsigned long long)e * T + q];
+                plan[2 + 3 * n_copies] = dst[q] + (unsigned long long)best * nbytes[q];
+                plan[3 + 3 * n_copies] = nbytes[q];
+                ++n_copies;
+            }
         }
-        if (t == 0) {
-            unsigned int e = absent[a];
-            if (r_cls[0] >= 2u || n_copies + T > MAXC) {
-                failed = 1u;
-            } else {
-                unsigned int best = r_s[0];
-""" + _TAKE + """            }
-        }
-        __syncthreads();
-    }
-    for (int i = t; i < N; i += THREADS) {
-        unsigned int s = ids[i] < (unsigned int)E ? tab[ids[i]] : 0xFFFFFFFFu;
-        slots[i] = s == 0xFFFFFFFFu ? 0u : s;
-    }
-    if (t == 0) {
         plan[0] = n_copies;
-        counts[0] = loads;
-        counts[1] = evicted;
-        counts[2] = failed;
+        unsigned int* row = reinterpret_cast<unsigned int*>(journal[0]) + (now % JSETS) * JW;
+        for (int i = 0; i < N; ++i) {
+            unsigned int e = ids[i];
+            unsigned int s = e < (unsigned int)E ? tab[e] : 0xFFFFFFFFu;
+            slots[i] = s == 0xFFFFFFFFu ? 0u : s;
+            row[HEAD + i] = e;
+        }
+        row[0] = now; row[1] = loads; row[2] = evicted; row[3] = failed; row[4] = N;
+        __threadfence();
+        atomicExch(rdy, now);  // the plan is written: every block may copy
+    } else if (threadIdx.x == 0) {
+        while (atomicAdd(rdy, 0u) != now) __nanosleep(32);
     }
-"""
+    __syncthreads();
+""".replace("HEAD", str(HEAD)) + COPY_LOOP
 
-INPUTS = ["ids", "table", "owner", "score", "stamp", "src", "dst", "nbytes", "tag", "after"]
-OUTPUTS = ["slots", "plan", "counts"]
+INPUTS = ["ids", "table", "owner", "score", "stamp", "src", "dst", "nbytes", "journal", "ready", "tag", "after"]
+OUTPUTS = ["slots", "plan"]
 
 _kernels: dict = {}
 
 
-def fetch_threads() -> int:
-    """Threads of the fetch kernel: 1 (the default, measured on an H200) or a power of two up to
-    1024 for the block-wide victim search (`CHRONOS_FETCH_THREADS`; not yet measured on a GPU)."""
-    env = os.environ.get("CHRONOS_FETCH_THREADS", "1")
-    try:
-        n = int(env)
-    except ValueError:
-        n = 0
-    if n < 1 or n > 1024 or n & (n - 1):
-        raise ValueError(f"CHRONOS_FETCH_THREADS takes a power of two from 1 to 1024, got '{env}'")
-    return n
+class Journal:
+    """What each layer's fetch calls did, for the host to read once a step has run: JOURNAL_SETS
+    rows a layer (by pass number) of HEAD words and up to `capacity` ids. Page-locked host
+    memory the device writes over PCIe with `lib` (libcuda); plain memory for the stand-in."""
+
+    def __init__(self, layers: int, capacity: int, lib=None):
+        self.capacity = capacity
+        self.width = HEAD + capacity
+        words = max(1, layers) * JOURNAL_SETS * self.width
+        self._free = None
+        if lib is None:
+            memory = np.zeros(words, dtype=np.uint32)
+            self.device_address = memory.ctypes.data
+        else:
+            from .upload import make_context_current
+
+            make_context_current(lib)
+            ptr = ctypes.c_void_p()
+            err = lib.cuMemHostAlloc(ctypes.byref(ptr), words * 4, 0x1 | 0x2)  # PORTABLE | DEVICEMAP
+            if err:
+                raise OSError(f"CUDA driver: cuMemHostAlloc returned error {err}")
+            dptr = ctypes.c_uint64()
+            err = lib.cuMemHostGetDevicePointer_v2(ctypes.byref(dptr), ptr, 0)
+            if err:
+                lib.cuMemFreeHost(ptr)
+                raise OSError(f"CUDA driver: cuMemHostGetDevicePointer returned error {err}")
+            memory = np.ctypeslib.as_array((ctypes.c_uint32 * words).from_address(ptr.value))
+            memory[:] = 0
+            self.device_address = dptr.value
+            self._free = lambda: lib.cuMemFreeHost(ptr)
+        self.rows = memory.reshape(max(1, layers), JOURNAL_SETS, self.width)
+
+    def address(self, layer: int) -> mx.array:
+        """The device address of `layer`'s rows (the kernel's `journal` input)."""
+        return mx.array(np.array([self.device_address + layer * JOURNAL_SETS * self.width * 4], dtype=np.uint64))
+
+    def read(self, layer: int, tag: int) -> tuple:
+        """(ids, [loaded, evicted, failed]) of `layer`'s call in pass `tag`, or None if its row
+        holds another pass (overwritten, or never written)."""
+        row = self.rows[layer, tag % JOURNAL_SETS]
+        if int(row[0]) != tag & 0xFFFFFFFF:
+            return None
+        return row[HEAD : HEAD + int(row[4])].copy(), row[1:HEAD - 1].tolist()
+
+    def close(self):
+        free, self._free = self._free, None
+        if free is not None:
+            free()
 
 
-def kernel_source(threads: int = 1) -> str:
-    return _FETCH_SOURCE if threads == 1 else _FETCH_WIDE_SOURCE
+def _get_kernel():
+    if "fetch" not in _kernels:
+        _kernels["fetch"] = mx.fast.cuda_kernel(name="chronos_fetch_experts", input_names=INPUTS,
+                                                output_names=OUTPUTS, source=_SOURCE)
+    return _kernels["fetch"]
 
 
-def _get_kernel(threads: int):
-    wide = threads > 1
-    if wide not in _kernels:
-        _kernels[wide] = mx.fast.cuda_kernel(name="chronos_fetch_experts_wide" if wide else "chronos_fetch_experts",
-                                             input_names=INPUTS, output_names=OUTPUTS, source=kernel_source(threads))
-    return _kernels[wide]
+def _launch(state: dict, n: int, half_life: int, lru: bool) -> tuple:
+    """(template, grid, threadgroup, output shapes) of a call of `n` ids on this layer, made once."""
+    calls = state.setdefault("calls", {})
+    key = (n, half_life, lru)
+    if key not in calls:
+        blocks, threads, unroll = pull_grid()
+        T = state["dst"].size
+        maxc = n * T
+        template = [("N", n), ("S", state["owner"].size), ("E", state["table"].size), ("T", T), ("LRU", int(lru)),
+                    ("HALF", max(1, int(half_life))), ("MAXC", maxc), ("UNROLL", unroll),
+                    ("JW", state["journal_width"]), ("JSETS", JOURNAL_SETS)]
+        calls[key] = (template, (blocks * threads, 1, 1), (threads, 1, 1), (1 + 3 * maxc,))
+    return calls[key]
 
 
 def fetch_experts(ids: mx.array, state: dict, tag: mx.array, after: mx.array | None = None,
-                  half_life: int = 32, lru: bool = False, threads: int | None = None) -> tuple:
-    """(slot ids shaped as `ids`, counts uint32[N_COUNTS]) once every id is resident in the
-    layer whose device arrays `state` holds (table, owner, score, stamp, src, dst, nbytes):
-    the plan kernel decides and lists copies, the copy kernel makes them. `threads`: the plan
-    kernel's (default `fetch_threads()`)."""
-    threads = threads or fetch_threads()
+                  half_life: int = 32, lru: bool = False) -> mx.array:
+    """Slot ids shaped as `ids`, once every id is resident in the layer whose device arrays
+    `state` holds (table, owner, score, stamp, src, dst, nbytes, journal, ready): one launch
+    decides, copies, and writes the call's ids and counts to the layer's journal row."""
     n = ids.size
-    flat = ids.reshape(-1)
-    if flat.dtype != mx.uint32:
-        flat = flat.astype(mx.uint32)
-    T = state["dst"].size
-    maxc = n * T
-    inputs = [flat, state["table"], state["owner"], state["score"], state["stamp"], state["src"], state["dst"],
-              state["nbytes"], tag, tag if after is None else after]
-    template = [("N", n), ("S", state["owner"].size), ("E", state["table"].size), ("T", T), ("LRU", int(lru)),
-                ("HALF", max(1, int(half_life))), ("MAXC", maxc)] + ([("THREADS", threads)] if threads > 1 else [])
-    slots, plan, counts = _get_kernel(threads)(inputs=inputs, template=template, grid=(threads, 1, 1),
-                                               threadgroup=(threads, 1, 1),
-                                        output_shapes=[(n,), (1 + 3 * maxc,), (N_COUNTS,)],
-                                        output_dtypes=[mx.uint32, mx.uint64, mx.uint32])
-    out = pull_copies(plan, slots)
-    return out.reshape(ids.shape), counts
+    if n > state["journal_width"] - HEAD:
+        raise ValueError(f"{n} expert ids in one call do not fit device-fetch's journal ({state['journal_width'] - HEAD})")
+    if ids.dtype != mx.uint32:
+        ids = ids.astype(mx.uint32)
+    template, grid, threadgroup, plan_shape = _launch(state, n, half_life, lru)
+    inputs = [ids, state["table"], state["owner"], state["score"], state["stamp"], state["src"], state["dst"],
+              state["nbytes"], state["journal"], state["ready"], tag, tag if after is None else after]
+    return _get_kernel()(inputs=inputs, template=template, grid=grid, threadgroup=threadgroup,
+                         output_shapes=[ids.shape, plan_shape], output_dtypes=[mx.uint32, mx.uint64])[0]
 
 
-def host_fetch(ids: mx.array, state: dict, tag: mx.array, after=None, half_life: int = 32, lru: bool = False,
-               threads=None) -> tuple:
+def host_fetch(ids: mx.array, state: dict, tag: mx.array, after=None, half_life: int = 32,
+               lru: bool = False) -> mx.array:
     """`fetch_experts` done by the host, for backends without the kernel (tests): the same
-    decisions on numpy views of the same arrays (either kernel's: they decide alike), the
-    copies made with memmove (the shards' registered addresses are host addresses there)."""
+    decisions on numpy views of the same arrays, the copies made with memmove (the shards'
+    registered addresses are host addresses there), the journal row written alike."""
     from .cache import _numpy_view
 
     flat = np.array(ids).reshape(-1).astype(np.int64)
@@ -293,5 +255,9 @@ def host_fetch(ids: mx.array, state: dict, tag: mx.array, after=None, half_life:
             ctypes.memmove(int(dst[t]) + best * int(nbytes[t]), int(src[e * T + t]), int(nbytes[t]))
     slots = tab[np.minimum(flat, E - 1)]
     slots = np.where((slots == ABSENT) | (flat >= E), 0, slots).astype(np.uint32)
-    return (mx.array(slots.reshape(ids.shape)),
-            mx.array(np.array([loads, evicted, failed], dtype=np.uint32)))
+    width = state["journal_width"]
+    address = int(np.array(state["journal"])[0]) + (now % JOURNAL_SETS) * width * 4
+    row = np.ctypeslib.as_array((ctypes.c_uint32 * width).from_address(address))
+    row[HEAD : HEAD + flat.size] = flat
+    row[:HEAD] = [now, loads, evicted, failed, flat.size]
+    return mx.array(slots.reshape(ids.shape))

@@ -275,8 +275,10 @@ def generate_step(
         if step.waited is not None:  # device-wait routing: exact unless the service failed
             tag, layers, sizes, flat = step.waited
             t0 = time.perf_counter()
-            mx.eval(flat)  # waits without Python's lock; the read below is then of host memory
-            host = np.array(flat)
+            # Waits without Python's lock; the read below is then of host memory (device-fetch's
+            # kernels write their record to host memory themselves: the step's token says it ran).
+            mx.eval(flat if flat is not None else step.token)
+            host = np.array(flat) if flat is not None else None
             c.sync_wait_s += time.perf_counter() - t0
             c.host_syncs += 1
             step.waited = None

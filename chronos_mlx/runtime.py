@@ -100,8 +100,6 @@ class Runtime:
         # (mode "device-wait", set by the decode loop while it builds a step).
         self.waiter = None
         self.sync_used = None  # the routing mode the last generation ran ("auto" resolved)
-        # device-fetch: threads of its kernel (None: CHRONOS_FETCH_THREADS, default 1; fetch_kernels.py)
-        self.fetch_threads = None
 
     @property
     def last_moe_layer(self) -> int:

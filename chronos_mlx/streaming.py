@@ -147,7 +147,8 @@ class StreamingSwitch(nn.Module):
         return self._experts(x_rows, mx.array(ids, dtype=mx.uint32), total_rows)[:n]
 
     def __call__(self, x, indices) -> mx.array:
-        indices = mx.stop_gradient(indices)
+        # (No stop_gradient as stock's SwitchGLU outside training: a graph node a layer, and on
+        # a GPU the host's work to build and launch a step's nodes is the decode's pace.)
         if late_rows.applies(self._runtime, self._layer, indices):
             return late_rows.compute(self._runtime, self, self._layer, x, indices)
         slots = self._runtime.route(self._layer, indices, x)

@@ -151,15 +151,18 @@ _PULL_SOURCE = """
 # product that only `mx.depends` on the copy's own output may run beside the copy and read
 # a slot before its new expert arrives (measured on an H200: wrong tokens from token 0).
 # UNROLL loads are issued before their stores (more bytes in flight over PCIe per thread).
-_PULL_COPY = """
-    unsigned long long count = plan[0];
+# The copy loop alone (the fetch kernel runs it after its plan, fetch_kernels.py): the plan is
+# read past the L1 cache, as another block of the same kernel may have just written it.
+COPY_LOOP = """
+    const unsigned long long* plan_ = reinterpret_cast<const unsigned long long*>(plan);
+    unsigned long long count = __ldcg(plan_);
     size_t tid = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
     size_t stride = (size_t)gridDim.x * blockDim.x;
     for (unsigned long long c = 0; c < count; ++c) {
-        unsigned long long src = plan[1 + 3 * c], dst = plan[2 + 3 * c], n = plan[3 + 3 * c];
-        size_t whole = ((src | dst) & 15) == 0 ? n / 16 : 0;
-        const uint4* s4 = reinterpret_cast<const uint4*>(src);
-        uint4* d4 = reinterpret_cast<uint4*>(dst);
+        unsigned long long from = __ldcg(plan_ + 1 + 3 * c), to = __ldcg(plan_ + 2 + 3 * c), n = __ldcg(plan_ + 3 + 3 * c);
+        size_t whole = ((from | to) & 15) == 0 ? n / 16 : 0;
+        const uint4* s4 = reinterpret_cast<const uint4*>(from);
+        uint4* d4 = reinterpret_cast<uint4*>(to);
         size_t i = tid;
         for (; i + (UNROLL - 1) * stride < whole; i += UNROLL * stride) {
             uint4 v[UNROLL];
@@ -169,10 +172,12 @@ _PULL_COPY = """
             for (int u = 0; u < UNROLL; ++u) d4[i + u * stride] = v[u];
         }
         for (; i < whole; i += stride) d4[i] = __ldcv(s4 + i);
-        const volatile unsigned char* s1 = reinterpret_cast<const volatile unsigned char*>(src);
-        unsigned char* d1 = reinterpret_cast<unsigned char*>(dst);
+        const volatile unsigned char* s1 = reinterpret_cast<const volatile unsigned char*>(from);
+        unsigned char* d1 = reinterpret_cast<unsigned char*>(to);
         for (size_t j = whole * 16 + tid; j < n; j += stride) d1[j] = s1[j];
     }
+"""
+_PULL_COPY = COPY_LOOP + """
     if (tid < N) out[tid] = slots[tid];
 """
 

@@ -136,7 +136,7 @@ def main():
     ap.add_argument("--io-sim", default=None)
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--modes", default="optimistic,per-layer,mlx_lm",
-                    help="chronos variants: optimistic (segments), per-layer (late rows on MLX's CPU backend, gated elsewhere), device-wait (CUDA: layers wait on the GPU for a loader thread, the GPU copying the loads), device-fetch (CUDA: layers copy their misses themselves from the shards held page-locked in host memory; no --io-sim), device-fetch-wide (the same, its kernel's victim search on 128 threads), whole-token (optimistic, no segment end: a miss reloads every missed layer at once and recomputes), per-layer-stop (per-layer that stops graph construction at each layer, as before gates), mlx_lm (the chronos model in stock mlx_lm's loop); a -gates suffix (per-layer-gates, optimistic-gates, mlx_lm-gates) routes per layer through gates where late rows are the default (MLX's CPU backend), a -rows suffix (per-layer-rows, ...) with late rows where gates are (GPUs); :predictor appends one (gate, markov, lookahead, intent, all; table: with --routing trained, guesses as good as the demo's gate predictor, bench_guesses.py)")
+                    help="chronos variants: optimistic (segments), per-layer (late rows on MLX's CPU backend, gated elsewhere), device-wait (CUDA: layers wait on the GPU for a loader thread, the GPU copying the loads), device-fetch (CUDA: layers copy their misses themselves from the shards held page-locked in host memory; no --io-sim), whole-token (optimistic, no segment end: a miss reloads every missed layer at once and recomputes), per-layer-stop (per-layer that stops graph construction at each layer, as before gates), mlx_lm (the chronos model in stock mlx_lm's loop); a -gates suffix (per-layer-gates, optimistic-gates, mlx_lm-gates) routes per layer through gates where late rows are the default (MLX's CPU backend), a -rows suffix (per-layer-rows, ...) with late rows where gates are (GPUs); :predictor appends one (gate, markov, lookahead, intent, all; table: with --routing trained, guesses as good as the demo's gate predictor, bench_guesses.py)")
     ap.add_argument("--interleave", action="store_true", help="load all, measure round-robin (noisy machines)")
     ap.add_argument("--max-prompt-tokens", type=int, default=128)
     ap.add_argument("--greedy", action="store_true", help="greedy decoding instead of replay")
@@ -185,7 +185,7 @@ def main():
         ap.error("--routing trained needs replay (no --greedy / --temp)")
     from chronos_mlx import device_wait
 
-    on_device = {"device-wait", "device-fetch", "device-fetch-wide"} & set(args.modes.replace(":", ",").split(","))
+    on_device = {"device-wait", "device-fetch"} & set(args.modes.replace(":", ",").split(","))
     if on_device and (args.cpu or not device_wait.available()):
         ap.error(f"--modes {', '.join(sorted(on_device))} needs MLX's CUDA backend (a GPU, without --cpu)")
     if any(v.partition(":")[2] == "table" for v in args.modes.split(",")) and args.routing != "trained":
@@ -246,8 +246,6 @@ def main():
                     mode, cfg_setup = "per-layer", _with_runtime(setup, pipelined=False, late_rows=False)
                 elif mode.endswith("-gates"):  # per-layer routing through gates where late rows are the default
                     mode, cfg_setup = mode[: -len("-gates")], _with_runtime(setup, late_rows=False)
-                elif mode == "device-fetch-wide":  # device-fetch with the block-wide victim search (fetch_kernels.py)
-                    mode, cfg_setup = "device-fetch", _with_runtime(setup, fetch_threads=128)
                 elif mode.endswith("-rows"):  # late rows where gates are the default (GPUs)
                     mode, cfg_setup = mode[: -len("-rows")], _with_runtime(setup, late_rows=True)
                 for guesses, reads in itertools.product(

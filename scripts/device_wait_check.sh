@@ -43,15 +43,12 @@ step race 60 bash -c "python3 scripts/device_wait_race.py && python3 scripts/dev
 # Every request timed; if requests stop, every thread's stack (faulthandler) — a hang shows where.
 step trace 120 python3 scripts/device_wait_trace.py --budget 0.5 --tokens 8 --limit-s 2
 step tests 240 python3 -m pytest -q -p no:cacheprovider -o addopts="" -o faulthandler_timeout=60 tests/test_device_wait.py tests/test_wait_kernels.py
+# Two MLX streams at once, and kernels of one waiting for a flag set on the other (copies beside compute).
+step streams 120 python3 scripts/stream_overlap.py --json "$OUT/streams.json"
 # Device-fetch (device_fetch.py): its kernel against the stand-in, its decode against stock, then beside device-wait.
 step fetch 300 bash -c "python3 -m pytest -q -p no:cacheprovider -o addopts='' -o faulthandler_timeout=60 \
   tests/test_fetch_kernels.py tests/test_device_fetch.py; python3 scripts/exact_check.py --budgets 0.5,0.25 \
   --max-tokens 16 --ends device-fetch,device-wait --workload python --prompts 2 --json $OUT/exact-fetch.json"
-# Device-fetch's block-wide victim search (CHRONOS_FETCH_THREADS=128, not yet run on a GPU): its kernel against the
-# stand-in, then exactness; measure it with MODES=device-fetch,device-fetch-wide in step bench (after make-q48,warm-q48).
-step fetch-wide 300 bash -c "python3 -m pytest -q -p no:cacheprovider -o addopts='' -o faulthandler_timeout=60 \
-  tests/test_fetch_kernels.py; CHRONOS_FETCH_THREADS=128 python3 scripts/exact_check.py --budgets 0.5,0.25 \
-  --max-tokens 16 --ends device-fetch --workload python --prompts 2 --json $OUT/exact-fetch-wide.json"
 # The CLI on CUDA: every routing this machine runs (device-fetch among them) against stock; a generation by name.
 step verify-cli 240 bash -c "python3 -m chronos_mlx.cli verify --tokens --budgets 0.5,0.125 --json > $OUT/verify.json; \
   python3 -m chronos_mlx.cli generate --sync device-fetch --budget 0.5 -p 'The history of the city' --max-tokens 24 --json > $OUT/generate-fetch.json; \

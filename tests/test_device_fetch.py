@@ -210,15 +210,39 @@ def test_the_stats_say_which_routing_ran(demo_f32, demo_prompt_ids, fetching):
     assert runtime.stats()["device_fetch_setup_s"] >= 0
 
 
+def _row(runtime, state, tag) -> np.ndarray:
+    """The journal row a call of the kernel on `state` wrote (warm-up's throwaway layer: a copy)."""
+    layer = next((i for i, s in enumerate(runtime.waiter.state) if s is state), None)
+    if layer is None:
+        return np.zeros(8, dtype=np.uint32)
+    return runtime.waiter.journal.rows[layer, int(np.array(tag)[0]) % 4]
+
+
 def test_a_kernel_that_could_not_fetch_makes_the_step_an_error(demo_f32, demo_prompt_ids, fetching, monkeypatch):
     model, runtime = fetching(demo_f32, 0.25)
 
     def failing(ids, state, tag, **kw):
-        slots, counts = host_fetch(ids, state, tag, **kw)
-        return slots, mx.array(np.array([0, 0, 1], dtype=np.uint32))
+        slots = host_fetch(ids, state, tag, **kw)
+        _row(runtime, state, tag)[3] = 1  # the kernel's flag
+        return slots
 
     monkeypatch.setattr(runtime.waiter, "_kernel", failing)
     with pytest.raises(DeviceWaitError, match="could not fetch"):
+        _decode(runtime, model, demo_prompt_ids)
+
+
+def test_a_step_whose_record_is_missing_is_an_error(demo_f32, demo_prompt_ids, fetching, monkeypatch):
+    """The loop reads each layer's journal row of the step's pass; a row that holds another pass
+    (overwritten, or never written) refuses the step rather than guess its counts."""
+    model, runtime = fetching(demo_f32, 0.25)
+
+    def forgetful(ids, state, tag, **kw):
+        slots = host_fetch(ids, state, tag, **kw)
+        _row(runtime, state, tag)[0] = 0
+        return slots
+
+    monkeypatch.setattr(runtime.waiter, "_kernel", forgetful)
+    with pytest.raises(DeviceWaitError, match="no record"):
         _decode(runtime, model, demo_prompt_ids)
 
 

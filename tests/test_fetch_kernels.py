@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from chronos_mlx import fetch_kernels, wait_kernels
-from chronos_mlx.fetch_kernels import fetch_experts, host_fetch
+from chronos_mlx.fetch_kernels import Journal, fetch_experts, host_fetch
 from chronos_mlx.wait_kernels import ABSENT
 from test_wait_kernels import _compile_like_mlx, _nvrtc
 
@@ -16,8 +16,16 @@ cuda = pytest.mark.skipif(not wait_kernels.available(), reason="needs MLX's CUDA
 E, S, T, NB = 6, 3, 2, 64  # experts, slots, tensors an expert, bytes a tensor of an expert
 
 
-def _layer(source: np.ndarray, table, owner, score, stamp):
-    """A layer's device arrays over `source` ([E, T, NB] bytes, the 'shards') and slots of zeros."""
+def _journal_state(journal: Journal) -> dict:
+    state = {"journal": journal.address(0), "ready": mx.zeros((1,), dtype=mx.uint32)}
+    mx.eval(list(state.values()))
+    state["journal_width"], state["journal_of"] = journal.width, journal
+    return state
+
+
+def _layer(source: np.ndarray, table, owner, score, stamp, lib=None):
+    """A layer's device arrays over `source` ([E, T, NB] bytes, the 'shards') and slots of zeros;
+    its journal in page-locked memory with `lib` (libcuda)."""
     slots = [mx.zeros((S, NB), dtype=mx.uint8) for _ in range(T)]
     mx.eval(slots)
     from chronos_mlx.cache import _numpy_view
@@ -31,7 +39,7 @@ def _layer(source: np.ndarray, table, owner, score, stamp):
         "nbytes": mx.array(np.full(T, NB, dtype=np.uint64)),
     }
     mx.eval(list(state.values()))
-    return state, views
+    return {**state, **_journal_state(Journal(1, 8, lib))}, views
 
 
 @pytest.fixture
@@ -40,8 +48,12 @@ def source():
 
 
 def _run(kernel, ids, state, now, **kw):
-    slots, counts = kernel(mx.array(np.array(ids, dtype=np.uint32)), state, mx.array([now], dtype=mx.uint32), **kw)
-    return np.array(slots).tolist(), np.array(counts).tolist()
+    """(slot ids, [loaded, evicted, failed]) of one call, the counts from the journal it wrote."""
+    slots = kernel(mx.array(np.array(ids, dtype=np.uint32)), state, mx.array([now], dtype=mx.uint32), **kw)
+    slots = np.array(slots).tolist()  # the call has run: its journal row is written
+    recorded, counts = state["journal_of"].read(0, now)
+    assert recorded.tolist() == list(ids)
+    return slots, counts
 
 
 def test_resident_ids_map_to_their_slots_and_nothing_is_copied(source):
@@ -92,32 +104,33 @@ def test_a_call_with_more_experts_than_slots_is_flagged(source):
     assert counts[2] == 1
 
 
-@pytest.mark.parametrize("threads", [1, 128])
-def test_the_kernel_compiles_for_a_hopper_gpu(threads):
+def test_the_kernel_compiles_for_a_hopper_gpu():
     nvrtc = _nvrtc()
     if nvrtc is None:
         pytest.skip("NVRTC not installed (the test extra installs it on Linux)")
-    types = {"score": "float", "src": "uint64_t", "dst": "uint64_t", "nbytes": "uint64_t"}
+    types = {"score": "float", "src": "uint64_t", "dst": "uint64_t", "nbytes": "uint64_t", "journal": "uint64_t"}
     inputs = [(types.get(n, "uint32_t"), n) for n in fetch_kernels.INPUTS]
-    outputs = [("uint32_t", "slots"), ("uint64_t", "plan"), ("uint32_t", "counts")]
-    consts = [("N", 8), ("S", 64), ("E", 128), ("T", 9), ("LRU", 0), ("HALF", 32), ("MAXC", 72), ("THREADS", threads)]
-    assert _compile_like_mlx(nvrtc, "fetch", inputs, outputs, consts, fetch_kernels.kernel_source(threads)) == ""
+    outputs = [("uint32_t", "slots"), ("uint64_t", "plan")]
+    consts = [("N", 8), ("S", 64), ("E", 128), ("T", 9), ("LRU", 0), ("HALF", 32), ("MAXC", 72), ("UNROLL", 1),
+              ("JW", 69), ("JSETS", 4)]
+    assert _compile_like_mlx(nvrtc, "fetch", inputs, outputs, consts, fetch_kernels._SOURCE) == ""
 
 
-def test_the_kernels_width_is_a_power_of_two_from_the_environment(monkeypatch):
-    assert fetch_kernels.fetch_threads() == 1  # the kernel measured on the H200
-    monkeypatch.setenv("CHRONOS_FETCH_THREADS", "128")
-    assert fetch_kernels.fetch_threads() == 128
-    for bad in ("96", "0", "many", "2048"):
-        monkeypatch.setenv("CHRONOS_FETCH_THREADS", bad)
-        with pytest.raises(ValueError, match="power of two"):
-            fetch_kernels.fetch_threads()
+def test_the_journal_keeps_a_row_a_pass_and_knows_a_stale_one():
+    journal = Journal(2, 8)
+    state = {"journal": journal.address(1), "journal_width": journal.width}
+    row = journal.rows[1, 7 % 4]
+    row[:7] = [7, 2, 1, 0, 2, 5, 9]
+    ids, counts = journal.read(1, 7)
+    assert ids.tolist() == [5, 9] and counts == [2, 1, 0]
+    assert journal.read(1, 11) is None  # the same row, another pass: not this one's record
+    assert journal.read(0, 7) is None  # never written
+    assert int(np.array(state["journal"])[0]) == journal.device_address + 4 * journal.width * 4
 
 
 @cuda
 @pytest.mark.parametrize("lru", [False, True])
-@pytest.mark.parametrize("threads", [1, 32, 128])  # more threads than slots too
-def test_on_cuda_the_kernel_decides_as_the_stand_in_and_copies_from_page_locked_memory(lru, threads):
+def test_on_cuda_the_kernel_decides_as_the_stand_in_and_copies_from_page_locked_memory(lru):
     """The same calls through the kernel and through the stand-in: the same slots, counts,
     tables and scores; the kernel's copies come from page-locked host memory, as the
     registered shards are."""
@@ -126,10 +139,10 @@ def test_on_cuda_the_kernel_decides_as_the_stand_in_and_copies_from_page_locked_
     pinned = staging.reshape(E, T, NB)
     pinned[:] = src
     start = ([0, 1, 2, ABSENT, ABSENT, ABSENT], [0, 1, 2], [5.0, 0.5, 1.0, 0, 0, 0], [9, 3, 7, 0, 0, 0])
-    dev, dev_views = _layer(pinned, *start)
+    dev, dev_views = _layer(pinned, *start, lib=wait_kernels.driver())
     host, host_views = _layer(src, *start)
     for now, ids in enumerate([[1, 5], [3, 4], [0, 5], [2, 1]], start=10):
-        got = _run(fetch_experts, ids, dev, now, lru=lru, threads=threads)
+        got = _run(fetch_experts, ids, dev, now, lru=lru)
         want = _run(host_fetch, ids, host, now, lru=lru)
         assert got == want, now
         for k in ("table", "owner", "stamp"):
@@ -140,8 +153,7 @@ def test_on_cuda_the_kernel_decides_as_the_stand_in_and_copies_from_page_locked_
 
 
 @cuda
-@pytest.mark.parametrize("threads", [1, 128])
-def test_on_cuda_a_long_run_of_calls_at_q48s_width_decides_as_the_stand_in(threads):
+def test_on_cuda_a_long_run_of_calls_at_q48s_width_decides_as_the_stand_in():
     """128 experts, 64 slots, 40 calls of 8 ids drawn with a skew (as routing is): every call's
     slots and counts, and the tables, owners and stamps after it, as the stand-in's."""
     E_, S_ = 128, 64
@@ -153,7 +165,7 @@ def test_on_cuda_a_long_run_of_calls_at_q48s_width_decides_as_the_stand_in(threa
     pinned = wait_kernels.pinned_alloc(wait_kernels.driver())(src.size).reshape(src.shape)
     pinned[:] = src
 
-    def layer(source):
+    def layer(source, lib=None):
         from chronos_mlx.cache import _numpy_view
 
         slots = [mx.zeros((S_, nb), dtype=mx.uint8) for _ in range(T)]
@@ -166,13 +178,13 @@ def test_on_cuda_a_long_run_of_calls_at_q48s_width_decides_as_the_stand_in(threa
                  "dst": mx.array(np.array([v.ctypes.data for v in views], dtype=np.uint64)),
                  "nbytes": mx.array(np.full(T, nb, dtype=np.uint64))}
         mx.eval(list(state.values()))
-        return state, views
+        return {**state, **_journal_state(Journal(1, 8, lib))}, views
 
-    dev, dev_views = layer(pinned)
+    dev, dev_views = layer(pinned, wait_kernels.driver())
     host, host_views = layer(src)
     for now in range(1, 41):
         ids = rng.choice(E_, size=8, replace=False, p=weights).tolist()
-        assert _run(fetch_experts, ids, dev, now, threads=threads) == _run(host_fetch, ids, host, now), now
+        assert _run(fetch_experts, ids, dev, now) == _run(host_fetch, ids, host, now), now
         for k in ("table", "owner", "stamp"):
             assert np.array(dev[k]).tolist() == np.array(host[k]).tolist(), (now, k)
     for t in range(T):
