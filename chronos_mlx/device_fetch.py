@@ -198,7 +198,6 @@ class DeviceFetcher:
             "dst": mx.array(np.array([p.addr for p in params], dtype=np.uint64)),
             "nbytes": mx.array(np.array([p.source.nbytes for p in params], dtype=np.uint64)),
             "journal": self.journal.address(layer),
-            "ready": mx.zeros((1,), dtype=mx.uint32),
         }
         mx.eval(list(state.values()))
         state["journal_width"] = self.journal.width
@@ -251,8 +250,7 @@ class DeviceFetcher:
         dummy = {"table": mx.array(np.arange(L.num_experts, dtype=np.uint32) % L.num_slots),
                  "owner": mx.arange(L.num_slots, dtype=mx.uint32), "score": mx.zeros((L.num_experts,)),
                  "stamp": mx.zeros((L.num_experts,), dtype=mx.uint32), "src": s["src"], "dst": s["dst"],
-                 "nbytes": s["nbytes"], "journal": s["journal"], "ready": mx.zeros((1,), dtype=mx.uint32),
-                 "journal_width": s["journal_width"]}
+                 "nbytes": s["nbytes"], "journal": s["journal"], "journal_width": s["journal_width"]}
         mx.eval(self._kernel(mx.arange(k, dtype=mx.uint32), dummy, mx.array([1], dtype=mx.uint32),
                              half_life=self.half_life, lru=self.lru))
         self._warmed = True

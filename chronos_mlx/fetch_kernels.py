@@ -1,28 +1,24 @@
 """The CUDA kernel of device-fetch routing (device_fetch.py), and a host stand-in of it.
 
-In front of each MoE layer's expert products, one launch of the `fetch` kernel does it all.
-Its first thread looks the layer's ids up in the layer's table and, for each absent one,
-takes a slot itself — a free one, else the slot of the resident expert with the least
+In front of each MoE layer's expert products, one thread of the `fetch` kernel looks the
+layer's ids up in the layer's table and, for each absent one, takes a slot itself — a free one, else the slot of the resident expert with the least
 decayed use (the `usage` policy's order; least recently used with `LRU`) that this call does
 not use — updates the table, the slot's owner and the use scores, and lists the expert's
 copies (one a tensor) from the shards, which are registered with the GPU (page-locked in
-host memory, device-readable). It writes the call's ids and counts to the layer's row of a
-journal in page-locked host memory, then raises the layer's `ready` word to the pass number;
-every block of the grid waits for that and makes the copies (device-wait's copy loop,
-wait_kernels.COPY_LOOP). The products take the kernel's slot ids, so they read the slots only
-once every copy arrived. No host thread takes part while steps run: the host reads the
-journal once a step has run, and the slots' owners when the generation ends.
+host memory, device-readable), and writes the call's ids and counts to the layer's row of a
+journal in page-locked host memory. Device-wait's grid-wide copy kernel
+(wait_kernels.pull_copies) makes the copies and hands the slots on, so the products read
+them only once every copy arrived. No host thread takes part while steps run: the host
+reads the journal once a step has run, and the slots' owners when the generation ends.
 
-One launch a layer, not a plan kernel, a copy kernel and reshapes: on the H200 a q48 decode
-step is bound by the host's work to build and launch it (measured, session 23: chronos at
-1.0 spent 7 ms a token more than stock with nothing to copy), so every graph node a layer
-costs. The grid's blocks wait for the first one: all of them fit on the GPU at once (64).
+Two graph nodes a layer and no reshapes or per-step concatenation: a q48 decode step on the
+H200 is paced by the host's work to build and launch it, so every node a layer costs.
 
 Per layer, device arrays: `table` (uint32[E], slot or ABSENT), `owner` (uint32[S], expert or
 ABSENT), `score` (float32[E], decayed uses as of `stamp`), `stamp` (uint32[E], the pass of
 the last use); `src` (uint64[E*T], each expert's tensors in the registered shards), `dst`
 and `nbytes` (uint64[T], slot 0 of each tensor, and an expert's bytes); `journal` (uint64[1],
-the address of the layer's journal rows) and `ready` (uint32[1]). `tag` is the pass number:
+the address of the layer's journal rows). `tag` is the pass number:
 each decode pass calls each layer once, so a stamp equal to it marks this call's experts,
 which are never victims.
 """
@@ -34,7 +30,7 @@ import ctypes
 import mlx.core as mx
 import numpy as np
 
-from .wait_kernels import ABSENT, COPY_LOOP, pull_grid
+from .wait_kernels import ABSENT, pull_copies
 
 # A journal row: the pass, experts loaded, experts evicted, a flag (an id out of range or no
 # slot to take: the call's rows are then not exact, and the decode loop refuses the step),
@@ -47,9 +43,8 @@ _SOURCE = """
     unsigned int* own = const_cast<unsigned int*>(owner);
     float* sc = const_cast<float*>(score);
     unsigned int* st = const_cast<unsigned int*>(stamp);
-    unsigned int* rdy = const_cast<unsigned int*>(ready);
     const unsigned int now = tag[0];
-    if (blockIdx.x == 0 && threadIdx.x == 0) {
+    {
         const float inv_half = 1.0f / (float)HALF;
         unsigned long long n_copies = 0;
         unsigned int loads = 0, evicted = 0, failed = 0;
@@ -99,15 +94,10 @@ _SOURCE = """
             row[HEAD + i] = e;
         }
         row[0] = now; row[1] = loads; row[2] = evicted; row[3] = failed; row[4] = N;
-        __threadfence();
-        atomicExch(rdy, now);  // the plan is written: every block may copy
-    } else if (threadIdx.x == 0) {
-        while (atomicAdd(rdy, 0u) != now) __nanosleep(32);
     }
-    __syncthreads();
-""".replace("HEAD", str(HEAD)) + COPY_LOOP
+""".replace("HEAD", str(HEAD))
 
-INPUTS = ["ids", "table", "owner", "score", "stamp", "src", "dst", "nbytes", "journal", "ready", "tag", "after"]
+INPUTS = ["ids", "table", "owner", "score", "stamp", "src", "dst", "nbytes", "journal", "tag", "after"]
 OUTPUTS = ["slots", "plan"]
 
 _kernels: dict = {}
@@ -171,35 +161,36 @@ def _get_kernel():
 
 
 def _launch(state: dict, n: int, half_life: int, lru: bool) -> tuple:
-    """(template, grid, threadgroup, output shapes) of a call of `n` ids on this layer, made once."""
+    """(template, plan shape) of a call of `n` ids on this layer, made once."""
     calls = state.setdefault("calls", {})
     key = (n, half_life, lru)
     if key not in calls:
-        blocks, threads, unroll = pull_grid()
         T = state["dst"].size
         maxc = n * T
         template = [("N", n), ("S", state["owner"].size), ("E", state["table"].size), ("T", T), ("LRU", int(lru)),
-                    ("HALF", max(1, int(half_life))), ("MAXC", maxc), ("UNROLL", unroll),
-                    ("JW", state["journal_width"]), ("JSETS", JOURNAL_SETS)]
-        calls[key] = (template, (blocks * threads, 1, 1), (threads, 1, 1), (1 + 3 * maxc,))
+                    ("HALF", max(1, int(half_life))), ("MAXC", maxc), ("JW", state["journal_width"]),
+                    ("JSETS", JOURNAL_SETS)]
+        calls[key] = (template, (1 + 3 * maxc,))
     return calls[key]
 
 
 def fetch_experts(ids: mx.array, state: dict, tag: mx.array, after: mx.array | None = None,
                   half_life: int = 32, lru: bool = False) -> mx.array:
     """Slot ids shaped as `ids`, once every id is resident in the layer whose device arrays
-    `state` holds (table, owner, score, stamp, src, dst, nbytes, journal, ready): one launch
-    decides, copies, and writes the call's ids and counts to the layer's journal row."""
+    `state` holds (table, owner, score, stamp, src, dst, nbytes, journal): the fetch kernel
+    decides and writes the call's ids and counts to the layer's journal row, the copy kernel
+    copies."""
     n = ids.size
     if n > state["journal_width"] - HEAD:
         raise ValueError(f"{n} expert ids in one call do not fit device-fetch's journal ({state['journal_width'] - HEAD})")
     if ids.dtype != mx.uint32:
         ids = ids.astype(mx.uint32)
-    template, grid, threadgroup, plan_shape = _launch(state, n, half_life, lru)
+    template, plan_shape = _launch(state, n, half_life, lru)
     inputs = [ids, state["table"], state["owner"], state["score"], state["stamp"], state["src"], state["dst"],
-              state["nbytes"], state["journal"], state["ready"], tag, tag if after is None else after]
-    return _get_kernel()(inputs=inputs, template=template, grid=grid, threadgroup=threadgroup,
-                         output_shapes=[ids.shape, plan_shape], output_dtypes=[mx.uint32, mx.uint64])[0]
+              state["nbytes"], state["journal"], tag, tag if after is None else after]
+    slots, plan = _get_kernel()(inputs=inputs, template=template, grid=(1, 1, 1), threadgroup=(1, 1, 1),
+                                output_shapes=[ids.shape, plan_shape], output_dtypes=[mx.uint32, mx.uint64])
+    return pull_copies(plan, slots)
 
 
 def host_fetch(ids: mx.array, state: dict, tag: mx.array, after=None, half_life: int = 32,

@@ -305,11 +305,10 @@ def wait_for_experts(ids: mx.array, table: mx.array, box: mx.array, layer: mx.ar
 
 def pull_copies(plan: mx.array, slots: mx.array, grid: tuple | None = None) -> mx.array:
     """Make the copies `plan` lists ([count, (source, destination, bytes) ...], uint64) on the
-    device; returns `slots` again, after them. `grid`: (blocks, threads, unroll), default `pull_grid()`."""
+    device; returns `slots` again (its shape too), after them. `grid`: (blocks, threads, unroll), default `pull_grid()`."""
     blocks, threads, unroll = grid or pull_grid()
-    n = slots.size
-    return _get_kernel("copy")(inputs=[plan, slots], template=[("N", n), ("UNROLL", unroll)],
-                               grid=(blocks * threads, 1, 1), threadgroup=(threads, 1, 1), output_shapes=[(n,)],
+    return _get_kernel("copy")(inputs=[plan, slots], template=[("N", slots.size), ("UNROLL", unroll)],
+                               grid=(blocks * threads, 1, 1), threadgroup=(threads, 1, 1), output_shapes=[slots.shape],
                                output_dtypes=[mx.uint32])[0]
 
 
