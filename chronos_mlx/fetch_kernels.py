@@ -30,7 +30,7 @@ import ctypes
 import mlx.core as mx
 import numpy as np
 
-from .wait_kernels import ABSENT, pull_copies
+from .wait_kernels import ABSENT, mapped_words, pull_copies
 
 # A journal row: the pass, experts loaded, experts evicted, a flag (an id out of range or no
 # slot to take: the call's rows are then not exact, and the decode loop refuses the step),
@@ -120,19 +120,8 @@ class Journal:
             from .upload import make_context_current
 
             make_context_current(lib)
-            ptr = ctypes.c_void_p()
-            err = lib.cuMemHostAlloc(ctypes.byref(ptr), words * 4, 0x1 | 0x2)  # PORTABLE | DEVICEMAP
-            if err:
-                raise OSError(f"CUDA driver: cuMemHostAlloc returned error {err}")
-            dptr = ctypes.c_uint64()
-            err = lib.cuMemHostGetDevicePointer_v2(ctypes.byref(dptr), ptr, 0)
-            if err:
-                lib.cuMemFreeHost(ptr)
-                raise OSError(f"CUDA driver: cuMemHostGetDevicePointer returned error {err}")
-            memory = np.ctypeslib.as_array((ctypes.c_uint32 * words).from_address(ptr.value))
+            memory, self.device_address, self._free = mapped_words(lib, words)
             memory[:] = 0
-            self.device_address = dptr.value
-            self._free = lambda: lib.cuMemFreeHost(ptr)
         self.rows = memory.reshape(max(1, layers), JOURNAL_SETS, self.width)
 
     def address(self, layer: int) -> mx.array:

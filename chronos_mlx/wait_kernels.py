@@ -349,6 +349,22 @@ def ask_in_turn(n_layers: int = 8, chain: bool = True) -> dict:
     return {"asked": asked, "gave_up": gave_up, "slots_right": right, "seconds": time.perf_counter() - t0}
 
 
+def mapped_words(lib, n: int) -> tuple:
+    """(uint32[n] numpy view, device address, free) of page-locked host memory the device
+    reads and writes over PCIe (cuMemHostAlloc, PORTABLE | DEVICEMAP)."""
+    ptr = ctypes.c_void_p()
+    err = lib.cuMemHostAlloc(ctypes.byref(ptr), n * 4, 0x1 | 0x2)
+    if err:
+        raise OSError(f"CUDA driver: cuMemHostAlloc returned error {err}")
+    dptr = ctypes.c_uint64()
+    err = lib.cuMemHostGetDevicePointer_v2(ctypes.byref(dptr), ptr, 0)
+    if err:
+        lib.cuMemFreeHost(ptr)
+        raise OSError(f"CUDA driver: cuMemHostGetDevicePointer returned error {err}")
+    words = np.ctypeslib.as_array((ctypes.c_uint32 * n).from_address(ptr.value))
+    return words, dptr.value, lambda: lib.cuMemFreeHost(ptr)
+
+
 class Mailbox:
     """WORDS uint32 words that the device and the host both read and write: page-locked
     host memory the device addresses over PCIe (`pinned`), or plain memory for a host
@@ -364,17 +380,8 @@ class Mailbox:
 
     @classmethod
     def pinned(cls, lib) -> "Mailbox":
-        ptr = ctypes.c_void_p()
-        err = lib.cuMemHostAlloc(ctypes.byref(ptr), WORDS * 4, 0x1 | 0x2)  # PORTABLE | DEVICEMAP
-        if err:
-            raise OSError(f"CUDA driver: cuMemHostAlloc returned error {err}")
-        dptr = ctypes.c_uint64()
-        err = lib.cuMemHostGetDevicePointer_v2(ctypes.byref(dptr), ptr, 0)
-        if err:
-            lib.cuMemFreeHost(ptr)
-            raise OSError(f"CUDA driver: cuMemHostGetDevicePointer returned error {err}")
-        words = np.ctypeslib.as_array((ctypes.c_uint32 * WORDS).from_address(ptr.value))
-        return cls(words, dptr.value, free=lambda: lib.cuMemFreeHost(ptr))
+        words, device_address, free = mapped_words(lib, WORDS)
+        return cls(words, device_address, free=free)
 
     @classmethod
     def host(cls) -> "Mailbox":
