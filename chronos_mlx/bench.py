@@ -165,11 +165,18 @@ def _stock_run(model, prompt, max_tokens, forced=None, temp=None):
     tic = time.perf_counter()
     t_first, n = None, 0
     tokens = []
-    for n, (tok, _) in enumerate(generate_step(mx.array(prompt), model, max_tokens=max_tokens, sampler=sampler,
-                                               prompt_cache=prompt_cache), 1):
-        if t_first is None:
-            t_first = time.perf_counter()
-        tokens.append(int(tok))
+    prof = DECODE_PROFILER
+    try:
+        for n, (tok, _) in enumerate(generate_step(mx.array(prompt), model, max_tokens=max_tokens, sampler=sampler,
+                                                   prompt_cache=prompt_cache), 1):
+            if t_first is None:
+                t_first = time.perf_counter()
+                if prof is not None:
+                    prof.enable()
+            tokens.append(int(tok))
+    finally:
+        if prof is not None:
+            prof.disable()
     end = time.perf_counter()
     return {"ttft_s": t_first - tic, "decode_s": end - t_first, "decode_steps": n - 1, "prompt_tokens": len(prompt),
             "tokens": tokens}
@@ -220,8 +227,9 @@ def _plain_run(model, runtime, prompt, max_tokens, forced=None, temp=None):
     }
 
 
-# A cProfile.Profile (scripts/bench_sync.py --profile): chronos runs enable it for their
-# decode steps only (after the first token), so a profile is not buried under loading and prefill.
+# A cProfile.Profile or anything with enable() / disable() (scripts/bench_sync.py --profile,
+# --phases): every run enables it for its decode steps only (after the first token), so a
+# profile is not buried under loading and prefill.
 DECODE_PROFILER = None
 
 

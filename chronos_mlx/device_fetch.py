@@ -38,7 +38,7 @@ import numpy as np
 
 from .device_wait import _drain
 from .errors import ChronosError, DeviceWaitError
-from .fetch_kernels import Journal, fetch_experts
+from .fetch_kernels import HEAD, Journal, fetch_experts
 from .wait_kernels import ABSENT, driver
 
 # Page-locked mappings of more than this share of the host's memory are refused.
@@ -278,22 +278,30 @@ class DeviceFetcher:
         """A step's routing and what its kernels loaded, read from the journal once it ran."""
         runtime, cache = self.runtime, self.runtime.cache
         per_expert = cache.bytes_on_disk_per_expert
-        for layer, n in zip(layers, sizes):
-            got = self.journal.read(layer, tag)
-            if got is None or got[0].size != n:
-                raise DeviceWaitError(f"MoE layer {layer} left no record of its fetch for this step (pass {tag}); "
-                                      "the step was refused")
-            inds, (loads, evicted, failed) = got
-            if failed:
-                raise DeviceWaitError(f"MoE layer {layer} could not fetch its experts on the device (no slot free of "
-                                      "the call's experts, or an expert id out of range); the step was refused")
+        rows = self.journal.read_pass(layers, tag)
+        sizes = np.asarray(sizes)
+        stale = (rows[:, 0] != (tag & 0xFFFFFFFF)) | (rows[:, HEAD - 1] != sizes)
+        if stale.any():
+            layer = layers[int(np.flatnonzero(stale)[0])]
+            raise DeviceWaitError(f"MoE layer {layer} left no record of its fetch for this step (pass {tag}); "
+                                  "the step was refused")
+        failed = rows[:, 3] != 0
+        if failed.any():
+            layer = layers[int(np.flatnonzero(failed)[0])]
+            raise DeviceWaitError(f"MoE layer {layer} could not fetch its experts on the device (no slot free of "
+                                  "the call's experts, or an expert id out of range); the step was refused")
+        loads, evicted = rows[:, 1].tolist(), rows[:, 2].tolist()
+        for i, (layer, n) in enumerate(zip(layers, sizes.tolist())):
             L = cache.layers[layer]
-            L.counters.hits += n - loads
-            L.counters.misses += loads
-            L.counters.evictions += evicted
-            L.counters.bytes_read += loads * per_expert
+            c = L.counters
+            c.hits += n - loads[i]
+            c.misses += loads[i]
+            c.evictions += evicted[i]
+            c.bytes_read += loads[i] * per_expert
+            inds = rows[i, HEAD : HEAD + n]
             cache.mark_used(layer, set(inds.tolist()))
-            runtime._observe(layer, inds)
+            if runtime.observers:
+                runtime._observe(layer, inds.copy())
 
     def check(self):
         pass  # no host thread to fail; a kernel's failure is in its counts (`account`)

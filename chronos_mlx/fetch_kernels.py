@@ -128,6 +128,11 @@ class Journal:
         """The device address of `layer`'s rows (the kernel's `journal` input)."""
         return mx.array(np.array([self.device_address + layer * JOURNAL_SETS * self.width * 4], dtype=np.uint64))
 
+    def read_pass(self, layers, tag: int) -> np.ndarray:
+        """A copy of the rows of `layers` for pass `tag` (one numpy gather a step: the host's
+        work a step is the decode's pace on a GPU); check each row's pass (column 0) against `tag`."""
+        return self.rows[np.asarray(layers, dtype=np.intp), tag % JOURNAL_SETS]
+
     def read(self, layer: int, tag: int) -> tuple:
         """(ids, [loaded, evicted, failed]) of `layer`'s call in pass `tag`, or None if its row
         holds another pass (overwritten, or never written)."""

@@ -145,6 +145,9 @@ def generate_step(
     # each step (see rollback.py); one that cannot be makes every step route per layer.
     optimistic = streaming and sync == "optimistic" and checkpointable(prompt_cache)
     waiting = streaming and sync in ON_DEVICE
+    # Device-wait's kernels wait for a host thread while steps run, so the host must not touch
+    # a GPU buffer then (below); device-fetch's wait for nobody, and its steps are read as stock's.
+    served = waiting and sync == "device-wait"
     if waiting:
         _device_router(runtime, sync)
     if streaming:
@@ -171,7 +174,7 @@ def generate_step(
                 logits = processor(context, logits)
         logprobs = logits - mx.logsumexp(logits, keepdims=True)
         y, logprobs = sampler(logprobs), logprobs.squeeze(0)
-        if waiting:
+        if served:
             # The caller gets them in host memory (a copy on the CPU stream, x1.0 is exact): a GPU
             # buffer read while the next step's kernels wait for the service thread would move
             # to the host under Python's lock and wait for the device (docs/device_wait.md).
@@ -236,7 +239,7 @@ def generate_step(
                         y, lp = forward(tokens, after, context)  # per-layer routing loads what it needs as it goes
                         waited = None
                     step = _Step(tokens, y, lp, None, None, False, checkpoint, waited=waited)
-                    if waited is not None:
+                    if waited is not None and served:
                         # The token is read through a copy made on the CPU stream, as the ids
                         # are (`DeviceWaiter.end_pass`): reading `y` itself is a host access to
                         # a GPU buffer, done under Python's lock, which may wait for the device
@@ -277,7 +280,7 @@ def generate_step(
             t0 = time.perf_counter()
             # Waits without Python's lock; the read below is then of host memory (device-fetch's
             # kernels write their record to host memory themselves: the step's token says it ran).
-            mx.eval(flat if flat is not None else step.token)
+            mx.eval(flat if flat is not None else step.token if step.token is not None else step.y)
             host = np.array(flat) if flat is not None else None
             c.sync_wait_s += time.perf_counter() - t0
             c.host_syncs += 1
@@ -460,7 +463,7 @@ def generate_step(
             n += 1
             # (Not under device-wait: freeing cached managed memory waits for the device with
             # Python's lock held, and the next step's kernels may be waiting for the service.)
-            if n % 256 == 0 and not waiting:
+            if n % 256 == 0 and not served:
                 mx.clear_cache()
             if n == max_tokens:
                 break

@@ -19,6 +19,7 @@ and the I/O roofline min(resident tok/s, probe rate / decode bytes per token).
 """
 
 import argparse
+import time
 import itertools
 import json
 import sys
@@ -104,6 +105,60 @@ def _print_profile(prof, name: str, n: int):
         print(f"--- {name}: by {key}\n" + buf.getvalue().split("\n\n", 1)[-1], file=sys.stderr, flush=True)
 
 
+class PhaseClock:
+    """Where the decode's host time goes (--phases): time inside the model's forward (Python
+    building the step's graph), inside mx.async_eval (MLX encoding and launching it) and inside
+    mx.eval (waiting for results), while enabled (decode steps only; see bench.DECODE_PROFILER).
+    The rest of the wall time is the loop's own Python and, for stock, its `item()` wait."""
+
+    PHASES = ("forward", "async_eval", "eval")
+
+    def __init__(self, model_type: str):
+        import importlib
+
+        import mlx.core as mx
+
+        self.seconds = dict.fromkeys(self.PHASES, 0.0)
+        self.wall, self._on, self._inside = 0.0, None, False
+        mx.async_eval = self._wrap("async_eval", mx.async_eval)
+        mx.eval = self._wrap("eval", mx.eval)
+        cls = importlib.import_module(f"mlx_lm.models.{model_type}").Model
+        cls.__call__ = self._wrap("forward", cls.__call__)
+
+    def _wrap(self, phase, fn):
+        def timed(*args, **kwargs):
+            if self._on is None or self._inside:  # nested calls count in the outer phase
+                return fn(*args, **kwargs)
+            self._inside = True
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds[phase] += time.perf_counter() - t0
+                self._inside = False
+
+        return timed
+
+    def enable(self):
+        self._on = time.perf_counter()
+
+    def disable(self):
+        if self._on is not None:
+            self.wall += time.perf_counter() - self._on
+            self._on = None
+
+    def take(self, tokens_per_s: float | None) -> dict:
+        """Milliseconds a decoded token in each phase (and the rest), then start again."""
+        wall, seconds = self.wall, self.seconds
+        self.wall, self.seconds = 0.0, dict.fromkeys(self.PHASES, 0.0)
+        if not wall or not tokens_per_s:
+            return {}
+        per_token = 1000.0 / tokens_per_s
+        out = {k: per_token * v / wall for k, v in seconds.items()}
+        out["rest"] = per_token - sum(out.values())
+        return out
+
+
 def _trace_planner() -> list:
     """Record what every SegmentPlanner decides and measures: [event, planner id, ...]."""
     from chronos_mlx.verification import SegmentPlanner
@@ -150,6 +205,11 @@ def main():
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="profile each chronos configuration's decode steps (cProfile, main thread) and print "
                          "its N most costly functions (own time and with callees) to stderr (not with --interleave)")
+    ap.add_argument("--phases", action="store_true",
+                    help="split each configuration's decode time a token (stock's too) into the model's forward "
+                         "(Python building the graph), mx.async_eval (MLX encoding and launching it), mx.eval "
+                         "(waiting) and the rest; a column of the table and `phases_ms_per_token` in --json "
+                         "(not with --interleave or --profile)")
     ap.add_argument("--guesses", default=None, metavar="N[,N...]",
                     help="with a predictor: prefetch this many guesses a layer (one configuration each; default top-k)")
     ap.add_argument("--guess-reads", default=None, metavar="stage,post,load",
@@ -172,6 +232,8 @@ def main():
     if args.dump_stacks:
         _dump_stacks_every(4.0, args.dump_stacks)
     trace = _trace_planner() if args.planner_trace else None
+    if args.phases and (args.interleave or args.profile):
+        ap.error("--phases times one configuration at a time: not with --interleave or --profile")
 
     if args.cpu:
         import mlx.core as mx
@@ -267,9 +329,14 @@ def main():
         rows = measure_interleaved(configs, args.model, prompts, max_tokens=args.max_tokens,
                                    repeats=args.repeats, dtype=args.dtype, forced=forced, temp=args.temp)
     else:
+        clock = PhaseClock(info["model_type"]) if args.phases else None
         for cfg in configs:
             prof = None
-            if args.profile and cfg.kind != RESIDENT:
+            if clock is not None:
+                import chronos_mlx.bench
+
+                chronos_mlx.bench.DECODE_PROFILER = clock
+            elif args.profile:
                 import cProfile
 
                 import chronos_mlx.bench
@@ -281,9 +348,17 @@ def main():
                 chronos_mlx.bench.DECODE_PROFILER = None
                 _print_profile(prof, cfg.name, args.profile)
             got = rows[-1]
+            if clock is not None:
+                got["phases_ms_per_token"] = clock.take(got.get("decode_tokens_per_s"))
+                print(f"  phases {cfg.name}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in got["phases_ms_per_token"].items()),
+                      file=sys.stderr, flush=True)
             print(f"  measured {cfg.name}: " + (f"FAILED ({got['error']})" if got.get("error") else
                                                 f"{got['decode_tokens_per_s']:.1f} tok/s"), file=sys.stderr, flush=True)
         # The ceiling again at the end: drift between first and last shows the noise floor.
+        if clock is not None:
+            import chronos_mlx.bench
+
+            chronos_mlx.bench.DECODE_PROFILER = None
         rows.append(measure(BenchConfig(RESIDENT + "-again", kind=RESIDENT, setup=setup), args.model, prompts,
                             max_tokens=args.max_tokens, repeats=args.repeats, dtype=args.dtype, forced=forced,
                             temp=args.temp))
@@ -299,13 +374,15 @@ def main():
             "effective_load_bytes_per_s", "load_rate_to_roofline", "decode_misses_per_token",
             "prefetch_hits_per_token", "device_waits_per_token", "staged_guesses_used_per_token",
             "posts_taken_per_token",
-            "prediction_recall", "mlx_peak_memory_bytes", "error"]
+            "prediction_recall", "mlx_peak_memory_bytes", "error"] + (["phases_ms_per_token"] if args.phases else [])
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for r in out["results"]:
         cells = []
         for c in cols:
             v = r.get(c)
+            if isinstance(v, dict):  # phases: forward / async_eval / eval / rest, ms a token
+                v = " / ".join(f"{x:.2f}" for x in v.values())
             cells.append("" if v is None else f"{v:.3g}" if isinstance(v, float) else str(v))
         print("| " + " | ".join(cells) + " |")
     save_json(args.json, out, indent=2)

@@ -89,6 +89,11 @@ step cost 200 python3 scripts/device_wait_cost.py --model "$Q48" --rounds 3 --ma
 step bench ${BENCH_S:-420} env ${READ_THREADS:+CHRONOS_READ_THREADS=$READ_THREADS} python3 scripts/bench_sync.py --model "$Q48" --routing trained --budgets "$BUDGETS" \
   --modes "${MODES:-device-wait,optimistic,per-layer}" --max-tokens "$TOKENS" --repeats "${REPEATS:-1}" --prompts 1 \
   --interleave ${PROBE:-} ${SPLIT:+--split-reads $SPLIT} ${IO_SIM:+--io-sim $IO_SIM} ${GUESSES:+--guesses $GUESSES} ${GUESS_READS:+--guess-reads $GUESS_READS} ${DUMP:+--dump-stacks $OUT/stacks.txt} --json "$OUT/bench.json"
+# The same, one configuration at a time (stock too), each token's time split into the model's forward (Python
+# building the graph), mx.async_eval (MLX encoding and launching it), mx.eval (waiting) and the rest.
+step bench-phases ${BENCH_S:-420} python3 scripts/bench_sync.py --model "$Q48" --routing trained --budgets "$BUDGETS" \
+  --modes "${MODES:-device-fetch,optimistic}" --max-tokens "$TOKENS" --repeats "${REPEATS:-1}" --prompts 1 --no-probe \
+  --phases --json "$OUT/bench-phases.json"
 # MLX's CPU backend on this host's cores (the closest thing here to a Mac's unified memory): own loop,
 # per-layer and the plain mlx_lm loop side by side; where a per-layer miss's time goes; a profile of each.
 step cpu16 420 bash -c "python3 scripts/bench_sync.py --cpu --dtype float32 --budgets 1.0,0.5,0.25 \
