@@ -175,10 +175,13 @@ class DeviceFetcher:
         # decodes top_k ids a layer; room for a few times that).
         top_k = int(runtime.info.get("top_k") or 8)
         self.journal = Journal(len(cache.layers), max(64, 4 * top_k), lib)
+        self.prefetch_journal = Journal(len(cache.layers), max(64, 4 * top_k), lib)  # what guesses loaded
         self.state = [self._layer_state(i, L) for i, L in enumerate(cache.layers)]
         self._passes = 1 << 20  # stamps below the first pass's: see `begin`
         self._tag = None
         self._pass: list = []
+        self._guessed: list = []  # layers prefetched in the pass being built
+        self._guessed_in: dict = {}  # pass -> those layers, until `account`
         self._after = None
         self._warmed = False
 
@@ -198,6 +201,7 @@ class DeviceFetcher:
             "dst": mx.array(np.array([p.addr for p in params], dtype=np.uint64)),
             "nbytes": mx.array(np.array([p.source.nbytes for p in params], dtype=np.uint64)),
             "journal": self.journal.address(layer),
+            "prefetch_journal": self.prefetch_journal.address(layer),
         }
         mx.eval(list(state.values()))
         state["journal_width"] = self.journal.width
@@ -209,6 +213,7 @@ class DeviceFetcher:
         """Before steps are launched (nothing queued): the device's tables, owners and use
         scores say what the host's cache holds now (prefill may have loaded experts)."""
         cache = self.runtime.cache
+        self._pass, self._guessed, self._guessed_in = [], [], {}
         for path in self.shards.address:  # a shard replaced since it was mapped: refused, as every mode does
             cache.reader.check(path)
         cache.wait_for_loads()
@@ -250,13 +255,20 @@ class DeviceFetcher:
         dummy = {"table": mx.array(np.arange(L.num_experts, dtype=np.uint32) % L.num_slots),
                  "owner": mx.arange(L.num_slots, dtype=mx.uint32), "score": mx.zeros((L.num_experts,)),
                  "stamp": mx.zeros((L.num_experts,), dtype=mx.uint32), "src": s["src"], "dst": s["dst"],
-                 "nbytes": s["nbytes"], "journal": s["journal"], "journal_width": s["journal_width"]}
-        mx.eval(self._kernel(mx.arange(k, dtype=mx.uint32), dummy, mx.array([1], dtype=mx.uint32),
-                             half_life=self.half_life, lru=self.lru))
+                 "nbytes": s["nbytes"], "journal": s["journal"], "prefetch_journal": s["prefetch_journal"],
+                 "journal_width": s["journal_width"]}
+        ids, tag = mx.arange(k, dtype=mx.uint32), mx.array([1], dtype=mx.uint32)
+        out = self._kernel(ids, dummy, tag, half_life=self.half_life, lru=self.lru)
+        if self.runtime.predictor is not None:  # its guesses go to the prefetch form of the kernel
+            out = self._kernel(ids, dummy, tag, after=out, half_life=self.half_life, lru=self.lru, guess=True)
+        mx.eval(out)
         self._warmed = True
 
     def route(self, layer: int, indices: mx.array, guesses=None) -> mx.array:
-        """Slot ids for `indices`, through `layer`'s fetch kernel (`guesses` are not used)."""
+        """Slot ids for `indices`, through `layer`'s fetch kernel. `guesses` = (the next layer,
+        expert ids guessed for it): a prefetch kernel loads the absent ones into that layer's
+        slots beside this layer's products (it waits for this layer's copies, and the next
+        layer's fetch waits for it: nothing else reads those slots meanwhile)."""
         if not self._pass:
             self._passes = (self._passes + 1) & 0xFFFFFFFF
             self._tag = mx.array([self._passes], dtype=mx.uint32)
@@ -264,20 +276,31 @@ class DeviceFetcher:
                              half_life=self.half_life, lru=self.lru)
         self._after = slots
         self._pass.append((layer, indices.size))
+        if guesses is not None:
+            target, ids = guesses
+            self._after = self._kernel(ids, self.state[target], self._tag, after=slots, half_life=self.half_life,
+                                       lru=self.lru, guess=True)
+            self._guessed.append(target)
         return slots
 
     def end_pass(self):
         """(pass, layers, sizes, None) of the pass just built, or None: the kernels write its ids
         and counts to the journal, which `account` reads once the step ran (no array to wait on)."""
         got, self._pass = self._pass, []
+        guessed, self._guessed = self._guessed, []
         if not got:
             return None
+        if guessed:
+            self._guessed_in[self._passes] = guessed
         return self._passes, [l for l, _ in got], [n for _, n in got], None
 
     def account(self, tag: int, layers: list, sizes: list, host=None):
         """A step's routing and what its kernels loaded, read from the journal once it ran."""
         runtime, cache = self.runtime, self.runtime.cache
         per_expert = cache.bytes_on_disk_per_expert
+        guessed = self._guessed_in.pop(tag, None)
+        if guessed:  # before the uses: a prefetched expert a layer then used is a prefetch hit
+            self._account_prefetches(tag, guessed)
         rows = self.journal.read_pass(layers, tag)
         sizes = np.asarray(sizes)
         stale = (rows[:, 0] != (tag & 0xFFFFFFFF)) | (rows[:, HEAD - 1] != sizes)
@@ -302,6 +325,22 @@ class DeviceFetcher:
             cache.mark_used(layer, set(inds.tolist()))
             if runtime.observers:
                 runtime._observe(layer, inds.copy())
+
+    def _account_prefetches(self, tag: int, layers: list):
+        cache = self.runtime.cache
+        rows = self.prefetch_journal.read_pass(layers, tag)
+        stale = rows[:, 0] != (tag & 0xFFFFFFFF)
+        if stale.any():
+            layer = layers[int(np.flatnonzero(stale)[0])]
+            raise DeviceWaitError(f"MoE layer {layer}'s prefetch left no record for this step (pass {tag}); "
+                                  "the step was refused")
+        with cache._lock:
+            for layer, row in zip(layers, rows):
+                loads = int(row[1])
+                L = cache.layers[layer]
+                L.counters.evictions += int(row[2])
+                L.counters.bytes_read += loads * cache.bytes_on_disk_per_expert
+                L.prefetched.update(row[HEAD : HEAD + loads].tolist())
 
     def check(self):
         pass  # no host thread to fail; a kernel's failure is in its counts (`account`)
@@ -340,3 +379,4 @@ class DeviceFetcher:
     def close(self):
         self.shards.close()
         self.journal.close()
+        self.prefetch_journal.close()

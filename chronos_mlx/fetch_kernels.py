@@ -48,7 +48,8 @@ _SOURCE = """
         const float inv_half = 1.0f / (float)HALF;
         unsigned long long n_copies = 0;
         unsigned int loads = 0, evicted = 0, failed = 0;
-        for (int i = 0; i < N; ++i) {  // this call's uses: decayed to now, plus one (once an expert)
+        unsigned int* row = reinterpret_cast<unsigned int*>(journal[0]) + (now % JSETS) * JW;
+        for (int i = 0; i < N && !GUESS; ++i) {  // this call's uses: decayed to now, plus one (once an expert)
             unsigned int e = ids[i];
             if (e >= (unsigned int)E) { failed = 1; continue; }
             if (st[e] != now) {
@@ -66,17 +67,23 @@ _SOURCE = """
                 unsigned int x = own[s];
                 if (x == 0xFFFFFFFFu) { best = s; break; }  // a free slot first
                 if (st[x] == now) continue;  // used by this call: never a victim
+                if (GUESS) {  // guesses are not uses: the call's own ids are kept by looking
+                    bool mine = false;
+                    for (int j = 0; j < N && !mine; ++j) mine = ids[j] == x;
+                    if (mine) continue;
+                }
                 unsigned int age = now - st[x];
                 float key = LRU ? 0.0f : sc[x] * exp2f(-(float)age * inv_half);
                 if (best < 0 || key < best_key || (key == best_key && (age > best_age || (age == best_age && x < best_x)))) {
                     best = s; best_key = key; best_age = age; best_x = x;
                 }
             }
-            if (best < 0 || n_copies + T > MAXC) { failed = 1; continue; }
+            if (best < 0 || n_copies + T > MAXC) { failed = GUESS ? failed : 1u; continue; }  // a guess may not fit
             unsigned int old = own[best];
             if (old != 0xFFFFFFFFu) { tab[old] = 0xFFFFFFFFu; ++evicted; }
             own[best] = e;
             tab[e] = (unsigned int)best;
+            if (GUESS) row[HEAD + loads] = e;  // a guess's row lists what it loaded
             ++loads;
             for (int q = 0; q < T; ++q) {
                 plan[1 + 3 * n_copies] = src[(unsigned long long)e * T + q];
@@ -86,14 +93,13 @@ _SOURCE = """
             }
         }
         plan[0] = n_copies;
-        unsigned int* row = reinterpret_cast<unsigned int*>(journal[0]) + (now % JSETS) * JW;
         for (int i = 0; i < N; ++i) {
             unsigned int e = ids[i];
             unsigned int s = e < (unsigned int)E ? tab[e] : 0xFFFFFFFFu;
             slots[i] = s == 0xFFFFFFFFu ? 0u : s;
-            row[HEAD + i] = e;
+            if (!GUESS) row[HEAD + i] = e;
         }
-        row[0] = now; row[1] = loads; row[2] = evicted; row[3] = failed; row[4] = N;
+        row[0] = now; row[1] = loads; row[2] = evicted; row[3] = failed; row[4] = GUESS ? loads : (unsigned int)N;
     }
 """.replace("HEAD", str(HEAD))
 
@@ -154,41 +160,46 @@ def _get_kernel():
     return _kernels["fetch"]
 
 
-def _launch(state: dict, n: int, half_life: int, lru: bool) -> tuple:
+def _launch(state: dict, n: int, half_life: int, lru: bool, guess: bool = False) -> tuple:
     """(template, plan shape) of a call of `n` ids on this layer, made once."""
     calls = state.setdefault("calls", {})
-    key = (n, half_life, lru)
+    key = (n, half_life, lru, guess)
     if key not in calls:
         T = state["dst"].size
         maxc = n * T
         template = [("N", n), ("S", state["owner"].size), ("E", state["table"].size), ("T", T), ("LRU", int(lru)),
                     ("HALF", max(1, int(half_life))), ("MAXC", maxc), ("JW", state["journal_width"]),
-                    ("JSETS", JOURNAL_SETS)]
+                    ("JSETS", JOURNAL_SETS), ("GUESS", int(guess))]
         calls[key] = (template, (1 + 3 * maxc,))
     return calls[key]
 
 
 def fetch_experts(ids: mx.array, state: dict, tag: mx.array, after: mx.array | None = None,
-                  half_life: int = 32, lru: bool = False) -> mx.array:
+                  half_life: int = 32, lru: bool = False, guess: bool = False) -> mx.array:
     """Slot ids shaped as `ids`, once every id is resident in the layer whose device arrays
     `state` holds (table, owner, score, stamp, src, dst, nbytes, journal): the fetch kernel
     decides and writes the call's ids and counts to the layer's journal row, the copy kernel
-    copies."""
+    copies.
+
+    `guess`: `ids` are guesses for the layer (a prefetch): absent ones are loaded where a slot
+    not holding another guess can be taken, none counts as a use, and the row written (to
+    `state["prefetch_journal"]`) lists the experts loaded. Nothing reads the slots it returns
+    but the layer's own call, which takes them as `after`."""
     n = ids.size
     if n > state["journal_width"] - HEAD:
         raise ValueError(f"{n} expert ids in one call do not fit device-fetch's journal ({state['journal_width'] - HEAD})")
     if ids.dtype != mx.uint32:
         ids = ids.astype(mx.uint32)
-    template, plan_shape = _launch(state, n, half_life, lru)
+    template, plan_shape = _launch(state, n, half_life, lru, guess)
     inputs = [ids, state["table"], state["owner"], state["score"], state["stamp"], state["src"], state["dst"],
-              state["nbytes"], state["journal"], tag, tag if after is None else after]
+              state["nbytes"], state["prefetch_journal" if guess else "journal"], tag, tag if after is None else after]
     slots, plan = _get_kernel()(inputs=inputs, template=template, grid=(1, 1, 1), threadgroup=(1, 1, 1),
                                 output_shapes=[ids.shape, plan_shape], output_dtypes=[mx.uint32, mx.uint64])
     return pull_copies(plan, slots)
 
 
 def host_fetch(ids: mx.array, state: dict, tag: mx.array, after=None, half_life: int = 32,
-               lru: bool = False) -> mx.array:
+               lru: bool = False, guess: bool = False) -> mx.array:
     """`fetch_experts` done by the host, for backends without the kernel (tests): the same
     decisions on numpy views of the same arrays, the copies made with memmove (the shards'
     registered addresses are host addresses there), the journal row written alike."""
@@ -206,7 +217,9 @@ def host_fetch(ids: mx.array, state: dict, tag: mx.array, after=None, half_life:
         return np.float32(sc[x]) * np.float32(np.exp2(np.float32(-np.float32(age) * inv_half)))
 
     loads = evicted = failed = 0
-    for e in flat.tolist():
+    loaded = []
+    mine = set(flat.tolist()) if guess else set()
+    for e in [] if guess else flat.tolist():
         if e >= E:
             failed = 1
         elif int(st[e]) != now:
@@ -221,14 +234,14 @@ def host_fetch(ids: mx.array, state: dict, tag: mx.array, after=None, half_life:
             if x == ABSENT:
                 best = s
                 break
-            if int(st[x]) == now:
+            if int(st[x]) == now or x in mine:
                 continue
             age = (now - int(st[x])) & 0xFFFFFFFF
             key = (np.float32(0.0) if lru else decayed(x, age), -age, x)
             if best < 0 or key < best_key:
                 best, best_key = s, key
         if best < 0:
-            failed = 1
+            failed = failed if guess else 1
             continue
         old = int(own[best])
         if old != ABSENT:
@@ -236,13 +249,15 @@ def host_fetch(ids: mx.array, state: dict, tag: mx.array, after=None, half_life:
             evicted += 1
         own[best], tab[e] = e, best
         loads += 1
+        loaded.append(e)
         for t in range(T):
             ctypes.memmove(int(dst[t]) + best * int(nbytes[t]), int(src[e * T + t]), int(nbytes[t]))
     slots = tab[np.minimum(flat, E - 1)]
     slots = np.where((slots == ABSENT) | (flat >= E), 0, slots).astype(np.uint32)
     width = state["journal_width"]
-    address = int(np.array(state["journal"])[0]) + (now % JOURNAL_SETS) * width * 4
+    address = int(np.array(state["prefetch_journal" if guess else "journal"])[0]) + (now % JOURNAL_SETS) * width * 4
     row = np.ctypeslib.as_array((ctypes.c_uint32 * width).from_address(address))
-    row[HEAD : HEAD + flat.size] = flat
-    row[:HEAD] = [now, loads, evicted, failed, flat.size]
+    listed = np.array(loaded, dtype=np.int64) if guess else flat
+    row[HEAD : HEAD + listed.size] = listed
+    row[:HEAD] = [now, loads, evicted, failed, listed.size]
     return mx.array(slots.reshape(ids.shape))

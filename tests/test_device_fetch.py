@@ -64,6 +64,29 @@ def test_layers_that_fetch_their_own_experts_give_stock_tokens(budget, reference
     assert stats["host_syncs_per_token"] <= 2.5
 
 
+@pytest.mark.parametrize("budget", [0.5, 0.125])
+def test_guesses_for_the_next_layer_are_prefetched_on_the_device_and_tokens_stay_stock(budget, reference, demo_f32,
+                                                                                      demo_prompt_ids, fetching):
+    """With a predictor (the next layer's router on this layer's input), each layer's fetch is
+    followed by a prefetch of the next layer's guesses; the next layer's fetch then finds
+    them resident. Tokens stay stock's; fewer of a layer's experts miss; every byte copied
+    is counted."""
+    from chronos_mlx.predict_runtime import attach_predictor
+
+    model, runtime = fetching(demo_f32, budget)
+    _decode(runtime, model, demo_prompt_ids)
+    without = runtime.stats()["decode_misses"]
+    model, runtime = fetching(demo_f32, budget)
+    attach_predictor(model, runtime, "gate")
+    assert_stock(_decode(runtime, model, demo_prompt_ids), reference)
+    stats = runtime.stats()
+    assert stats["decode_prefetch_hits"] > 0
+    assert stats["decode_misses"] < without
+    per_expert = runtime.cache.bytes_on_disk_per_expert
+    assert stats["decode_bytes_read"] > stats["decode_misses"] * per_expert  # the prefetches' bytes too
+    assert stats["decode_bytes_read"] % per_expert == 0
+
+
 def test_after_a_generation_the_hosts_cache_holds_what_the_device_left(demo_f32, demo_prompt_ids, fetching):
     """Every expert the host now maps is in its slot, byte for byte as in the shard."""
     from chronos_mlx.cache import _numpy_view

@@ -16,10 +16,10 @@ cuda = pytest.mark.skipif(not wait_kernels.available(), reason="needs MLX's CUDA
 E, S, T, NB = 6, 3, 2, 64  # experts, slots, tensors an expert, bytes a tensor of an expert
 
 
-def _journal_state(journal: Journal) -> dict:
-    state = {"journal": journal.address(0)}
+def _journal_state(journal: Journal, prefetches: Journal) -> dict:
+    state = {"journal": journal.address(0), "prefetch_journal": prefetches.address(0)}
     mx.eval(list(state.values()))
-    state["journal_width"], state["journal_of"] = journal.width, journal
+    state["journal_width"], state["journal_of"], state["prefetch_journal_of"] = journal.width, journal, prefetches
     return state
 
 
@@ -39,7 +39,7 @@ def _layer(source: np.ndarray, table, owner, score, stamp, lib=None):
         "nbytes": mx.array(np.full(T, NB, dtype=np.uint64)),
     }
     mx.eval(list(state.values()))
-    return {**state, **_journal_state(Journal(1, 8, lib))}, views
+    return {**state, **_journal_state(Journal(1, 8, lib), Journal(1, 8, lib))}, views
 
 
 @pytest.fixture
@@ -48,9 +48,13 @@ def source():
 
 
 def _run(kernel, ids, state, now, **kw):
-    """(slot ids, [loaded, evicted, failed]) of one call, the counts from the journal it wrote."""
+    """(slot ids, [loaded, evicted, failed]) of one call, the counts from the journal it wrote;
+    with guess=True, (slot ids, counts, the experts it loaded) from the prefetch journal."""
     slots = kernel(mx.array(np.array(ids, dtype=np.uint32)), state, mx.array([now], dtype=mx.uint32), **kw)
     slots = np.array(slots).tolist()  # the call has run: its journal row is written
+    if kw.get("guess"):
+        loaded, counts = state["prefetch_journal_of"].read(0, now)
+        return slots, counts, loaded.tolist()
     recorded, counts = state["journal_of"].read(0, now)
     assert recorded.tolist() == list(ids)
     return slots, counts
@@ -96,6 +100,27 @@ def test_with_lru_the_victim_is_the_least_recently_used(source):
     assert slots == [1]  # expert 1, used at pass 3, goes (its score does not count)
 
 
+def test_guesses_load_where_no_other_guess_is_and_count_no_use(source):
+    # Slots hold 0, 1, 2; expert 1 is the least used but guessed too, so 4 takes 2's slot.
+    state, views = _layer(source, [0, 1, 2, ABSENT, ABSENT, ABSENT], [0, 1, 2], [5.0, 0.5, 1.0, 0, 0, 0], [9] * E)
+    slots, counts, loaded = _run(host_fetch, [1, 4], state, 10, guess=True)
+    assert (slots, counts, loaded) == ([1, 2], [1, 1, 0], [4])
+    for t in range(T):
+        assert np.array_equal(views[t][2], source[4, t])
+    assert np.array(state["stamp"]).tolist() == [9] * E  # a guess is not a use
+    assert np.allclose(np.array(state["score"]), [5.0, 0.5, 1.0, 0, 0, 0])
+    # The layer's own call then finds both resident, and counts its uses.
+    slots, counts = _run(host_fetch, [4, 1], state, 10)
+    assert (slots, counts) == ([2, 1], [0, 0, 0])
+    assert np.array(state["stamp"]).tolist()[4] == 10
+
+
+def test_guesses_that_find_no_slot_are_skipped_not_failed(source):
+    state, _ = _layer(source, [0, 1, 2, ABSENT, ABSENT, ABSENT], [0, 1, 2], [0] * E, [9] * E)
+    _, counts, loaded = _run(host_fetch, [0, 1, 2, 3, E + 1], state, 10, guess=True)
+    assert (counts, loaded) == ([0, 0, 0], [])  # every slot holds a guess; an id out of range is no guess
+
+
 def test_a_call_with_more_experts_than_slots_is_flagged(source):
     state, _ = _layer(source, [ABSENT] * E, [ABSENT] * S, [0] * E, [0] * E)
     _, counts = _run(host_fetch, [0, 1, 2, 3], state, 1)
@@ -104,7 +129,8 @@ def test_a_call_with_more_experts_than_slots_is_flagged(source):
     assert counts[2] == 1
 
 
-def test_the_kernel_compiles_for_a_hopper_gpu():
+@pytest.mark.parametrize("guess", [0, 1])
+def test_the_kernel_compiles_for_a_hopper_gpu(guess):
     nvrtc = _nvrtc()
     if nvrtc is None:
         pytest.skip("NVRTC not installed (the test extra installs it on Linux)")
@@ -112,7 +138,7 @@ def test_the_kernel_compiles_for_a_hopper_gpu():
     inputs = [(types.get(n, "uint32_t"), n) for n in fetch_kernels.INPUTS]
     outputs = [("uint32_t", "slots"), ("uint64_t", "plan")]
     consts = [("N", 8), ("S", 64), ("E", 128), ("T", 9), ("LRU", 0), ("HALF", 32), ("MAXC", 72), ("JW", 69),
-              ("JSETS", 4)]
+              ("JSETS", 4), ("GUESS", guess)]
     assert _compile_like_mlx(nvrtc, "fetch", inputs, outputs, consts, fetch_kernels._SOURCE) == ""
 
 
@@ -154,8 +180,9 @@ def test_on_cuda_the_kernel_decides_as_the_stand_in_and_copies_from_page_locked_
 
 @cuda
 def test_on_cuda_a_long_run_of_calls_at_q48s_width_decides_as_the_stand_in():
-    """128 experts, 64 slots, 40 calls of 8 ids drawn with a skew (as routing is): every call's
-    slots and counts, and the tables, owners and stamps after it, as the stand-in's."""
+    """128 experts, 64 slots, 40 calls of 8 ids drawn with a skew (as routing is), every other
+    one after a call of guesses: every call's slots and counts (and what the guesses loaded),
+    and the tables, owners and stamps after it, as the stand-in's."""
     E_, S_ = 128, 64
     rng = np.random.default_rng(2)
     weights = 1.0 / np.arange(1, E_ + 1) ** 1.2
@@ -178,11 +205,14 @@ def test_on_cuda_a_long_run_of_calls_at_q48s_width_decides_as_the_stand_in():
                  "dst": mx.array(np.array([v.ctypes.data for v in views], dtype=np.uint64)),
                  "nbytes": mx.array(np.full(T, nb, dtype=np.uint64))}
         mx.eval(list(state.values()))
-        return {**state, **_journal_state(Journal(1, 8, lib))}, views
+        return {**state, **_journal_state(Journal(1, 8, lib), Journal(1, 8, lib))}, views
 
     dev, dev_views = layer(pinned, wait_kernels.driver())
     host, host_views = layer(src)
     for now in range(1, 41):
+        if now % 2:  # guesses first on odd passes, as a prefetch for the layer's call
+            guesses = rng.choice(E_, size=8, replace=False, p=weights).tolist()
+            assert _run(fetch_experts, guesses, dev, now, guess=True) == _run(host_fetch, guesses, host, now, guess=True)
         ids = rng.choice(E_, size=8, replace=False, p=weights).tolist()
         assert _run(fetch_experts, ids, dev, now) == _run(host_fetch, ids, host, now), now
         for k in ("table", "owner", "stamp"):
