@@ -38,28 +38,42 @@ from .wait_kernels import ABSENT, mapped_words, pull_copies
 # reads a pass before the one two after it starts.
 HEAD, N_COUNTS, JOURNAL_SETS = 5, 3, 4
 
+# One warp a call: the loads of the call's ids, their uses and their slots are made by a thread
+# an id (a lone thread's chain of dependent loads cost ~28 us a layer on the H200, on the
+# step's critical path); the slots of absent ones are taken in order by the first thread.
+THREADS = 32
+
 _SOURCE = """
     unsigned int* tab = const_cast<unsigned int*>(table);
     unsigned int* own = const_cast<unsigned int*>(owner);
     float* sc = const_cast<float*>(score);
     unsigned int* st = const_cast<unsigned int*>(stamp);
     const unsigned int now = tag[0];
-    {
-        const float inv_half = 1.0f / (float)HALF;
+    const int t = threadIdx.x;
+    const float inv_half = 1.0f / (float)HALF;
+    unsigned int* row = reinterpret_cast<unsigned int*>(journal[0]) + (now % JSETS) * JW;
+    __shared__ unsigned int e_of[N];
+    __shared__ unsigned int absent[N];
+    for (int i = t; i < N; i += blockDim.x) e_of[i] = ids[i];
+    __syncthreads();
+    for (int i = t; i < N; i += blockDim.x) {  // this call's uses: decayed to now, plus one (once an expert)
+        unsigned int e = e_of[i];
+        bool again = false;  // an expert listed twice counts once, by its first listing
+        for (int j = 0; j < i && !again; ++j) again = e_of[j] == e;
+        absent[i] = e < (unsigned int)E && tab[e] == 0xFFFFFFFFu;
+        if (!GUESS && !again && e < (unsigned int)E && st[e] != now) {
+            sc[e] = sc[e] * exp2f(-(float)(now - st[e]) * inv_half) + 1.0f;
+            st[e] = now;
+        }
+    }
+    __syncthreads();
+    if (t == 0) {
         unsigned long long n_copies = 0;
         unsigned int loads = 0, evicted = 0, failed = 0;
-        unsigned int* row = reinterpret_cast<unsigned int*>(journal[0]) + (now % JSETS) * JW;
-        for (int i = 0; i < N && !GUESS; ++i) {  // this call's uses: decayed to now, plus one (once an expert)
-            unsigned int e = ids[i];
-            if (e >= (unsigned int)E) { failed = 1; continue; }
-            if (st[e] != now) {
-                sc[e] = sc[e] * exp2f(-(float)(now - st[e]) * inv_half) + 1.0f;
-                st[e] = now;
-            }
-        }
         for (int i = 0; i < N; ++i) {
-            unsigned int e = ids[i];
-            if (e >= (unsigned int)E || tab[e] != 0xFFFFFFFFu) continue;
+            unsigned int e = e_of[i];
+            if (e >= (unsigned int)E) { failed = GUESS ? failed : 1u; continue; }
+            if (!absent[i] || tab[e] != 0xFFFFFFFFu) continue;  // resident (or loaded for an earlier listing)
             int best = -1;
             float best_key = 0.0f;
             unsigned int best_age = 0u, best_x = 0u;
@@ -69,7 +83,7 @@ _SOURCE = """
                 if (st[x] == now) continue;  // used by this call: never a victim
                 if (GUESS) {  // guesses are not uses: the call's own ids are kept by looking
                     bool mine = false;
-                    for (int j = 0; j < N && !mine; ++j) mine = ids[j] == x;
+                    for (int j = 0; j < N && !mine; ++j) mine = e_of[j] == x;
                     if (mine) continue;
                 }
                 unsigned int age = now - st[x];
@@ -93,13 +107,14 @@ _SOURCE = """
             }
         }
         plan[0] = n_copies;
-        for (int i = 0; i < N; ++i) {
-            unsigned int e = ids[i];
-            unsigned int s = e < (unsigned int)E ? tab[e] : 0xFFFFFFFFu;
-            slots[i] = s == 0xFFFFFFFFu ? 0u : s;
-            if (!GUESS) row[HEAD + i] = e;
-        }
         row[0] = now; row[1] = loads; row[2] = evicted; row[3] = failed; row[4] = GUESS ? loads : (unsigned int)N;
+    }
+    __syncthreads();  // the first thread's tables are seen by every thread of the block
+    for (int i = t; i < N; i += blockDim.x) {
+        unsigned int e = e_of[i];
+        unsigned int s = e < (unsigned int)E ? tab[e] : 0xFFFFFFFFu;
+        slots[i] = s == 0xFFFFFFFFu ? 0u : s;
+        if (!GUESS) row[HEAD + i] = e;
     }
 """.replace("HEAD", str(HEAD))
 
@@ -193,7 +208,7 @@ def fetch_experts(ids: mx.array, state: dict, tag: mx.array, after: mx.array | N
     template, plan_shape = _launch(state, n, half_life, lru, guess)
     inputs = [ids, state["table"], state["owner"], state["score"], state["stamp"], state["src"], state["dst"],
               state["nbytes"], state["prefetch_journal" if guess else "journal"], tag, tag if after is None else after]
-    slots, plan = _get_kernel()(inputs=inputs, template=template, grid=(1, 1, 1), threadgroup=(1, 1, 1),
+    slots, plan = _get_kernel()(inputs=inputs, template=template, grid=(THREADS, 1, 1), threadgroup=(THREADS, 1, 1),
                                 output_shapes=[ids.shape, plan_shape], output_dtypes=[mx.uint32, mx.uint64])
     return pull_copies(plan, slots)
 

@@ -71,7 +71,8 @@ def _plan_only(ids, state, tag, after):
     template, plan_shape = fetch_kernels._launch(state, ids.size, 32, False)
     inputs = [ids, state["table"], state["owner"], state["score"], state["stamp"], state["src"], state["dst"],
               state["nbytes"], state["journal"], tag, tag if after is None else after]
-    slots, _ = fetch_kernels._get_kernel()(inputs=inputs, template=template, grid=(1, 1, 1), threadgroup=(1, 1, 1),
+    threads = fetch_kernels.THREADS
+    slots, _ = fetch_kernels._get_kernel()(inputs=inputs, template=template, grid=(threads, 1, 1), threadgroup=(threads, 1, 1),
                                           output_shapes=[ids.shape, plan_shape], output_dtypes=[mx.uint32, mx.uint64])
     return slots
 
