@@ -13,6 +13,13 @@ ids and per-layer counts once the step has run (hits, misses, bytes, the policy'
 and the slots' owners when the generation ends, so prefill and the other modes find the
 cache as the device left it.
 
+With a predictor, each layer's fetch is followed by a prefetch of the predictor's guesses
+for the next layer (the same kernel, `guess`): it waits for this layer's copies and runs
+beside this layer's products; the next layer's fetch waits for it. (Measured on the H200,
+session 24: it spared ~70 % of the misses and decoded slower, while the guesses still came from
+the predictor's own stream — a host wait a layer, fixed since — and wrong guesses are bytes.
+`default_predictor` stays `none`.)
+
 The cost: the whole of every shard is held page-locked in host memory while the model is
 loaded (the GPU's memory still holds only the budget). That is the page cache's copy, not
 a second one, but it is locked: use it where host memory holds the model and the GPU does

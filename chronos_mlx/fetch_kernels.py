@@ -1,26 +1,32 @@
 """The CUDA kernel of device-fetch routing (device_fetch.py), and a host stand-in of it.
 
-In front of each MoE layer's expert products, one thread of the `fetch` kernel looks the
-layer's ids up in the layer's table and, for each absent one, takes a slot itself — a free one, else the slot of the resident expert with the least
-decayed use (the `usage` policy's order; least recently used with `LRU`) that this call does
-not use — updates the table, the slot's owner and the use scores, and lists the expert's
-copies (one a tensor) from the shards, which are registered with the GPU (page-locked in
-host memory, device-readable), and writes the call's ids and counts to the layer's row of a
-journal in page-locked host memory. Device-wait's grid-wide copy kernel
-(wait_kernels.pull_copies) makes the copies and hands the slots on, so the products read
-them only once every copy arrived. No host thread takes part while steps run: the host
-reads the journal once a step has run, and the slots' owners when the generation ends.
+In front of each MoE layer's expert products, the `fetch` kernel (one warp) looks the
+layer's ids up in the layer's table, a thread an id, and counts their uses; its first thread
+then takes a slot for each absent one — a free one, else the slot of the resident expert
+with the least decayed use (the `usage` policy's order; least recently used with `LRU`) that
+this call does not use — updates the table, the slot's owner, and lists the expert's copies
+(one a tensor) from the shards, which are registered with the GPU (page-locked in host
+memory, device-readable); the call's ids and counts go to the layer's row of a journal in
+page-locked host memory. Device-wait's grid-wide copy kernel (wait_kernels.pull_copies)
+makes the copies and hands the slots on, so the products read them only once every copy
+arrived. No host thread takes part while steps run: the host reads the journal once a step
+has run, and the slots' owners when the generation ends.
 
-Two graph nodes a layer and no reshapes or per-step concatenation: a q48 decode step on the
-H200 is paced by the host's work to build and launch it, so every node a layer costs.
+The same kernel with `guess` prefetches a predictor's guesses for the next layer: absent
+guesses take slots that hold no other guess, no use is counted (a wrong guess is the next
+victim), and its row in a second journal lists what it loaded.
+
+Two graph nodes a layer and no reshapes or per-step concatenation: on the H200 the host's
+work to build and launch a q48 step, or the GPU's chain of small kernels, paces the decode
+(docs/device_fetch.md), so every node a layer, and every dependent load of a lone thread, costs.
 
 Per layer, device arrays: `table` (uint32[E], slot or ABSENT), `owner` (uint32[S], expert or
 ABSENT), `score` (float32[E], decayed uses as of `stamp`), `stamp` (uint32[E], the pass of
 the last use); `src` (uint64[E*T], each expert's tensors in the registered shards), `dst`
-and `nbytes` (uint64[T], slot 0 of each tensor, and an expert's bytes); `journal` (uint64[1],
-the address of the layer's journal rows). `tag` is the pass number:
-each decode pass calls each layer once, so a stamp equal to it marks this call's experts,
-which are never victims.
+and `nbytes` (uint64[T], slot 0 of each tensor, and an expert's bytes); `journal` and
+`prefetch_journal` (uint64[1], the addresses of the layer's journal rows). `tag` is the pass
+number: each decode pass calls each layer once, so a stamp equal to it marks this call's
+experts, which are never victims.
 """
 
 from __future__ import annotations

@@ -30,7 +30,10 @@ def default_predictor(model, runtime) -> str:
     CPU its extra reads (2.8x the bytes) and scoring compete with compute, on the 16-core CPU
     backend and the H200 the same held before its decisions moved onto the main thread (not
     re-measured since). Under device-wait on the H200 (session 17) next-layer guesses as good as
-    the gate predictor's spared 36 % of the misses and decoded 24 % slower at half the experts.
+    the gate predictor's spared 36 % of the misses and decoded 24 % slower at half the experts;
+    under device-fetch (session 24, prefetched on the device) they spared 70 % of the misses and
+    decoded at half the speed of no guesses — computed then on the predictor's stream, which made
+    the host wait a layer (fixed since, not re-measured).
     `--predictor` selects one explicitly; the default changes when a benchmark says so."""
     return "none"
 

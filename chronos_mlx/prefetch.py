@@ -17,8 +17,12 @@ import mlx.core as mx
 import numpy as np
 
 
-def predict(runtime, layer: int, x: mx.array):
-    """Expert scores [n_targets, E] for the predictor's targets, on its own stream.
+def predict(runtime, layer: int, x: mx.array, own_stream: bool = True):
+    """Expert scores [n_targets, E] for the predictor's targets, on its own stream (for the
+    host to read), or with `own_stream=False` on the stream being built (for a kernel of that
+    stream to read: MLX waits on the host for an input from another stream within one
+    evaluation — `Fence::wait` in its CUDA backend — so a step whose kernels took the
+    predictor's stream's scores would stop the host at every layer until the GPU caught up).
 
     Ranking them is left to numpy (`plan`): every op evaluated here is paid for at each
     layer's host read. None where no target of the predictor lies ahead of `layer`."""
@@ -28,6 +32,8 @@ def predict(runtime, layer: int, x: mx.array):
     x = x.reshape(-1, x.shape[-1])
     if x.shape[0] > 1:
         x = x[-1:]  # the last position (prefill: the last prompt token)
+    if not own_stream:
+        return p.scores(layer, x).astype(mx.float32)
     with mx.stream(runtime.predict_stream):
         return p.scores(layer, x).astype(mx.float32)
 
@@ -41,7 +47,7 @@ def next_layer_guesses(runtime, layer: int, x: mx.array):
     targets = list(p.targets)
     if (1, 0) not in targets or layer + 1 >= len(runtime.cache.layers):
         return None
-    scores = predict(runtime, layer, x)
+    scores = predict(runtime, layer, x, own_stream=False)  # the layer's kernel reads them on its stream
     if scores is None:
         return None
     row = scores.reshape(len(targets), -1)[targets.index((1, 0))]

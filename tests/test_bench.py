@@ -155,3 +155,24 @@ def test_the_decode_profiler_sees_the_decode_steps_of_both_loops(tiny, monkeypat
     got = bench._chronos_run(model, runtime, [1, 2, 3, 4], 4, sync)
     assert got["decode_steps"] == 3
     assert prof.getstats()  # steps after the first token were profiled, in mlx_lm's loop as in chronos's
+
+
+def test_the_decode_profiler_sees_stocks_decode_steps_too(tiny, monkeypatch):
+    """Anything with enable() / disable() (a cProfile, bench_sync's phase clock) times stock's
+    decode steps as it times chronos's: after the first token, once each run."""
+    from mlx_lm import load as stock_load
+
+    calls = []
+
+    class Clock:
+        def enable(self):
+            calls.append("enable")
+
+        def disable(self):
+            calls.append("disable")
+
+    model, _ = stock_load(str(tiny))
+    monkeypatch.setattr(bench, "DECODE_PROFILER", Clock())
+    got = bench._stock_run(model, [1, 2, 3, 4], 4)
+    assert got["decode_steps"] == 3
+    assert calls == ["enable", "disable"]

@@ -269,6 +269,25 @@ def test_a_step_whose_record_is_missing_is_an_error(demo_f32, demo_prompt_ids, f
         _decode(runtime, model, demo_prompt_ids)
 
 
+def test_a_step_whose_prefetch_left_no_record_is_an_error(demo_f32, demo_prompt_ids, fetching, monkeypatch):
+    """A prefetch's row counts bytes the step read: one that holds another pass refuses the step too."""
+    from chronos_mlx.predict_runtime import attach_predictor
+
+    model, runtime = fetching(demo_f32, 0.25)
+    attach_predictor(model, runtime, "gate")
+
+    def forgetful(ids, state, tag, guess=False, **kw):
+        slots = host_fetch(ids, state, tag, guess=guess, **kw)
+        layer = next((i for i, s in enumerate(runtime.waiter.state) if s is state), None)
+        if guess and layer is not None:
+            runtime.waiter.prefetch_journal.rows[layer, int(np.array(tag)[0]) % 4][0] = 0
+        return slots
+
+    monkeypatch.setattr(runtime.waiter, "_kernel", forgetful)
+    with pytest.raises(DeviceWaitError, match="prefetch left no record"):
+        _decode(runtime, model, demo_prompt_ids)
+
+
 @cuda
 @pytest.mark.parametrize("budget", [0.5, 0.125])
 def test_on_cuda_layers_that_fetch_their_own_experts_give_stock_tokens(budget, demo_prompt_ids):

@@ -116,3 +116,20 @@ def test_a_device_wait_request_carries_the_next_layers_best_guesses_as_a_device_
     assert next_layer_guesses(rt, 7, mx.zeros((1, 1, 16))) is None  # the last MoE layer
     rt.predictor = SimpleNamespace(targets=[(0, 1)], num_layers=8, scores=lambda layer, x: mx.array(scores))
     assert next_layer_guesses(rt, 2, mx.zeros((1, 1, 16))) is None  # next-token guesses only
+
+
+def test_guesses_a_kernel_reads_are_computed_on_the_stream_being_built():
+    """A kernel's input from another stream makes MLX wait on the host within the evaluation
+    (its CUDA fence), at every layer: the next layer's guesses, which device-wait's and
+    device-fetch's kernels read, are computed on the caller's stream, not the predictor's own."""
+    import mlx.core as mx
+
+    from chronos_mlx.prefetch import next_layer_guesses
+
+    _, _, rt = chronos_mlx.load(None, expert_budget=0.5)
+    rt.predictor = SimpleNamespace(targets=[(1, 0)], num_layers=8,
+                                   scores=lambda layer, x: mx.arange(64, dtype=mx.float32)[None])
+    rt.guesses = 2
+    rt.predict_stream = "not a stream"  # any use of it fails
+    layer, ids = next_layer_guesses(rt, 2, mx.zeros((1, 1, 16)))
+    assert layer == 3 and sorted(np.array(ids).tolist()) == [62, 63]
