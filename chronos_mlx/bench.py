@@ -158,27 +158,34 @@ def replay_texts(workload, model=None, *, limit=None, max_prompt_tokens=128, max
     return prompts, continuations
 
 
-def _stock_run(model, prompt, max_tokens, forced=None, temp=None):
+def _mlx_lm_decode(model, prompt, max_tokens, forced, temp, on_first=None) -> tuple:
+    """Stock mlx_lm's decode loop over `prompt`: (tokens, start, first token's time, end, steps).
+    `on_first()` runs at the first token, when the decode figures (and DECODE_PROFILER) start."""
     from mlx_lm.generate import generate_step
 
     prompt_cache, sampler = _decoding(model, prompt, forced, temp)
     tic = time.perf_counter()
-    t_first, n = None, 0
-    tokens = []
+    t_first, n, tokens = None, 0, []
     prof = DECODE_PROFILER
     try:
         for n, (tok, _) in enumerate(generate_step(mx.array(prompt), model, max_tokens=max_tokens, sampler=sampler,
                                                    prompt_cache=prompt_cache), 1):
             if t_first is None:
                 t_first = time.perf_counter()
+                if on_first is not None:
+                    on_first()
                 if prof is not None:
                     prof.enable()
             tokens.append(int(tok))
     finally:
         if prof is not None:
             prof.disable()
-    end = time.perf_counter()
-    return {"ttft_s": t_first - tic, "decode_s": end - t_first, "decode_steps": n - 1, "prompt_tokens": len(prompt),
+    return tokens, tic, t_first, time.perf_counter(), n - 1
+
+
+def _stock_run(model, prompt, max_tokens, forced=None, temp=None):
+    tokens, tic, t_first, end, steps = _mlx_lm_decode(model, prompt, max_tokens, forced, temp)
+    return {"ttft_s": t_first - tic, "decode_s": end - t_first, "decode_steps": steps, "prompt_tokens": len(prompt),
             "tokens": tokens}
 
 
@@ -189,31 +196,19 @@ WHOLE_TOKEN = "whole-token"  # optimistic with no segment end: one host read a s
 
 
 def _plain_run(model, runtime, prompt, max_tokens, forced=None, temp=None):
-    from mlx_lm.generate import generate_step
-
-    prompt_cache, sampler = _decoding(model, prompt, forced, temp)
     runtime.reset_counters()
-    tic = time.perf_counter()
-    t_first, first, n, tokens = None, None, 0, []
-    prof = DECODE_PROFILER
-    try:
-        for n, (tok, _) in enumerate(generate_step(mx.array(prompt), model, max_tokens=max_tokens, sampler=sampler,
-                                                   prompt_cache=prompt_cache), 1):
-            if t_first is None:  # decode-only figures start here, like chronos's loop
-                t_first = time.perf_counter()
-                first = (runtime.cache_totals(), runtime.counters.io_wait_s, runtime.layer_syncs,
-                         runtime.counters.sync_wait_s, runtime.counters.recomputed_rows)
-                if prof is not None:
-                    prof.enable()
-            tokens.append(int(tok))
-    finally:
-        if prof is not None:
-            prof.disable()
-    end = time.perf_counter()
+    marks = []
+
+    def at_first():  # decode-only figures start here, like chronos's loop
+        marks.append((runtime.cache_totals(), runtime.counters.io_wait_s, runtime.layer_syncs,
+                      runtime.counters.sync_wait_s, runtime.counters.recomputed_rows))
+
+    tokens, tic, t_first, end, steps = _mlx_lm_decode(model, prompt, max_tokens, forced, temp, at_first)
+    first = marks[0]
     after, s = runtime.cache_totals(), runtime.stats()
     d = {k: after[k] - first[0][k] for k in after}
     return {
-        "tokens": tokens, "ttft_s": t_first - tic, "decode_s": end - t_first, "decode_steps": n - 1,
+        "tokens": tokens, "ttft_s": t_first - tic, "decode_s": end - t_first, "decode_steps": steps,
         "prompt_tokens": len(prompt), "stall_s": runtime.counters.io_wait_s - first[1],
         "sync_wait_s": runtime.counters.sync_wait_s - first[3], "recovery_wait_s": 0.0,
         "hits": s["hits"], "misses": s["misses"], "bytes_read": s["bytes_read"],
