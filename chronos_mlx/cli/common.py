@@ -259,7 +259,9 @@ LOAD_OPTIONS = [
         help=(
             "What predicts experts to prefetch: none, gate (next layer's router on this layer's "
             "input; no training), markov, lookahead, intent (trained by `chronos predictor train`), "
-            "all. Default: none (measured: prediction cuts the I/O stall but has not yet made decoding faster; see README)."
+            "all. Under --sync device-wait its guesses ride with a layer's request; under device-fetch the GPU "
+            "prefetches them into the next layer's slots. Default: none (measured: prediction cuts the I/O stall "
+            "but has not yet made decoding faster; see README)."
         ),
     ),
     _option(
