@@ -529,11 +529,13 @@ def _load_rate(row: dict, runtime) -> None:
 
 
 def measure_interleaved(configs, model_path, prompts, *, max_tokens=64, repeats=5, warmup=1, dtype=None,
-                        forced=None, temp=None):
+                        forced=None, temp=None, profilers=None):
     """All configurations loaded at once and measured round-robin, repeat by repeat.
 
     On a machine with other load, drift then hits every configuration alike, so ratios
-    between them stay meaningful (memory figures are not separable this way)."""
+    between them stay meaningful (memory figures are not separable this way).
+    `profilers`: configuration name -> its DECODE_PROFILER while its measured runs decode."""
+    global DECODE_PROFILER
     loaded = [(cfg, *_load(cfg, model_path, dtype)) for cfg in configs]
     per_config = {cfg.name: [] for cfg in configs}
     recorders = {cfg.name: _recorder(runtime) for cfg, _, runtime in loaded}
@@ -545,11 +547,16 @@ def measure_interleaved(configs, model_path, prompts, *, max_tokens=64, repeats=
             recorder = recorders[cfg.name]
             if r == warmup and recorder is not None:
                 marks[cfg.name] = ({l: len(seq) for l, seq in recorder.sequences.items()}, _resident_sets(runtime))
+            if profilers is not None:
+                DECODE_PROFILER = profilers.get(cfg.name) if r >= warmup else None
             try:
                 runs = _run_prompts(model, runtime, cfg.sync, prompts, forced, temp, max_tokens, recorder)
             except RuntimeError as e:
                 failed[cfg.name] = failed_row(cfg, e)
                 continue
+            finally:
+                if profilers is not None:
+                    DECODE_PROFILER = None
             if r >= warmup:
                 per_config[cfg.name].append(_aggregate(runs))
     rows = []

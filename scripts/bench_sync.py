@@ -108,7 +108,8 @@ def _print_profile(prof, name: str, n: int):
 class PhaseClock:
     """Where the decode's host time goes (--phases): time inside the model's forward (Python
     building the step's graph), inside mx.async_eval (MLX encoding and launching it) and inside
-    mx.eval (waiting for results), while enabled (decode steps only; see bench.DECODE_PROFILER).
+    mx.eval (waiting for results), while a configuration's clock is enabled (decode steps only;
+    see bench.DECODE_PROFILER), kept apart by configuration (interleaved runs take turns).
     The rest of the wall time is the loop's own Python and, for stock, its `item()` wait."""
 
     PHASES = ("forward", "async_eval", "eval")
@@ -118,8 +119,9 @@ class PhaseClock:
 
         import mlx.core as mx
 
-        self.seconds = dict.fromkeys(self.PHASES, 0.0)
-        self.wall, self._on, self._inside = 0.0, None, False
+        self.seconds: dict = {}
+        self.wall: dict = {}
+        self._on, self._name, self._inside = None, None, False
         mx.async_eval = self._wrap("async_eval", mx.async_eval)
         mx.eval = self._wrap("eval", mx.eval)
         cls = importlib.import_module(f"mlx_lm.models.{model_type}").Model
@@ -134,27 +136,34 @@ class PhaseClock:
             try:
                 return fn(*args, **kwargs)
             finally:
-                self.seconds[phase] += time.perf_counter() - t0
+                bucket = self.seconds.setdefault(self._name, dict.fromkeys(self.PHASES, 0.0))
+                bucket[phase] += time.perf_counter() - t0
                 self._inside = False
 
         return timed
 
-    def enable(self):
-        self._on = time.perf_counter()
+    def of(self, name: str):
+        """The clock of configuration `name`: enable() / disable(), as DECODE_PROFILER is driven."""
+        clock = self
 
-    def disable(self):
-        if self._on is not None:
-            self.wall += time.perf_counter() - self._on
-            self._on = None
+        class Configuration:
+            def enable(self):
+                clock._name, clock._on = name, time.perf_counter()
 
-    def take(self, tokens_per_s: float | None) -> dict:
-        """Milliseconds a decoded token in each phase (and the rest), then start again."""
-        wall, seconds = self.wall, self.seconds
-        self.wall, self.seconds = 0.0, dict.fromkeys(self.PHASES, 0.0)
+            def disable(self):
+                if clock._on is not None:
+                    clock.wall[name] = clock.wall.get(name, 0.0) + time.perf_counter() - clock._on
+                    clock._on = None
+
+        return Configuration()
+
+    def take(self, name: str, tokens_per_s: float | None) -> dict:
+        """Milliseconds a decoded token of `name` in each phase (and the rest)."""
+        wall, seconds = self.wall.pop(name, 0.0), self.seconds.pop(name, {})
         if not wall or not tokens_per_s:
             return {}
         per_token = 1000.0 / tokens_per_s
-        out = {k: per_token * v / wall for k, v in seconds.items()}
+        out = {k: per_token * seconds.get(k, 0.0) / wall for k in self.PHASES}
         out["rest"] = per_token - sum(out.values())
         return out
 
@@ -209,7 +218,7 @@ def main():
                     help="split each configuration's decode time a token (stock's too) into the model's forward "
                          "(Python building the graph), mx.async_eval (MLX encoding and launching it), mx.eval "
                          "(waiting) and the rest; a column of the table and `phases_ms_per_token` in --json "
-                         "(not with --interleave or --profile)")
+                         "(not with --profile; with --interleave each configuration's turns add up)")
     ap.add_argument("--guesses", default=None, metavar="N[,N...]",
                     help="with a predictor: prefetch this many guesses a layer (one configuration each; default top-k)")
     ap.add_argument("--guess-reads", default=None, metavar="stage,post,load",
@@ -232,8 +241,8 @@ def main():
     if args.dump_stacks:
         _dump_stacks_every(4.0, args.dump_stacks)
     trace = _trace_planner() if args.planner_trace else None
-    if args.phases and (args.interleave or args.profile):
-        ap.error("--phases times one configuration at a time: not with --interleave or --profile")
+    if args.phases and args.profile:
+        ap.error("--phases and --profile both time the decode steps: one at a time")
 
     if args.cpu:
         import mlx.core as mx
@@ -325,17 +334,22 @@ def main():
                             configs.append(BenchConfig(label, budget=b, sync=mode, options=o,
                                                        setup=_with_guesses(cfg_setup, guesses, reads)))
     rows = []
+    clock = PhaseClock(info["model_type"]) if args.phases else None
     if args.interleave:
         rows = measure_interleaved(configs, args.model, prompts, max_tokens=args.max_tokens,
-                                   repeats=args.repeats, dtype=args.dtype, forced=forced, temp=args.temp)
+                                   repeats=args.repeats, dtype=args.dtype, forced=forced, temp=args.temp,
+                                   profilers={c.name: clock.of(c.name) for c in configs} if clock else None)
+        for got in rows if clock is not None else []:
+            got["phases_ms_per_token"] = clock.take(got["name"], got.get("decode_tokens_per_s"))
+            print(f"  phases {got['name']}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in got["phases_ms_per_token"].items()),
+                  file=sys.stderr, flush=True)
     else:
-        clock = PhaseClock(info["model_type"]) if args.phases else None
         for cfg in configs:
             prof = None
             if clock is not None:
                 import chronos_mlx.bench
 
-                chronos_mlx.bench.DECODE_PROFILER = clock
+                chronos_mlx.bench.DECODE_PROFILER = clock.of(cfg.name)
             elif args.profile:
                 import cProfile
 
@@ -349,7 +363,7 @@ def main():
                 _print_profile(prof, cfg.name, args.profile)
             got = rows[-1]
             if clock is not None:
-                got["phases_ms_per_token"] = clock.take(got.get("decode_tokens_per_s"))
+                got["phases_ms_per_token"] = clock.take(cfg.name, got.get("decode_tokens_per_s"))
                 print(f"  phases {cfg.name}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in got["phases_ms_per_token"].items()),
                       file=sys.stderr, flush=True)
             print(f"  measured {cfg.name}: " + (f"FAILED ({got['error']})" if got.get("error") else

@@ -4,7 +4,7 @@
 # long costs only its own limit and the others' output still comes back.
 #   OUT=$OUT bash scripts/device_wait_check.sh            (after `source .device/final/install.sh`)
 # Q48=/tmp/q48 is written first if missing (~1 min); BUDGETS, TOKENS, MODES, READ_THREADS, SPLIT (auto,threads),
-# IO_SIM (bandwidth=5GB/s,latency=80us), REPEATS, CPU_MODES (step cpu16), GUESSES (with MODES ...:table) shape step bench;
+# IO_SIM (bandwidth=5GB/s,latency=80us), REPEATS, CPU_MODES (step cpu16), GUESSES (with MODES ...:table), PHASES=1 shape step bench;
 # DUMP=1 writes every thread's stack every 4 s to $OUT/stacks.txt (a run that hangs).
 # A device call may run 600 s: split with STEPS, back to back on the warm machine, e.g.
 #   STEPS=warm-up,race,make-q48,warm-q48,trace-q48,save-ptx   then   STEPS=bench   then
@@ -88,7 +88,7 @@ step cost 200 python3 scripts/device_wait_cost.py --model "$Q48" --rounds 3 --ma
 # GUESSES=8,16 sets how many a layer; GUESS_READS=stage,post,load how they are read (preread.py; posted to the kernel; inside the request).
 step bench ${BENCH_S:-420} env ${READ_THREADS:+CHRONOS_READ_THREADS=$READ_THREADS} python3 scripts/bench_sync.py --model "$Q48" --routing trained --budgets "$BUDGETS" \
   --modes "${MODES:-device-wait,optimistic,per-layer}" --max-tokens "$TOKENS" --repeats "${REPEATS:-1}" --prompts 1 \
-  --interleave ${PROBE:-} ${SPLIT:+--split-reads $SPLIT} ${IO_SIM:+--io-sim $IO_SIM} ${GUESSES:+--guesses $GUESSES} ${GUESS_READS:+--guess-reads $GUESS_READS} ${DUMP:+--dump-stacks $OUT/stacks.txt} --json "$OUT/bench.json"
+  --interleave ${PHASES:+--phases} ${PROBE:-} ${SPLIT:+--split-reads $SPLIT} ${IO_SIM:+--io-sim $IO_SIM} ${GUESSES:+--guesses $GUESSES} ${GUESS_READS:+--guess-reads $GUESS_READS} ${DUMP:+--dump-stacks $OUT/stacks.txt} --json "$OUT/bench.json"
 # The same, one configuration at a time (stock too), each token's time split into the model's forward (Python
 # building the graph), mx.async_eval (MLX encoding and launching it), mx.eval (waiting) and the rest.
 step bench-phases ${BENCH_S:-420} python3 scripts/bench_sync.py --model "$Q48" --routing trained --budgets "$BUDGETS" \

@@ -176,3 +176,25 @@ def test_the_decode_profiler_sees_stocks_decode_steps_too(tiny, monkeypatch):
     got = bench._stock_run(model, [1, 2, 3, 4], 4)
     assert got["decode_steps"] == 3
     assert calls == ["enable", "disable"]
+
+
+def test_interleaved_runs_time_each_configuration_with_its_own_profiler(tiny):
+    """`profilers`: each configuration's own DECODE_PROFILER while its measured runs decode (not
+    in warm-up, not in another configuration's turn), none afterwards."""
+    seen = []
+
+    class Clock:
+        def __init__(self, name):
+            self.name = name
+
+        def enable(self):
+            seen.append(self.name)
+
+        def disable(self):
+            pass
+
+    configs = [bench.BenchConfig(bench.RESIDENT, kind=bench.RESIDENT), bench.BenchConfig("chronos@0.5", budget="0.5")]
+    bench.measure_interleaved(configs, str(tiny), [[1, 2, 3]], max_tokens=3, repeats=2, warmup=1,
+                              profilers={c.name: Clock(c.name) for c in configs})
+    assert seen == [bench.RESIDENT, "chronos@0.5"] * 2  # the measured rounds, in turn
+    assert bench.DECODE_PROFILER is None
