@@ -927,6 +927,13 @@ class ExpertCache:
                 except Exception:  # a failed prefetch leaves its slot free; nothing to wait for
                     pass
 
+    def resident_layers(self) -> frozenset:
+        """MoE layers that hold every expert now in a slot of their own (the layer has one for
+        each): nothing they route can miss, and nothing can evict from them."""
+        for L in self.layers:
+            L.refresh()
+        return frozenset(i for i, L in enumerate(self.layers) if L.full)
+
     def forget_layer(self, layer: int):
         """Unmap every expert of `layer` (no load of it may be in flight): what its slots hold
         is no longer trusted (device_wait: a pulled load that never reached them)."""

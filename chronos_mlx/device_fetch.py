@@ -191,6 +191,7 @@ class DeviceFetcher:
         self._guessed_in: dict = {}  # pass -> those layers, until `account`
         self._after = None
         self._warmed = False
+        self.resident = frozenset()  # layers that hold every expert (`begin`): routed with no kernel
 
     def _layer_state(self, layer: int, L) -> dict:
         from .cache import _numpy_view
@@ -225,6 +226,7 @@ class DeviceFetcher:
             cache.reader.check(path)
         cache.wait_for_loads()
         cache.copy_engine_paused = True  # only the kernels write slots while steps run
+        self.resident = cache.resident_layers()
         self.warm()
         now = self._passes
         with cache._lock:

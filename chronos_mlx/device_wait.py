@@ -270,6 +270,7 @@ class DeviceWaiter:
         self._gave_up = int(self.mailbox.words[GAVE_UP])
         self._pass: list = []
         self._after = None  # the last kernel's output (`route`)
+        self.resident = frozenset()  # layers that hold every expert (`begin`): routed with no kernel
         self._collector = None  # whether the cyclic collector was on before `begin`
         # How long the service sleeps between looks at the mailbox: a round trip costs about
         # that plus the wake-up (~0.1 ms at 20 us on an H200 host); 0 yields the core instead
@@ -302,6 +303,7 @@ class DeviceWaiter:
         self.warm()
         cache.copy_engine_paused = True
         cache.wait_for_loads()
+        self.resident = cache.resident_layers()
         for i, view in enumerate(self.views):
             cache.write_wait_table(i, view)
         cache.deciding_thread = self.service.ident  # the only thread that loads while steps run: the lean path

@@ -38,8 +38,17 @@ def route(runtime, layer: int, indices: mx.array, x: mx.array | None = None):
     L = runtime.cache.layers[layer]
     runtime.open_gate()  # the layer before this one loads what it needs before this one runs
     if runtime.mode == "device-wait" and indices.size <= L.num_slots:
-        # With a predictor, a request also carries guesses for the next layer (loaded while it waits).
-        guesses = next_layer_guesses(runtime, layer, x) if runtime.predictor is not None and x is not None else None
+        resident = runtime.waiter.resident
+        if layer in resident and L.full and not runtime.observers:
+            # It held every expert when the steps began and can lose none: nothing to fetch
+            # or wait for, so no kernel (a model that fits decodes as stock's graph).
+            L.counters.hits += indices.size
+            return indices if L.identity else L.table[indices]
+        # With a predictor, a request also carries guesses for the next layer (loaded while it
+        # waits; none for a layer that holds every expert).
+        guesses = None
+        if runtime.predictor is not None and x is not None and layer + 1 not in resident:
+            guesses = next_layer_guesses(runtime, layer, x)
         return runtime.waiter.route(layer, indices, guesses)
     L.refresh()
     if L.full and not runtime.observers:  # nothing can miss and nobody watches: no host read

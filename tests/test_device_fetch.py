@@ -338,3 +338,36 @@ def test_a_shard_changed_since_it_was_mapped_stops_the_next_generation_with_a_cl
         runtime.waiter.begin()
     with pytest.raises(ShardError, match="while the model was in use"):
         _decode(runtime, model, demo_prompt_ids, max_tokens=2)
+
+
+def test_layers_that_hold_every_expert_launch_no_kernel_and_give_stock_tokens(reference, demo_f32, demo_prompt_ids,
+                                                                              fetching):
+    """At a budget that holds the model nothing can miss or be evicted: the steps are stock's
+    graph (no fetch kernel, no journal row), every use a hit."""
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].size)
+        return host_fetch(*args, **kwargs)
+
+    model, runtime = fetching(demo_f32, 1.0)
+    runtime.waiter._kernel = counted
+    _decode(runtime, model, demo_prompt_ids)  # the first generation loads what prefill did not
+    calls.clear()
+    tokens, logprobs = _decode(runtime, model, demo_prompt_ids)
+    assert_stock((tokens, logprobs), reference)
+    assert runtime.waiter.resident == frozenset(range(len(runtime.cache.layers)))
+    assert calls == []
+    assert runtime.stats()["decode_hit_rate"] == 1.0
+
+
+def test_a_layer_short_of_experts_still_fetches_them(demo_f32, demo_prompt_ids, fetching):
+    """Only layers that hold every expert skip the kernel: one whose expert was dropped fetches it."""
+    model, runtime = fetching(demo_f32, 1.0)
+    _decode(runtime, model, demo_prompt_ids)
+    runtime.cache.forget_layer(3)
+    runtime.cache.layers[3].dirty = True
+    before = runtime.stats()["misses"]
+    _decode(runtime, model, demo_prompt_ids)
+    assert 3 not in runtime.waiter.resident
+    assert runtime.stats()["misses"] > before

@@ -634,3 +634,22 @@ def test_while_steps_run_the_service_threads_loads_take_the_lean_path(reference,
     assert "chronos-miss-service" in lean
     assert "chronos-miss-service" not in general
     assert runtime.cache.deciding_thread is None  # after the generation, only the main thread again
+
+
+def test_layers_that_hold_every_expert_launch_no_waiting_kernel_and_give_stock_tokens(reference, demo_prompt_ids,
+                                                                                    waiting):
+    """At a budget that holds the model no layer can miss: no kernel, no request, stock's tokens."""
+    model, runtime = waiting(1.0)
+    _decode(runtime, model, demo_prompt_ids)  # the first generation loads what prefill did not
+    calls = []
+    kernel = runtime.waiter._kernel
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return kernel(*args, **kwargs)
+
+    runtime.waiter._kernel = counted
+    requests = runtime.stats()["device_waits"]
+    assert_stock(_decode(runtime, model, demo_prompt_ids), reference)
+    assert runtime.waiter.resident == frozenset(range(len(runtime.cache.layers)))
+    assert calls == [] and runtime.stats()["device_waits"] == requests
