@@ -191,6 +191,8 @@ class DeviceFetcher:
         self._guessed_in: dict = {}  # pass -> those layers, until `account`
         self._after = None
         self._warmed = False
+        self._pending: list = []  # checked steps whose bookkeeping is still to do (`account`)
+        self._worker = None  # the thread that does it beside a launch (`beside`)
         self.resident = frozenset()  # layers that hold every expert (`begin`): routed with no kernel
 
     def _layer_state(self, layer: int, L) -> dict:
@@ -304,13 +306,16 @@ class DeviceFetcher:
         return self._passes, [l for l, _ in got], [n for _, n in got], None
 
     def account(self, tag: int, layers: list, sizes: list, host=None):
-        """A step's routing and what its kernels loaded, read from the journal once it ran."""
-        runtime, cache = self.runtime, self.runtime.cache
-        per_expert = cache.bytes_on_disk_per_expert
+        """A step's routing and what its kernels loaded, read from the journal once it ran.
+
+        The checks that decide whether the step is exact are made now (a stale or failed row
+        refuses the step before its token is given out); the bookkeeping (hits, misses, bytes,
+        the policy's history) is kept for `beside`, which runs it while the next step is
+        launched — MLX launches without Python's lock, and on a GPU the host's work a step is
+        the decode's pace. With observers (profile recording, traces) it is done now."""
         guessed = self._guessed_in.pop(tag, None)
-        if guessed:  # before the uses: a prefetched expert a layer then used is a prefetch hit
-            self._account_prefetches(tag, guessed)
-        rows = self.journal.read_pass(layers, tag)
+        prefetched = self._read_prefetches(tag, guessed) if guessed else None
+        rows = self.journal.read_pass(layers, tag)  # a copy: later passes may reuse the rows
         sizes = np.asarray(sizes)
         stale = (rows[:, 0] != (tag & 0xFFFFFFFF)) | (rows[:, HEAD - 1] != sizes)
         if stale.any():
@@ -322,6 +327,18 @@ class DeviceFetcher:
             layer = layers[int(np.flatnonzero(failed)[0])]
             raise DeviceWaitError(f"MoE layer {layer} could not fetch its experts on the device (no slot free of "
                                   "the call's experts, or an expert id out of range); the step was refused")
+        job = (rows, layers, sizes, guessed, prefetched)
+        if self.runtime.observers:
+            self._record(*job)
+        else:
+            self._pending.append(job)
+
+    def _record(self, rows, layers, sizes, guessed, prefetched):
+        """The bookkeeping of one checked step (`account`)."""
+        runtime, cache = self.runtime, self.runtime.cache
+        per_expert = cache.bytes_on_disk_per_expert
+        if guessed:  # before the uses: a prefetched expert a layer then used is a prefetch hit
+            self._record_prefetches(guessed, prefetched)
         loads, evicted = rows[:, 1].tolist(), rows[:, 2].tolist()
         for i, (layer, n) in enumerate(zip(layers, sizes.tolist())):
             L = cache.layers[layer]
@@ -335,14 +352,40 @@ class DeviceFetcher:
             if runtime.observers:
                 runtime._observe(layer, inds.copy())
 
-    def _account_prefetches(self, tag: int, layers: list):
-        cache = self.runtime.cache
+    def flush(self):
+        """Do the bookkeeping `account` kept, now (before the cache's figures are read)."""
+        pending, self._pending = self._pending, []
+        for job in pending:
+            self._record(*job)
+
+    def beside(self, launch):
+        """`launch()` (an `mx.async_eval` of the next step), with the bookkeeping `account`
+        kept done on a worker thread meanwhile: MLX builds and launches a step's graph without
+        Python's lock. The worker runs only while `launch` does (it is joined before this
+        returns), so no Python state is changed by two threads at once."""
+        if not self._pending:
+            return launch()
+        if self._worker is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chronos-bookkeeping")
+        done = self._worker.submit(self.flush)
+        try:
+            return launch()
+        finally:
+            done.result()
+
+    def _read_prefetches(self, tag: int, layers: list) -> np.ndarray:
         rows = self.prefetch_journal.read_pass(layers, tag)
         stale = rows[:, 0] != (tag & 0xFFFFFFFF)
         if stale.any():
             layer = layers[int(np.flatnonzero(stale)[0])]
             raise DeviceWaitError(f"MoE layer {layer}'s prefetch left no record for this step (pass {tag}); "
                                   "the step was refused")
+        return rows
+
+    def _record_prefetches(self, layers: list, rows: np.ndarray):
+        cache = self.runtime.cache
         with cache._lock:
             for layer, row in zip(layers, rows):
                 loads = int(row[1])
@@ -361,6 +404,7 @@ class DeviceFetcher:
             _drain(stream)
         finally:
             self._after = None
+            self.flush()
             self.runtime.cache.copy_engine_paused = False
             self.sync_host()
 
@@ -386,6 +430,9 @@ class DeviceFetcher:
                 L.full = L.identity = False
 
     def close(self):
+        if self._worker is not None:
+            self._worker.shutdown()
+            self._worker = None
         self.shards.close()
         self.journal.close()
         self.prefetch_journal.close()

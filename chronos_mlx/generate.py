@@ -201,7 +201,11 @@ def generate_step(
         step.context = context
         if step.y is not None:
             extra = [a for a in (step.flat, step.waited[-1] if step.waited else None) if a is not None]
-            mx.async_eval(step.y, step.logprobs, *extra)
+            beside = getattr(runtime.waiter, "beside", None) if waiting else None
+            if beside is not None:  # device-fetch: the last step's bookkeeping is done meanwhile
+                beside(lambda: mx.async_eval(step.y, step.logprobs, *extra))
+            else:
+                mx.async_eval(step.y, step.logprobs, *extra)
         if streaming and runtime.cache.deferred:  # inline prefetch reads overlap the step
             runtime.cache.run_deferred()
         return step
@@ -452,6 +456,8 @@ def generate_step(
             mark = (c.io_wait_s, c.recomputed_layers, c.recomputes)
             t_last, previous_ends = now, len(ends)
             if t_first is None:
+                if waiting and hasattr(runtime.waiter, "flush"):  # the decode's figures start after it
+                    runtime.waiter.flush()
                 t_first = time.perf_counter()
                 c.ttft_s = t_first - tic
                 c.prefill_s += t_first - tic

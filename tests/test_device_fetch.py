@@ -371,3 +371,43 @@ def test_a_layer_short_of_experts_still_fetches_them(demo_f32, demo_prompt_ids, 
     _decode(runtime, model, demo_prompt_ids)
     assert 3 not in runtime.waiter.resident
     assert runtime.stats()["misses"] > before
+
+
+def test_a_steps_bookkeeping_is_done_on_a_worker_while_the_next_step_launches(demo_f32, demo_prompt_ids,
+                                                                              fetching, monkeypatch):
+    """The checks that make a step exact run before its token is given out; its hits, misses and
+    the policy's history are recorded on another thread while the next step is launched (MLX
+    launches without Python's lock) and joined before the loop goes on, and every one is in the
+    figures once the generation ends."""
+    import threading
+
+    model, runtime = fetching(demo_f32, 0.25)
+    cache = runtime.cache
+    calls, inside = [], threading.Event()
+    mark_used = cache.mark_used
+
+    def recording(layer, experts):
+        calls.append((threading.get_ident(), inside.is_set()))
+        return mark_used(layer, experts)
+
+    monkeypatch.setattr(cache, "mark_used", recording)
+    beside = runtime.waiter.beside
+
+    def watched(launch):
+        inside.set()
+        try:
+            return beside(launch)
+        finally:
+            inside.clear()
+
+    monkeypatch.setattr(runtime.waiter, "beside", watched)
+    _decode(runtime, model, demo_prompt_ids, max_tokens=8)
+    main = threading.get_ident()
+    on_worker = [during for thread, during in calls if thread != main]
+    assert len(on_worker) >= 4 * len(cache.layers)  # most steps' layers
+    assert all(on_worker)  # never outside a launch: no Python state changed by two threads at once
+    assert not runtime.waiter._pending  # all recorded by the end
+    # The decode's figures count the steps after the first token (the last one fed the last
+    # token): the step that gave the first token is recorded before they start.
+    c = runtime.counters
+    assert c.decode_hits + c.decode_misses == c.generated_tokens * runtime.info["top_k"] * len(cache.layers)
