@@ -207,7 +207,6 @@ class DeviceFetcher:
             "owner": mx.full((L.num_slots,), ABSENT, dtype=mx.uint32),
             "score": mx.zeros((L.num_experts,), dtype=mx.float32),
             "stamp": mx.zeros((L.num_experts,), dtype=mx.uint32),
-            "readers": mx.zeros((1,), dtype=mx.uint32),  # the fused kernel's tickets (fetch_kernels.py)
             "src": mx.array(src),
             "dst": mx.array(np.array([p.addr for p in params], dtype=np.uint64)),
             "nbytes": mx.array(np.array([p.source.nbytes for p in params], dtype=np.uint64)),
@@ -266,8 +265,7 @@ class DeviceFetcher:
         s = self.state[0]
         dummy = {"table": mx.array(np.arange(L.num_experts, dtype=np.uint32) % L.num_slots),
                  "owner": mx.arange(L.num_slots, dtype=mx.uint32), "score": mx.zeros((L.num_experts,)),
-                 "stamp": mx.zeros((L.num_experts,), dtype=mx.uint32), "readers": mx.zeros((1,), dtype=mx.uint32),
-                 "src": s["src"], "dst": s["dst"],
+                 "stamp": mx.zeros((L.num_experts,), dtype=mx.uint32), "src": s["src"], "dst": s["dst"],
                  "nbytes": s["nbytes"], "journal": s["journal"], "prefetch_journal": s["prefetch_journal"],
                  "journal_width": s["journal_width"]}
         ids, tag = mx.arange(k, dtype=mx.uint32), mx.array([1], dtype=mx.uint32)

@@ -36,7 +36,7 @@ import ctypes
 import mlx.core as mx
 import numpy as np
 
-from .wait_kernels import ABSENT, COPY_ONE, mapped_words, pull_copies, pull_grid
+from .wait_kernels import ABSENT, mapped_words, pull_copies
 
 # A journal row: the pass, experts loaded, experts evicted, a flag (an id out of range or no
 # slot to take: the call's rows are then not exact, and the decode loop refuses the step),
@@ -49,7 +49,7 @@ HEAD, N_COUNTS, JOURNAL_SETS = 5, 3, 4
 # step's critical path); the slots of absent ones are taken in order by the first thread.
 THREADS = 32
 
-_SPLIT_SOURCE = """
+_SOURCE = """
     unsigned int* tab = const_cast<unsigned int*>(table);
     unsigned int* own = const_cast<unsigned int*>(owner);
     float* sc = const_cast<float*>(score);
@@ -124,116 +124,8 @@ _SPLIT_SOURCE = """
     }
 """.replace("HEAD", str(HEAD))
 
-SPLIT_INPUTS = ["ids", "table", "owner", "score", "stamp", "src", "dst", "nbytes", "journal", "tag", "after"]
-SPLIT_OUTPUTS = ["slots", "plan"]
-
-# The fetch in one kernel, on the copy grid: every block copies the layer's tables into its
-# shared memory and makes the same plan from them (the same decisions as the split form's
-# first thread, on the same values: deterministic), then copies its share of every absent
-# expert's bytes. The last block to have read the tables (a ticket per block) writes the
-# plan's tables back — every other block has its copy by then — and resets the tickets for
-# the next call; the first block writes the slots and the journal row. One custom kernel a
-# layer instead of two: on the H200 each call of a custom kernel is host work the decode waits for.
-_SOURCE = ("""
-    unsigned int* tab = const_cast<unsigned int*>(table);
-    unsigned int* own = const_cast<unsigned int*>(owner);
-    float* sc = const_cast<float*>(score);
-    unsigned int* st = const_cast<unsigned int*>(stamp);
-    unsigned int* tickets = const_cast<unsigned int*>(readers);
-    const unsigned int now = tag[0];
-    const int t = threadIdx.x;
-    const float inv_half = 1.0f / (float)HALF;
-    __shared__ unsigned int e_of[N];
-    __shared__ unsigned int s_tab[E];
-    __shared__ float s_sc[E];
-    __shared__ unsigned int s_st[E];
-    __shared__ unsigned int s_own[S];
-    __shared__ unsigned int ld_e[N];
-    __shared__ unsigned int ld_s[N];
-    __shared__ unsigned int counts[4];  // loads, evicted, failed, whether this block read the tables last
-    for (int i = t; i < E; i += blockDim.x) { s_tab[i] = tab[i]; s_sc[i] = sc[i]; s_st[i] = st[i]; }
-    for (int i = t; i < S; i += blockDim.x) s_own[i] = own[i];
-    for (int i = t; i < N; i += blockDim.x) e_of[i] = ids[i];
-    __syncthreads();
-    if (t == 0) counts[3] = atomicAdd(tickets, 1u) == gridDim.x - 1;  // every block before it has read them
-    for (int i = t; i < N; i += blockDim.x) {  // this call's uses: decayed to now, plus one (once an expert)
-        unsigned int e = e_of[i];
-        bool again = false;  // an expert listed twice counts once, by its first listing
-        for (int j = 0; j < i && !again; ++j) again = e_of[j] == e;
-        if (!GUESS && !again && e < (unsigned int)E && s_st[e] != now) {
-            s_sc[e] = s_sc[e] * exp2f(-(float)(now - s_st[e]) * inv_half) + 1.0f;
-            s_st[e] = now;
-        }
-    }
-    __syncthreads();
-    if (t == 0) {
-        unsigned int loads = 0, evicted = 0, failed = 0;
-        for (int i = 0; i < N; ++i) {
-            unsigned int e = e_of[i];
-            if (e >= (unsigned int)E) { failed = GUESS ? failed : 1u; continue; }
-            if (s_tab[e] != 0xFFFFFFFFu) continue;  // resident (or loaded for an earlier listing)
-            int best = -1;
-            float best_key = 0.0f;
-            unsigned int best_age = 0u, best_x = 0u;
-            for (int s = 0; s < S; ++s) {
-                unsigned int x = s_own[s];
-                if (x == 0xFFFFFFFFu) { best = s; break; }  // a free slot first
-                if (s_st[x] == now) continue;  // used by this call: never a victim
-                if (GUESS) {  // guesses are not uses: the call's own ids are kept by looking
-                    bool mine = false;
-                    for (int j = 0; j < N && !mine; ++j) mine = e_of[j] == x;
-                    if (mine) continue;
-                }
-                unsigned int age = now - s_st[x];
-                float key = LRU ? 0.0f : s_sc[x] * exp2f(-(float)age * inv_half);
-                if (best < 0 || key < best_key || (key == best_key && (age > best_age || (age == best_age && x < best_x)))) {
-                    best = s; best_key = key; best_age = age; best_x = x;
-                }
-            }
-            if (best < 0) { failed = GUESS ? failed : 1u; continue; }  // a guess may not fit
-            unsigned int old = s_own[best];
-            if (old != 0xFFFFFFFFu) { s_tab[old] = 0xFFFFFFFFu; ++evicted; }
-            s_own[best] = e;
-            s_tab[e] = (unsigned int)best;
-            ld_e[loads] = e;
-            ld_s[loads] = (unsigned int)best;
-            ++loads;
-        }
-        counts[0] = loads; counts[1] = evicted; counts[2] = failed;
-    }
-    __syncthreads();
-    if (counts[3]) {  // the last reader: the plan's tables go back, and the tickets start again
-        for (int i = t; i < E; i += blockDim.x) { tab[i] = s_tab[i]; sc[i] = s_sc[i]; st[i] = s_st[i]; }
-        for (int i = t; i < S; i += blockDim.x) own[i] = s_own[i];
-        if (t == 0) atomicExch(tickets, 0u);
-    }
-    if (blockIdx.x == 0) {
-        unsigned int* row = reinterpret_cast<unsigned int*>(journal[0]) + (now % JSETS) * JW;
-        for (int i = t; i < N; i += blockDim.x) {
-            unsigned int e = e_of[i];
-            unsigned int s = e < (unsigned int)E ? s_tab[e] : 0xFFFFFFFFu;
-            slots[i] = s == 0xFFFFFFFFu ? 0u : s;
-            if (!GUESS) row[HEAD + i] = e;
-        }
-        if (GUESS) for (unsigned int j = t; j < counts[0]; j += blockDim.x) row[HEAD + j] = ld_e[j];  // what it loaded
-        if (t == 0) {
-            row[0] = now; row[1] = counts[0]; row[2] = counts[1]; row[3] = counts[2];
-            row[4] = GUESS ? counts[0] : (unsigned int)N;
-        }
-    }
-    size_t tid = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
-    size_t stride = (size_t)gridDim.x * blockDim.x;
-    const unsigned int n_copies = counts[0] * T;
-    for (unsigned int c = 0; c < n_copies; ++c) {
-        const unsigned int j = c / T, q = c % T;
-        unsigned long long from = src[(unsigned long long)ld_e[j] * T + q];
-        unsigned long long to = dst[q] + (unsigned long long)ld_s[j] * nbytes[q];
-        unsigned long long n = nbytes[q];
-""" + COPY_ONE + """    }
-""").replace("HEAD", str(HEAD))
-
-INPUTS = ["ids", "table", "owner", "score", "stamp", "src", "dst", "nbytes", "journal", "tag", "after", "readers"]
-OUTPUTS = ["slots"]
+INPUTS = ["ids", "table", "owner", "score", "stamp", "src", "dst", "nbytes", "journal", "tag", "after"]
+OUTPUTS = ["slots", "plan"]
 
 _kernels: dict = {}
 
@@ -282,70 +174,48 @@ class Journal:
             free()
 
 
-def _get_kernel(kind: str = "fetch"):
-    if kind not in _kernels:
-        if kind == "fetch":
-            _kernels[kind] = mx.fast.cuda_kernel(name="chronos_fetch_experts", input_names=INPUTS,
-                                                 output_names=OUTPUTS, source=_SOURCE)
-        else:
-            _kernels[kind] = mx.fast.cuda_kernel(name="chronos_fetch_plan", input_names=SPLIT_INPUTS,
-                                                 output_names=SPLIT_OUTPUTS, source=_SPLIT_SOURCE)
-    return _kernels[kind]
+def _get_kernel():
+    if "fetch" not in _kernels:
+        _kernels["fetch"] = mx.fast.cuda_kernel(name="chronos_fetch_experts", input_names=INPUTS,
+                                                output_names=OUTPUTS, source=_SOURCE)
+    return _kernels["fetch"]
 
 
-def _launch(state: dict, n: int, half_life: int, lru: bool, guess: bool = False, split: bool = False) -> tuple:
-    """(template, plan shape, grid, threadgroup) of a call of `n` ids on this layer, made once."""
+def _launch(state: dict, n: int, half_life: int, lru: bool, guess: bool = False) -> tuple:
+    """(template, plan shape) of a call of `n` ids on this layer, made once."""
     calls = state.setdefault("calls", {})
-    key = (n, half_life, lru, guess, split)
+    key = (n, half_life, lru, guess)
     if key not in calls:
         T = state["dst"].size
+        maxc = n * T
         template = [("N", n), ("S", state["owner"].size), ("E", state["table"].size), ("T", T), ("LRU", int(lru)),
-                    ("HALF", max(1, int(half_life))), ("JW", state["journal_width"]), ("JSETS", JOURNAL_SETS),
-                    ("GUESS", int(guess))]
-        if split:
-            calls[key] = (template + [("MAXC", n * T)], (1 + 3 * n * T,), (THREADS, 1, 1), (THREADS, 1, 1))
-        else:
-            blocks, threads, unroll = pull_grid()
-            calls[key] = (template + [("UNROLL", unroll)], None, (blocks * threads, 1, 1), (threads, 1, 1))
+                    ("HALF", max(1, int(half_life))), ("MAXC", maxc), ("JW", state["journal_width"]),
+                    ("JSETS", JOURNAL_SETS), ("GUESS", int(guess))]
+        calls[key] = (template, (1 + 3 * maxc,))
     return calls[key]
-
-
-def _check(ids: mx.array, state: dict) -> mx.array:
-    if ids.size > state["journal_width"] - HEAD:
-        raise ValueError(f"{ids.size} expert ids in one call do not fit device-fetch's journal "
-                         f"({state['journal_width'] - HEAD})")
-    return ids if ids.dtype == mx.uint32 else ids.astype(mx.uint32)
 
 
 def fetch_experts(ids: mx.array, state: dict, tag: mx.array, after: mx.array | None = None,
                   half_life: int = 32, lru: bool = False, guess: bool = False) -> mx.array:
     """Slot ids shaped as `ids`, once every id is resident in the layer whose device arrays
-    `state` holds (table, owner, score, stamp, readers, src, dst, nbytes, journal): one kernel
-    decides, writes the call's ids and counts to the layer's journal row, and copies.
+    `state` holds (table, owner, score, stamp, src, dst, nbytes, journal): the fetch kernel
+    decides and writes the call's ids and counts to the layer's journal row, the copy kernel
+    copies.
 
     `guess`: `ids` are guesses for the layer (a prefetch): absent ones are loaded where a slot
     not holding another guess can be taken, none counts as a use, and the row written (to
     `state["prefetch_journal"]`) lists the experts loaded. Nothing reads the slots it returns
     but the layer's own call, which takes them as `after`."""
-    ids = _check(ids, state)
-    template, _, grid, threadgroup = _launch(state, ids.size, half_life, lru, guess)
-    inputs = [ids, state["table"], state["owner"], state["score"], state["stamp"], state["src"], state["dst"],
-              state["nbytes"], state["prefetch_journal" if guess else "journal"], tag, tag if after is None else after,
-              state["readers"]]
-    return _get_kernel()(inputs=inputs, template=template, grid=grid, threadgroup=threadgroup,
-                         output_shapes=[ids.shape], output_dtypes=[mx.uint32])[0]
-
-
-def fetch_experts_split(ids: mx.array, state: dict, tag: mx.array, after: mx.array | None = None,
-                        half_life: int = 32, lru: bool = False, guess: bool = False) -> mx.array:
-    """`fetch_experts` as two kernels: one warp decides and lists the copies, device-wait's
-    grid-wide copy kernel makes them (the form before session 26, kept to measure beside it)."""
-    ids = _check(ids, state)
-    template, plan_shape, grid, threadgroup = _launch(state, ids.size, half_life, lru, guess, split=True)
+    n = ids.size
+    if n > state["journal_width"] - HEAD:
+        raise ValueError(f"{n} expert ids in one call do not fit device-fetch's journal ({state['journal_width'] - HEAD})")
+    if ids.dtype != mx.uint32:
+        ids = ids.astype(mx.uint32)
+    template, plan_shape = _launch(state, n, half_life, lru, guess)
     inputs = [ids, state["table"], state["owner"], state["score"], state["stamp"], state["src"], state["dst"],
               state["nbytes"], state["prefetch_journal" if guess else "journal"], tag, tag if after is None else after]
-    slots, plan = _get_kernel("split")(inputs=inputs, template=template, grid=grid, threadgroup=threadgroup,
-                                       output_shapes=[ids.shape, plan_shape], output_dtypes=[mx.uint32, mx.uint64])
+    slots, plan = _get_kernel()(inputs=inputs, template=template, grid=(THREADS, 1, 1), threadgroup=(THREADS, 1, 1),
+                                output_shapes=[ids.shape, plan_shape], output_dtypes=[mx.uint32, mx.uint64])
     return pull_copies(plan, slots)
 
 

@@ -153,8 +153,13 @@ _PULL_SOURCE = """
 # UNROLL loads are issued before their stores (more bytes in flight over PCIe per thread).
 # The copy loop alone (the fetch kernel runs it after its plan, fetch_kernels.py): the plan is
 # read past the L1 cache, as another block of the same kernel may have just written it.
-# One copy of `n` bytes `from` -> `to` by the whole grid (thread `tid` of `stride`).
-COPY_ONE = """
+COPY_LOOP = """
+    const unsigned long long* plan_ = reinterpret_cast<const unsigned long long*>(plan);
+    unsigned long long count = __ldcg(plan_);
+    size_t tid = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    size_t stride = (size_t)gridDim.x * blockDim.x;
+    for (unsigned long long c = 0; c < count; ++c) {
+        unsigned long long from = __ldcg(plan_ + 1 + 3 * c), to = __ldcg(plan_ + 2 + 3 * c), n = __ldcg(plan_ + 3 + 3 * c);
         size_t whole = ((from | to) & 15) == 0 ? n / 16 : 0;
         const uint4* s4 = reinterpret_cast<const uint4*>(from);
         uint4* d4 = reinterpret_cast<uint4*>(to);
@@ -170,15 +175,7 @@ COPY_ONE = """
         const volatile unsigned char* s1 = reinterpret_cast<const volatile unsigned char*>(from);
         unsigned char* d1 = reinterpret_cast<unsigned char*>(to);
         for (size_t j = whole * 16 + tid; j < n; j += stride) d1[j] = s1[j];
-"""
-COPY_LOOP = """
-    const unsigned long long* plan_ = reinterpret_cast<const unsigned long long*>(plan);
-    unsigned long long count = __ldcg(plan_);
-    size_t tid = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
-    size_t stride = (size_t)gridDim.x * blockDim.x;
-    for (unsigned long long c = 0; c < count; ++c) {
-        unsigned long long from = __ldcg(plan_ + 1 + 3 * c), to = __ldcg(plan_ + 2 + 3 * c), n = __ldcg(plan_ + 3 + 3 * c);
-""" + COPY_ONE + """    }
+    }
 """
 _PULL_COPY = COPY_LOOP + """
     if (tid < N) out[tid] = slots[tid];

@@ -51,21 +51,6 @@ def _with_runtime(setup, **attrs):
     return apply
 
 
-def _with_split_fetch(setup):
-    """`setup`, then device-fetch through `fetch_kernels.fetch_experts_split` (plan, then copies)."""
-    def apply(model, runtime):
-        if setup is not None:
-            setup(model, runtime)
-        if runtime is not None:
-            from chronos_mlx.device_fetch import DeviceFetcher
-            from chronos_mlx.fetch_kernels import fetch_experts_split
-
-            runtime.waiter = DeviceFetcher(runtime, kernel=fetch_experts_split, register=True)
-
-    apply.params = getattr(setup, "params", None)
-    return apply
-
-
 def _with_guesses(setup, guesses, reads=None):
     """Prefetch `guesses` experts a layer (default: the model's top-k, set by attach_predictor);
     `reads`: how device-wait reads them (runtime.guess_reads: stage, load)."""
@@ -215,7 +200,7 @@ def main():
     ap.add_argument("--io-sim", default=None)
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--modes", default="optimistic,per-layer,mlx_lm",
-                    help="chronos variants: optimistic (segments), per-layer (late rows on MLX's CPU backend, gated elsewhere), device-wait (CUDA: layers wait on the GPU for a loader thread, the GPU copying the loads), device-fetch (CUDA: layers copy their misses themselves from the shards held page-locked in host memory; no --io-sim), device-fetch-split (the same with two kernels a layer, as before session 26), whole-token (optimistic, no segment end: a miss reloads every missed layer at once and recomputes), per-layer-stop (per-layer that stops graph construction at each layer, as before gates), mlx_lm (the chronos model in stock mlx_lm's loop); a -gates suffix (per-layer-gates, optimistic-gates, mlx_lm-gates) routes per layer through gates where late rows are the default (MLX's CPU backend), a -rows suffix (per-layer-rows, ...) with late rows where gates are (GPUs); :predictor appends one (gate, markov, lookahead, intent, all; table: with --routing trained, guesses as good as the demo's gate predictor, bench_guesses.py)")
+                    help="chronos variants: optimistic (segments), per-layer (late rows on MLX's CPU backend, gated elsewhere), device-wait (CUDA: layers wait on the GPU for a loader thread, the GPU copying the loads), device-fetch (CUDA: layers copy their misses themselves from the shards held page-locked in host memory; no --io-sim), whole-token (optimistic, no segment end: a miss reloads every missed layer at once and recomputes), per-layer-stop (per-layer that stops graph construction at each layer, as before gates), mlx_lm (the chronos model in stock mlx_lm's loop); a -gates suffix (per-layer-gates, optimistic-gates, mlx_lm-gates) routes per layer through gates where late rows are the default (MLX's CPU backend), a -rows suffix (per-layer-rows, ...) with late rows where gates are (GPUs); :predictor appends one (gate, markov, lookahead, intent, all; table: with --routing trained, guesses as good as the demo's gate predictor, bench_guesses.py)")
     ap.add_argument("--interleave", action="store_true", help="load all, measure round-robin (noisy machines)")
     ap.add_argument("--max-prompt-tokens", type=int, default=128)
     ap.add_argument("--greedy", action="store_true", help="greedy decoding instead of replay")
@@ -334,8 +319,6 @@ def main():
                     mode, cfg_setup = mode[: -len("-gates")], _with_runtime(setup, late_rows=False)
                 elif mode.endswith("-rows"):  # late rows where gates are the default (GPUs)
                     mode, cfg_setup = mode[: -len("-rows")], _with_runtime(setup, late_rows=True)
-                elif mode == "device-fetch-split":  # the fetch as two kernels a layer (before session 26)
-                    mode, cfg_setup = "device-fetch", _with_split_fetch(setup)
                 for guesses, reads in itertools.product(
                         args.guesses.split(",") if predictor and args.guesses else [None],
                         args.guess_reads.split(",") if predictor and mode == "device-wait" and args.guess_reads else [None]):

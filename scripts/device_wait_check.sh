@@ -49,8 +49,6 @@ step streams 120 python3 scripts/stream_overlap.py --json "$OUT/streams.json"
 step fetch 300 bash -c "python3 -m pytest -q -p no:cacheprovider -o addopts='' -o faulthandler_timeout=60 \
   tests/test_fetch_kernels.py tests/test_device_fetch.py; python3 scripts/exact_check.py --budgets 0.5,0.25 \
   --max-tokens 16 --ends device-fetch,device-wait --workload python --prompts 2 --json $OUT/exact-fetch.json"
-# What device-fetch's kernels cost a step of 48 layers: the host's time to call them, the GPU's to run them (fused, split).
-step kernel-cost 150 python3 scripts/fetch_kernel_cost.py --misses 0,1,2,4 --json "$OUT/kernel-cost.json"
 # The CLI on CUDA: every routing this machine runs (device-fetch among them) against stock; a generation by name.
 step verify-cli 240 bash -c "python3 -m chronos_mlx.cli verify --tokens --budgets 0.5,0.125 --json > $OUT/verify.json; \
   python3 -m chronos_mlx.cli generate --sync device-fetch --budget 0.5 -p 'The history of the city' --max-tokens 24 --json > $OUT/generate-fetch.json; \

@@ -6,10 +6,9 @@ before it as `after`). The shards are page-locked host memory (as device-fetch r
 and each absent expert is `--expert-mb` copied as `--tensors` tensors into device slots. Before
 each step the layers' tables are reset (slots 0..S-1 hold experts 0..S-1), so every step misses
 the same. Per step: the host's time to build the calls, and `mx.eval`'s time (encoding and the
-GPU's run; the GPU runs nothing before it). Variants: `plan` (the split form's plan kernel
-alone, no copies), `split` (its plan and copy kernels), `fused` (the one kernel device-fetch
-calls), and with `--free` the missing experts find free slots (no victim search), which tells
-the search's cost from the copies'.
+GPU's run; the GPU runs nothing before it). Variants: `plan` (the plan kernel alone, no copies),
+`fetch` (plan and copies), and with `--free` the missing experts find free slots (no victim
+search), which tells the search's cost from the copies'.
 
     python3 scripts/fetch_kernel_cost.py --misses 0,1,2,4 --json out.json
 """
@@ -30,7 +29,7 @@ import numpy as np  # noqa: E402
 
 from chronos_mlx import fetch_kernels, wait_kernels  # noqa: E402
 from chronos_mlx.cache import _numpy_view  # noqa: E402
-from chronos_mlx.fetch_kernels import Journal, fetch_experts, fetch_experts_split  # noqa: E402
+from chronos_mlx.fetch_kernels import Journal, fetch_experts  # noqa: E402
 from chronos_mlx.wait_kernels import ABSENT  # noqa: E402
 
 
@@ -44,7 +43,6 @@ def _layers(args, lib, source, per: int) -> list:
         src = np.array([[source[e, t].ctypes.data for t in range(T)] for e in range(E)], dtype=np.uint64).reshape(-1)
         state = {"table": mx.full((E,), ABSENT, dtype=mx.uint32), "owner": mx.full((S,), ABSENT, dtype=mx.uint32),
                  "score": mx.zeros((E,), dtype=mx.float32), "stamp": mx.zeros((E,), dtype=mx.uint32),
-                 "readers": mx.zeros((1,), dtype=mx.uint32),
                  "src": mx.array(src), "dst": mx.array(np.array([_numpy_view(s).ctypes.data for s in slots], dtype=np.uint64)),
                  "nbytes": mx.array(np.full(T, per, dtype=np.uint64)), "journal": journal.address(layer)}
         mx.eval(list(state.values()))
@@ -68,13 +66,14 @@ def _reset(states, S: int, free: int):
         v["stamp"][:] = 1
 
 
-def _plan_only(ids, state, tag, after=None):
-    """The split form's plan kernel as `fetch_experts_split` calls it, without the copy kernel."""
-    template, plan_shape, grid, threadgroup = fetch_kernels._launch(state, ids.size, 32, False, split=True)
+def _plan_only(ids, state, tag, after):
+    """The plan kernel's call as `fetch_experts` makes it, without the copy kernel."""
+    template, plan_shape = fetch_kernels._launch(state, ids.size, 32, False)
     inputs = [ids, state["table"], state["owner"], state["score"], state["stamp"], state["src"], state["dst"],
               state["nbytes"], state["journal"], tag, tag if after is None else after]
-    slots, _ = fetch_kernels._get_kernel("split")(inputs=inputs, template=template, grid=grid, threadgroup=threadgroup,
-                                                 output_shapes=[ids.shape, plan_shape], output_dtypes=[mx.uint32, mx.uint64])
+    threads = fetch_kernels.THREADS
+    slots, _ = fetch_kernels._get_kernel()(inputs=inputs, template=template, grid=(threads, 1, 1), threadgroup=(threads, 1, 1),
+                                          output_shapes=[ids.shape, plan_shape], output_dtypes=[mx.uint32, mx.uint64])
     return slots
 
 
@@ -90,15 +89,15 @@ def measure(states, args, misses: int, variant: str, free: bool) -> dict:
         t0 = time.perf_counter()
         after = None
         for st in states:
-            call = {"fused": fetch_experts, "split": fetch_experts_split, "plan": _plan_only}[variant]
-            after = call(ids, st, tag, after=after)
+            after = (fetch_experts(ids, st, tag, after=after, half_life=32, lru=False) if variant == "fetch"
+                     else _plan_only(ids, st, tag, after))
         t1 = time.perf_counter()
         mx.eval(after)
         t2 = time.perf_counter()
         if step >= args.warmup:
             build.append(t1 - t0)
             run.append(t2 - t1)
-    copied = misses * args.layers * args.expert_mb * 2**20 if variant != "plan" else 0
+    copied = misses * args.layers * args.expert_mb * 2**20 if variant == "fetch" else 0
     ms = 1000 * statistics.median(run)
     return {"variant": variant, "misses_per_layer": misses, "free_slots": free, "build_ms": 1000 * statistics.median(build),
             "eval_ms": ms, "eval_ms_min": 1000 * min(run), "copied_mb": copied / 2**20,
@@ -127,7 +126,7 @@ def main():
     states, journal = _layers(args, lib, source, per)
     rows = []
     for misses in [int(m) for m in args.misses.split(",")]:
-        for variant in ("plan", "split", "fused"):
+        for variant in ("plan", "fetch"):
             for free in ((False, True) if misses else (False,)):
                 row = measure(states, args, misses, variant, free)
                 rows.append(row)

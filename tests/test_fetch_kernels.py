@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from chronos_mlx import fetch_kernels, wait_kernels
-from chronos_mlx.fetch_kernels import Journal, fetch_experts, fetch_experts_split, host_fetch
+from chronos_mlx.fetch_kernels import Journal, fetch_experts, host_fetch
 from chronos_mlx.wait_kernels import ABSENT
 from test_wait_kernels import _compile_like_mlx, _nvrtc
 
@@ -35,7 +35,6 @@ def _layer(source: np.ndarray, table, owner, score, stamp, lib=None):
     state = {
         "table": mx.array(np.array(table, dtype=np.uint32)), "owner": mx.array(np.array(owner, dtype=np.uint32)),
         "score": mx.array(np.array(score, dtype=np.float32)), "stamp": mx.array(np.array(stamp, dtype=np.uint32)),
-        "readers": mx.zeros((1,), dtype=mx.uint32),
         "src": mx.array(src), "dst": mx.array(np.array([v.ctypes.data for v in views], dtype=np.uint64)),
         "nbytes": mx.array(np.full(T, NB, dtype=np.uint64)),
     }
@@ -131,23 +130,16 @@ def test_a_call_with_more_experts_than_slots_is_flagged(source):
 
 
 @pytest.mark.parametrize("guess", [0, 1])
-@pytest.mark.parametrize("form", ["fused", "split"])
-def test_the_kernel_compiles_for_a_hopper_gpu(guess, form):
+def test_the_kernel_compiles_for_a_hopper_gpu(guess):
     nvrtc = _nvrtc()
     if nvrtc is None:
         pytest.skip("NVRTC not installed (the test extra installs it on Linux)")
     types = {"score": "float", "src": "uint64_t", "dst": "uint64_t", "nbytes": "uint64_t", "journal": "uint64_t"}
-    consts = [("N", 8), ("S", 64), ("E", 128), ("T", 9), ("LRU", 0), ("HALF", 32), ("JW", 69), ("JSETS", 4),
-              ("GUESS", guess)]
-    if form == "fused":
-        inputs = [(types.get(n, "uint32_t"), n) for n in fetch_kernels.INPUTS]
-        log = _compile_like_mlx(nvrtc, "fetch", inputs, [("uint32_t", "slots")], consts + [("UNROLL", 1)],
-                                fetch_kernels._SOURCE)
-    else:
-        inputs = [(types.get(n, "uint32_t"), n) for n in fetch_kernels.SPLIT_INPUTS]
-        log = _compile_like_mlx(nvrtc, "fetch", inputs, [("uint32_t", "slots"), ("uint64_t", "plan")],
-                                consts + [("MAXC", 72)], fetch_kernels._SPLIT_SOURCE)
-    assert log == ""
+    inputs = [(types.get(n, "uint32_t"), n) for n in fetch_kernels.INPUTS]
+    outputs = [("uint32_t", "slots"), ("uint64_t", "plan")]
+    consts = [("N", 8), ("S", 64), ("E", 128), ("T", 9), ("LRU", 0), ("HALF", 32), ("MAXC", 72), ("JW", 69),
+              ("JSETS", 4), ("GUESS", guess)]
+    assert _compile_like_mlx(nvrtc, "fetch", inputs, outputs, consts, fetch_kernels._SOURCE) == ""
 
 
 def test_the_journal_keeps_a_row_a_pass_and_knows_a_stale_one():
@@ -162,19 +154,12 @@ def test_the_journal_keeps_a_row_a_pass_and_knows_a_stale_one():
     assert int(np.array(state["journal"])[0]) == journal.device_address + 4 * journal.width * 4
 
 
-FORMS = {"fused": fetch_experts, "split": fetch_experts_split}
-
-
 @cuda
-@pytest.mark.parametrize("form", ["fused", "split", "fused on one block"])
 @pytest.mark.parametrize("lru", [False, True])
-def test_on_cuda_the_kernel_decides_as_the_stand_in_and_copies_from_page_locked_memory(lru, form, monkeypatch):
+def test_on_cuda_the_kernel_decides_as_the_stand_in_and_copies_from_page_locked_memory(lru):
     """The same calls through the kernel and through the stand-in: the same slots, counts,
     tables and scores; the kernel's copies come from page-locked host memory, as the
-    registered shards are. The fused form's tickets are back at zero after every call."""
-    if form == "fused on one block":
-        monkeypatch.setenv("CHRONOS_PULL_GRID", "1x32x1")
-    fetch = FORMS[form.split()[0]]
+    registered shards are."""
     staging = wait_kernels.pinned_alloc(wait_kernels.driver())(E * T * NB)
     src = np.random.default_rng(1).integers(0, 256, size=(E, T, NB), dtype=np.uint8)
     pinned = staging.reshape(E, T, NB)
@@ -183,10 +168,9 @@ def test_on_cuda_the_kernel_decides_as_the_stand_in_and_copies_from_page_locked_
     dev, dev_views = _layer(pinned, *start, lib=wait_kernels.driver())
     host, host_views = _layer(src, *start)
     for now, ids in enumerate([[1, 5], [3, 4], [0, 5], [2, 1]], start=10):
-        got = _run(fetch, ids, dev, now, lru=lru)
+        got = _run(fetch_experts, ids, dev, now, lru=lru)
         want = _run(host_fetch, ids, host, now, lru=lru)
         assert got == want, now
-        assert np.array(dev["readers"]).tolist() == [0]
         for k in ("table", "owner", "stamp"):
             assert np.array(dev[k]).tolist() == np.array(host[k]).tolist(), (now, k)
         assert np.allclose(np.array(dev["score"]), np.array(host["score"]), rtol=1e-6)
@@ -195,8 +179,7 @@ def test_on_cuda_the_kernel_decides_as_the_stand_in_and_copies_from_page_locked_
 
 
 @cuda
-@pytest.mark.parametrize("form", ["fused", "split"])
-def test_on_cuda_a_long_run_of_calls_at_q48s_width_decides_as_the_stand_in(form):
+def test_on_cuda_a_long_run_of_calls_at_q48s_width_decides_as_the_stand_in():
     """128 experts, 64 slots, 40 calls of 8 ids drawn with a skew (as routing is), every other
     one after a call of guesses: every call's slots and counts (and what the guesses loaded),
     and the tables, owners and stamps after it, as the stand-in's."""
@@ -217,7 +200,6 @@ def test_on_cuda_a_long_run_of_calls_at_q48s_width_decides_as_the_stand_in(form)
         views = [_numpy_view(s) for s in slots]
         state = {"table": mx.full((E_,), ABSENT, dtype=mx.uint32), "owner": mx.full((S_,), ABSENT, dtype=mx.uint32),
                  "score": mx.zeros((E_,), dtype=mx.float32), "stamp": mx.zeros((E_,), dtype=mx.uint32),
-                 "readers": mx.zeros((1,), dtype=mx.uint32),
                  "src": mx.array(np.array([[source[e, t].ctypes.data for t in range(T)] for e in range(E_)],
                                           dtype=np.uint64).reshape(-1)),
                  "dst": mx.array(np.array([v.ctypes.data for v in views], dtype=np.uint64)),
@@ -230,9 +212,9 @@ def test_on_cuda_a_long_run_of_calls_at_q48s_width_decides_as_the_stand_in(form)
     for now in range(1, 41):
         if now % 2:  # guesses first on odd passes, as a prefetch for the layer's call
             guesses = rng.choice(E_, size=8, replace=False, p=weights).tolist()
-            assert _run(FORMS[form], guesses, dev, now, guess=True) == _run(host_fetch, guesses, host, now, guess=True)
+            assert _run(fetch_experts, guesses, dev, now, guess=True) == _run(host_fetch, guesses, host, now, guess=True)
         ids = rng.choice(E_, size=8, replace=False, p=weights).tolist()
-        assert _run(FORMS[form], ids, dev, now) == _run(host_fetch, ids, host, now), now
+        assert _run(fetch_experts, ids, dev, now) == _run(host_fetch, ids, host, now), now
         for k in ("table", "owner", "stamp"):
             assert np.array(dev[k]).tolist() == np.array(host[k]).tolist(), (now, k)
     for t in range(T):
