@@ -310,9 +310,10 @@ class DeviceFetcher:
 
         The checks that decide whether the step is exact are made now (a stale or failed row
         refuses the step before its token is given out); the bookkeeping (hits, misses, bytes,
-        the policy's history) is kept for `beside`, which runs it while the next step is
-        launched — MLX launches without Python's lock, and on a GPU the host's work a step is
-        the decode's pace. With observers (profile recording, traces) it is done now."""
+        the policy's history, what observers hear) is kept for `beside`, which runs it while the
+        next step is launched — MLX launches without Python's lock, and on a GPU the host's work
+        a step is the decode's pace. Observers hear each step in order, a step late (they keep
+        host-side records: profiles, traces, Belady's bound); `end` and the first token flush."""
         guessed = self._guessed_in.pop(tag, None)
         prefetched = self._read_prefetches(tag, guessed) if guessed else None
         rows = self.journal.read_pass(layers, tag)  # a copy: later passes may reuse the rows
@@ -327,11 +328,7 @@ class DeviceFetcher:
             layer = layers[int(np.flatnonzero(failed)[0])]
             raise DeviceWaitError(f"MoE layer {layer} could not fetch its experts on the device (no slot free of "
                                   "the call's experts, or an expert id out of range); the step was refused")
-        job = (rows, layers, sizes, guessed, prefetched)
-        if self.runtime.observers:
-            self._record(*job)
-        else:
-            self._pending.append(job)
+        self._pending.append((rows, layers, sizes, guessed, prefetched))
 
     def _record(self, rows, layers, sizes, guessed, prefetched):
         """The bookkeeping of one checked step (`account`)."""

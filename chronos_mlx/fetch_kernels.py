@@ -36,7 +36,7 @@ import ctypes
 import mlx.core as mx
 import numpy as np
 
-from .wait_kernels import ABSENT, mapped_words, pull_copies
+from .wait_kernels import ABSENT, mapped_words, pull_copies, pull_grid
 
 # A journal row: the pass, experts loaded, experts evicted, a flag (an id out of range or no
 # slot to take: the call's rows are then not exact, and the decode loop refuses the step),
@@ -182,7 +182,8 @@ def _get_kernel():
 
 
 def _launch(state: dict, n: int, half_life: int, lru: bool, guess: bool = False) -> tuple:
-    """(template, plan shape) of a call of `n` ids on this layer, made once."""
+    """(template, plan shape, copy grid) of a call of `n` ids on this layer, made once (this
+    runs for every MoE layer of every step, where the host's time is the decode's pace)."""
     calls = state.setdefault("calls", {})
     key = (n, half_life, lru, guess)
     if key not in calls:
@@ -191,7 +192,7 @@ def _launch(state: dict, n: int, half_life: int, lru: bool, guess: bool = False)
         template = [("N", n), ("S", state["owner"].size), ("E", state["table"].size), ("T", T), ("LRU", int(lru)),
                     ("HALF", max(1, int(half_life))), ("MAXC", maxc), ("JW", state["journal_width"]),
                     ("JSETS", JOURNAL_SETS), ("GUESS", int(guess))]
-        calls[key] = (template, (1 + 3 * maxc,))
+        calls[key] = (template, (1 + 3 * maxc,), pull_grid())
     return calls[key]
 
 
@@ -211,12 +212,12 @@ def fetch_experts(ids: mx.array, state: dict, tag: mx.array, after: mx.array | N
         raise ValueError(f"{n} expert ids in one call do not fit device-fetch's journal ({state['journal_width'] - HEAD})")
     if ids.dtype != mx.uint32:
         ids = ids.astype(mx.uint32)
-    template, plan_shape = _launch(state, n, half_life, lru, guess)
+    template, plan_shape, grid = _launch(state, n, half_life, lru, guess)
     inputs = [ids, state["table"], state["owner"], state["score"], state["stamp"], state["src"], state["dst"],
               state["nbytes"], state["prefetch_journal" if guess else "journal"], tag, tag if after is None else after]
     slots, plan = _get_kernel()(inputs=inputs, template=template, grid=(THREADS, 1, 1), threadgroup=(THREADS, 1, 1),
                                 output_shapes=[ids.shape, plan_shape], output_dtypes=[mx.uint32, mx.uint64])
-    return pull_copies(plan, slots)
+    return pull_copies(plan, slots, grid)
 
 
 def host_fetch(ids: mx.array, state: dict, tag: mx.array, after=None, half_life: int = 32,

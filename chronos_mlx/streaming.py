@@ -102,9 +102,23 @@ class StreamingSwitch(nn.Module):
                                                          L.num_slots)
         return plan
 
-    def _project(self, name: str, x, idx, total_rows: int):
-        spec, w, scales, biases, bias = self._slots(name)
-        sorted_indices = self._plan(name, total_rows).sorted_indices
+    def _calls(self, total_rows: int) -> dict:
+        """{projection: (spec, weight, scales, biases, bias, sorted_indices)} of a call over
+        `total_rows` rows, kept per row count: one lookup a layer of every token (three
+        projections each looked up in two tables cost a measurable share of a GPU step's host time)."""
+        calls = self.__dict__.get("_calls_by_rows")
+        if calls is None:
+            calls = {}
+            object.__setattr__(self, "_calls_by_rows", calls)
+        got = calls.get(total_rows)
+        if got is None:
+            got = calls[total_rows] = {
+                name: (*self._slots(name), self._plan(name, total_rows).sorted_indices) for name in self._specs
+            }
+        return got
+
+    def _project(self, call: tuple, x, idx):
+        spec, w, scales, biases, bias, sorted_indices = call
         if spec.quantized:
             x = mx.gather_qmm(
                 x,
@@ -127,12 +141,13 @@ class StreamingSwitch(nn.Module):
     def _experts(self, x, idx, total_rows: int):
         """The expert products of rows `x` (their slots `idx`), part of a layer call of
         `total_rows` rows: each projection called as stock's call over all of them is."""
+        calls = self._calls(total_rows)
         if self._glu:
-            x_up = self._project("up_proj", x, idx, total_rows)
-            x_gate = self._project("gate_proj", x, idx, total_rows)
-            return self._project("down_proj", self.activation(x_up, x_gate), idx, total_rows)
-        x = self.activation(self._project("fc1", x, idx, total_rows))
-        return self._project("fc2", x, idx, total_rows)
+            x_up = self._project(calls["up_proj"], x, idx)
+            x_gate = self._project(calls["gate_proj"], x, idx)
+            return self._project(calls["down_proj"], self.activation(x_up, x_gate), idx)
+        x = self.activation(self._project(calls["fc1"], x, idx))
+        return self._project(calls["fc2"], x, idx)
 
     def _padded_experts(self, x_rows, idx, total_rows: int):
         """`_experts` of part of a call (slot ids `idx`: a list or numpy array), padded with

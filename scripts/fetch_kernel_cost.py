@@ -68,7 +68,7 @@ def _reset(states, S: int, free: int):
 
 def _plan_only(ids, state, tag, after):
     """The plan kernel's call as `fetch_experts` makes it, without the copy kernel."""
-    template, plan_shape = fetch_kernels._launch(state, ids.size, 32, False)
+    template, plan_shape, _ = fetch_kernels._launch(state, ids.size, 32, False)
     inputs = [ids, state["table"], state["owner"], state["score"], state["stamp"], state["src"], state["dst"],
               state["nbytes"], state["journal"], tag, tag if after is None else after]
     threads = fetch_kernels.THREADS

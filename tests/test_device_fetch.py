@@ -400,8 +400,23 @@ def test_a_steps_bookkeeping_is_done_on_a_worker_while_the_next_step_launches(de
         finally:
             inside.clear()
 
+    class Observer:  # hears every layer of every step, in order, also when told a step late
+        def __init__(self):
+            self.heard = []
+
+        def observe(self, layer, experts):
+            self.heard.append(layer)
+
+    observer = Observer()
+    runtime.observers.append(observer)
     monkeypatch.setattr(runtime.waiter, "beside", watched)
     _decode(runtime, model, demo_prompt_ids, max_tokens=8)
+    runtime.observers.remove(observer)
+    n_layers = len(cache.layers)
+    assert observer.heard == list(range(n_layers)) * (len(observer.heard) // n_layers)
+    # The prefill (one chunk here), then every step: the one fed the last prompt token, one a
+    # generated token but the last, and the one fed the last token.
+    assert len(observer.heard) == (1 + runtime.counters.generated_tokens + 1) * n_layers
     main = threading.get_ident()
     on_worker = [during for thread, during in calls if thread != main]
     assert len(on_worker) >= 4 * len(cache.layers)  # most steps' layers
