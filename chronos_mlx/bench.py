@@ -533,7 +533,11 @@ def measure_interleaved(configs, model_path, prompts, *, max_tokens=64, repeats=
     """All configurations loaded at once and measured round-robin, repeat by repeat.
 
     On a machine with other load, drift then hits every configuration alike, so ratios
-    between them stay meaningful (memory figures are not separable this way).
+    between them stay meaningful (memory figures are not separable this way). Each round
+    starts one configuration further on, so none always runs right after the same one, and
+    each chronos row also gets its speed over stock's of the same round, round by round
+    (`paired_ratio_to_resident`, its median; `_min` / `_max`, the spread): on a GPU host whose
+    speed moves by a tenth between runs, pairing is what makes one run's ratio a figure.
     `profilers`: configuration name -> its DECODE_PROFILER while its measured runs decode."""
     global DECODE_PROFILER
     loaded = [(cfg, *_load(cfg, model_path, dtype)) for cfg in configs]
@@ -541,7 +545,8 @@ def measure_interleaved(configs, model_path, prompts, *, max_tokens=64, repeats=
     recorders = {cfg.name: _recorder(runtime) for cfg, _, runtime in loaded}
     marks, failed = {}, {}
     for r in range(warmup + repeats):
-        for cfg, model, runtime in loaded:
+        turn = r % len(loaded) if loaded else 0
+        for cfg, model, runtime in loaded[turn:] + loaded[:turn]:
             if cfg.name in failed:  # a runtime error: it is reported, the others go on
                 continue
             recorder = recorders[cfg.name]
@@ -558,14 +563,22 @@ def measure_interleaved(configs, model_path, prompts, *, max_tokens=64, repeats=
                 if profilers is not None:
                     DECODE_PROFILER = None
             if r >= warmup:
-                per_config[cfg.name].append(_aggregate(runs))
+                per_config[cfg.name].append({**_aggregate(runs), "round": r})
+    stock = {m["round"]: m["decode_tokens_per_s"] for m in per_config.get(RESIDENT, [])}
     rows = []
     for cfg, model, runtime in loaded:
         if cfg.name in failed:
             rows.append(failed[cfg.name])
             continue
-        row = {"name": cfg.name, "kind": cfg.kind, **_summarise(per_config[cfg.name]),
+        measured = per_config[cfg.name]
+        paired = [m["decode_tokens_per_s"] / stock[m["round"]] for m in measured
+                  if stock.get(m["round"]) and m["decode_tokens_per_s"] is not None]
+        row = {"name": cfg.name, "kind": cfg.kind, **_summarise([{k: v for k, v in m.items() if k != "round"}
+                                                                 for m in measured]),
                "decoding": "replay" if forced is not None else f"temp={temp}" if temp else "greedy"}
+        if paired and cfg.name != RESIDENT:
+            row.update(paired_ratio_to_resident=statistics.median(paired), paired_ratio_to_resident_min=min(paired),
+                       paired_ratio_to_resident_max=max(paired), paired_rounds=len(paired))
         if runtime is not None:
             if recorders[cfg.name] is not None:
                 row.update(_belady(recorders[cfg.name], *marks[cfg.name], runtime, repeats * len(prompts), max_tokens))

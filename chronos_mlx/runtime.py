@@ -60,7 +60,9 @@ class Runtime:
         self.mode = "sync"
         # Objects with observe(layer, expert_ids) that see every routing decision once it is
         # known on the host (activation statistics, profile recording, Markov predictors).
-        # While any is attached, fully resident layers are read back too.
+        # While any is attached, fully resident layers are read back too. They keep host-side
+        # records (numpy, no MLX): under device-fetch they are told a step late, from the
+        # bookkeeping worker that runs while the next step launches (device_fetch.py).
         self.observers: list = []
         # A predictor with `targets` [(layer offset, token offset)] and `scores(layer, x)`
         # [n_targets, num_experts]; its guesses are prefetched in per-layer routing.

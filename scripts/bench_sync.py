@@ -381,7 +381,8 @@ def main():
     decoding = "replay" if replay else f"temp={args.temp}" if args.temp else "greedy"
     out = report(rows, probe=probe, command=" ".join(sys.argv), io_sim=args.io_sim, max_tokens=args.max_tokens,
                  decoding=decoding, routing=routing)
-    cols = ["name", "decode_tokens_per_s", "ratio_to_resident", "roofline_tokens_per_s", "ratio_to_roofline",
+    cols = ["name", "decode_tokens_per_s", "ratio_to_resident", "paired_ratio_to_resident", "paired_ratio_to_resident_min",
+            "paired_ratio_to_resident_max", "roofline_tokens_per_s", "ratio_to_roofline",
             "host_syncs_per_token", "recompute_rate", "recomputed_layers_per_token", "recomputed_rows_per_token",
             "decode_hit_rate", "stall_s_per_token", "sync_wait_s_per_token", "recovery_wait_s_per_token",
             "decode_bytes_read_per_token", "belady_decode_bytes_read_per_token",

@@ -196,5 +196,33 @@ def test_interleaved_runs_time_each_configuration_with_its_own_profiler(tiny):
     configs = [bench.BenchConfig(bench.RESIDENT, kind=bench.RESIDENT), bench.BenchConfig("chronos@0.5", budget="0.5")]
     bench.measure_interleaved(configs, str(tiny), [[1, 2, 3]], max_tokens=3, repeats=2, warmup=1,
                               profilers={c.name: Clock(c.name) for c in configs})
-    assert seen == [bench.RESIDENT, "chronos@0.5"] * 2  # the measured rounds, in turn
+    # The measured rounds, in turn; each round starts one configuration further on.
+    assert seen == ["chronos@0.5", bench.RESIDENT, bench.RESIDENT, "chronos@0.5"]
     assert bench.DECODE_PROFILER is None
+
+
+def test_interleaved_rows_pair_each_round_with_stocks_round(tiny, monkeypatch):
+    """On a machine whose speed drifts, a configuration's speed over stock's of the same round is the
+    figure: its median (and spread) is reported beside the ratio of the medians."""
+    speeds = {bench.RESIDENT: [10.0, 20.0, 40.0], "chronos@0.5": [9.0, 14.0, 36.0]}  # a round each
+    turns = {name: iter(v) for name, v in speeds.items()}
+    real = bench._run_prompts
+
+    def timed(model, runtime, *args, **kwargs):
+        runs = real(model, runtime, *args, **kwargs)  # the real decode (routing, counts), then its speed set
+        name = bench.RESIDENT if runtime is None else "chronos@0.5"
+        speed = next(turns[name])
+        return [{**r, "decode_steps": 10, "decode_s": 10 / speed} for r in runs]
+
+    monkeypatch.setattr(bench, "_run_prompts", timed)
+    configs = [bench.BenchConfig(bench.RESIDENT, kind=bench.RESIDENT), bench.BenchConfig("chronos@0.5", budget="0.5")]
+    rows = {r["name"]: r for r in bench.measure_interleaved(configs, str(tiny), [[1, 2, 3]], max_tokens=3,
+                                                            repeats=3, warmup=0)}
+    row = rows["chronos@0.5"]
+    assert row["paired_rounds"] == 3
+    assert row["paired_ratio_to_resident"] == pytest.approx(0.9)  # rounds: 0.9, 0.7, 0.9
+    assert (row["paired_ratio_to_resident_min"], row["paired_ratio_to_resident_max"]) == (pytest.approx(0.7),
+                                                                                          pytest.approx(0.9))
+    bench.add_ratios(list(rows.values()))
+    assert row["ratio_to_resident"] == pytest.approx(14.0 / 20.0)  # the medians' ratio, as before
+    assert "paired_ratio_to_resident" not in rows[bench.RESIDENT]
