@@ -460,23 +460,29 @@ def _measure(config: BenchConfig, model_path, prompts, *, max_tokens, repeats, w
         out.update(_belady(recorder, start, initial, runtime, repeats * len(prompts), max_tokens))
     if runtime is not None:
         _load_rate(out, runtime)
-        out.update(
-            budget=config.budget,
-            sync=config.sync,
-            slots_per_layer=runtime.info["slots_per_layer"] if runtime.cache else None,
-            budget_fraction=runtime.info.get("budget_fraction", 1.0),
-            expert_budget_bytes=runtime.info.get("expert_budget_bytes", 0),
-            **{k: v for k, v in config.options.items() if isinstance(v, (str, int, float, bool))},
-        )
-        out["direct_io"] = bool(runtime.reader and runtime.reader.direct_io_active)  # what took effect
-        if runtime.cache is not None:  # CUDA: what the copy engine wrote, and why it stopped if it did
-            stats = runtime.stats()
-            out["device_copy_bytes"] = stats["device_copy_bytes"]
-            out["device_copy_error"] = stats["device_copy_error"]
+        out.update(_chronos_fields(config, runtime))
     out["mlx_peak_memory_bytes"] = mx.get_peak_memory()
     del model, runtime
     gc.collect()
     mx.clear_cache()
+    return out
+
+
+def _chronos_fields(config: BenchConfig, runtime) -> dict:
+    """What a chronos row says of its configuration: budget, routing, options, what took effect."""
+    out = dict(
+        budget=config.budget,
+        sync=config.sync,
+        slots_per_layer=runtime.info.get("slots_per_layer") if runtime.cache else None,
+        budget_fraction=runtime.info.get("budget_fraction", 1.0),
+        expert_budget_bytes=runtime.info.get("expert_budget_bytes", 0),
+        **{k: v for k, v in config.options.items() if isinstance(v, (str, int, float, bool))},
+    )
+    out["direct_io"] = bool(runtime.reader and runtime.reader.direct_io_active)  # what took effect
+    if runtime.cache is not None:  # CUDA: what the copy engine wrote, and why it stopped if it did
+        stats = runtime.stats()
+        out["device_copy_bytes"] = stats["device_copy_bytes"]
+        out["device_copy_error"] = stats["device_copy_error"]
     return out
 
 
@@ -529,7 +535,7 @@ def _load_rate(row: dict, runtime) -> None:
 
 
 def measure_interleaved(configs, model_path, prompts, *, max_tokens=64, repeats=5, warmup=1, dtype=None,
-                        forced=None, temp=None, profilers=None):
+                        forced=None, temp=None, profilers=None, progress=None):
     """All configurations loaded at once and measured round-robin, repeat by repeat.
 
     On a machine with other load, drift then hits every configuration alike, so ratios
@@ -538,7 +544,8 @@ def measure_interleaved(configs, model_path, prompts, *, max_tokens=64, repeats=
     each chronos row also gets its speed over stock's of the same round, round by round
     (`paired_ratio_to_resident`, its median; `_min` / `_max`, the spread): on a GPU host whose
     speed moves by a tenth between runs, pairing is what makes one run's ratio a figure.
-    `profilers`: configuration name -> its DECODE_PROFILER while its measured runs decode."""
+    `profilers`: configuration name -> its DECODE_PROFILER while its measured runs decode;
+    `progress`: called after each prompt of each run, as `measure`'s."""
     global DECODE_PROFILER
     loaded = [(cfg, *_load(cfg, model_path, dtype)) for cfg in configs]
     per_config = {cfg.name: [] for cfg in configs}
@@ -555,7 +562,7 @@ def measure_interleaved(configs, model_path, prompts, *, max_tokens=64, repeats=
             if profilers is not None:
                 DECODE_PROFILER = profilers.get(cfg.name) if r >= warmup else None
             try:
-                runs = _run_prompts(model, runtime, cfg.sync, prompts, forced, temp, max_tokens, recorder)
+                runs = _run_prompts(model, runtime, cfg.sync, prompts, forced, temp, max_tokens, recorder, progress)
             except RuntimeError as e:
                 failed[cfg.name] = failed_row(cfg, e)
                 continue
@@ -583,7 +590,7 @@ def measure_interleaved(configs, model_path, prompts, *, max_tokens=64, repeats=
             if recorders[cfg.name] is not None:
                 row.update(_belady(recorders[cfg.name], *marks[cfg.name], runtime, repeats * len(prompts), max_tokens))
             _load_rate(row, runtime)
-            row.update(budget=cfg.budget, sync=cfg.sync, slots_per_layer=runtime.info.get("slots_per_layer"))
+            row.update(_chronos_fields(cfg, runtime))
         rows.append(row)
     return rows
 

@@ -226,3 +226,19 @@ def test_interleaved_rows_pair_each_round_with_stocks_round(tiny, monkeypatch):
     bench.add_ratios(list(rows.values()))
     assert row["ratio_to_resident"] == pytest.approx(14.0 / 20.0)  # the medians' ratio, as before
     assert "paired_ratio_to_resident" not in rows[bench.RESIDENT]
+
+
+def test_bench_interleave_measures_round_by_round_and_pairs_each_row_with_stock(tiny, tmp_path):
+    result, out = _bench(tiny, tmp_path, "--interleave", "--repeats", "2", "--only", "mlx_lm-resident,chronos-lru")
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["interleaved"] is True
+    rows = {r["name"]: r for r in report["results"]}
+    assert set(rows) == {"mlx_lm-resident", "chronos-lru@1.0", "chronos-lru@0.25"}
+    for name in ("chronos-lru@1.0", "chronos-lru@0.25"):
+        row = rows[name]
+        assert row["paired_rounds"] == 2
+        assert row["paired_ratio_to_resident_min"] <= row["paired_ratio_to_resident"] <= row["paired_ratio_to_resident_max"]
+        assert row["budget_fraction"] == float(name.split("@")[1])  # the same fields as a row measured alone
+        assert "belady_bytes_read_per_token" in row or name.endswith("1.0")
+    assert "paired" in result.output  # the table's column

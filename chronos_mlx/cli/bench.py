@@ -96,6 +96,7 @@ def bench(
     temp: Annotated[Optional[float], typer.Option("--temp", min=0.0, help="Sample at this temperature instead (replaces replay; chronos recomputations draw again, so tokens may differ between configurations).")] = None,
     routing: Annotated[str, typer.Option("--routing", help="'model': the checkpoint's routers; 'trained': trained-like routing for random-weight checkpoints, calibrated to the demo model on the same text (needs replay).")] = "model",
     probe: Annotated[bool, typer.Option("--probe/--no-probe", help="Measure the read rate of expert-sized reads (1..N threads) first: the I/O roofline.")] = True,
+    interleave: Annotated[bool, typer.Option("--interleave", help="Load every configuration at once and measure them round by round, each round starting one further on: drift (a busy or throttling machine) hits all alike, and each row also gets its speed over stock's in the same round ('x resident, paired': median, spread in --json). Needs memory for all configurations at once.")] = False,
 ):
     """Benchmark stock mlx_lm and chronos side by side, in one process, on the same prompts.
 
@@ -192,7 +193,12 @@ def bench(
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err, transient=not err.is_terminal) as progress:
         task = progress.add_task("bench", total=len(configs) * (warmup + repeats) * len(prompt_ids))
-        for cfg in configs:
+        if interleave:
+            progress.update(task, description=f"{'all, round by round':<28}")
+            rows = B.measure_interleaved(configs, model, prompt_ids, max_tokens=max_tokens, repeats=repeats,
+                                         warmup=warmup, dtype=dtype_arg, forced=forced, temp=temp,
+                                         progress=lambda: progress.advance(task))
+        for cfg in [] if interleave else configs:
             progress.update(task, description=f"{cfg.name:<28}")
             rows.append(B.measure(cfg, model, prompt_ids, max_tokens=max_tokens, repeats=repeats, warmup=warmup,
                                   dtype=dtype_arg, progress=lambda: progress.advance(task), forced=forced, temp=temp))
@@ -200,9 +206,14 @@ def bench(
     result = B.report(rows, probe=probe_result, command="chronos " + " ".join(sys.argv[1:]), model=info,
                       workload=workload, io_sim=io_sim, direct_io=direct_io, max_tokens=max_tokens,
                       prompts=len(prompt_ids), repeats=repeats, warmup=warmup, notices=notices, decoding=decoding,
+                      interleaved=interleave,
                       routing=routing_info or {"routing": "model"},
                       title=f"{model_name(info)} · {workload} · {decoding} · {io_sim or 'page cache'}")
-    for columns, title in ((BENCH_COLUMNS, result["title"]), (IO_COLUMNS, "misses and I/O")):
+    bench_columns = BENCH_COLUMNS
+    if any(r.get("paired_ratio_to_resident") is not None for r in result["results"]):  # --interleave
+        at = [k for k, _ in BENCH_COLUMNS].index("ratio_to_resident") + 1
+        bench_columns = BENCH_COLUMNS[:at] + [("paired_ratio_to_resident", "x resident, paired")] + BENCH_COLUMNS[at:]
+    for columns, title in ((bench_columns, result["title"]), (IO_COLUMNS, "misses and I/O")):
         table = Table(title=title)
         for _, head in columns:
             # names fold rather than being cut with "…"; figures never wrap
