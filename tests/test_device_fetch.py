@@ -426,3 +426,18 @@ def test_a_steps_bookkeeping_is_done_on_a_worker_while_the_next_step_launches(de
     # token): the step that gave the first token is recorded before they start.
     c = runtime.counters
     assert c.decode_hits + c.decode_misses == c.generated_tokens * runtime.info["top_k"] * len(cache.layers)
+
+
+def test_a_generation_stopped_early_leaves_nothing_unrecorded_and_the_next_one_is_stock(reference, demo_f32,
+                                                                                       demo_prompt_ids, fetching):
+    """A caller that stops reading after a few tokens (a chat's Ctrl-C, a stop string): the steps
+    that ran are all recorded when the generator closes, and the next generation starts from them."""
+    model, runtime = fetching(demo_f32, 0.25)
+    steps = generate_step(mx.array(demo_prompt_ids), model, runtime, max_tokens=MAX_TOKENS, sync="device-fetch")
+    first = [int(next(steps)[0]) for _ in range(3)]
+    steps.close()
+    assert first == reference[0][:3]
+    assert not runtime.waiter._pending
+    L = runtime.cache.layers
+    assert sum(l.counters.hits + l.counters.misses for l in L) > 0
+    assert _decode(runtime, model, demo_prompt_ids)[0] == reference[0]
