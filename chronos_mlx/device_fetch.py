@@ -178,11 +178,13 @@ class DeviceFetcher:
         policy = getattr(cache.layers[0].policy, "name", "lru") if cache.layers else "lru"
         self.lru = policy != "usage"
         self.half_life = int(getattr(cache.layers[0].policy, "half_life", 32)) if cache.layers else 32
-        # Each call's ids and counts, written by the kernels, read once the step ran (one sequence
-        # decodes top_k ids a layer; room for a few times that).
+        # Each call's ids and counts, written by the kernels, read once the step ran. One sequence
+        # decodes top_k ids a layer; routing sends a call here whenever its ids fit the layer's
+        # slots, so a row has room for as many ids as the largest layer has slots.
         top_k = int(runtime.info.get("top_k") or 8)
-        self.journal = Journal(len(cache.layers), max(64, 4 * top_k), lib)
-        self.prefetch_journal = Journal(len(cache.layers), max(64, 4 * top_k), lib)  # what guesses loaded
+        room = max([64, 4 * top_k] + [L.num_slots for L in cache.layers])
+        self.journal = Journal(len(cache.layers), room, lib)
+        self.prefetch_journal = Journal(len(cache.layers), room, lib)  # what guesses loaded
         self.state = [self._layer_state(i, L) for i, L in enumerate(cache.layers)]
         self._passes = 1 << 20  # stamps below the first pass's: see `begin`
         self._tag = None

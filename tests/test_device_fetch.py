@@ -441,3 +441,15 @@ def test_a_generation_stopped_early_leaves_nothing_unrecorded_and_the_next_one_i
     L = runtime.cache.layers
     assert sum(l.counters.hits + l.counters.misses for l in L) > 0
     assert _decode(runtime, model, demo_prompt_ids)[0] == reference[0]
+
+
+def test_a_journal_row_holds_as_many_ids_as_a_layer_has_slots(tmp_path, fetching):
+    """Routing sends a call to the kernel whenever its ids fit the layer's slots (several tokens
+    at once, too): its journal row must hold them all, however many experts the model has."""
+    from synthetic import write_synthetic_moe
+
+    path = write_synthetic_moe(tmp_path / "wide", "qwen3_moe", bits=4, seed=3, geometry={"num_experts": 128})
+    model, runtime = fetching(path, 0.75)
+    slots = max(L.num_slots for L in runtime.cache.layers)
+    assert slots > 64
+    assert runtime.waiter.journal.capacity >= slots and runtime.waiter.prefetch_journal.capacity >= slots
