@@ -9,9 +9,10 @@ over PCIe), and each MoE layer's kernel (fetch_kernels.py) chooses slots for its
 experts itself — a free slot, else the least-used resident expert the call does not use, by
 the same decayed-use order as the `usage` policy — and copies their bytes from the
 registered shards; the products read the slots after the copies. The host reads the step's
-ids and per-layer counts once the step has run (hits, misses, bytes, the policy's history),
-and the slots' owners when the generation ends, so prefill and the other modes find the
-cache as the device left it.
+ids and per-layer counts once the step has run — checked before its token is given out,
+recorded (hits, misses, bytes, the policy's history) on a worker thread while the next step
+is launched — and the slots' owners when the generation ends, so prefill and the other modes
+find the cache as the device left it.
 
 With a predictor, each layer's fetch is followed by a prefetch of the predictor's guesses
 for the next layer (the same kernel, `guess`): it waits for this layer's copies and runs
